@@ -1,0 +1,377 @@
+//! Protobuf ⇄ domain conversion for the admin API, and the one place gRPC codes are chosen.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use prost_types::{FieldMask, Timestamp as PbTimestamp};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::{
+    self, FieldViolation, GenerationMethod, KeyStatus, Named, ResourceKind, RuleError, Scope,
+    ScopeInput, Selector, Timestamp,
+};
+use crate::proto::admin::v1 as pb;
+use crate::store::{PageRequest, StoreError};
+
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The single mapping from keygate errors to gRPC status codes.
+pub fn status(err: StoreError) -> Status {
+    match err {
+        StoreError::Rule(rule) => rule_status(rule),
+        other => {
+            tracing::error!(error = %other, "admin request failed");
+            Status::internal("internal error; see the keygate log")
+        }
+    }
+}
+
+pub fn rule_status(rule: RuleError) -> Status {
+    let message = rule.to_string();
+    match rule {
+        RuleError::Invalid(violations) => {
+            let v: Vec<tonic_types::FieldViolation> = violations
+                .into_iter()
+                .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                .collect();
+            Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request(v),
+            )
+        }
+        RuleError::AlreadyExists { .. } => Status::already_exists(message),
+        RuleError::NotFound { .. } => Status::not_found(message),
+        RuleError::FailedPrecondition(_) => Status::failed_precondition(message),
+        RuleError::ResourceExhausted(_) => Status::resource_exhausted(message),
+        RuleError::Unimplemented(_) => Status::unimplemented(message),
+    }
+}
+
+pub fn invalid(field: &str, rule: impl Into<String>) -> Status {
+    rule_status(RuleError::invalid(field, rule))
+}
+
+/// A required `oneof selector { id, name }`.
+pub fn selector<T>(sel: Option<T>, to: impl FnOnce(T) -> Selector) -> Result<Selector, Status> {
+    match sel.map(to) {
+        Some(Selector::Id(v)) if v.is_empty() => Err(invalid("id", "must not be empty")),
+        Some(Selector::Name(v)) if v.is_empty() => Err(invalid("name", "must not be empty")),
+        Some(s) => Ok(s),
+        None => Err(invalid("selector", "set either \"id\" or \"name\"")),
+    }
+}
+
+macro_rules! selector_from {
+    ($($module:ident),* $(,)?) => {$(
+        impl From<pb::$module::Selector> for Selector {
+            fn from(s: pb::$module::Selector) -> Selector {
+                match s {
+                    pb::$module::Selector::Id(v) => Selector::Id(v),
+                    pb::$module::Selector::Name(v) => Selector::Name(v),
+                }
+            }
+        }
+    )*};
+}
+
+selector_from!(
+    get_consumer_request,
+    update_consumer_request,
+    delete_consumer_request,
+    get_model_service_request,
+    update_model_service_request,
+    delete_model_service_request,
+    get_consumer_key_request,
+    update_consumer_key_request,
+    enable_consumer_key_request,
+    disable_consumer_key_request,
+    delete_consumer_key_request,
+    get_model_key_request,
+    update_model_key_request,
+    enable_model_key_request,
+    disable_model_key_request,
+    delete_model_key_request,
+    get_key_references_request,
+);
+
+/// A required name-or-id reference field (bind requests).
+pub fn reference(field: &str, v: &str) -> Result<String, Status> {
+    if v.is_empty() {
+        Err(invalid(field, "is required (a name or an id)"))
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+pub fn page(field_size: i32, token: &str) -> Result<PageRequest, Status> {
+    let size = match field_size {
+        n if n < 0 => return Err(invalid("page_size", "must not be negative")),
+        0 => DEFAULT_PAGE_SIZE,
+        n => (n as usize).min(MAX_PAGE_SIZE),
+    };
+    let after = if token.is_empty() {
+        None
+    } else {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| invalid("page_token", "is not a token from a previous page"))?;
+        Some(
+            String::from_utf8(bytes)
+                .map_err(|_| invalid("page_token", "is not a token from a previous page"))?,
+        )
+    };
+    Ok(PageRequest { size, after })
+}
+
+pub fn page_token(next: Option<String>) -> String {
+    next.map(|n| URL_SAFE_NO_PAD.encode(n)).unwrap_or_default()
+}
+
+pub fn scope_input(field: &str, scope: Option<pb::Scope>) -> Result<ScopeInput, Status> {
+    let Some(s) = scope else {
+        return Ok(ScopeInput::Unset);
+    };
+    match (s.all, s.model_services.is_empty()) {
+        (true, false) => Err(invalid(
+            field,
+            "\"all\": true cannot be combined with a list of model_services",
+        )),
+        (true, true) => Ok(ScopeInput::All),
+        (false, false) => Ok(ScopeInput::Services(s.model_services)),
+        (false, true) => Ok(ScopeInput::Unset),
+    }
+}
+
+pub fn scope_out(scope: &Scope) -> Option<pb::Scope> {
+    match scope {
+        Scope::Unset => None,
+        Scope::All => Some(pb::Scope {
+            all: true,
+            model_services: vec![],
+        }),
+        Scope::Services(list) => Some(pb::Scope {
+            all: false,
+            model_services: names(list),
+        }),
+    }
+}
+
+fn names(list: &[Named]) -> Vec<String> {
+    list.iter().map(|n| n.name.clone()).collect()
+}
+
+pub fn ts_out(t: Timestamp) -> PbTimestamp {
+    PbTimestamp {
+        seconds: t.0.div_euclid(1_000_000),
+        nanos: (t.0.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+pub fn ts_in(field: &str, t: &PbTimestamp) -> Result<Timestamp, Status> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(field, "nanos must be in 0..999999999"));
+    }
+    t.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(t.nanos / 1000)))
+        .map(Timestamp)
+        .ok_or_else(|| invalid(field, "is out of range"))
+}
+
+pub fn status_out(s: KeyStatus) -> i32 {
+    match s {
+        KeyStatus::Enabled => pb::KeyStatus::Enabled as i32,
+        KeyStatus::Disabled => pb::KeyStatus::Disabled as i32,
+    }
+}
+
+pub fn status_filter(v: i32) -> Result<Option<KeyStatus>, Status> {
+    match pb::KeyStatus::try_from(v) {
+        Ok(pb::KeyStatus::Unspecified) => Ok(None),
+        Ok(pb::KeyStatus::Enabled) => Ok(Some(KeyStatus::Enabled)),
+        Ok(pb::KeyStatus::Disabled) => Ok(Some(KeyStatus::Disabled)),
+        Err(_) => Err(invalid("status", "must be ENABLED or DISABLED")),
+    }
+}
+
+pub fn method_out(m: GenerationMethod) -> i32 {
+    match m {
+        GenerationMethod::Auto => pb::GenerationMethod::Auto as i32,
+        GenerationMethod::Custom => pb::GenerationMethod::Custom as i32,
+        GenerationMethod::SecretRef => pb::GenerationMethod::SecretRef as i32,
+    }
+}
+
+pub fn kind_in(field: &str, v: i32, required: bool) -> Result<Option<ResourceKind>, Status> {
+    match pb::ResourceKind::try_from(v) {
+        Ok(pb::ResourceKind::Unspecified) if !required => Ok(None),
+        Ok(pb::ResourceKind::Unspecified) => Err(invalid(
+            field,
+            "is required: CONSUMER, CONSUMER_KEY, MODEL_SERVICE or MODEL_KEY",
+        )),
+        Ok(pb::ResourceKind::Consumer) => Ok(Some(ResourceKind::Consumer)),
+        Ok(pb::ResourceKind::ConsumerKey) => Ok(Some(ResourceKind::ConsumerKey)),
+        Ok(pb::ResourceKind::ModelService) => Ok(Some(ResourceKind::ModelService)),
+        Ok(pb::ResourceKind::ModelKey) => Ok(Some(ResourceKind::ModelKey)),
+        Err(_) => Err(invalid(field, "is not a known resource kind")),
+    }
+}
+
+pub fn kind_out(k: ResourceKind) -> i32 {
+    (match k {
+        ResourceKind::Consumer => pb::ResourceKind::Consumer,
+        ResourceKind::ConsumerKey => pb::ResourceKind::ConsumerKey,
+        ResourceKind::ModelService => pb::ResourceKind::ModelService,
+        ResourceKind::ModelKey => pb::ResourceKind::ModelKey,
+    }) as i32
+}
+
+fn secret_ref_out(r: &Option<domain::SecretRef>) -> Option<pb::SecretRef> {
+    r.as_ref().map(|r| pb::SecretRef {
+        provider: r.provider.clone(),
+        name: r.name.clone(),
+        version: r.version.clone(),
+    })
+}
+
+pub fn consumer_out(c: domain::Consumer) -> pb::Consumer {
+    pb::Consumer {
+        scope: scope_out(&c.scope),
+        consumer_keys: names(&c.consumer_keys),
+        create_time: Some(ts_out(c.create_time)),
+        update_time: Some(ts_out(c.update_time)),
+        id: c.id,
+        name: c.name,
+        description: c.description,
+    }
+}
+
+pub fn service_out(s: domain::ModelService) -> pb::ModelService {
+    pb::ModelService {
+        model_keys: names(&s.model_keys),
+        create_time: Some(ts_out(s.create_time)),
+        update_time: Some(ts_out(s.update_time)),
+        id: s.id,
+        name: s.name,
+        description: s.description,
+        provider: s.provider,
+        auth_header: s.auth_header,
+        auth_value_template: s.auth_value_template,
+        models: s.models,
+    }
+}
+
+pub fn consumer_key_out(k: domain::ConsumerKey, now: Timestamp) -> pb::ConsumerKey {
+    pb::ConsumerKey {
+        expired: k.is_expired(now),
+        status: status_out(k.status),
+        generation_method: method_out(k.generation_method),
+        secret_ref: secret_ref_out(&k.secret_ref),
+        secret_status: None,
+        consumer: k.consumer.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+        consumer_id: k.consumer.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+        scope: scope_out(&k.scope),
+        expire_time: k.expire_time.map(ts_out),
+        create_time: Some(ts_out(k.create_time)),
+        update_time: Some(ts_out(k.update_time)),
+        last_used_time: k.last_used_time.map(ts_out),
+        id: k.id,
+        name: k.name,
+        description: k.description,
+        masked_value: k.masked_value,
+        ip_allowlist: k.ip_allowlist,
+    }
+}
+
+pub fn model_key_out(k: domain::ModelKey) -> pb::ModelKey {
+    pb::ModelKey {
+        status: status_out(k.status),
+        generation_method: method_out(k.generation_method),
+        secret_ref: secret_ref_out(&k.secret_ref),
+        secret_status: None,
+        model_services: names(&k.model_services),
+        create_time: Some(ts_out(k.create_time)),
+        update_time: Some(ts_out(k.update_time)),
+        id: k.id,
+        name: k.name,
+        description: k.description,
+        masked_value: k.masked_value,
+    }
+}
+
+pub fn audit_out(e: domain::AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        time: Some(ts_out(e.time)),
+        kind: kind_out(e.kind),
+        revision: e.revision as u64,
+        actor: e.actor,
+        action: e.action,
+        resource_id: e.resource_id,
+        resource_name: e.resource_name,
+        changed_fields: e.changed_fields,
+    }
+}
+
+/// The fields an update touches: the mask's paths, or (no mask) every field set in the
+/// resource. Fields that are output only or changed by another RPC are refused by name.
+pub struct UpdateMask {
+    paths: Vec<String>,
+}
+
+impl UpdateMask {
+    /// `set` lists the resource's fields that carry a value (used when the mask is omitted);
+    /// `editable` the paths this RPC may change; `elsewhere` maps other known fields to the
+    /// reason they cannot be changed here.
+    pub fn new(
+        mask: Option<FieldMask>,
+        set: &[(&str, bool)],
+        editable: &[&str],
+        elsewhere: &[(&str, &str)],
+    ) -> Result<Self, Status> {
+        let paths: Vec<String> = match mask {
+            Some(m) if !m.paths.is_empty() => m.paths,
+            _ => set
+                .iter()
+                .filter(|(_, is_set)| *is_set)
+                .map(|(p, _)| p.to_string())
+                .collect(),
+        };
+        if paths.is_empty() {
+            return Err(invalid(
+                "update_mask",
+                "names no field to update (list the fields in update_mask.paths, or set them in the resource)",
+            ));
+        }
+        let mut violations = Vec::new();
+        for p in &paths {
+            if editable.contains(&p.as_str()) {
+                continue;
+            }
+            match elsewhere.iter().find(|(f, _)| f == p) {
+                Some((_, why)) => violations.push(FieldViolation::new(
+                    &format!("update_mask.paths[{p}]"),
+                    format!("{p} cannot be updated here: {why}"),
+                )),
+                None => violations.push(FieldViolation::new(
+                    &format!("update_mask.paths[{p}]"),
+                    format!(
+                        "unknown field {p:?}; updatable fields: {}",
+                        editable.join(", ")
+                    ),
+                )),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(rule_status(RuleError::Invalid(violations)));
+        }
+        Ok(UpdateMask { paths })
+    }
+
+    pub fn has(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+    }
+}
+
+pub const OUTPUT_ONLY: &str = "it is output only";

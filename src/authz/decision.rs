@@ -1,0 +1,315 @@
+//! The decision of SPEC §2 as a pure function over a snapshot: no I/O, no locks, no
+//! allocation on the allow path. Every data plane (ext_authz, the Envoy module) calls this.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use crate::domain::Timestamp;
+use crate::domain::validate::ip_allowed;
+use crate::snapshot::{ConsumerEntry, InjectedKey, KeyEntry, ServiceEntry, Snapshot};
+
+/// The route's context extension naming the model service (set in Envoy route config).
+pub const MODEL_SERVICE_EXTENSION: &str = "model_service";
+
+/// Where the client address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClientIpSource {
+    /// Envoy's downstream peer (`attributes.source.address`).
+    #[default]
+    Peer,
+    /// The N-th address from the right of `x-forwarded-for` (1 = the rightmost, appended by
+    /// the nearest trusted proxy).
+    ForwardedFor(usize),
+}
+
+impl std::str::FromStr for ClientIpSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "peer" {
+            return Ok(ClientIpSource::Peer);
+        }
+        if let Some(n) = s.strip_prefix("xff:") {
+            return match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(ClientIpSource::ForwardedFor(n)),
+                _ => Err(format!("{s:?}: xff:N needs N >= 1 (the number of trusted proxy hops)")),
+            };
+        }
+        Err(format!("{s:?}: expected \"peer\" or \"xff:N\""))
+    }
+}
+
+/// How the data plane reads credentials and client addresses.
+#[derive(Clone, Debug)]
+pub struct DecisionConfig {
+    /// Credential headers in order of preference, lower case. `authorization` is read as
+    /// `Bearer <key>`; any other header carries the key as its whole value.
+    pub credential_headers: Vec<String>,
+    /// Optional query parameter carrying the key (off by default).
+    pub credential_query_param: Option<String>,
+    pub client_ip: ClientIpSource,
+}
+
+impl Default for DecisionConfig {
+    fn default() -> Self {
+        DecisionConfig {
+            credential_headers: vec!["authorization".into(), "x-api-key".into(), "api-key".into()],
+            credential_query_param: None,
+            client_ip: ClientIpSource::Peer,
+        }
+    }
+}
+
+/// What the decision needs from a request; each data plane adapts its own request type.
+pub trait RequestView {
+    /// A request header by lower-case name.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The raw query string (after `?`), empty when there is none.
+    fn query(&self) -> &str;
+    /// The downstream peer address as Envoy saw it.
+    fn peer_ip(&self) -> Option<IpAddr>;
+    /// The route's `model_service` (never from a client-controlled header).
+    fn model_service(&self) -> Option<&str>;
+}
+
+/// Why a request was refused (also the `reason` label of metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    MissingCredential,
+    UnknownKey,
+    Disabled,
+    Expired,
+    Unbound,
+    IpNotAllowed,
+    RouteNotConfigured,
+    ModelServiceNotAllowed,
+    NoModelKey,
+    NotReady,
+}
+
+const BODY_401: &str = r#"{"error":{"message":"Invalid API key provided.","type":"authentication_error","code":"invalid_api_key"}}"#;
+const BODY_IP: &str = r#"{"error":{"message":"Requests from this address are not allowed for this API key.","type":"permission_error","code":"ip_not_allowed"}}"#;
+const BODY_SCOPE: &str = r#"{"error":{"message":"This API key is not allowed to use this model service.","type":"permission_error","code":"model_service_not_allowed"}}"#;
+const BODY_ROUTE: &str = r#"{"error":{"message":"This route is not configured for a model service.","type":"permission_error","code":"route_not_configured"}}"#;
+const BODY_NO_KEY: &str = r#"{"error":{"message":"No upstream credential is available for this model service.","type":"service_unavailable","code":"no_model_key"}}"#;
+const BODY_NOT_READY: &str = r#"{"error":{"message":"The gateway is starting and cannot authorize requests yet.","type":"service_unavailable","code":"keygate_not_ready"}}"#;
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 10] = [
+        DenyReason::MissingCredential,
+        DenyReason::UnknownKey,
+        DenyReason::Disabled,
+        DenyReason::Expired,
+        DenyReason::Unbound,
+        DenyReason::IpNotAllowed,
+        DenyReason::RouteNotConfigured,
+        DenyReason::ModelServiceNotAllowed,
+        DenyReason::NoModelKey,
+        DenyReason::NotReady,
+    ];
+
+    /// The metrics / log name of the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::MissingCredential => "missing_credential",
+            DenyReason::UnknownKey => "unknown_key",
+            DenyReason::Disabled => "disabled",
+            DenyReason::Expired => "expired",
+            DenyReason::Unbound => "unbound",
+            DenyReason::IpNotAllowed => "ip_not_allowed",
+            DenyReason::RouteNotConfigured => "route_not_configured",
+            DenyReason::ModelServiceNotAllowed => "model_service_not_allowed",
+            DenyReason::NoModelKey => "no_model_key",
+            DenyReason::NotReady => "not_ready",
+        }
+    }
+
+    /// The HTTP status Envoy sends to the client.
+    pub fn http_status(self) -> u16 {
+        match self {
+            DenyReason::MissingCredential
+            | DenyReason::UnknownKey
+            | DenyReason::Disabled
+            | DenyReason::Expired
+            | DenyReason::Unbound => 401,
+            DenyReason::IpNotAllowed
+            | DenyReason::RouteNotConfigured
+            | DenyReason::ModelServiceNotAllowed => 403,
+            DenyReason::NoModelKey | DenyReason::NotReady => 503,
+        }
+    }
+
+    /// The OpenAI-style JSON body. Every 401 body is identical: it never tells a caller
+    /// whether a key exists.
+    pub fn body(self) -> &'static str {
+        match self.http_status() {
+            401 => BODY_401,
+            _ => match self {
+                DenyReason::IpNotAllowed => BODY_IP,
+                DenyReason::ModelServiceNotAllowed => BODY_SCOPE,
+                DenyReason::RouteNotConfigured => BODY_ROUTE,
+                DenyReason::NoModelKey => BODY_NO_KEY,
+                _ => BODY_NOT_READY,
+            },
+        }
+    }
+}
+
+/// Which request field carried the consumer key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialSource<'c> {
+    Header(&'c str),
+    Query(&'c str),
+}
+
+#[derive(Debug)]
+pub struct Allowed<'s> {
+    pub key: &'s KeyEntry,
+    pub consumer: &'s ConsumerEntry,
+    pub service: &'s ServiceEntry,
+    pub model_key: &'s InjectedKey,
+}
+
+#[derive(Debug)]
+pub struct Denied<'s> {
+    pub reason: DenyReason,
+    /// The presented key's record when it was recognised (for logs and metadata).
+    pub key: Option<&'s KeyEntry>,
+}
+
+#[derive(Debug)]
+pub enum Decision<'s> {
+    Allow(Allowed<'s>),
+    Deny(Denied<'s>),
+}
+
+impl Decision<'_> {
+    pub fn deny_reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Allow(_) => None,
+            Decision::Deny(d) => Some(d.reason),
+        }
+    }
+}
+
+fn deny(reason: DenyReason, key: Option<&KeyEntry>) -> Decision<'_> {
+    Decision::Deny(Denied { reason, key })
+}
+
+/// Finds the presented consumer key: the first configured source that is present.
+pub fn extract_credential<'r, 'c>(
+    cfg: &'c DecisionConfig,
+    req: &'r impl RequestView,
+) -> Option<(Cow<'r, str>, CredentialSource<'c>)> {
+    for name in &cfg.credential_headers {
+        let Some(v) = req.header(name) else { continue };
+        let v = if name == "authorization" {
+            match v.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+                _ => continue,
+            }
+        } else {
+            v.trim()
+        };
+        if !v.is_empty() {
+            return Some((Cow::Borrowed(v), CredentialSource::Header(name)));
+        }
+    }
+    if let Some(param) = &cfg.credential_query_param {
+        let q = req.query();
+        if !q.is_empty() {
+            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+                if k == param.as_str() && !v.is_empty() {
+                    let v = match v {
+                        Cow::Borrowed(b) => Cow::Owned(b.to_string()),
+                        Cow::Owned(o) => Cow::Owned(o),
+                    };
+                    return Some((v, CredentialSource::Query(param)));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The client address used for the allowlist.
+pub fn client_ip(cfg: &DecisionConfig, req: &impl RequestView) -> Option<IpAddr> {
+    match cfg.client_ip {
+        ClientIpSource::Peer => req.peer_ip(),
+        ClientIpSource::ForwardedFor(n) => {
+            let xff = req.header("x-forwarded-for")?;
+            xff.rsplit(',').nth(n - 1)?.trim().parse().ok()
+        }
+    }
+}
+
+/// Decides one request. `hash` turns a presented key into its stored HMAC.
+pub fn decide<'s>(
+    snap: &'s Snapshot,
+    cfg: &DecisionConfig,
+    req: &impl RequestView,
+    now: Timestamp,
+    hash: impl FnOnce(&[u8]) -> [u8; 32],
+) -> Decision<'s> {
+    // 1. Credential.
+    let Some((presented, _source)) = extract_credential(cfg, req) else {
+        return deny(DenyReason::MissingCredential, None);
+    };
+    // 2. Look up HMAC(key).
+    let Some(key) = snap.keys.get(&hash(presented.as_bytes())) else {
+        return deny(DenyReason::UnknownKey, None);
+    };
+    if !key.enabled {
+        return deny(DenyReason::Disabled, Some(key));
+    }
+    if key.expire_time.is_some_and(|t| t <= now) {
+        return deny(DenyReason::Expired, Some(key));
+    }
+    let Some(consumer) = key.consumer.as_deref() else {
+        return deny(DenyReason::Unbound, Some(key));
+    };
+    // 3. Client address.
+    if !key.ip_allowlist.is_empty() {
+        match client_ip(cfg, req) {
+            Some(ip) if ip_allowed(&key.ip_allowlist, ip) => {}
+            _ => return deny(DenyReason::IpNotAllowed, Some(key)),
+        }
+    }
+    // 4. The route's model service.
+    let Some(service) = req.model_service().and_then(|name| snap.services.get(name)) else {
+        return deny(DenyReason::RouteNotConfigured, Some(key));
+    };
+    // 5. Effective scope = consumer scope ∩ key scope.
+    if !consumer.scope.allows(&service.id) || !key.scope.allows(&service.id) {
+        return deny(DenyReason::ModelServiceNotAllowed, Some(key));
+    }
+    // 6. An enabled model key bound to the service.
+    let Some(model_key) = service.pick() else {
+        return deny(DenyReason::NoModelKey, Some(key));
+    };
+    // 7. Allow: the adapter injects `model_key` and strips the credentials.
+    Decision::Allow(Allowed {
+        key,
+        consumer,
+        service,
+        model_key,
+    })
+}
+
+/// Every credential header present on the request except `overwritten` (the vendor header,
+/// which is set, not removed), and the credential query parameter if present.
+pub fn credentials_to_remove<'c>(
+    cfg: &'c DecisionConfig,
+    req: &impl RequestView,
+    overwritten: &str,
+) -> (Vec<&'c str>, Option<&'c str>) {
+    let headers = cfg
+        .credential_headers
+        .iter()
+        .filter(|h| h.as_str() != overwritten && req.header(h).is_some())
+        .map(String::as_str)
+        .collect();
+    let param = cfg.credential_query_param.as_deref().filter(|p| {
+        form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p)
+    });
+    (headers, param)
+}

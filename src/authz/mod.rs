@@ -1,0 +1,10 @@
+//! The data plane: the decision of SPEC §2 (`decision`, pure, shared by every data plane)
+//! and its Envoy ext_authz gRPC adapter (`ext_authz`). Depends on `snapshot` and `crypto`.
+
+pub mod decision;
+pub mod ext_authz;
+
+pub use decision::{
+    ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide,
+};
+pub use ext_authz::ExtAuthzService;

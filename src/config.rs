@@ -1,0 +1,147 @@
+//! Command line and environment configuration (`clap`, every flag with a `KEYGATE_*` twin).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::authz::{ClientIpSource, DecisionConfig};
+use crate::domain::Limits;
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "Consumer-key authorization and vendor-key injection for Envoy AI gateways")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process: admin API, store, snapshot builder and ext_authz.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// Directory for the embedded store, master key and admin token (created mode 0700).
+    #[arg(long, env = "KEYGATE_DATA_DIR", default_value = "./keygate-data")]
+    pub data_dir: PathBuf,
+
+    /// Envoy ext_authz gRPC listener.
+    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
+    pub authz_addr: SocketAddr,
+
+    /// KeyAdmin gRPC listener (with health and reflection).
+    #[arg(long, env = "KEYGATE_ADMIN_ADDR", default_value = "127.0.0.1:9002")]
+    pub admin_addr: SocketAddr,
+
+    /// Store URL: sqlite://PATH (default: <data-dir>/keygate.db) or postgres://…
+    #[arg(long, env = "KEYGATE_STORE")]
+    pub store: Option<String>,
+
+    /// Master key file (32 bytes raw, hex or base64). Default: <data-dir>/master.key, created on first start.
+    #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// File holding the admin token. Default: <data-dir>/admin.token, created on first start.
+    /// KEYGATE_ADMIN_TOKEN supplies the token directly and takes precedence.
+    #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub data_plane: DataPlaneArgs,
+
+    /// Most consumer keys one consumer may hold.
+    #[arg(long, env = "KEYGATE_MAX_KEYS_PER_CONSUMER", default_value_t = 50)]
+    pub max_keys_per_consumer: usize,
+
+    /// Most entries one IP allowlist may hold.
+    #[arg(long, env = "KEYGATE_MAX_IP_ALLOWLIST", default_value_t = 50)]
+    pub max_ip_allowlist: usize,
+
+    /// Grace period for in-flight requests at shutdown, e.g. 10s.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: std::time::Duration,
+}
+
+/// How the data plane reads requests.
+#[derive(Clone, Debug, Args)]
+pub struct DataPlaneArgs {
+    /// Headers that carry the consumer key, in order of preference.
+    #[arg(long, env = "KEYGATE_CREDENTIAL_HEADERS", value_delimiter = ',', default_value = "authorization,x-api-key,api-key")]
+    pub credential_headers: Vec<String>,
+
+    /// Query parameter that carries the consumer key (off unless set, e.g. "key").
+    #[arg(long, env = "KEYGATE_CREDENTIAL_QUERY_PARAM")]
+    pub credential_query_param: Option<String>,
+
+    /// Client address for IP allowlists: "peer" (Envoy's downstream peer) or "xff:N"
+    /// (N-th address from the right of x-forwarded-for).
+    #[arg(long, env = "KEYGATE_CLIENT_IP_FROM", default_value = "peer")]
+    pub client_ip_from: ClientIpSource,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 1m"))?;
+    Ok(match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" | "" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    })
+}
+
+impl DataPlaneArgs {
+    /// Validates and lower-cases the credential settings.
+    pub fn decision_config(&self) -> Result<DecisionConfig, String> {
+        let mut headers = Vec::new();
+        for h in &self.credential_headers {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() {
+                continue;
+            }
+            if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                return Err(format!("--credential-headers: {h:?} is not an HTTP header name"));
+            }
+            if !headers.contains(&h) {
+                headers.push(h);
+            }
+        }
+        if headers.is_empty() && self.credential_query_param.is_none() {
+            return Err("--credential-headers: at least one header (or --credential-query-param) is required".into());
+        }
+        if let Some(p) = &self.credential_query_param
+            && p.is_empty()
+        {
+            return Err("--credential-query-param must not be empty".into());
+        }
+        Ok(DecisionConfig {
+            credential_headers: headers,
+            credential_query_param: self.credential_query_param.clone(),
+            client_ip: self.client_ip_from,
+        })
+    }
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> Result<Limits, String> {
+        if self.max_keys_per_consumer == 0 {
+            return Err("--max-keys-per-consumer must be at least 1".into());
+        }
+        Ok(Limits {
+            max_keys_per_consumer: self.max_keys_per_consumer,
+            max_ip_allowlist: self.max_ip_allowlist,
+        })
+    }
+}

@@ -1,0 +1,365 @@
+//! Secrets and the keys that protect them: the master key and its HKDF sub-keys, consumer-key
+//! hashing (HMAC-SHA256), model-key encryption (AES-256-GCM), key generation, and the
+//! redacting `Secret` type. Depends on nothing else in keygate.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Prefix of keygate-generated consumer keys, so a leaked one is recognisable.
+pub const CONSUMER_KEY_PREFIX: &str = "kg-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("master key file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "master key file {path} must hold 32 bytes (raw, 64 hex characters or base64), found {len} bytes"
+    )]
+    BadMasterKey { path: String, len: usize },
+    #[error("model key ciphertext does not decrypt under this master key (wrong key or moved record)")]
+    Decrypt,
+}
+
+/// A secret string: zeroised on drop, redacted in `Debug` and `Display`.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    /// The plaintext. Call sites are the only places a secret leaves this type.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The 32-byte master key from which every other key is derived.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey([u8; 32]);
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey([redacted])")
+    }
+}
+
+impl MasterKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        MasterKey(bytes)
+    }
+
+    pub fn generate() -> Self {
+        let mut b = [0u8; 32];
+        OsRng.fill_bytes(&mut b);
+        MasterKey(b)
+    }
+
+    /// Reads a master key: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes
+    /// (a trailing newline is ignored, as Kubernetes and editors add one).
+    pub fn load(path: &Path) -> Result<Self, CryptoError> {
+        let raw = Zeroizing::new(std::fs::read(path).map_err(|source| CryptoError::Io {
+            path: path.display().to_string(),
+            source,
+        })?);
+        if raw.len() == 32 {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&raw);
+            return Ok(MasterKey(b));
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let text = Zeroizing::new(text.trim().to_string());
+        let decoded = Zeroizing::new(
+            hex::decode(text.as_bytes())
+                .ok()
+                .or_else(|| STANDARD.decode(text.as_bytes()).ok())
+                .unwrap_or_default(),
+        );
+        if decoded.len() == 32 {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&decoded);
+            return Ok(MasterKey(b));
+        }
+        Err(CryptoError::BadMasterKey {
+            path: path.display().to_string(),
+            len: raw.len(),
+        })
+    }
+
+    /// Loads `path`, creating it (32 random bytes, mode 0600) when it does not exist.
+    /// Returns the key and whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), CryptoError> {
+        if path.exists() {
+            return Ok((Self::load(path)?, false));
+        }
+        let key = Self::generate();
+        write_private_file(path, &key.0).map_err(|source| CryptoError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok((key, true))
+    }
+
+    fn derive(&self, info: &[u8]) -> Zeroizing<[u8; 32]> {
+        let hk = Hkdf::<Sha256>::new(Some(b"keygate/v1"), &self.0);
+        let mut out = Zeroizing::new([0u8; 32]);
+        hk.expand(info, out.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+
+    /// A non-secret fingerprint that identifies this key (stored so that a replica with a
+    /// different key refuses to start). Derived, so it reveals nothing about the key.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.derive(b"fingerprint")[..16])
+    }
+
+    /// The sub-keys keygate works with.
+    pub fn keys(&self) -> Keys {
+        Keys {
+            hasher: KeyHasher::new(&self.derive(b"consumer-key-hmac")),
+            cipher: ModelKeyCipher::new(&self.derive(b"model-key-aes-256-gcm")),
+            actor: KeyHasher::new(&self.derive(b"admin-actor-fingerprint")),
+        }
+    }
+}
+
+/// Writes `data` to a new file readable only by its owner.
+pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Every key derived from the master key.
+#[derive(Clone)]
+pub struct Keys {
+    pub hasher: KeyHasher,
+    pub cipher: ModelKeyCipher,
+    actor: KeyHasher,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keys([redacted])")
+    }
+}
+
+impl Keys {
+    /// A stable, non-secret name for an admin credential, for audit rows.
+    pub fn actor_fingerprint(&self, credential: &str) -> String {
+        format!("admin-token:{}", &hex::encode(self.actor.hash(credential.as_bytes()))[..16])
+    }
+}
+
+/// HMAC-SHA256 of consumer key values under the server's pepper. The keyed state is computed
+/// once, so hashing a presented key costs two SHA-256 blocks.
+#[derive(Clone)]
+pub struct KeyHasher {
+    keyed: Hmac<Sha256>,
+}
+
+impl fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHasher([redacted])")
+    }
+}
+
+/// The stored form of a consumer key: its HMAC.
+pub type KeyHash = [u8; 32];
+
+impl KeyHasher {
+    pub fn new(key: &[u8; 32]) -> Self {
+        KeyHasher {
+            keyed: <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length"),
+        }
+    }
+
+    pub fn hash(&self, value: &[u8]) -> KeyHash {
+        let mut mac = self.keyed.clone();
+        mac.update(value);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// AES-256-GCM for model key values; the record id is the associated data, so a ciphertext
+/// moved to another record does not decrypt.
+#[derive(Clone)]
+pub struct ModelKeyCipher {
+    aead: Aes256Gcm,
+}
+
+impl fmt::Debug for ModelKeyCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ModelKeyCipher([redacted])")
+    }
+}
+
+impl ModelKeyCipher {
+    pub fn new(key: &[u8; 32]) -> Self {
+        ModelKeyCipher {
+            aead: Aes256Gcm::new_from_slice(key).expect("32-byte key"),
+        }
+    }
+
+    /// `nonce (12 bytes) || ciphertext+tag`.
+    pub fn encrypt(&self, record_id: &str, plaintext: &Secret) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        OsRng.fill_bytes(&mut nonce);
+        let ct = self
+            .aead
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.expose().as_bytes(),
+                    aad: record_id.as_bytes(),
+                },
+            )
+            .expect("AES-GCM encryption of a short message cannot fail");
+        let mut out = Vec::with_capacity(12 + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out
+    }
+
+    pub fn decrypt(&self, record_id: &str, blob: &[u8]) -> Result<Secret, CryptoError> {
+        if blob.len() < 12 + 16 {
+            return Err(CryptoError::Decrypt);
+        }
+        let (nonce, ct) = blob.split_at(12);
+        let pt = Zeroizing::new(
+            self.aead
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    Payload {
+                        msg: ct,
+                        aad: record_id.as_bytes(),
+                    },
+                )
+                .map_err(|_| CryptoError::Decrypt)?,
+        );
+        let s = std::str::from_utf8(&pt).map_err(|_| CryptoError::Decrypt)?;
+        Ok(Secret::new(s.to_string()))
+    }
+}
+
+/// A new consumer key: `kg-` + 256 bits from the OS RNG, base64url (46 characters).
+pub fn generate_consumer_key() -> Secret {
+    Secret::new(format!("{CONSUMER_KEY_PREFIX}{}", random_token()))
+}
+
+/// 256 random bits, base64url without padding.
+pub fn random_token() -> String {
+    let mut b = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(b.as_mut());
+    URL_SAFE_NO_PAD.encode(b.as_ref())
+}
+
+/// Constant-time equality of two credentials (compares digests, so lengths leak nothing).
+pub fn credentials_equal(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let da = Sha256::digest(a);
+    let db = Sha256::digest(b);
+    da.ct_eq(&db).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_redact_in_debug_and_display() {
+        let s = Secret::new("sk-live-very-secret-value".into());
+        assert!(!format!("{s:?}").contains("very-secret"));
+        assert!(!format!("{s}").contains("very-secret"));
+        let mk = MasterKey::generate();
+        assert!(format!("{mk:?}").contains("redacted"));
+        assert!(format!("{:?}", mk.keys()).contains("redacted"));
+    }
+
+    #[test]
+    fn encryption_binds_the_record_id() {
+        let keys = MasterKey::generate().keys();
+        let secret = Secret::new("sk-0123456789abcdef".into());
+        let blob = keys.cipher.encrypt("rec-1", &secret);
+        assert_eq!(keys.cipher.decrypt("rec-1", &blob).unwrap(), secret);
+        assert!(keys.cipher.decrypt("rec-2", &blob).is_err());
+        let other = MasterKey::generate().keys();
+        assert!(other.cipher.decrypt("rec-1", &blob).is_err());
+        assert!(!blob.windows(8).any(|w| w == b"sk-01234"));
+    }
+
+    #[test]
+    fn hashing_is_keyed_and_stable() {
+        let mk = MasterKey::generate();
+        let a = mk.keys().hasher.hash(b"kg-abc");
+        assert_eq!(a, mk.keys().hasher.hash(b"kg-abc"));
+        assert_ne!(a, MasterKey::generate().keys().hasher.hash(b"kg-abc"));
+    }
+
+    #[test]
+    fn generated_keys_are_long_visible_ascii() {
+        let k = generate_consumer_key();
+        assert!(k.expose().starts_with("kg-"));
+        assert_eq!(k.expose().len(), 46);
+        assert!(crate::domain::validate::key_value("value", k.expose()).is_ok());
+        assert_ne!(k, generate_consumer_key());
+    }
+
+    #[test]
+    fn master_key_file_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("master.key");
+        let (k, created) = MasterKey::load_or_create(&p).unwrap();
+        assert!(created);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let (k2, created) = MasterKey::load_or_create(&p).unwrap();
+        assert!(!created);
+        assert_eq!(k.fingerprint(), k2.fingerprint());
+        let hexp = dir.path().join("hex.key");
+        std::fs::write(&hexp, format!("{}\n", hex::encode(k.0))).unwrap();
+        assert_eq!(MasterKey::load(&hexp).unwrap().fingerprint(), k.fingerprint());
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "too short").unwrap();
+        assert!(MasterKey::load(&bad).is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! Generated protobuf and gRPC code for keygate's own APIs, and the descriptor set that
+//! gRPC reflection serves.
+#![allow(clippy::all, missing_docs)]
+
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("keygate.admin.v1");
+    }
+}
+
+/// Every keygate proto file, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keygate_descriptor.bin"));
+
+mod redacted_debug {
+    //! `Debug` for the messages that carry key values: every field but the value.
+    use super::admin::v1::{CreateConsumerKeyRequest, CreateConsumerKeyResponse, CreateModelKeyRequest};
+    use std::fmt;
+
+    fn redacted(v: &str) -> &'static str {
+        if v.is_empty() { "" } else { "[redacted]" }
+    }
+
+    impl fmt::Debug for CreateConsumerKeyRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateConsumerKeyRequest")
+                .field("name", &self.name)
+                .field("description", &self.description)
+                .field("generation_method", &self.generation_method)
+                .field("value", &redacted(&self.value))
+                .field("secret_ref", &self.secret_ref)
+                .field("consumer", &self.consumer)
+                .field("scope", &self.scope)
+                .field("ip_allowlist", &self.ip_allowlist)
+                .field("expire_time", &self.expire_time)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for CreateConsumerKeyResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateConsumerKeyResponse")
+                .field("key", &self.key)
+                .field("value", &redacted(&self.value))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for CreateModelKeyRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateModelKeyRequest")
+                .field("name", &self.name)
+                .field("description", &self.description)
+                .field("generation_method", &self.generation_method)
+                .field("value", &redacted(&self.value))
+                .field("secret_ref", &self.secret_ref)
+                .field("model_services", &self.model_services)
+                .finish()
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Versioned schema migrations. One schema text for both backends; only the binary column
+//! type differs (`BLOB` on SQLite, `BYTEA` on PostgreSQL). Integers are `BIGINT` everywhere
+//! so both drivers decode them as `i64`.
+
+use std::borrow::Cow;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+use super::Backend;
+
+const V1: &str = r#"
+CREATE TABLE store_meta (
+    id BIGINT PRIMARY KEY,
+    store_id TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    master_key_fingerprint TEXT NOT NULL
+);
+
+CREATE TABLE consumers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    scope_mode BIGINT NOT NULL,
+    create_time BIGINT NOT NULL,
+    update_time BIGINT NOT NULL
+);
+
+CREATE TABLE model_services (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    auth_header TEXT NOT NULL,
+    auth_value_template TEXT NOT NULL,
+    models TEXT NOT NULL,
+    create_time BIGINT NOT NULL,
+    update_time BIGINT NOT NULL
+);
+
+CREATE TABLE consumer_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    status BIGINT NOT NULL,
+    generation_method BIGINT NOT NULL,
+    key_hash {BLOB} UNIQUE,
+    masked_value TEXT NOT NULL,
+    secret_provider TEXT,
+    secret_name TEXT,
+    secret_version TEXT,
+    consumer_id TEXT REFERENCES consumers(id),
+    scope_mode BIGINT NOT NULL,
+    ip_allowlist TEXT NOT NULL,
+    expire_time BIGINT,
+    create_time BIGINT NOT NULL,
+    update_time BIGINT NOT NULL,
+    last_used_time BIGINT
+);
+CREATE INDEX consumer_keys_consumer ON consumer_keys (consumer_id);
+
+CREATE TABLE model_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    status BIGINT NOT NULL,
+    generation_method BIGINT NOT NULL,
+    ciphertext {BLOB},
+    masked_value TEXT NOT NULL,
+    secret_provider TEXT,
+    secret_name TEXT,
+    secret_version TEXT,
+    create_time BIGINT NOT NULL,
+    update_time BIGINT NOT NULL
+);
+
+CREATE TABLE model_key_bindings (
+    model_key_id TEXT NOT NULL REFERENCES model_keys(id),
+    model_service_id TEXT NOT NULL REFERENCES model_services(id),
+    create_time BIGINT NOT NULL,
+    PRIMARY KEY (model_key_id, model_service_id)
+);
+CREATE INDEX model_key_bindings_service ON model_key_bindings (model_service_id);
+
+CREATE TABLE scope_entries (
+    owner_kind BIGINT NOT NULL,
+    owner_id TEXT NOT NULL,
+    model_service_id TEXT NOT NULL REFERENCES model_services(id),
+    position BIGINT NOT NULL,
+    PRIMARY KEY (owner_id, model_service_id)
+);
+CREATE INDEX scope_entries_service ON scope_entries (model_service_id);
+
+CREATE TABLE audit_events (
+    revision BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    kind BIGINT NOT NULL,
+    resource_id TEXT NOT NULL,
+    resource_name TEXT NOT NULL,
+    changed_fields TEXT NOT NULL
+);
+CREATE INDEX audit_events_resource ON audit_events (kind, resource_name);
+CREATE INDEX audit_events_time ON audit_events (time);
+
+CREATE TABLE changes (
+    revision BIGINT NOT NULL,
+    kind BIGINT NOT NULL,
+    resource_id TEXT NOT NULL,
+    PRIMARY KEY (revision, kind, resource_id)
+);
+"#;
+
+/// The migrator for `backend`, with the schema text embedded in the binary.
+pub fn migrator(backend: Backend) -> Migrator {
+    let blob = match backend {
+        Backend::Sqlite => "BLOB",
+        Backend::Postgres => "BYTEA",
+    };
+    let migrations = vec![Migration::new(
+        1,
+        Cow::Borrowed("initial schema"),
+        MigrationType::Simple,
+        Cow::Owned(V1.replace("{BLOB}", blob)),
+        false,
+    )];
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    }
+}
