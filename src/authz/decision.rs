@@ -313,3 +313,7 @@ pub fn credentials_to_remove<'c>(
     });
     (headers, param)
 }
+
+#[cfg(test)]
+#[path = "decision_tests.rs"]
+mod tests;

@@ -1,0 +1,1 @@
+//! Unit tests of the decision (every branch of SPEC §2).
