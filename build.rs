@@ -5,7 +5,10 @@ use std::{env, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/keygate/admin/v1/admin.proto"];
     // Reflection also describes google.rpc.BadRequest, so grpcurl can print field violations.
-    let reflected = ["proto/keygate/admin/v1/admin.proto", "proto/google/rpc/error_details.proto"];
+    let reflected = [
+        "proto/keygate/admin/v1/admin.proto",
+        "proto/google/rpc/error_details.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -9,7 +9,11 @@ use crate::authz::{ClientIpSource, DecisionConfig};
 use crate::domain::Limits;
 
 #[derive(Debug, Parser)]
-#[command(name = "keygate", version, about = "Consumer-key authorization and vendor-key injection for Envoy AI gateways")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Consumer-key authorization and vendor-key injection for Envoy AI gateways"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -78,7 +82,12 @@ pub struct ServeArgs {
 #[derive(Clone, Debug, Args)]
 pub struct DataPlaneArgs {
     /// Headers that carry the consumer key, in order of preference.
-    #[arg(long, env = "KEYGATE_CREDENTIAL_HEADERS", value_delimiter = ',', default_value = "authorization,x-api-key,api-key")]
+    #[arg(
+        long,
+        env = "KEYGATE_CREDENTIAL_HEADERS",
+        value_delimiter = ',',
+        default_value = "authorization,x-api-key,api-key"
+    )]
     pub credential_headers: Vec<String>,
 
     /// Query parameter that carries the consumer key (off unless set, e.g. "key").
@@ -93,7 +102,9 @@ pub struct DataPlaneArgs {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 1m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 1m"))?;
     Ok(match unit {
         "ms" => std::time::Duration::from_millis(n),
         "s" | "" => std::time::Duration::from_secs(n),
@@ -111,8 +122,13 @@ impl DataPlaneArgs {
             if h.is_empty() {
                 continue;
             }
-            if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
-                return Err(format!("--credential-headers: {h:?} is not an HTTP header name"));
+            if !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            {
+                return Err(format!(
+                    "--credential-headers: {h:?} is not an HTTP header name"
+                ));
             }
             if !headers.contains(&h) {
                 headers.push(h);

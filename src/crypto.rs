@@ -32,7 +32,9 @@ pub enum CryptoError {
         "master key file {path} must hold 32 bytes (raw, 64 hex characters or base64), found {len} bytes"
     )]
     BadMasterKey { path: String, len: usize },
-    #[error("model key ciphertext does not decrypt under this master key (wrong key or moved record)")]
+    #[error(
+        "model key ciphertext does not decrypt under this master key (wrong key or moved record)"
+    )]
     Decrypt,
 }
 
@@ -183,7 +185,10 @@ impl fmt::Debug for Keys {
 impl Keys {
     /// A stable, non-secret name for an admin credential, for audit rows.
     pub fn actor_fingerprint(&self, credential: &str) -> String {
-        format!("admin-token:{}", &hex::encode(self.actor.hash(credential.as_bytes()))[..16])
+        format!(
+            "admin-token:{}",
+            &hex::encode(self.actor.hash(credential.as_bytes()))[..16]
+        )
     }
 }
 
@@ -350,14 +355,20 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         let (k2, created) = MasterKey::load_or_create(&p).unwrap();
         assert!(!created);
         assert_eq!(k.fingerprint(), k2.fingerprint());
         let hexp = dir.path().join("hex.key");
         std::fs::write(&hexp, format!("{}\n", hex::encode(k.0))).unwrap();
-        assert_eq!(MasterKey::load(&hexp).unwrap().fingerprint(), k.fingerprint());
+        assert_eq!(
+            MasterKey::load(&hexp).unwrap().fingerprint(),
+            k.fingerprint()
+        );
         let bad = dir.path().join("bad.key");
         std::fs::write(&bad, "too short").unwrap();
         assert!(MasterKey::load(&bad).is_err());

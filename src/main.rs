@@ -28,7 +28,10 @@ fn main() {
         }
     };
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keygate: cannot start the async runtime: {e}");
@@ -37,7 +40,9 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => keygate::server::run(args, keygate::server::shutdown_signal()).await,
+            Command::Serve(args) => {
+                keygate::server::run(args, keygate::server::shutdown_signal()).await
+            }
         }
     });
     if let Err(e) = result {

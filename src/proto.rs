@@ -9,11 +9,14 @@ pub mod admin {
 }
 
 /// Every keygate proto file, for reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keygate_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/keygate_descriptor.bin"));
 
 mod redacted_debug {
     //! `Debug` for the messages that carry key values: every field but the value.
-    use super::admin::v1::{CreateConsumerKeyRequest, CreateConsumerKeyResponse, CreateModelKeyRequest};
+    use super::admin::v1::{
+        CreateConsumerKeyRequest, CreateConsumerKeyResponse, CreateModelKeyRequest,
+    };
     use std::fmt;
 
     fn redacted(v: &str) -> &'static str {

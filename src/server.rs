@@ -44,7 +44,9 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Config(_) => 64,
-            StartError::Store(StoreError::MasterKeyMismatch { .. } | StoreError::UnsupportedUrl(_)) => 64,
+            StartError::Store(
+                StoreError::MasterKeyMismatch { .. } | StoreError::UnsupportedUrl(_),
+            ) => 64,
             _ => 1,
         }
     }
@@ -95,7 +97,8 @@ fn load_master_key(args: &ServeArgs) -> Result<MasterKey, StartError> {
 }
 
 fn read_token_file(p: &Path) -> Result<Secret, StartError> {
-    let raw = std::fs::read_to_string(p).map_err(io_err(format!("reading admin token file {}", p.display())))?;
+    let raw = std::fs::read_to_string(p)
+        .map_err(io_err(format!("reading admin token file {}", p.display())))?;
     let token = raw.trim().to_string();
     if token.len() < 16 {
         return Err(StartError::Config(format!(
@@ -195,14 +198,20 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     // ext_authz listener, NOT_SERVING until a snapshot is live.
     let (authz_health, authz_health_svc) = tonic_health::server::health_reporter();
-    authz_health.set_service_status("", ServingStatus::NotServing).await;
+    authz_health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     authz_health
         .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
         .await;
     let authz_listener = bind(args.authz_addr, "ext_authz").await?;
     let admin_listener = bind(args.admin_addr, "admin").await?;
-    let authz_addr = authz_listener.local_addr().map_err(io_err("ext_authz address"))?;
-    let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
+    let authz_addr = authz_listener
+        .local_addr()
+        .map_err(io_err("ext_authz address"))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(io_err("admin address"))?;
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(builder.run(stopped())));
@@ -227,17 +236,24 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     {
         let health = authz_health.clone();
         let stop = stopped();
-        let (reflection_v1, reflection_v1alpha) = reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+        let (reflection_v1, reflection_v1alpha) =
+            reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
         let server = Server::builder()
             .add_service(authz_health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(authz));
+            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+                authz,
+            ));
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 stop.await;
-                health.set_service_status("", ServingStatus::NotServing).await;
-                health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
+                    .await;
             };
             if let Err(e) = server
                 .serve_with_incoming_shutdown(TcpListenerStream::new(authz_listener), shutdown)
@@ -250,9 +266,13 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     // Admin listener: KeyAdmin (token required), health and reflection (open).
     let (admin_health, admin_health_svc) = tonic_health::server::health_reporter();
-    admin_health.set_service_status(ADMIN_SERVICE, ServingStatus::Serving).await;
-    let (reflection_v1, reflection_v1alpha) =
-        reflection(&[crate::proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+    admin_health
+        .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
+        .await;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])?;
     let admin = AdminService::new(store.clone(), cell.clone());
     let auth = AdminAuth::new(token, &keys);
     {
@@ -266,8 +286,12 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 stop.await;
-                health.set_service_status("", ServingStatus::NotServing).await;
-                health.set_service_status(ADMIN_SERVICE, ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(ADMIN_SERVICE, ServingStatus::NotServing)
+                    .await;
             };
             if let Err(e) = server
                 .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), shutdown)
@@ -297,7 +321,9 @@ fn reflection(
     sets: &[&'static [u8]],
 ) -> Result<
     (
-        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
         tonic_reflection::server::v1alpha::ServerReflectionServer<
             impl tonic_reflection::server::v1alpha::ServerReflection,
         >,
@@ -307,7 +333,9 @@ fn reflection(
     let builder = || {
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
             .include_reflection_service(false);
         for s in sets {
             b = b.register_encoded_file_descriptor_set(s);
@@ -315,7 +343,10 @@ fn reflection(
         b
     };
     let err = |e: tonic_reflection::server::Error| StartError::Config(format!("reflection: {e}"));
-    Ok((builder().build_v1().map_err(err)?, builder().build_v1alpha().map_err(err)?))
+    Ok((
+        builder().build_v1().map_err(err)?,
+        builder().build_v1alpha().map_err(err)?,
+    ))
 }
 
 fn sqlite_path(data_dir: &Path) -> PathBuf {

@@ -270,8 +270,16 @@ pub fn consumer_key_out(k: domain::ConsumerKey, now: Timestamp) -> pb::ConsumerK
         generation_method: method_out(k.generation_method),
         secret_ref: secret_ref_out(&k.secret_ref),
         secret_status: None,
-        consumer: k.consumer.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
-        consumer_id: k.consumer.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+        consumer: k
+            .consumer
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
+        consumer_id: k
+            .consumer
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default(),
         scope: scope_out(&k.scope),
         expire_time: k.expire_time.map(ts_out),
         create_time: Some(ts_out(k.create_time)),

@@ -28,7 +28,9 @@ pub struct AdminAuth {
 
 impl std::fmt::Debug for AdminAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminAuth").field("actor", &self.actor).finish_non_exhaustive()
+        f.debug_struct("AdminAuth")
+            .field("actor", &self.actor)
+            .finish_non_exhaustive()
     }
 }
 
@@ -106,7 +108,10 @@ const CONSUMER_ELSEWHERE: &[(&str, &str)] = &[
     ("id", OUTPUT_ONLY),
     ("create_time", OUTPUT_ONLY),
     ("update_time", OUTPUT_ONLY),
-    ("consumer_keys", "bind keys with BindConsumerKey / UnbindConsumerKey"),
+    (
+        "consumer_keys",
+        "bind keys with BindConsumerKey / UnbindConsumerKey",
+    ),
 ];
 
 const SERVICE_ELSEWHERE: &[(&str, &str)] = &[
@@ -122,8 +127,14 @@ const CONSUMER_KEY_ELSEWHERE: &[(&str, &str)] = &[
     ("update_time", OUTPUT_ONLY),
     ("last_used_time", OUTPUT_ONLY),
     ("expired", OUTPUT_ONLY),
-    ("masked_value", "a key's value is never editable: create a new key to rotate"),
-    ("generation_method", "a key's value is never editable: create a new key to rotate"),
+    (
+        "masked_value",
+        "a key's value is never editable: create a new key to rotate",
+    ),
+    (
+        "generation_method",
+        "a key's value is never editable: create a new key to rotate",
+    ),
     ("secret_ref", "SECRET_REF keys are not available yet"),
     ("secret_status", OUTPUT_ONLY),
     ("status", "use EnableConsumerKey / DisableConsumerKey"),
@@ -135,8 +146,14 @@ const MODEL_KEY_ELSEWHERE: &[(&str, &str)] = &[
     ("id", OUTPUT_ONLY),
     ("create_time", OUTPUT_ONLY),
     ("update_time", OUTPUT_ONLY),
-    ("masked_value", "a key's value is never editable: create a new key to rotate"),
-    ("generation_method", "a key's value is never editable: create a new key to rotate"),
+    (
+        "masked_value",
+        "a key's value is never editable: create a new key to rotate",
+    ),
+    (
+        "generation_method",
+        "a key's value is never editable: create a new key to rotate",
+    ),
     ("secret_ref", "SECRET_REF keys are not available yet"),
     ("secret_status", OUTPUT_ONLY),
     ("status", "use EnableModelKey / DisableModelKey"),
@@ -155,15 +172,25 @@ impl KeyAdmin for AdminService {
             description: r.description,
             scope: scope_input("scope", r.scope)?,
         };
-        ok(consumer_out(self.store.create_consumer(&actor, new).await.map_err(status)?))
+        ok(consumer_out(
+            self.store
+                .create_consumer(&actor, new)
+                .await
+                .map_err(status)?,
+        ))
     }
 
     async fn get_consumer(&self, req: Request<pb::GetConsumerRequest>) -> R<pb::Consumer> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(consumer_out(self.store.get_consumer(&sel).await.map_err(status)?))
+        ok(consumer_out(
+            self.store.get_consumer(&sel).await.map_err(status)?,
+        ))
     }
 
-    async fn list_consumers(&self, req: Request<pb::ListConsumersRequest>) -> R<pb::ListConsumersResponse> {
+    async fn list_consumers(
+        &self,
+        req: Request<pb::ListConsumersRequest>,
+    ) -> R<pb::ListConsumersResponse> {
         let r = req.into_inner();
         let p = self
             .store
@@ -200,19 +227,33 @@ impl KeyAdmin for AdminService {
                 None
             },
         };
-        ok(consumer_out(self.store.update_consumer(&actor, &sel, patch).await.map_err(status)?))
+        ok(consumer_out(
+            self.store
+                .update_consumer(&actor, &sel, patch)
+                .await
+                .map_err(status)?,
+        ))
     }
 
-    async fn delete_consumer(&self, req: Request<pb::DeleteConsumerRequest>) -> R<pb::DeleteResponse> {
+    async fn delete_consumer(
+        &self,
+        req: Request<pb::DeleteConsumerRequest>,
+    ) -> R<pb::DeleteResponse> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        self.store.delete_consumer(&actor, &sel).await.map_err(status)?;
+        self.store
+            .delete_consumer(&actor, &sel)
+            .await
+            .map_err(status)?;
         ok(pb::DeleteResponse {})
     }
 
     // ------------------------------------------------------------------ model services
 
-    async fn create_model_service(&self, req: Request<pb::CreateModelServiceRequest>) -> R<pb::ModelService> {
+    async fn create_model_service(
+        &self,
+        req: Request<pb::CreateModelServiceRequest>,
+    ) -> R<pb::ModelService> {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let new = NewModelService {
@@ -223,15 +264,28 @@ impl KeyAdmin for AdminService {
             auth_value_template: r.auth_value_template,
             models: r.models,
         };
-        ok(service_out(self.store.create_model_service(&actor, new).await.map_err(status)?))
+        ok(service_out(
+            self.store
+                .create_model_service(&actor, new)
+                .await
+                .map_err(status)?,
+        ))
     }
 
-    async fn get_model_service(&self, req: Request<pb::GetModelServiceRequest>) -> R<pb::ModelService> {
+    async fn get_model_service(
+        &self,
+        req: Request<pb::GetModelServiceRequest>,
+    ) -> R<pb::ModelService> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(service_out(self.store.get_model_service(&sel).await.map_err(status)?))
+        ok(service_out(
+            self.store.get_model_service(&sel).await.map_err(status)?,
+        ))
     }
 
-    async fn list_model_services(&self, req: Request<pb::ListModelServicesRequest>) -> R<pb::ListModelServicesResponse> {
+    async fn list_model_services(
+        &self,
+        req: Request<pb::ListModelServicesRequest>,
+    ) -> R<pb::ListModelServicesResponse> {
         let r = req.into_inner();
         let p = self
             .store
@@ -244,7 +298,10 @@ impl KeyAdmin for AdminService {
         })
     }
 
-    async fn update_model_service(&self, req: Request<pb::UpdateModelServiceRequest>) -> R<pb::ModelService> {
+    async fn update_model_service(
+        &self,
+        req: Request<pb::UpdateModelServiceRequest>,
+    ) -> R<pb::ModelService> {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let sel = selector(r.selector, Selector::from)?;
@@ -259,7 +316,14 @@ impl KeyAdmin for AdminService {
                 ("auth_value_template", !s.auth_value_template.is_empty()),
                 ("models", !s.models.is_empty()),
             ],
-            &["name", "description", "provider", "auth_header", "auth_value_template", "models"],
+            &[
+                "name",
+                "description",
+                "provider",
+                "auth_header",
+                "auth_value_template",
+                "models",
+            ],
             SERVICE_ELSEWHERE,
         )?;
         let patch = ModelServicePatch {
@@ -290,16 +354,25 @@ impl KeyAdmin for AdminService {
         ))
     }
 
-    async fn delete_model_service(&self, req: Request<pb::DeleteModelServiceRequest>) -> R<pb::DeleteResponse> {
+    async fn delete_model_service(
+        &self,
+        req: Request<pb::DeleteModelServiceRequest>,
+    ) -> R<pb::DeleteResponse> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        self.store.delete_model_service(&actor, &sel).await.map_err(status)?;
+        self.store
+            .delete_model_service(&actor, &sel)
+            .await
+            .map_err(status)?;
         ok(pb::DeleteResponse {})
     }
 
     // ------------------------------------------------------------------ consumer keys
 
-    async fn create_consumer_key(&self, req: Request<pb::CreateConsumerKeyRequest>) -> R<pb::CreateConsumerKeyResponse> {
+    async fn create_consumer_key(
+        &self,
+        req: Request<pb::CreateConsumerKeyRequest>,
+    ) -> R<pb::CreateConsumerKeyResponse> {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let source = key_source(r.generation_method, r.value, r.secret_ref, true)?;
@@ -310,9 +383,17 @@ impl KeyAdmin for AdminService {
             consumer: (!r.consumer.is_empty()).then_some(r.consumer),
             scope: scope_input("scope", r.scope)?,
             ip_allowlist: r.ip_allowlist,
-            expire_time: r.expire_time.as_ref().map(|t| ts_in("expire_time", t)).transpose()?,
+            expire_time: r
+                .expire_time
+                .as_ref()
+                .map(|t| ts_in("expire_time", t))
+                .transpose()?,
         };
-        let created = self.store.create_consumer_key(&actor, new).await.map_err(status)?;
+        let created = self
+            .store
+            .create_consumer_key(&actor, new)
+            .await
+            .map_err(status)?;
         ok(pb::CreateConsumerKeyResponse {
             key: Some(consumer_key_out(created.key, Timestamp::now())),
             value: created
@@ -322,7 +403,10 @@ impl KeyAdmin for AdminService {
         })
     }
 
-    async fn get_consumer_key(&self, req: Request<pb::GetConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn get_consumer_key(
+        &self,
+        req: Request<pb::GetConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
         ok(consumer_key_out(
             self.store.get_consumer_key(&sel).await.map_err(status)?,
@@ -330,7 +414,10 @@ impl KeyAdmin for AdminService {
         ))
     }
 
-    async fn list_consumer_keys(&self, req: Request<pb::ListConsumerKeysRequest>) -> R<pb::ListConsumerKeysResponse> {
+    async fn list_consumer_keys(
+        &self,
+        req: Request<pb::ListConsumerKeysRequest>,
+    ) -> R<pb::ListConsumerKeysResponse> {
         let r = req.into_inner();
         let filter = ConsumerKeyFilter {
             consumer: (!r.consumer.is_empty()).then_some(r.consumer),
@@ -343,12 +430,19 @@ impl KeyAdmin for AdminService {
             .map_err(status)?;
         let now = Timestamp::now();
         ok(pb::ListConsumerKeysResponse {
-            items: p.items.into_iter().map(|k| consumer_key_out(k, now)).collect(),
+            items: p
+                .items
+                .into_iter()
+                .map(|k| consumer_key_out(k, now))
+                .collect(),
             next_page_token: page_token(p.next),
         })
     }
 
-    async fn update_consumer_key(&self, req: Request<pb::UpdateConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn update_consumer_key(
+        &self,
+        req: Request<pb::UpdateConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let sel = selector(r.selector, Selector::from)?;
@@ -365,7 +459,13 @@ impl KeyAdmin for AdminService {
                 ("consumer", !k.consumer.is_empty()),
                 ("secret_ref", k.secret_ref.is_some()),
             ],
-            &["name", "description", "scope", "ip_allowlist", "expire_time"],
+            &[
+                "name",
+                "description",
+                "scope",
+                "ip_allowlist",
+                "expire_time",
+            ],
             CONSUMER_KEY_ELSEWHERE,
         )?;
         let patch = ConsumerKeyPatch {
@@ -397,7 +497,10 @@ impl KeyAdmin for AdminService {
         ))
     }
 
-    async fn enable_consumer_key(&self, req: Request<pb::EnableConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn enable_consumer_key(
+        &self,
+        req: Request<pb::EnableConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
         let k = self
@@ -408,7 +511,10 @@ impl KeyAdmin for AdminService {
         ok(consumer_key_out(k, Timestamp::now()))
     }
 
-    async fn disable_consumer_key(&self, req: Request<pb::DisableConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn disable_consumer_key(
+        &self,
+        req: Request<pb::DisableConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
         let k = self
@@ -419,7 +525,10 @@ impl KeyAdmin for AdminService {
         ok(consumer_key_out(k, Timestamp::now()))
     }
 
-    async fn bind_consumer_key(&self, req: Request<pb::BindConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn bind_consumer_key(
+        &self,
+        req: Request<pb::BindConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let key = reference("key", &r.key)?;
@@ -432,17 +541,30 @@ impl KeyAdmin for AdminService {
         ok(consumer_key_out(k, Timestamp::now()))
     }
 
-    async fn unbind_consumer_key(&self, req: Request<pb::UnbindConsumerKeyRequest>) -> R<pb::ConsumerKey> {
+    async fn unbind_consumer_key(
+        &self,
+        req: Request<pb::UnbindConsumerKeyRequest>,
+    ) -> R<pb::ConsumerKey> {
         let actor = actor(&req)?;
         let key = reference("key", &req.get_ref().key)?;
-        let k = self.store.unbind_consumer_key(&actor, &key).await.map_err(status)?;
+        let k = self
+            .store
+            .unbind_consumer_key(&actor, &key)
+            .await
+            .map_err(status)?;
         ok(consumer_key_out(k, Timestamp::now()))
     }
 
-    async fn delete_consumer_key(&self, req: Request<pb::DeleteConsumerKeyRequest>) -> R<pb::DeleteResponse> {
+    async fn delete_consumer_key(
+        &self,
+        req: Request<pb::DeleteConsumerKeyRequest>,
+    ) -> R<pb::DeleteResponse> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        self.store.delete_consumer_key(&actor, &sel).await.map_err(status)?;
+        self.store
+            .delete_consumer_key(&actor, &sel)
+            .await
+            .map_err(status)?;
         ok(pb::DeleteResponse {})
     }
 
@@ -458,15 +580,25 @@ impl KeyAdmin for AdminService {
             source,
             model_services: r.model_services,
         };
-        ok(model_key_out(self.store.create_model_key(&actor, new).await.map_err(status)?))
+        ok(model_key_out(
+            self.store
+                .create_model_key(&actor, new)
+                .await
+                .map_err(status)?,
+        ))
     }
 
     async fn get_model_key(&self, req: Request<pb::GetModelKeyRequest>) -> R<pb::ModelKey> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(model_key_out(self.store.get_model_key(&sel).await.map_err(status)?))
+        ok(model_key_out(
+            self.store.get_model_key(&sel).await.map_err(status)?,
+        ))
     }
 
-    async fn list_model_keys(&self, req: Request<pb::ListModelKeysRequest>) -> R<pb::ListModelKeysResponse> {
+    async fn list_model_keys(
+        &self,
+        req: Request<pb::ListModelKeysRequest>,
+    ) -> R<pb::ListModelKeysResponse> {
         let r = req.into_inner();
         let filter = ModelKeyFilter {
             model_service: (!r.model_service.is_empty()).then_some(r.model_service),
@@ -505,7 +637,10 @@ impl KeyAdmin for AdminService {
             description: mask.has("description").then(|| k.description.clone()),
         };
         ok(model_key_out(
-            self.store.update_model_key(&actor, &sel, patch).await.map_err(status)?,
+            self.store
+                .update_model_key(&actor, &sel, patch)
+                .await
+                .map_err(status)?,
         ))
     }
 
@@ -557,16 +692,25 @@ impl KeyAdmin for AdminService {
         ))
     }
 
-    async fn delete_model_key(&self, req: Request<pb::DeleteModelKeyRequest>) -> R<pb::DeleteResponse> {
+    async fn delete_model_key(
+        &self,
+        req: Request<pb::DeleteModelKeyRequest>,
+    ) -> R<pb::DeleteResponse> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        self.store.delete_model_key(&actor, &sel).await.map_err(status)?;
+        self.store
+            .delete_model_key(&actor, &sel)
+            .await
+            .map_err(status)?;
         ok(pb::DeleteResponse {})
     }
 
     // ------------------------------------------------------------------ references, audit, snapshot
 
-    async fn get_key_references(&self, req: Request<pb::GetKeyReferencesRequest>) -> R<pb::GetKeyReferencesResponse> {
+    async fn get_key_references(
+        &self,
+        req: Request<pb::GetKeyReferencesRequest>,
+    ) -> R<pb::GetKeyReferencesResponse> {
         let r = req.into_inner();
         let kind = kind_in("kind", r.kind, true)?.expect("required kind");
         let sel = selector(r.selector, Selector::from)?;
@@ -589,27 +733,45 @@ impl KeyAdmin for AdminService {
         })
     }
 
-    async fn list_audit_events(&self, req: Request<pb::ListAuditEventsRequest>) -> R<pb::ListAuditEventsResponse> {
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> R<pb::ListAuditEventsResponse> {
         let r = req.into_inner();
         let p = page(r.page_size, "")?;
         let filter = AuditFilter {
             kind: kind_in("kind", r.kind, false)?,
             name: (!r.name.is_empty()).then_some(r.name),
-            start: r.start_time.as_ref().map(|t| ts_in("start_time", t)).transpose()?,
-            end: r.end_time.as_ref().map(|t| ts_in("end_time", t)).transpose()?,
+            start: r
+                .start_time
+                .as_ref()
+                .map(|t| ts_in("start_time", t))
+                .transpose()?,
+            end: r
+                .end_time
+                .as_ref()
+                .map(|t| ts_in("end_time", t))
+                .transpose()?,
         };
         let p = crate::store::PageRequest {
             size: p.size,
             after: (!r.page_token.is_empty()).then_some(r.page_token),
         };
-        let page = self.store.list_audit_events(&filter, &p).await.map_err(status)?;
+        let page = self
+            .store
+            .list_audit_events(&filter, &p)
+            .await
+            .map_err(status)?;
         ok(pb::ListAuditEventsResponse {
             items: page.items.into_iter().map(audit_out).collect(),
             next_page_token: page.next.unwrap_or_default(),
         })
     }
 
-    async fn get_snapshot_status(&self, _req: Request<pb::GetSnapshotStatusRequest>) -> R<pb::GetSnapshotStatusResponse> {
+    async fn get_snapshot_status(
+        &self,
+        _req: Request<pb::GetSnapshotStatusRequest>,
+    ) -> R<pb::GetSnapshotStatusResponse> {
         let Some(s) = self.snapshots.load() else {
             return Err(Status::unavailable("no snapshot has been built yet"));
         };
@@ -633,7 +795,8 @@ fn key_source(
     consumer_key: bool,
 ) -> Result<KeySource, Status> {
     use pb::GenerationMethod as M;
-    let method = M::try_from(method).map_err(|_| invalid("generation_method", "is not a known method"))?;
+    let method =
+        M::try_from(method).map_err(|_| invalid("generation_method", "is not a known method"))?;
     let method = match method {
         M::Unspecified if !value.is_empty() => M::Custom,
         M::Unspecified if secret_ref.is_some() => M::SecretRef,
@@ -664,10 +827,16 @@ fn key_source(
         }
         M::Custom => {
             if secret_ref.is_some() {
-                return Err(invalid("secret_ref", "is only for generation_method SECRET_REF"));
+                return Err(invalid(
+                    "secret_ref",
+                    "is only for generation_method SECRET_REF",
+                ));
             }
             if value.is_empty() {
-                return Err(invalid("value", "is required with generation_method CUSTOM"));
+                return Err(invalid(
+                    "value",
+                    "is required with generation_method CUSTOM",
+                ));
             }
             Ok(KeySource::Custom(Secret::new(value)))
         }
@@ -678,7 +847,12 @@ fn key_source(
                     "must be empty with generation_method SECRET_REF (the value lives in the secret store)",
                 ));
             }
-            let r = secret_ref.ok_or_else(|| invalid("secret_ref", "is required with generation_method SECRET_REF"))?;
+            let r = secret_ref.ok_or_else(|| {
+                invalid(
+                    "secret_ref",
+                    "is required with generation_method SECRET_REF",
+                )
+            })?;
             Ok(KeySource::SecretRef(crate::domain::SecretRef {
                 provider: r.provider,
                 name: r.name,

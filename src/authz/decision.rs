@@ -31,7 +31,9 @@ impl std::str::FromStr for ClientIpSource {
         if let Some(n) = s.strip_prefix("xff:") {
             return match n.parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(ClientIpSource::ForwardedFor(n)),
-                _ => Err(format!("{s:?}: xff:N needs N >= 1 (the number of trusted proxy hops)")),
+                _ => Err(format!(
+                    "{s:?}: xff:N needs N >= 1 (the number of trusted proxy hops)"
+                )),
             };
         }
         Err(format!("{s:?}: expected \"peer\" or \"xff:N\""))
@@ -308,9 +310,10 @@ pub fn credentials_to_remove<'c>(
         .filter(|h| h.as_str() != overwritten && req.header(h).is_some())
         .map(String::as_str)
         .collect();
-    let param = cfg.credential_query_param.as_deref().filter(|p| {
-        form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p)
-    });
+    let param = cfg
+        .credential_query_param
+        .as_deref()
+        .filter(|p| form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p));
     (headers, param)
 }
 

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderValue,
-    HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
@@ -184,7 +184,14 @@ impl RequestView for CheckView<'_> {
 
     fn peer_ip(&self) -> Option<IpAddr> {
         use envoy_types::pb::envoy::config::core::v3::address::Address as A;
-        let addr = self.req.attributes.as_ref()?.source.as_ref()?.address.as_ref()?;
+        let addr = self
+            .req
+            .attributes
+            .as_ref()?
+            .source
+            .as_ref()?
+            .address
+            .as_ref()?;
         match addr.address.as_ref()? {
             A::SocketAddress(sa) => sa.address.parse().ok(),
             _ => None,
@@ -203,7 +210,12 @@ impl RequestView for CheckView<'_> {
 
 #[tonic::async_trait]
 impl Authorization for ExtAuthzService {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.check_sync(request.get_ref(), Timestamp::now())))
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(
+            self.check_sync(request.get_ref(), Timestamp::now()),
+        ))
     }
 }

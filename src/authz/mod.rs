@@ -4,7 +4,5 @@
 pub mod decision;
 pub mod ext_authz;
 
-pub use decision::{
-    ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide,
-};
+pub use decision::{ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide};
 pub use ext_authz::ExtAuthzService;

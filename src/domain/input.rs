@@ -131,10 +131,7 @@ fn check_expiry(v: &mut Violations, t: Option<Timestamp>, now: Timestamp) {
     if let Some(t) = t
         && t <= now
     {
-        v.0.push(FieldViolation::new(
-            "expire_time",
-            "must be in the future",
-        ));
+        v.0.push(FieldViolation::new("expire_time", "must be in the future"));
     }
 }
 

@@ -325,7 +325,11 @@ fn violations_text(v: &[FieldViolation]) -> String {
 }
 
 /// The dependencies that block a delete, listed by kind and name in the refusal.
-pub fn dependency_error(kind: ResourceKind, name: &str, deps: &[(ResourceKind, String)]) -> RuleError {
+pub fn dependency_error(
+    kind: ResourceKind,
+    name: &str,
+    deps: &[(ResourceKind, String)],
+) -> RuleError {
     let list = deps
         .iter()
         .map(|(k, n)| format!("{k} {n:?}"))

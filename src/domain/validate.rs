@@ -35,7 +35,10 @@ fn is_separator(c: char) -> bool {
 pub fn name(field: &str, value: &str) -> Result<(), FieldViolation> {
     let count = value.chars().count();
     if count == 0 {
-        return Err(FieldViolation::new(field, "is required (1 to 60 characters)"));
+        return Err(FieldViolation::new(
+            field,
+            "is required (1 to 60 characters)",
+        ));
     }
     if count > NAME_MAX_CHARS {
         return Err(FieldViolation::new(
@@ -118,9 +121,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_lowercase()
-        || b.is_ascii_digit()
-        || b"!#$%&'*+-.^_`|~".contains(&b)
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A model service's auth header: a lower-case HTTP token, never `host`, a pseudo-header,
@@ -130,7 +131,10 @@ pub fn auth_header(field: &str, value: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
     if value.starts_with(':') {
-        return Err(FieldViolation::new(field, "must not be a ':' pseudo-header"));
+        return Err(FieldViolation::new(
+            field,
+            "must not be a ':' pseudo-header",
+        ));
     }
     if !value.bytes().all(is_tchar) {
         return Err(FieldViolation::new(
@@ -141,7 +145,9 @@ pub fn auth_header(field: &str, value: &str) -> Result<(), FieldViolation> {
     if value == "host" || value == "content-length" || HOP_BY_HOP.contains(&value) {
         return Err(FieldViolation::new(
             field,
-            format!("must not be {value:?} (host, content-length and hop-by-hop headers are refused)"),
+            format!(
+                "must not be {value:?} (host, content-length and hop-by-hop headers are refused)"
+            ),
         ));
     }
     Ok(())
@@ -149,7 +155,10 @@ pub fn auth_header(field: &str, value: &str) -> Result<(), FieldViolation> {
 
 /// A value template: visible ASCII and spaces, with `{key}` exactly once.
 pub fn auth_value_template(field: &str, value: &str) -> Result<(), FieldViolation> {
-    if !value.bytes().all(|b| b == b' ' || (0x21..=0x7e).contains(&b)) {
+    if !value
+        .bytes()
+        .all(|b| b == b' ' || (0x21..=0x7e).contains(&b))
+    {
         return Err(FieldViolation::new(
             field,
             "must be visible ASCII and spaces only",
@@ -216,10 +225,29 @@ mod tests {
 
     #[test]
     fn names_follow_the_rules() {
-        for ok in ["a", "billing-app", "openai_prod", "计费应用", "app-中文_2", "Zürich", "a1"] {
+        for ok in [
+            "a",
+            "billing-app",
+            "openai_prod",
+            "计费应用",
+            "app-中文_2",
+            "Zürich",
+            "a1",
+        ] {
             assert!(name("name", ok).is_ok(), "{ok} should be valid");
         }
-        for bad in ["", "1app", "-app", "_app", "app-", "app_", "has space", "a.b", "a/b", "٣x"] {
+        for bad in [
+            "",
+            "1app",
+            "-app",
+            "_app",
+            "app-",
+            "app_",
+            "has space",
+            "a.b",
+            "a/b",
+            "٣x",
+        ] {
             assert!(name("name", bad).is_err(), "{bad:?} should be invalid");
         }
         assert!(name("name", &"a".repeat(60)).is_ok());
@@ -248,7 +276,16 @@ mod tests {
     fn header_and_template_rules() {
         assert!(auth_header("auth_header", "authorization").is_ok());
         assert!(auth_header("auth_header", "x-api-key").is_ok());
-        for bad in ["Authorization", "host", ":authority", "content-length", "connection", "te", "x y", ""] {
+        for bad in [
+            "Authorization",
+            "host",
+            ":authority",
+            "content-length",
+            "connection",
+            "te",
+            "x y",
+            "",
+        ] {
             assert!(auth_header("auth_header", bad).is_err(), "{bad:?}");
         }
         assert!(auth_value_template("t", "Bearer {key}").is_ok());
@@ -272,7 +309,10 @@ mod tests {
         assert!(ip_entry("ip_allowlist", "10.0.0.0/33").is_err());
         assert!(ip_entry("ip_allowlist", "nope").is_err());
         assert_eq!(ip_entry_display(&list[1]), "192.168.1.7");
-        assert_eq!(ip_entry_display(&ip_entry("f", "10.1.2.3/8").unwrap()), "10.0.0.0/8");
+        assert_eq!(
+            ip_entry_display(&ip_entry("f", "10.1.2.3/8").unwrap()),
+            "10.0.0.0/8"
+        );
     }
 
     fn name_char() -> impl Strategy<Value = char> {
@@ -292,7 +332,9 @@ mod tests {
         let cs: Vec<char> = s.chars().collect();
         !cs.is_empty()
             && cs.len() <= 60
-            && cs.iter().all(|c| c.is_alphabetic() || c.is_ascii_digit() || *c == '-' || *c == '_')
+            && cs
+                .iter()
+                .all(|c| c.is_alphabetic() || c.is_ascii_digit() || *c == '-' || *c == '_')
             && !(cs[0].is_ascii_digit() || cs[0] == '-' || cs[0] == '_')
             && !(cs[cs.len() - 1] == '-' || cs[cs.len() - 1] == '_')
     }

@@ -21,7 +21,11 @@ fn scope_set(scope: &Scope, ids: &mut HashMap<String, Arc<str>>) -> ScopeSet {
         Scope::Unset | Scope::All => ScopeSet::All,
         Scope::Services(list) => ScopeSet::Only(
             list.iter()
-                .map(|n| ids.entry(n.id.clone()).or_insert_with(|| n.id.as_str().into()).clone())
+                .map(|n| {
+                    ids.entry(n.id.clone())
+                        .or_insert_with(|| n.id.as_str().into())
+                        .clone()
+                })
                 .collect(),
         ),
     }
@@ -55,7 +59,9 @@ pub fn build_snapshot(contents: StoreContents, keys: &Keys) -> Snapshot {
             Ok(s) => {
                 plaintexts.insert(k.id.as_str(), s);
             }
-            Err(e) => tracing::error!(model_key_id = %k.id, model_key = %k.name, error = %e, "model key left out of the snapshot"),
+            Err(e) => {
+                tracing::error!(model_key_id = %k.id, model_key = %k.name, error = %e, "model key left out of the snapshot")
+            }
         }
     }
     let model_key_names: HashMap<&str, &str> = contents
@@ -73,22 +79,43 @@ pub fn build_snapshot(contents: StoreContents, keys: &Keys) -> Snapshot {
                 let value = plaintexts.get(mk.id.as_str())?;
                 Some(InjectedKey {
                     id: mk.id.as_str().into(),
-                    name: model_key_names.get(mk.id.as_str()).copied().unwrap_or(&mk.name).into(),
-                    header_value: Secret::new(s.auth_value_template.replacen("{key}", value.expose(), 1)),
+                    name: model_key_names
+                        .get(mk.id.as_str())
+                        .copied()
+                        .unwrap_or(&mk.name)
+                        .into(),
+                    header_value: Secret::new(s.auth_value_template.replacen(
+                        "{key}",
+                        value.expose(),
+                        1,
+                    )),
                 })
             })
             .collect();
         let name: Arc<str> = s.name.as_str().into();
-        let id = ids.entry(s.id.clone()).or_insert_with(|| s.id.as_str().into()).clone();
+        let id = ids
+            .entry(s.id.clone())
+            .or_insert_with(|| s.id.as_str().into())
+            .clone();
         services.insert(
             name.clone(),
-            Arc::new(ServiceEntry::new(id, name, s.auth_header.as_str().into(), injected)),
+            Arc::new(ServiceEntry::new(
+                id,
+                name,
+                s.auth_header.as_str().into(),
+                injected,
+            )),
         );
     }
 
-    let mut key_map: KeyMap<KeyEntry> = KeyMap::with_capacity_and_hasher(contents.consumer_keys.len(), Default::default());
+    let mut key_map: KeyMap<KeyEntry> =
+        KeyMap::with_capacity_and_hasher(contents.consumer_keys.len(), Default::default());
     for (k, hash) in &contents.consumer_keys {
-        let allowlist: Box<[IpNet]> = k.ip_allowlist.iter().filter_map(|e| crate::domain::validate::ip_entry("ip_allowlist", e).ok()).collect();
+        let allowlist: Box<[IpNet]> = k
+            .ip_allowlist
+            .iter()
+            .filter_map(|e| crate::domain::validate::ip_entry("ip_allowlist", e).ok())
+            .collect();
         key_map.insert(
             *hash,
             KeyEntry {
@@ -96,7 +123,10 @@ pub fn build_snapshot(contents: StoreContents, keys: &Keys) -> Snapshot {
                 name: k.name.as_str().into(),
                 enabled: k.status == KeyStatus::Enabled,
                 expire_time: k.expire_time,
-                consumer: k.consumer.as_ref().and_then(|c| consumers.get(&c.id).cloned()),
+                consumer: k
+                    .consumer
+                    .as_ref()
+                    .and_then(|c| consumers.get(&c.id).cloned()),
                 scope: scope_set(&k.scope, &mut ids),
                 ip_allowlist: allowlist,
             },
@@ -182,7 +212,9 @@ impl SnapshotBuilder {
             commits.borrow_and_update();
             match self.rebuild().await {
                 Ok(s) => built = Some(s.version),
-                Err(e) => tracing::error!(error = %e, "snapshot build failed; serving the last snapshot"),
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot build failed; serving the last snapshot")
+                }
             }
         }
     }

@@ -92,7 +92,12 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    pub fn new(id: Arc<str>, name: Arc<str>, auth_header: Arc<str>, keys: Vec<InjectedKey>) -> Self {
+    pub fn new(
+        id: Arc<str>,
+        name: Arc<str>,
+        auth_header: Arc<str>,
+        keys: Vec<InjectedKey>,
+    ) -> Self {
         ServiceEntry {
             id,
             name,
@@ -195,7 +200,9 @@ impl SnapshotCell {
     /// Resolves once a snapshot with at least `version` is live.
     pub async fn wait_for(&self, version: i64) {
         let mut rx = self.version.subscribe();
-        let _ = rx.wait_for(|v| *v >= version && self.inner.load().is_some()).await;
+        let _ = rx
+            .wait_for(|v| *v >= version && self.inner.load().is_some())
+            .await;
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {

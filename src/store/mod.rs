@@ -22,9 +22,9 @@ use crate::domain::input::{
 };
 use crate::domain::validate::ip_entry_display;
 use crate::domain::{
-    AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, Limits, ModelKey,
-    ModelService, Named, ResourceKind, RuleError, Scope, ScopeInput, SecretRef, Selector,
-    Timestamp, dependency_error, mask,
+    AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, Limits, ModelKey, ModelService,
+    Named, ResourceKind, RuleError, Scope, ScopeInput, SecretRef, Selector, Timestamp,
+    dependency_error, mask,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +148,12 @@ const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, aut
 impl Store {
     /// Opens (and migrates) the store at `url`. `fingerprint` is the master key's: a store
     /// created under another key refuses to open.
-    pub async fn open(url: &str, master_fingerprint: &str, keys: Keys, limits: Limits) -> Result<Store> {
+    pub async fn open(
+        url: &str,
+        master_fingerprint: &str,
+        keys: Keys,
+        limits: Limits,
+    ) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -193,9 +198,11 @@ impl Store {
         .bind(master_fingerprint)
         .execute(&pool)
         .await?;
-        let row = sqlx::query("SELECT store_id, revision, master_key_fingerprint FROM store_meta WHERE id = 1")
-            .fetch_one(&pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT store_id, revision, master_key_fingerprint FROM store_meta WHERE id = 1",
+        )
+        .fetch_one(&pool)
+        .await?;
         let store_id: String = row.try_get("store_id")?;
         let revision: i64 = row.try_get("revision")?;
         let expected: String = row.try_get("master_key_fingerprint")?;
@@ -238,9 +245,11 @@ impl Store {
     }
 
     pub async fn revision(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT revision FROM store_meta WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT revision FROM store_meta WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn close(&self) {
@@ -392,17 +401,18 @@ impl Store {
                 let mut out: Vec<Named> = Vec::with_capacity(names.len());
                 for n in names {
                     let sel = Selector::IdOrName(n.clone());
-                    let (id, name) = match self.find_id(conn, ResourceKind::ModelService, &sel).await {
-                        Ok(v) => v,
-                        Err(StoreError::Rule(RuleError::NotFound { .. })) => {
-                            return Err(RuleError::NotFound {
-                                kind: ResourceKind::ModelService,
-                                selector: format!("{n:?} (named in {field})"),
+                    let (id, name) =
+                        match self.find_id(conn, ResourceKind::ModelService, &sel).await {
+                            Ok(v) => v,
+                            Err(StoreError::Rule(RuleError::NotFound { .. })) => {
+                                return Err(RuleError::NotFound {
+                                    kind: ResourceKind::ModelService,
+                                    selector: format!("{n:?} (named in {field})"),
+                                }
+                                .into());
                             }
-                            .into());
-                        }
-                        Err(e) => return Err(e),
-                    };
+                            Err(e) => return Err(e),
+                        };
                     if !out.iter().any(|x| x.id == id) {
                         out.push(Named { id, name });
                     }
@@ -486,28 +496,46 @@ impl Store {
         if scope != Scope::Unset {
             fields.push("scope");
         }
-        self.commit(m, Audit::new("CreateConsumer", ResourceKind::Consumer, &id, &req.name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "CreateConsumer",
+                ResourceKind::Consumer,
+                &id,
+                &req.name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_consumer(&Selector::Id(id)).await
     }
 
     pub async fn get_consumer(&self, sel: &Selector) -> Result<Consumer> {
         let mut conn = self.pool.acquire().await?;
         let (id, _) = self.find_id(&mut conn, ResourceKind::Consumer, sel).await?;
-        let row = sqlx::query(&format!("SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1"))
-            .bind(&id)
-            .fetch_one(&mut *conn)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1"
+        ))
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
         self.consumer_from_row(&mut conn, &row).await
     }
 
-    async fn consumer_from_row(&self, conn: &mut sqlx::AnyConnection, row: &AnyRow) -> Result<Consumer> {
+    async fn consumer_from_row(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        row: &AnyRow,
+    ) -> Result<Consumer> {
         let id: String = row.try_get("id")?;
-        let scope = self.read_scope(conn, &id, row.try_get("scope_mode")?).await?;
-        let keys = sqlx::query("SELECT id, name FROM consumer_keys WHERE consumer_id = $1 ORDER BY name")
-            .bind(&id)
-            .fetch_all(&mut *conn)
+        let scope = self
+            .read_scope(conn, &id, row.try_get("scope_mode")?)
             .await?;
+        let keys =
+            sqlx::query("SELECT id, name FROM consumer_keys WHERE consumer_id = $1 ORDER BY name")
+                .bind(&id)
+                .fetch_all(&mut *conn)
+                .await?;
         Ok(Consumer {
             name: row.try_get("name")?,
             description: row.try_get("description")?,
@@ -532,10 +560,17 @@ impl Store {
         for row in rows.iter().take(page.size) {
             items.push(self.consumer_from_row(&mut conn, row).await?);
         }
-        Ok(paged(items, rows.len() > page.size, |c: &Consumer| c.name.clone()))
+        Ok(paged(items, rows.len() > page.size, |c: &Consumer| {
+            c.name.clone()
+        }))
     }
 
-    pub async fn update_consumer(&self, actor: &Actor, sel: &Selector, patch: ConsumerPatch) -> Result<Consumer> {
+    pub async fn update_consumer(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        patch: ConsumerPatch,
+    ) -> Result<Consumer> {
         patch.validate()?;
         let mut m = self.begin(actor).await?;
         let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::Consumer, sel).await?;
@@ -575,27 +610,42 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         // A rename changes what the keys' "consumer" shows and what the data plane reports.
-        let key_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM consumer_keys WHERE consumer_id = $1")
-            .bind(&id)
-            .fetch_all(&mut *m.tx)
-            .await?;
-        m.changed.extend(key_ids.into_iter().map(|k| (ResourceKind::ConsumerKey, k)));
+        let key_ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM consumer_keys WHERE consumer_id = $1")
+                .bind(&id)
+                .fetch_all(&mut *m.tx)
+                .await?;
+        m.changed
+            .extend(key_ids.into_iter().map(|k| (ResourceKind::ConsumerKey, k)));
         let name = patch.name.clone().unwrap_or(old_name);
-        self.commit(m, Audit::new("UpdateConsumer", ResourceKind::Consumer, &id, &name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UpdateConsumer",
+                ResourceKind::Consumer,
+                &id,
+                &name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_consumer(&Selector::Id(id)).await
     }
 
     pub async fn delete_consumer(&self, actor: &Actor, sel: &Selector) -> Result<()> {
         let mut m = self.begin(actor).await?;
         let (id, name) = self.find_id(&mut m.tx, ResourceKind::Consumer, sel).await?;
-        let keys: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM consumer_keys WHERE consumer_id = $1 ORDER BY name")
-                .bind(&id)
-                .fetch_all(&mut *m.tx)
-                .await?;
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM consumer_keys WHERE consumer_id = $1 ORDER BY name",
+        )
+        .bind(&id)
+        .fetch_all(&mut *m.tx)
+        .await?;
         if !keys.is_empty() {
-            let deps: Vec<_> = keys.into_iter().map(|k| (ResourceKind::ConsumerKey, k)).collect();
+            let deps: Vec<_> = keys
+                .into_iter()
+                .map(|k| (ResourceKind::ConsumerKey, k))
+                .collect();
             return Err(dependency_error(ResourceKind::Consumer, &name, &deps).into());
         }
         sqlx::query("DELETE FROM scope_entries WHERE owner_id = $1")
@@ -606,14 +656,21 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
-        self.commit(m, Audit::new("DeleteConsumer", ResourceKind::Consumer, &id, &name, &[]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new("DeleteConsumer", ResourceKind::Consumer, &id, &name, &[]),
+        )
+        .await?;
         Ok(())
     }
 
     // ------------------------------------------------------------------ model services
 
-    pub async fn create_model_service(&self, actor: &Actor, mut req: NewModelService) -> Result<ModelService> {
+    pub async fn create_model_service(
+        &self,
+        actor: &Actor,
+        mut req: NewModelService,
+    ) -> Result<ModelService> {
         req.normalize()?;
         let mut m = self.begin(actor).await?;
         self.ensure_unique_name(&mut m.tx, ResourceKind::ModelService, &req.name, None)
@@ -641,22 +698,39 @@ impl Store {
             "auth_value_template",
             "models",
         ];
-        self.commit(m, Audit::new("CreateModelService", ResourceKind::ModelService, &id, &req.name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "CreateModelService",
+                ResourceKind::ModelService,
+                &id,
+                &req.name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_model_service(&Selector::Id(id)).await
     }
 
     pub async fn get_model_service(&self, sel: &Selector) -> Result<ModelService> {
         let mut conn = self.pool.acquire().await?;
-        let (id, _) = self.find_id(&mut conn, ResourceKind::ModelService, sel).await?;
-        let row = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM model_services WHERE id = $1"))
-            .bind(&id)
-            .fetch_one(&mut *conn)
+        let (id, _) = self
+            .find_id(&mut conn, ResourceKind::ModelService, sel)
             .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {SERVICE_COLUMNS} FROM model_services WHERE id = $1"
+        ))
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
         self.service_from_row(&mut conn, &row).await
     }
 
-    async fn service_from_row(&self, conn: &mut sqlx::AnyConnection, row: &AnyRow) -> Result<ModelService> {
+    async fn service_from_row(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        row: &AnyRow,
+    ) -> Result<ModelService> {
         let id: String = row.try_get("id")?;
         let keys = sqlx::query(
             "SELECT k.id, k.name FROM model_key_bindings b JOIN model_keys k ON k.id = b.model_key_id \
@@ -683,7 +757,9 @@ impl Store {
         for row in rows.iter().take(page.size) {
             items.push(self.service_from_row(&mut conn, row).await?);
         }
-        Ok(paged(items, rows.len() > page.size, |s: &ModelService| s.name.clone()))
+        Ok(paged(items, rows.len() > page.size, |s: &ModelService| {
+            s.name.clone()
+        }))
     }
 
     pub async fn update_model_service(
@@ -694,7 +770,9 @@ impl Store {
     ) -> Result<ModelService> {
         patch.validate()?;
         let mut m = self.begin(actor).await?;
-        let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::ModelService, sel).await?;
+        let (id, old_name) = self
+            .find_id(&mut m.tx, ResourceKind::ModelService, sel)
+            .await?;
         let mut fields = Vec::new();
         if let Some(name) = &patch.name {
             self.ensure_unique_name(&mut m.tx, ResourceKind::ModelService, name, Some(&id))
@@ -709,11 +787,13 @@ impl Store {
         ];
         for (col, val) in text_fields {
             if let Some(v) = val {
-                sqlx::query(&format!("UPDATE model_services SET {col} = $1 WHERE id = $2"))
-                    .bind(v)
-                    .bind(&id)
-                    .execute(&mut *m.tx)
-                    .await?;
+                sqlx::query(&format!(
+                    "UPDATE model_services SET {col} = $1 WHERE id = $2"
+                ))
+                .bind(v)
+                .bind(&id)
+                .execute(&mut *m.tx)
+                .await?;
                 fields.push(col);
             }
         }
@@ -731,14 +811,25 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         let name = patch.name.clone().unwrap_or(old_name);
-        self.commit(m, Audit::new("UpdateModelService", ResourceKind::ModelService, &id, &name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UpdateModelService",
+                ResourceKind::ModelService,
+                &id,
+                &name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_model_service(&Selector::Id(id)).await
     }
 
     pub async fn delete_model_service(&self, actor: &Actor, sel: &Selector) -> Result<()> {
         let mut m = self.begin(actor).await?;
-        let (id, name) = self.find_id(&mut m.tx, ResourceKind::ModelService, sel).await?;
+        let (id, name) = self
+            .find_id(&mut m.tx, ResourceKind::ModelService, sel)
+            .await?;
         let deps = self.service_references(&mut m.tx, &id).await?;
         if !deps.is_empty() {
             let deps: Vec<_> = deps.into_iter().map(|(k, n)| (k, n.name)).collect();
@@ -748,8 +839,17 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
-        self.commit(m, Audit::new("DeleteModelService", ResourceKind::ModelService, &id, &name, &[]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "DeleteModelService",
+                ResourceKind::ModelService,
+                &id,
+                &name,
+                &[],
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -795,7 +895,11 @@ impl Store {
 
     // ------------------------------------------------------------------ consumer keys
 
-    pub async fn create_consumer_key(&self, actor: &Actor, req: NewConsumerKey) -> Result<CreatedConsumerKey> {
+    pub async fn create_consumer_key(
+        &self,
+        actor: &Actor,
+        req: NewConsumerKey,
+    ) -> Result<CreatedConsumerKey> {
         let allowlist = req.validate(&self.limits, Timestamp::now())?;
         let value = match &req.source {
             KeySource::Auto => crypto::generate_consumer_key(),
@@ -811,10 +915,11 @@ impl Store {
         let mut m = self.begin(actor).await?;
         self.ensure_unique_name(&mut m.tx, ResourceKind::ConsumerKey, &req.name, None)
             .await?;
-        let dup: Option<String> = sqlx::query_scalar("SELECT name FROM consumer_keys WHERE key_hash = $1")
-            .bind(hash.to_vec())
-            .fetch_optional(&mut *m.tx)
-            .await?;
+        let dup: Option<String> =
+            sqlx::query_scalar("SELECT name FROM consumer_keys WHERE key_hash = $1")
+                .bind(hash.to_vec())
+                .fetch_optional(&mut *m.tx)
+                .await?;
         if dup.is_some() {
             // Never say which key holds the value: that would confirm a guessed key.
             return Err(RuleError::invalid(
@@ -825,8 +930,12 @@ impl Store {
         }
         let consumer = match &req.consumer {
             Some(c) => Some(
-                self.find_id(&mut m.tx, ResourceKind::Consumer, &Selector::IdOrName(c.clone()))
-                    .await?,
+                self.find_id(
+                    &mut m.tx,
+                    ResourceKind::Consumer,
+                    &Selector::IdOrName(c.clone()),
+                )
+                .await?,
             ),
             None => None,
         };
@@ -872,8 +981,17 @@ impl Store {
         if let Some((cid, _)) = &consumer {
             m.changed.push((ResourceKind::Consumer, cid.clone()));
         }
-        self.commit(m, Audit::new("CreateConsumerKey", ResourceKind::ConsumerKey, &id, &req.name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "CreateConsumerKey",
+                ResourceKind::ConsumerKey,
+                &id,
+                &req.name,
+                &fields,
+            ),
+        )
+        .await?;
         let key = self.get_consumer_key(&Selector::Id(id)).await?;
         let shown = match req.source {
             KeySource::Custom(_) => None,
@@ -882,11 +1000,17 @@ impl Store {
         Ok(CreatedConsumerKey { key, value: shown })
     }
 
-    async fn check_key_quota(&self, conn: &mut sqlx::AnyConnection, consumer_id: &str, consumer_name: &str) -> Result<()> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumer_keys WHERE consumer_id = $1")
-            .bind(consumer_id)
-            .fetch_one(&mut *conn)
-            .await?;
+    async fn check_key_quota(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        consumer_id: &str,
+        consumer_name: &str,
+    ) -> Result<()> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM consumer_keys WHERE consumer_id = $1")
+                .bind(consumer_id)
+                .fetch_one(&mut *conn)
+                .await?;
         if n as usize >= self.limits.max_keys_per_consumer {
             return Err(RuleError::ResourceExhausted(format!(
                 "consumer {consumer_name:?} already has {n} consumer keys; at most {} are allowed",
@@ -899,7 +1023,9 @@ impl Store {
 
     pub async fn get_consumer_key(&self, sel: &Selector) -> Result<ConsumerKey> {
         let mut conn = self.pool.acquire().await?;
-        let (id, _) = self.find_id(&mut conn, ResourceKind::ConsumerKey, sel).await?;
+        let (id, _) = self
+            .find_id(&mut conn, ResourceKind::ConsumerKey, sel)
+            .await?;
         let row = sqlx::query(&format!(
             "SELECT {CONSUMER_KEY_COLUMNS} FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1"
         ))
@@ -907,17 +1033,27 @@ impl Store {
         .fetch_one(&mut *conn)
         .await?;
         let mut key = consumer_key_base(&row)?;
-        key.scope = self.read_scope(&mut conn, &key.id, row.try_get("scope_mode")?).await?;
+        key.scope = self
+            .read_scope(&mut conn, &key.id, row.try_get("scope_mode")?)
+            .await?;
         Ok(key)
     }
 
-    pub async fn list_consumer_keys(&self, filter: &ConsumerKeyFilter, page: &PageRequest) -> Result<Page<ConsumerKey>> {
+    pub async fn list_consumer_keys(
+        &self,
+        filter: &ConsumerKeyFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ConsumerKey>> {
         let mut conn = self.pool.acquire().await?;
         let consumer_id = match &filter.consumer {
             Some(c) => Some(
-                self.find_id(&mut conn, ResourceKind::Consumer, &Selector::IdOrName(c.clone()))
-                    .await?
-                    .0,
+                self.find_id(
+                    &mut conn,
+                    ResourceKind::Consumer,
+                    &Selector::IdOrName(c.clone()),
+                )
+                .await?
+                .0,
             ),
             None => None,
         };
@@ -935,16 +1071,27 @@ impl Store {
         let mut items = Vec::with_capacity(rows.len());
         for row in rows.iter().take(page.size) {
             let mut key = consumer_key_base(row)?;
-            key.scope = self.read_scope(&mut conn, &key.id, row.try_get("scope_mode")?).await?;
+            key.scope = self
+                .read_scope(&mut conn, &key.id, row.try_get("scope_mode")?)
+                .await?;
             items.push(key);
         }
-        Ok(paged(items, rows.len() > page.size, |k: &ConsumerKey| k.name.clone()))
+        Ok(paged(items, rows.len() > page.size, |k: &ConsumerKey| {
+            k.name.clone()
+        }))
     }
 
-    pub async fn update_consumer_key(&self, actor: &Actor, sel: &Selector, patch: ConsumerKeyPatch) -> Result<ConsumerKey> {
+    pub async fn update_consumer_key(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        patch: ConsumerKeyPatch,
+    ) -> Result<ConsumerKey> {
         let allowlist = patch.validate(&self.limits, Timestamp::now())?;
         let mut m = self.begin(actor).await?;
-        let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::ConsumerKey, sel).await?;
+        let (id, old_name) = self
+            .find_id(&mut m.tx, ResourceKind::ConsumerKey, sel)
+            .await?;
         let mut fields = Vec::new();
         if let Some(name) = &patch.name {
             self.ensure_unique_name(&mut m.tx, ResourceKind::ConsumerKey, name, Some(&id))
@@ -965,7 +1112,9 @@ impl Store {
             fields.push("description");
         }
         if let Some(s) = &patch.scope {
-            let scope = self.resolve_scope(&mut m.tx, "consumer_key.scope", s).await?;
+            let scope = self
+                .resolve_scope(&mut m.tx, "consumer_key.scope", s)
+                .await?;
             sqlx::query("UPDATE consumer_keys SET scope_mode = $1 WHERE id = $2")
                 .bind(scope.mode())
                 .bind(&id)
@@ -997,24 +1146,51 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         let name = patch.name.clone().unwrap_or(old_name);
-        self.commit(m, Audit::new("UpdateConsumerKey", ResourceKind::ConsumerKey, &id, &name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UpdateConsumerKey",
+                ResourceKind::ConsumerKey,
+                &id,
+                &name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_consumer_key(&Selector::Id(id)).await
     }
 
-    pub async fn set_consumer_key_status(&self, actor: &Actor, sel: &Selector, status: KeyStatus) -> Result<ConsumerKey> {
+    pub async fn set_consumer_key_status(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        status: KeyStatus,
+    ) -> Result<ConsumerKey> {
         let id = self
             .set_status(actor, ResourceKind::ConsumerKey, sel, status)
             .await?;
         self.get_consumer_key(&Selector::Id(id)).await
     }
 
-    pub async fn set_model_key_status(&self, actor: &Actor, sel: &Selector, status: KeyStatus) -> Result<ModelKey> {
-        let id = self.set_status(actor, ResourceKind::ModelKey, sel, status).await?;
+    pub async fn set_model_key_status(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        status: KeyStatus,
+    ) -> Result<ModelKey> {
+        let id = self
+            .set_status(actor, ResourceKind::ModelKey, sel, status)
+            .await?;
         self.get_model_key(&Selector::Id(id)).await
     }
 
-    async fn set_status(&self, actor: &Actor, kind: ResourceKind, sel: &Selector, status: KeyStatus) -> Result<String> {
+    async fn set_status(
+        &self,
+        actor: &Actor,
+        kind: ResourceKind,
+        sel: &Selector,
+        status: KeyStatus,
+    ) -> Result<String> {
         let table = table_of(kind);
         let mut m = self.begin(actor).await?;
         let (id, name) = self.find_id(&mut m.tx, kind, sel).await?;
@@ -1038,24 +1214,39 @@ impl Store {
             ))
             .into());
         }
-        sqlx::query(&format!("UPDATE {table} SET status = $1, update_time = $2 WHERE id = $3"))
-            .bind(status.as_i64())
-            .bind(m.now.0)
-            .bind(&id)
-            .execute(&mut *m.tx)
-            .await?;
+        sqlx::query(&format!(
+            "UPDATE {table} SET status = $1, update_time = $2 WHERE id = $3"
+        ))
+        .bind(status.as_i64())
+        .bind(m.now.0)
+        .bind(&id)
+        .execute(&mut *m.tx)
+        .await?;
         self.commit(m, Audit::new(action, kind, &id, &name, &["status"]))
             .await?;
         Ok(id)
     }
 
-    pub async fn bind_consumer_key(&self, actor: &Actor, key: &str, consumer: &str) -> Result<ConsumerKey> {
+    pub async fn bind_consumer_key(
+        &self,
+        actor: &Actor,
+        key: &str,
+        consumer: &str,
+    ) -> Result<ConsumerKey> {
         let mut m = self.begin(actor).await?;
         let (kid, kname) = self
-            .find_id(&mut m.tx, ResourceKind::ConsumerKey, &Selector::IdOrName(key.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ConsumerKey,
+                &Selector::IdOrName(key.to_string()),
+            )
             .await?;
         let (cid, cname) = self
-            .find_id(&mut m.tx, ResourceKind::Consumer, &Selector::IdOrName(consumer.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::Consumer,
+                &Selector::IdOrName(consumer.to_string()),
+            )
             .await?;
         let bound: Option<String> = sqlx::query_scalar(
             "SELECT c.name FROM consumer_keys k JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
@@ -1077,15 +1268,28 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         m.changed.push((ResourceKind::Consumer, cid));
-        self.commit(m, Audit::new("BindConsumerKey", ResourceKind::ConsumerKey, &kid, &kname, &["consumer"]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "BindConsumerKey",
+                ResourceKind::ConsumerKey,
+                &kid,
+                &kname,
+                &["consumer"],
+            ),
+        )
+        .await?;
         self.get_consumer_key(&Selector::Id(kid)).await
     }
 
     pub async fn unbind_consumer_key(&self, actor: &Actor, key: &str) -> Result<ConsumerKey> {
         let mut m = self.begin(actor).await?;
         let (kid, kname) = self
-            .find_id(&mut m.tx, ResourceKind::ConsumerKey, &Selector::IdOrName(key.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ConsumerKey,
+                &Selector::IdOrName(key.to_string()),
+            )
             .await?;
         let bound: Option<Option<String>> =
             sqlx::query_scalar("SELECT consumer_id FROM consumer_keys WHERE id = $1")
@@ -1104,14 +1308,25 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         m.changed.push((ResourceKind::Consumer, cid));
-        self.commit(m, Audit::new("UnbindConsumerKey", ResourceKind::ConsumerKey, &kid, &kname, &["consumer"]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UnbindConsumerKey",
+                ResourceKind::ConsumerKey,
+                &kid,
+                &kname,
+                &["consumer"],
+            ),
+        )
+        .await?;
         self.get_consumer_key(&Selector::Id(kid)).await
     }
 
     pub async fn delete_consumer_key(&self, actor: &Actor, sel: &Selector) -> Result<()> {
         let mut m = self.begin(actor).await?;
-        let (id, name) = self.find_id(&mut m.tx, ResourceKind::ConsumerKey, sel).await?;
+        let (id, name) = self
+            .find_id(&mut m.tx, ResourceKind::ConsumerKey, sel)
+            .await?;
         let row = sqlx::query(
             "SELECT k.status, c.name AS consumer_name FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
         )
@@ -1144,8 +1359,17 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
-        self.commit(m, Audit::new("DeleteConsumerKey", ResourceKind::ConsumerKey, &id, &name, &[]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "DeleteConsumerKey",
+                ResourceKind::ConsumerKey,
+                &id,
+                &name,
+                &[],
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -1169,7 +1393,11 @@ impl Store {
         let mut services = Vec::new();
         for s in &req.model_services {
             let found = self
-                .find_id(&mut m.tx, ResourceKind::ModelService, &Selector::IdOrName(s.clone()))
+                .find_id(
+                    &mut m.tx,
+                    ResourceKind::ModelService,
+                    &Selector::IdOrName(s.clone()),
+                )
                 .await?;
             if !services.contains(&found) {
                 services.push(found);
@@ -1198,12 +1426,27 @@ impl Store {
         if !services.is_empty() {
             fields.push("model_services");
         }
-        self.commit(m, Audit::new("CreateModelKey", ResourceKind::ModelKey, &id, &req.name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "CreateModelKey",
+                ResourceKind::ModelKey,
+                &id,
+                &req.name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_model_key(&Selector::Id(id)).await
     }
 
-    async fn insert_binding(&self, conn: &mut sqlx::AnyConnection, key_id: &str, service_id: &str, now: Timestamp) -> Result<()> {
+    async fn insert_binding(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        key_id: &str,
+        service_id: &str,
+        now: Timestamp,
+    ) -> Result<()> {
         sqlx::query("INSERT INTO model_key_bindings (model_key_id, model_service_id, create_time) VALUES ($1, $2, $3)")
             .bind(key_id)
             .bind(service_id)
@@ -1216,14 +1459,20 @@ impl Store {
     pub async fn get_model_key(&self, sel: &Selector) -> Result<ModelKey> {
         let mut conn = self.pool.acquire().await?;
         let (id, _) = self.find_id(&mut conn, ResourceKind::ModelKey, sel).await?;
-        let row = sqlx::query(&format!("SELECT {MODEL_KEY_COLUMNS} FROM model_keys WHERE id = $1"))
-            .bind(&id)
-            .fetch_one(&mut *conn)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {MODEL_KEY_COLUMNS} FROM model_keys WHERE id = $1"
+        ))
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
         self.model_key_from_row(&mut conn, &row).await
     }
 
-    async fn model_key_from_row(&self, conn: &mut sqlx::AnyConnection, row: &AnyRow) -> Result<ModelKey> {
+    async fn model_key_from_row(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        row: &AnyRow,
+    ) -> Result<ModelKey> {
         let mut key = model_key_base(row)?;
         let services = sqlx::query(
             "SELECT s.id, s.name FROM model_key_bindings b JOIN model_services s ON s.id = b.model_service_id \
@@ -1236,13 +1485,21 @@ impl Store {
         Ok(key)
     }
 
-    pub async fn list_model_keys(&self, filter: &ModelKeyFilter, page: &PageRequest) -> Result<Page<ModelKey>> {
+    pub async fn list_model_keys(
+        &self,
+        filter: &ModelKeyFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ModelKey>> {
         let mut conn = self.pool.acquire().await?;
         let service_id = match &filter.model_service {
             Some(s) => Some(
-                self.find_id(&mut conn, ResourceKind::ModelService, &Selector::IdOrName(s.clone()))
-                    .await?
-                    .0,
+                self.find_id(
+                    &mut conn,
+                    ResourceKind::ModelService,
+                    &Selector::IdOrName(s.clone()),
+                )
+                .await?
+                .0,
             ),
             None => None,
         };
@@ -1261,10 +1518,17 @@ impl Store {
         for row in rows.iter().take(page.size) {
             items.push(self.model_key_from_row(&mut conn, row).await?);
         }
-        Ok(paged(items, rows.len() > page.size, |k: &ModelKey| k.name.clone()))
+        Ok(paged(items, rows.len() > page.size, |k: &ModelKey| {
+            k.name.clone()
+        }))
     }
 
-    pub async fn update_model_key(&self, actor: &Actor, sel: &Selector, patch: ModelKeyPatch) -> Result<ModelKey> {
+    pub async fn update_model_key(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        patch: ModelKeyPatch,
+    ) -> Result<ModelKey> {
         patch.validate()?;
         let mut m = self.begin(actor).await?;
         let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::ModelKey, sel).await?;
@@ -1293,18 +1557,40 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         let name = patch.name.clone().unwrap_or(old_name);
-        self.commit(m, Audit::new("UpdateModelKey", ResourceKind::ModelKey, &id, &name, &fields))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UpdateModelKey",
+                ResourceKind::ModelKey,
+                &id,
+                &name,
+                &fields,
+            ),
+        )
+        .await?;
         self.get_model_key(&Selector::Id(id)).await
     }
 
-    pub async fn bind_model_key(&self, actor: &Actor, key: &str, service: &str) -> Result<ModelKey> {
+    pub async fn bind_model_key(
+        &self,
+        actor: &Actor,
+        key: &str,
+        service: &str,
+    ) -> Result<ModelKey> {
         let mut m = self.begin(actor).await?;
         let (kid, kname) = self
-            .find_id(&mut m.tx, ResourceKind::ModelKey, &Selector::IdOrName(key.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ModelKey,
+                &Selector::IdOrName(key.to_string()),
+            )
             .await?;
         let (sid, sname) = self
-            .find_id(&mut m.tx, ResourceKind::ModelService, &Selector::IdOrName(service.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ModelService,
+                &Selector::IdOrName(service.to_string()),
+            )
             .await?;
         if self.is_bound(&mut m.tx, &kid, &sid).await? {
             return Err(RuleError::FailedPrecondition(format!(
@@ -1314,18 +1600,40 @@ impl Store {
         }
         self.insert_binding(&mut m.tx, &kid, &sid, m.now).await?;
         m.changed.push((ResourceKind::ModelService, sid));
-        self.commit(m, Audit::new("BindModelKey", ResourceKind::ModelKey, &kid, &kname, &["model_services"]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "BindModelKey",
+                ResourceKind::ModelKey,
+                &kid,
+                &kname,
+                &["model_services"],
+            ),
+        )
+        .await?;
         self.get_model_key(&Selector::Id(kid)).await
     }
 
-    pub async fn unbind_model_key(&self, actor: &Actor, key: &str, service: &str) -> Result<ModelKey> {
+    pub async fn unbind_model_key(
+        &self,
+        actor: &Actor,
+        key: &str,
+        service: &str,
+    ) -> Result<ModelKey> {
         let mut m = self.begin(actor).await?;
         let (kid, kname) = self
-            .find_id(&mut m.tx, ResourceKind::ModelKey, &Selector::IdOrName(key.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ModelKey,
+                &Selector::IdOrName(key.to_string()),
+            )
             .await?;
         let (sid, sname) = self
-            .find_id(&mut m.tx, ResourceKind::ModelService, &Selector::IdOrName(service.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::ModelService,
+                &Selector::IdOrName(service.to_string()),
+            )
             .await?;
         if !self.is_bound(&mut m.tx, &kid, &sid).await? {
             return Err(RuleError::FailedPrecondition(format!(
@@ -1333,14 +1641,25 @@ impl Store {
             ))
             .into());
         }
-        sqlx::query("DELETE FROM model_key_bindings WHERE model_key_id = $1 AND model_service_id = $2")
-            .bind(&kid)
-            .bind(&sid)
-            .execute(&mut *m.tx)
-            .await?;
+        sqlx::query(
+            "DELETE FROM model_key_bindings WHERE model_key_id = $1 AND model_service_id = $2",
+        )
+        .bind(&kid)
+        .bind(&sid)
+        .execute(&mut *m.tx)
+        .await?;
         m.changed.push((ResourceKind::ModelService, sid));
-        self.commit(m, Audit::new("UnbindModelKey", ResourceKind::ModelKey, &kid, &kname, &["model_services"]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new(
+                "UnbindModelKey",
+                ResourceKind::ModelKey,
+                &kid,
+                &kname,
+                &["model_services"],
+            ),
+        )
+        .await?;
         self.get_model_key(&Selector::Id(kid)).await
     }
 
@@ -1394,8 +1713,11 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
-        self.commit(m, Audit::new("DeleteModelKey", ResourceKind::ModelKey, &id, &name, &[]))
-            .await?;
+        self.commit(
+            m,
+            Audit::new("DeleteModelKey", ResourceKind::ModelKey, &id, &name, &[]),
+        )
+        .await?;
         Ok(())
     }
 
@@ -1403,12 +1725,20 @@ impl Store {
 
     /// What references a resource: a key's consumer or services, a consumer's keys, a
     /// service's keys and the scopes naming it. Also the key's secret reference, if any.
-    pub async fn references(&self, kind: ResourceKind, sel: &Selector) -> Result<(Vec<(ResourceKind, Named)>, Option<SecretRef>)> {
+    pub async fn references(
+        &self,
+        kind: ResourceKind,
+        sel: &Selector,
+    ) -> Result<(Vec<(ResourceKind, Named)>, Option<SecretRef>)> {
         let mut conn = self.pool.acquire().await?;
         Ok(match kind {
             ResourceKind::ConsumerKey => {
                 let k = self.get_consumer_key(sel).await?;
-                let refs = k.consumer.into_iter().map(|c| (ResourceKind::Consumer, c)).collect();
+                let refs = k
+                    .consumer
+                    .into_iter()
+                    .map(|c| (ResourceKind::Consumer, c))
+                    .collect();
                 (refs, k.secret_ref)
             }
             ResourceKind::ModelKey => {
@@ -1436,11 +1766,15 @@ impl Store {
         })
     }
 
-    pub async fn list_audit_events(&self, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditEvent>> {
+    pub async fn list_audit_events(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AuditEvent>> {
         let before: i64 = match &page.after {
-            Some(t) => t
-                .parse()
-                .map_err(|_| RuleError::invalid("page_token", "is not a token from a previous page"))?,
+            Some(t) => t.parse().map_err(|_| {
+                RuleError::invalid("page_token", "is not a token from a previous page")
+            })?,
             None => i64::MAX,
         };
         let rows = sqlx::query(
@@ -1564,9 +1898,11 @@ impl Store {
         }
 
         let mut model_keys = Vec::new();
-        for r in sqlx::query(&format!("SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"))
-            .fetch_all(&mut *tx)
-            .await?
+        for r in sqlx::query(&format!(
+            "SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
         {
             let mut k = model_key_base(&r)?;
             k.model_services = bindings.remove(&k.id).unwrap_or_default();
@@ -1619,7 +1955,13 @@ struct Audit<'a> {
 }
 
 impl<'a> Audit<'a> {
-    fn new(action: &'a str, kind: ResourceKind, id: &'a str, name: &'a str, fields: &'a [&'a str]) -> Self {
+    fn new(
+        action: &'a str,
+        kind: ResourceKind,
+        id: &'a str,
+        name: &'a str,
+        fields: &'a [&'a str],
+    ) -> Self {
         Audit {
             action,
             kind,
@@ -1664,7 +2006,10 @@ fn decode_list(s: &str) -> Result<Vec<String>> {
 }
 
 fn encode_allowlist(list: &[IpNet]) -> String {
-    list.iter().map(ip_entry_display).collect::<Vec<_>>().join(",")
+    list.iter()
+        .map(ip_entry_display)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn secret_ref_of(r: &AnyRow) -> Result<Option<SecretRef>> {
@@ -1672,7 +2017,9 @@ fn secret_ref_of(r: &AnyRow) -> Result<Option<SecretRef>> {
     Ok(match provider {
         Some(provider) => Some(SecretRef {
             provider,
-            name: r.try_get::<Option<String>, _>("secret_name")?.unwrap_or_default(),
+            name: r
+                .try_get::<Option<String>, _>("secret_name")?
+                .unwrap_or_default(),
             version: r
                 .try_get::<Option<String>, _>("secret_version")?
                 .unwrap_or_default(),
@@ -1682,7 +2029,8 @@ fn secret_ref_of(r: &AnyRow) -> Result<Option<SecretRef>> {
 }
 
 fn status_of(r: &AnyRow) -> Result<KeyStatus> {
-    KeyStatus::from_i64(r.try_get("status")?).ok_or_else(|| StoreError::Corrupt("key status".into()))
+    KeyStatus::from_i64(r.try_get("status")?)
+        .ok_or_else(|| StoreError::Corrupt("key status".into()))
 }
 
 fn method_of(r: &AnyRow) -> Result<GenerationMethod> {
@@ -1732,7 +2080,9 @@ fn consumer_key_base(r: &AnyRow) -> Result<ConsumerKey> {
         generation_method: method_of(r)?,
         masked_value: r.try_get("masked_value")?,
         secret_ref: secret_ref_of(r)?,
-        consumer: consumer_id.zip(consumer_name).map(|(id, name)| Named { id, name }),
+        consumer: consumer_id
+            .zip(consumer_name)
+            .map(|(id, name)| Named { id, name }),
         scope: Scope::Unset,
         ip_allowlist: allowlist
             .split(',')
@@ -1742,6 +2092,8 @@ fn consumer_key_base(r: &AnyRow) -> Result<ConsumerKey> {
         expire_time: r.try_get::<Option<i64>, _>("expire_time")?.map(Timestamp),
         create_time: Timestamp(r.try_get("create_time")?),
         update_time: Timestamp(r.try_get("update_time")?),
-        last_used_time: r.try_get::<Option<i64>, _>("last_used_time")?.map(Timestamp),
+        last_used_time: r
+            .try_get::<Option<i64>, _>("last_used_time")?
+            .map(Timestamp),
     })
 }

@@ -77,9 +77,17 @@ impl Keygate {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--authz-addr")
-            .arg(opts.authz_addr.map(|a| a.to_string()).unwrap_or("127.0.0.1:0".into()))
+            .arg(
+                opts.authz_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or("127.0.0.1:0".into()),
+            )
             .arg("--admin-addr")
-            .arg(opts.admin_addr.map(|a| a.to_string()).unwrap_or("127.0.0.1:0".into()))
+            .arg(
+                opts.admin_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or("127.0.0.1:0".into()),
+            )
             .args(&opts.args)
             .env("KEYGATE_LOG", "debug")
             .env_remove("KEYGATE_ADMIN_TOKEN")
@@ -232,7 +240,9 @@ pub fn test_tool(name: &str, env_var: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env_var) {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin").join(name);
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-venv/bin")
+        .join(name);
     assert!(
         venv.exists(),
         "{name} not found at {} and {env_var} is not set: run ./scripts/test (it installs the test tools)",
@@ -260,7 +270,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -1,0 +1,201 @@
+//! The real grpcurl (1.8.6, reflection v1alpha) against a real keygate: service listing by
+//! reflection, and the README's operator walkthrough run verbatim.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Keygate, Options, grpcurl_bin};
+use keygate::proto::admin::v1::GetConsumerKeyRequest;
+use keygate::proto::admin::v1::get_consumer_key_request::Selector;
+
+/// The shell block between the walkthrough markers in README.md.
+fn readme_walkthrough() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- walkthrough:start -->")
+        .expect("walkthrough start marker");
+    let end = readme
+        .find("<!-- walkthrough:end -->")
+        .expect("walkthrough end marker");
+    let block = &readme[start..end];
+    let body_start = block.find("```sh\n").expect("sh block") + "```sh\n".len();
+    let body_end = block[body_start..].find("```").expect("end of sh block") + body_start;
+    block[body_start..body_end].to_string()
+}
+
+async fn keygate_in(dir: &std::path::Path) -> Keygate {
+    Keygate::start_with(Options {
+        data_dir: Some(dir.join("keygate-data")),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Runs a script the way an operator would: bash, grpcurl on PATH, in the directory that
+/// holds `keygate-data`. The README's admin address is the default port; the test's keygate
+/// listens on an ephemeral one, so that address is the only thing substituted.
+fn run_script(
+    dir: &std::path::Path,
+    script: &str,
+    admin: std::net::SocketAddr,
+) -> (bool, String, String) {
+    let script = script.replace("127.0.0.1:9002", &admin.to_string());
+    let grpcurl_dir = grpcurl_bin().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        grpcurl_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir)
+        .env("PATH", path)
+        .output()
+        .expect("run bash");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn grpcurl_lists_every_admin_service_by_reflection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = keygate_in(tmp.path()).await;
+    let out = Command::new(grpcurl_bin())
+        .args(["-plaintext", &kg.admin_addr.to_string(), "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for svc in [
+        "keygate.admin.v1.KeyAdmin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            listed.lines().any(|l| l.trim() == svc),
+            "{svc} missing from:\n{listed}"
+        );
+    }
+    // Methods are described too (grpcurl needs them to build requests).
+    let out = Command::new(grpcurl_bin())
+        .args([
+            "-plaintext",
+            &kg.admin_addr.to_string(),
+            "describe",
+            "keygate.admin.v1.KeyAdmin",
+        ])
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&out.stdout);
+    assert!(described.contains("rpc DisableConsumerKey"), "{described}");
+
+    // Health on the ext_authz port answers through reflection too, without a token.
+    let out = Command::new(grpcurl_bin())
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"service":"envoy.service.auth.v3.Authorization"}"#,
+            &kg.authz_addr.to_string(),
+            "grpc.health.v1.Health/Check",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+}
+
+#[tokio::test]
+async fn readme_walkthrough_runs_verbatim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = keygate_in(tmp.path()).await;
+    let script = readme_walkthrough();
+    assert!(script.contains("CreateConsumerKey") && script.contains("DeleteConsumerKey"));
+    let (ok, stdout, stderr) = run_script(tmp.path(), &script, kg.admin_addr);
+    assert!(
+        ok,
+        "walkthrough failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+
+    // The create response showed the generated value once; the Get afterwards only the mask.
+    let value = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"value\": \""))
+        .map(|v| v.trim_end_matches(['"', ',']).to_string())
+        .expect("CreateConsumerKey printed the value");
+    assert!(value.starts_with("kg-"), "{value}");
+    assert_eq!(
+        stdout.matches(&value).count(),
+        1,
+        "the value is shown exactly once"
+    );
+    let mask = format!("{}***{}", &value[..5], &value[value.len() - 4..]);
+    assert!(
+        stdout.contains(&mask),
+        "GetConsumerKey shows the mask {mask}"
+    );
+    assert!(stdout.contains("\"status\": \"DISABLED\""), "{stdout}");
+    assert!(
+        stdout.contains("\"action\": \"DeleteConsumerKey\""),
+        "{stdout}"
+    );
+
+    // The walkthrough's last lifecycle step deleted the key.
+    let mut admin = kg.admin().await;
+    let err = admin
+        .get_consumer_key(GetConsumerKeyRequest {
+            selector: Some(Selector::Name("billing-prod".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // The model key's plaintext never comes back from the API, and no secret reached the logs.
+    assert!(!stdout.contains("sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY"));
+    let logs = kg.logs();
+    assert!(!logs.contains(&value));
+    assert!(!logs.contains("sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY"));
+    assert!(!logs.contains(&kg.admin_token()));
+}
+
+#[tokio::test]
+async fn grpcurl_shows_field_violations_and_missing_token_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = keygate_in(tmp.path()).await;
+    let (ok, _stdout, stderr) = run_script(
+        tmp.path(),
+        r#"TOKEN=$(cat keygate-data/admin.token)
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"name":"1-bad"}' 127.0.0.1:9002 keygate.admin.v1.KeyAdmin/CreateConsumer"#,
+        kg.admin_addr,
+    );
+    assert!(!ok);
+    assert!(stderr.contains("InvalidArgument"), "{stderr}");
+    assert!(
+        stderr.contains("google.rpc.BadRequest") && stderr.contains("\"field\":\"name\""),
+        "{stderr}"
+    );
+
+    let (ok, _stdout, stderr) = run_script(
+        tmp.path(),
+        r#"grpcurl -plaintext -d '{}' 127.0.0.1:9002 keygate.admin.v1.KeyAdmin/ListConsumers"#,
+        kg.admin_addr,
+    );
+    assert!(!ok);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+}
