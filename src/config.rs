@@ -33,21 +33,81 @@ pub enum LogFormat {
 pub enum Command {
     /// Everything in one process: admin API, store, snapshot builder and ext_authz.
     Serve(ServeArgs),
+    /// Benchmark tools: load generator, null ext_authz, bulk key seeding.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Drive Authorization/Check over gRPC and report throughput and latency percentiles.
+    Load(LoadArgs),
+    /// Serve an ext_authz that answers OK and does nothing (the architecture's ceiling).
+    Null {
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        addr: SocketAddr,
+    },
+    /// Load N consumer keys (values `kg-bench-…`, see `keygate bench load --keys`) bound to
+    /// one consumer, plus a model service with one model key, in one transaction.
+    Seed(SeedArgs),
 }
 
 #[derive(Clone, Debug, Args)]
-pub struct ServeArgs {
+pub struct LoadArgs {
+    /// The ext_authz server to load.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    pub target: SocketAddr,
+    /// A second server measured in alternating rounds (e.g. `keygate bench null`); the report
+    /// gives target/baseline ratios.
+    #[arg(long)]
+    pub baseline: Option<SocketAddr>,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// Measured time per round, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: std::time::Duration,
+    /// Unmeasured warm-up per round.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: std::time::Duration,
+    /// Rounds (alternating with the baseline when one is given).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Present seeded keys 0..N (see `keygate bench seed`).
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Percentage of requests with an unknown key (denied).
+    #[arg(long, default_value_t = 0)]
+    pub unknown_percent: u8,
+    /// The route's model service.
+    #[arg(long, default_value = "bench")]
+    pub model_service: String,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How many consumer keys.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Consumer (created if missing).
+    #[arg(long, default_value = "bench")]
+    pub consumer: String,
+    /// Model service (created with one model key if missing).
+    #[arg(long, default_value = "bench")]
+    pub model_service: String,
+}
+
+/// Where the store and its master key live (shared by `serve` and the tools that open a store).
+#[derive(Clone, Debug, Args)]
+pub struct StoreArgs {
     /// Directory for the embedded store, master key and admin token (created mode 0700).
     #[arg(long, env = "KEYGATE_DATA_DIR", default_value = "./keygate-data")]
     pub data_dir: PathBuf,
-
-    /// Envoy ext_authz gRPC listener.
-    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
-    pub authz_addr: SocketAddr,
-
-    /// KeyAdmin gRPC listener (with health and reflection).
-    #[arg(long, env = "KEYGATE_ADMIN_ADDR", default_value = "127.0.0.1:9002")]
-    pub admin_addr: SocketAddr,
 
     /// Store URL: sqlite://PATH (default: <data-dir>/keygate.db) or postgres://…
     #[arg(long, env = "KEYGATE_STORE")]
@@ -56,6 +116,20 @@ pub struct ServeArgs {
     /// Master key file (32 bytes raw, hex or base64). Default: <data-dir>/master.key, created on first start.
     #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Envoy ext_authz gRPC listener.
+    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
+    pub authz_addr: SocketAddr,
+
+    /// KeyAdmin gRPC listener (with health and reflection).
+    #[arg(long, env = "KEYGATE_ADMIN_ADDR", default_value = "127.0.0.1:9002")]
+    pub admin_addr: SocketAddr,
 
     /// File holding the admin token. Default: <data-dir>/admin.token, created on first start.
     /// KEYGATE_ADMIN_TOKEN supplies the token directly and takes precedence.
@@ -100,7 +174,7 @@ pub struct DataPlaneArgs {
     pub client_ip_from: ClientIpSource,
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()

@@ -43,6 +43,7 @@ fn main() {
             Command::Serve(args) => {
                 keygate::server::run(args, keygate::server::shutdown_signal()).await
             }
+            Command::Bench(cmd) => keygate::bench::run(cmd).await,
         }
     });
     if let Err(e) = result {

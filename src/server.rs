@@ -16,7 +16,8 @@ use tonic_health::ServingStatus;
 
 use crate::admin::{AdminAuth, AdminService};
 use crate::authz::ExtAuthzService;
-use crate::config::ServeArgs;
+use crate::config::{ServeArgs, StoreArgs};
+use crate::domain::Limits;
 use crate::crypto::{self, MasterKey, Secret};
 use crate::snapshot::{SnapshotBuilder, SnapshotCell};
 use crate::store::{Store, StoreError};
@@ -81,7 +82,7 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-fn load_master_key(args: &ServeArgs) -> Result<MasterKey, StartError> {
+fn load_master_key(args: &StoreArgs) -> Result<MasterKey, StartError> {
     match &args.master_key_file {
         Some(p) => MasterKey::load(p).map_err(|e| StartError::Config(e.to_string())),
         None => {
@@ -122,7 +123,7 @@ fn load_admin_token(args: &ServeArgs) -> Result<Secret, StartError> {
     if let Some(p) = &args.admin_token_file {
         return read_token_file(p);
     }
-    let p = args.data_dir.join("admin.token");
+    let p = args.store.data_dir.join("admin.token");
     if p.exists() {
         return read_token_file(&p);
     }
@@ -131,6 +132,20 @@ fn load_admin_token(args: &ServeArgs) -> Result<Secret, StartError> {
         .map_err(io_err(format!("writing admin token file {}", p.display())))?;
     tracing::info!(path = %p.display(), "generated an admin token; grpcurl needs it as \"authorization: Bearer $(cat <path>)\"");
     Ok(token)
+}
+
+/// Opens the store named by `args` (creating the data dir and master key on first start).
+pub async fn open_store(args: &StoreArgs, limits: Limits) -> Result<(Store, MasterKey), StartError> {
+    ensure_data_dir(&args.data_dir)?;
+    let master = load_master_key(args)?;
+    let url = match &args.store {
+        Some(u) => u.clone(),
+        None => format!("sqlite://{}", sqlite_path(&args.data_dir).display()),
+    };
+    let store = Store::open(&url, &master.fingerprint(), master.keys(), limits)
+        .await
+        .map_err(StartError::Store)?;
+    Ok((store, master))
 }
 
 /// A running `keygate serve`.
@@ -170,17 +185,9 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         .decision_config()
         .map_err(StartError::Config)?;
     let limits = args.limits().map_err(StartError::Config)?;
-    ensure_data_dir(&args.data_dir)?;
-    let master = load_master_key(&args)?;
+    let (store, master) = open_store(&args.store, limits).await?;
     let token = load_admin_token(&args)?;
     let keys = master.keys();
-    let url = match &args.store {
-        Some(u) => u.clone(),
-        None => format!("sqlite://{}", sqlite_path(&args.data_dir).display()),
-    };
-    let store = Store::open(&url, &master.fingerprint(), keys.clone(), limits)
-        .await
-        .map_err(StartError::Store)?;
     drop(master);
     tracing::info!(backend = ?store.backend(), store_id = store.store_id(), "store open");
 

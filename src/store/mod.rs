@@ -268,6 +268,7 @@ impl Store {
             revision,
             actor: actor.clone(),
             changed: Vec::new(),
+            full_reload: false,
             now: Timestamp::now(),
         })
     }
@@ -278,6 +279,7 @@ impl Store {
             revision,
             actor,
             mut changed,
+            full_reload,
             now,
         } = m;
         sqlx::query(
@@ -297,6 +299,13 @@ impl Store {
         changed.push((audit.kind, audit.id.to_string()));
         changed.sort();
         changed.dedup();
+        if full_reload {
+            changed.clear();
+            sqlx::query("INSERT INTO changes (revision, kind, resource_id) VALUES ($1, 0, '')")
+                .bind(revision)
+                .execute(&mut *tx)
+                .await?;
+        }
         for (kind, id) in &changed {
             sqlx::query("INSERT INTO changes (revision, kind, resource_id) VALUES ($1, $2, $3)")
                 .bind(revision)
@@ -1721,6 +1730,85 @@ impl Store {
         Ok(())
     }
 
+    /// Imports many consumer keys bound to one consumer in one transaction (one revision, one
+    /// audit row): for migrations and benchmarks. Values are validated and stored as HMACs like
+    /// any CUSTOM key; the consumer's quota still applies (`--max-keys-per-consumer`).
+    pub async fn import_consumer_keys(
+        &self,
+        actor: &Actor,
+        consumer: &str,
+        keys: Vec<(String, Secret)>,
+    ) -> Result<i64> {
+        for (i, (name, value)) in keys.iter().enumerate() {
+            crate::domain::validate::name(&format!("keys[{i}].name"), name)
+                .and_then(|_| crate::domain::validate::key_value(&format!("keys[{i}].value"), value.expose()))
+                .map_err(|v| RuleError::Invalid(vec![v]))?;
+        }
+        let mut m = self.begin(actor).await?;
+        let (cid, cname) = self
+            .find_id(&mut m.tx, ResourceKind::Consumer, &Selector::IdOrName(consumer.to_string()))
+            .await?;
+        let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumer_keys WHERE consumer_id = $1")
+            .bind(&cid)
+            .fetch_one(&mut *m.tx)
+            .await?;
+        if existing as usize + keys.len() > self.limits.max_keys_per_consumer {
+            return Err(RuleError::ResourceExhausted(format!(
+                "consumer {cname:?} would hold {} consumer keys; at most {} are allowed",
+                existing as usize + keys.len(),
+                self.limits.max_keys_per_consumer
+            ))
+            .into());
+        }
+        const ROWS: usize = 1000;
+        for chunk in keys.chunks(ROWS) {
+            let mut sql = String::from(
+                "INSERT INTO consumer_keys (id, name, description, status, generation_method, key_hash, masked_value, \
+                 consumer_id, scope_mode, ip_allowlist, expire_time, create_time, update_time) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 6;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, '', {}, {}, ${}, ${}, ${}, 0, '', NULL, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    KeyStatus::Enabled.as_i64(),
+                    GenerationMethod::Custom.as_i64(),
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 6
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for (name, value) in chunk {
+                q = q
+                    .bind(new_id())
+                    .bind(name.clone())
+                    .bind(self.keys.hasher.hash(value.expose().as_bytes()).to_vec())
+                    .bind(mask(value.expose()))
+                    .bind(cid.clone())
+                    .bind(m.now.0);
+            }
+            q.execute(&mut *m.tx).await.map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Rule(RuleError::invalid(
+                    "keys",
+                    "a name or value is already in use by another consumer key",
+                )),
+                _ => StoreError::Database(e),
+            })?;
+        }
+        m.full_reload = true;
+        let n = keys.len().to_string();
+        let fields = ["consumer_keys", n.as_str()];
+        self.commit(m, Audit::new("ImportConsumerKeys", ResourceKind::Consumer, &cid, &cname, &fields[..1]))
+            .await
+    }
+
     // ------------------------------------------------------------------ references, audit
 
     /// What references a resource: a key's consumer or services, a consumer's keys, a
@@ -1943,6 +2031,8 @@ struct Mutation {
     revision: i64,
     actor: Actor,
     changed: Vec<(ResourceKind, String)>,
+    /// The change is too large to apply incrementally: data planes reload everything.
+    full_reload: bool,
     now: Timestamp,
 }
 
