@@ -39,6 +39,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Store(StoreError),
+    #[error("building the first snapshot: {0}")]
+    Snapshot(crate::snapshot::BuildError),
 }
 
 impl StartError {
@@ -193,7 +195,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     let cell = SnapshotCell::new();
     let builder = SnapshotBuilder::new(store.clone(), cell.clone());
-    builder.rebuild().await.map_err(StartError::Store)?;
+    builder.refresh().await.map_err(StartError::Snapshot)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stopped = move || {

@@ -778,9 +778,9 @@ impl KeyAdmin for AdminService {
         ok(pb::GetSnapshotStatusResponse {
             version: s.version as u64,
             build_time: Some(ts_out(Timestamp::from_system(s.build_time))),
-            consumer_keys: s.counts.consumer_keys,
-            model_keys: s.counts.model_keys,
-            model_services: s.counts.model_services,
+            consumer_keys: s.counts().consumer_keys,
+            model_keys: s.counts().model_keys,
+            model_services: s.counts().model_services,
             store_id: s.store_id.clone(),
         })
     }

@@ -257,7 +257,7 @@ pub fn decide<'s>(
         return deny(DenyReason::MissingCredential, None);
     };
     // 2. Look up HMAC(key).
-    let Some(key) = snap.keys.get(&hash(presented.as_bytes())) else {
+    let Some(key) = snap.key(&hash(presented.as_bytes())) else {
         return deny(DenyReason::UnknownKey, None);
     };
     if !key.enabled {
@@ -266,7 +266,7 @@ pub fn decide<'s>(
     if key.expire_time.is_some_and(|t| t <= now) {
         return deny(DenyReason::Expired, Some(key));
     }
-    let Some(consumer) = key.consumer.as_deref() else {
+    let Some(consumer) = key.consumer.and_then(|id| snap.consumer(&id)) else {
         return deny(DenyReason::Unbound, Some(key));
     };
     // 3. Client address.
@@ -277,7 +277,7 @@ pub fn decide<'s>(
         }
     }
     // 4. The route's model service.
-    let Some(service) = req.model_service().and_then(|name| snap.services.get(name)) else {
+    let Some(service) = req.model_service().and_then(|name| snap.service(name)) else {
         return deny(DenyReason::RouteNotConfigured, Some(key));
     };
     // 5. Effective scope = consumer scope ∩ key scope.

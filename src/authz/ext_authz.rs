@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::decision::{self, Decision, DecisionConfig, MODEL_SERVICE_EXTENSION, RequestView};
 use crate::crypto::KeyHasher;
 use crate::domain::Timestamp;
-use crate::snapshot::SnapshotCell;
+use crate::snapshot::{KeyEntry, SnapshotCell};
 
 /// gRPC codes carried in `CheckResponse.status` (a non-OK status is a denial, not an error).
 const CODE_OK: i32 = 0;
@@ -54,21 +54,21 @@ impl ExtAuthzService {
                 let (remove, param) =
                     decision::credentials_to_remove(&self.config, &view, &a.service.auth_header);
                 let fields = [
-                    ("consumer", &*a.consumer.name),
-                    ("consumer_id", &*a.consumer.id),
-                    ("consumer_key", &*a.key.name),
-                    ("consumer_key_id", &*a.key.id),
-                    ("model_service", &*a.service.name),
-                    ("model_service_id", &*a.service.id),
-                    ("model_key", &*a.model_key.name),
-                    ("model_key_id", &*a.model_key.id),
+                    ("consumer", a.consumer.name.to_string()),
+                    ("consumer_id", a.consumer.id.to_string()),
+                    ("consumer_key", a.key.name.to_string()),
+                    ("consumer_key_id", a.key.id.to_string()),
+                    ("model_service", a.service.name.to_string()),
+                    ("model_service_id", a.service.id.to_string()),
+                    ("model_key", a.model_key.name.to_string()),
+                    ("model_key_id", a.model_key.id.to_string()),
                 ];
                 CheckResponse {
                     status: Some(rpc::Status {
                         code: CODE_OK,
                         ..Default::default()
                     }),
-                    dynamic_metadata: Some(metadata(&fields)),
+                    dynamic_metadata: Some(metadata(fields)),
                     http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                         headers: vec![overwrite_header(
                             &a.service.auth_header,
@@ -88,7 +88,7 @@ impl ExtAuthzService {
                     x_request_id = view.header("x-request-id").unwrap_or(""),
                     "check denied"
                 );
-                denied_response(d.reason, d.key.map(|k| (&*k.name, &*k.id)))
+                denied_response(d.reason, d.key)
             }
         }
     }
@@ -110,15 +110,15 @@ fn overwrite_header(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
-fn metadata(fields: &[(&str, &str)]) -> Struct {
+fn metadata(fields: impl IntoIterator<Item = (&'static str, String)>) -> Struct {
     Struct {
         fields: fields
-            .iter()
+            .into_iter()
             .map(|(k, v)| {
                 (
                     k.to_string(),
                     Value {
-                        kind: Some(Kind::StringValue(v.to_string())),
+                        kind: Some(Kind::StringValue(v)),
                     },
                 )
             })
@@ -126,24 +126,24 @@ fn metadata(fields: &[(&str, &str)]) -> Struct {
     }
 }
 
-fn denied_response(reason: decision::DenyReason, key: Option<(&str, &str)>) -> CheckResponse {
+fn denied_response(reason: decision::DenyReason, key: Option<&KeyEntry>) -> CheckResponse {
     let http = reason.http_status();
     let code = match http {
         401 => CODE_UNAUTHENTICATED,
         403 => CODE_PERMISSION_DENIED,
         _ => CODE_UNAVAILABLE,
     };
-    let mut fields = vec![("deny_reason", reason.as_str())];
-    if let Some((name, id)) = key {
-        fields.push(("consumer_key", name));
-        fields.push(("consumer_key_id", id));
+    let mut fields = vec![("deny_reason", reason.as_str().to_string())];
+    if let Some(k) = key {
+        fields.push(("consumer_key", k.name.to_string()));
+        fields.push(("consumer_key_id", k.id.to_string()));
     }
     CheckResponse {
         status: Some(rpc::Status {
             code,
             ..Default::default()
         }),
-        dynamic_metadata: Some(metadata(&fields)),
+        dynamic_metadata: Some(metadata(fields)),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus { code: http as i32 }),
             headers: vec![overwrite_header("content-type", "application/json")],

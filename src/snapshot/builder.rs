@@ -1,197 +1,226 @@
-//! Builds snapshots from the store and keeps the published one current: after every
-//! committed change (bursts coalesce: a build takes every commit made while the previous
-//! build ran) and on a periodic check, which also picks up other replicas' commits.
+//! Keeps the published snapshot in step with the store: after every committed change (a
+//! burst coalesces: one update takes every commit made while the previous one was applied)
+//! and on a periodic check, which also picks up other replicas' commits. Each step reads
+//! only what changed since the snapshot's revision and applies it as an `Update`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use ipnet::IpNet;
+use uuid::Uuid;
 
-use super::{
-    ConsumerEntry, InjectedKey, KeyEntry, KeyMap, ScopeSet, ServiceEntry, Snapshot, SnapshotCell,
-    SnapshotCounts,
-};
-use crate::crypto::{Keys, Secret};
-use crate::domain::{KeyStatus, Scope};
-use crate::store::{Store, StoreContents, StoreError};
+use super::{ConsumerRecord, KeyRecord, ModelKeyRecord, ServiceRecord, Snapshot, SnapshotCell, Update};
+use crate::crypto::{KeyHash, Keys};
+use crate::domain::validate::ip_entry;
+use crate::domain::{Consumer, ConsumerKey, KeyStatus, ModelKey, ModelService, Scope};
+use crate::store::{Changes, Store, StoreContents, StoreError};
 
-fn scope_set(scope: &Scope, ids: &mut HashMap<String, Arc<str>>) -> ScopeSet {
-    match scope {
-        Scope::Unset | Scope::All => ScopeSet::All,
-        Scope::Services(list) => ScopeSet::Only(
-            list.iter()
-                .map(|n| {
-                    ids.entry(n.id.clone())
-                        .or_insert_with(|| n.id.as_str().into())
-                        .clone()
-                })
-                .collect(),
-        ),
-    }
+/// More changed resources than this since the last snapshot: reload everything instead.
+const MAX_INCREMENTAL_CHANGES: usize = 50_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store record cannot be distributed: {0}")]
+    Record(String),
+    #[error(transparent)]
+    Apply(#[from] super::ApplyError),
 }
 
-/// Builds a snapshot from store contents, decrypting model keys with `keys`.
-/// A model key that does not decrypt is left out and logged (by id, never value).
-pub fn build_snapshot(contents: StoreContents, keys: &Keys) -> Snapshot {
-    let started = Instant::now();
-    let mut ids: HashMap<String, Arc<str>> = HashMap::new();
+fn uuid(id: &str) -> Result<Uuid, BuildError> {
+    Uuid::parse_str(id).map_err(|_| BuildError::Record(format!("id {id:?} is not a UUID")))
+}
 
-    let consumers: HashMap<String, Arc<ConsumerEntry>> = contents
-        .consumers
+fn scope_ids(scope: &Scope) -> Result<Option<Vec<Uuid>>, BuildError> {
+    Ok(match scope {
+        Scope::Unset | Scope::All => None,
+        Scope::Services(list) => Some(list.iter().map(|n| uuid(&n.id)).collect::<Result<_, _>>()?),
+    })
+}
+
+fn key_record(k: &ConsumerKey, hash: KeyHash) -> Result<KeyRecord, BuildError> {
+    let ip_allowlist: Vec<IpNet> = k
+        .ip_allowlist
         .iter()
-        .map(|c| {
-            let entry = Arc::new(ConsumerEntry {
-                id: c.id.as_str().into(),
-                name: c.name.as_str().into(),
-                scope: scope_set(&c.scope, &mut ids),
-            });
-            (c.id.clone(), entry)
-        })
-        .collect();
+        .map(|e| ip_entry("ip_allowlist", e).map_err(|v| BuildError::Record(v.description)))
+        .collect::<Result<_, _>>()?;
+    Ok(KeyRecord {
+        hash,
+        id: uuid(&k.id)?,
+        name: k.name.clone(),
+        enabled: k.status == KeyStatus::Enabled,
+        expire_time: k.expire_time,
+        consumer: k.consumer.as_ref().map(|c| uuid(&c.id)).transpose()?,
+        scope: scope_ids(&k.scope)?,
+        ip_allowlist,
+    })
+}
 
-    let mut plaintexts: HashMap<&str, Secret> = HashMap::new();
-    for (k, blob) in &contents.model_keys {
-        if k.status != KeyStatus::Enabled {
-            continue;
-        }
-        match keys.cipher.decrypt(&k.id, blob) {
-            Ok(s) => {
-                plaintexts.insert(k.id.as_str(), s);
-            }
-            Err(e) => {
-                tracing::error!(model_key_id = %k.id, model_key = %k.name, error = %e, "model key left out of the snapshot")
-            }
-        }
-    }
-    let model_key_names: HashMap<&str, &str> = contents
-        .model_keys
+fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
+    Ok(ConsumerRecord {
+        id: uuid(&c.id)?,
+        name: c.name.clone(),
+        scope: scope_ids(&c.scope)?,
+    })
+}
+
+fn service_records(services: &[ModelService], keys: &[(ModelKey, Vec<u8>)]) -> Result<Vec<ServiceRecord>, BuildError> {
+    let by_id: std::collections::HashMap<&str, &(ModelKey, Vec<u8>)> =
+        keys.iter().map(|k| (k.0.id.as_str(), k)).collect();
+    services
         .iter()
-        .map(|(k, _)| (k.id.as_str(), k.name.as_str()))
-        .collect();
-
-    let mut services = HashMap::with_capacity(contents.model_services.len());
-    for s in &contents.model_services {
-        let injected: Vec<InjectedKey> = s
-            .model_keys
-            .iter()
-            .filter_map(|mk| {
-                let value = plaintexts.get(mk.id.as_str())?;
-                Some(InjectedKey {
-                    id: mk.id.as_str().into(),
-                    name: model_key_names
-                        .get(mk.id.as_str())
-                        .copied()
-                        .unwrap_or(&mk.name)
-                        .into(),
-                    header_value: Secret::new(s.auth_value_template.replacen(
-                        "{key}",
-                        value.expose(),
-                        1,
-                    )),
+        .map(|s| {
+            let model_keys = s
+                .model_keys
+                .iter()
+                .filter_map(|n| by_id.get(n.id.as_str()))
+                .filter(|(k, _)| k.status == KeyStatus::Enabled)
+                .map(|(k, ct)| {
+                    Ok(ModelKeyRecord {
+                        id: uuid(&k.id)?,
+                        name: k.name.clone(),
+                        ciphertext: ct.clone(),
+                    })
                 })
+                .collect::<Result<_, BuildError>>()?;
+            Ok(ServiceRecord {
+                id: uuid(&s.id)?,
+                name: s.name.clone(),
+                auth_header: s.auth_header.clone(),
+                auth_value_template: s.auth_value_template.clone(),
+                model_keys,
             })
-            .collect();
-        let name: Arc<str> = s.name.as_str().into();
-        let id = ids
-            .entry(s.id.clone())
-            .or_insert_with(|| s.id.as_str().into())
-            .clone();
-        services.insert(
-            name.clone(),
-            Arc::new(ServiceEntry::new(
-                id,
-                name,
-                s.auth_header.as_str().into(),
-                injected,
-            )),
-        );
-    }
+        })
+        .collect()
+}
 
-    let mut key_map: KeyMap<KeyEntry> =
-        KeyMap::with_capacity_and_hasher(contents.consumer_keys.len(), Default::default());
-    for (k, hash) in &contents.consumer_keys {
-        let allowlist: Box<[IpNet]> = k
-            .ip_allowlist
+/// A full update from everything in the store.
+pub fn contents_to_update(c: &StoreContents) -> Result<Update, BuildError> {
+    Ok(Update {
+        store_id: c.store_id.clone(),
+        version: c.revision,
+        full: true,
+        keys: c
+            .consumer_keys
             .iter()
-            .filter_map(|e| crate::domain::validate::ip_entry("ip_allowlist", e).ok())
-            .collect();
-        key_map.insert(
-            *hash,
-            KeyEntry {
-                id: k.id.as_str().into(),
-                name: k.name.as_str().into(),
-                enabled: k.status == KeyStatus::Enabled,
-                expire_time: k.expire_time,
-                consumer: k
-                    .consumer
-                    .as_ref()
-                    .and_then(|c| consumers.get(&c.id).cloned()),
-                scope: scope_set(&k.scope, &mut ids),
-                ip_allowlist: allowlist,
-            },
-        );
-    }
+            .map(|(k, h)| key_record(k, *h))
+            .collect::<Result<_, _>>()?,
+        removed_keys: vec![],
+        consumers: c.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
+        removed_consumers: vec![],
+        services: Some(service_records(&c.model_services, &c.model_keys)?),
+        model_key_count: c.model_keys.len() as u64,
+    })
+}
 
-    Snapshot {
-        counts: SnapshotCounts {
-            consumer_keys: key_map.len() as u64,
-            model_keys: contents.model_keys.len() as u64,
-            model_services: services.len() as u64,
-            consumers: consumers.len() as u64,
-        },
-        store_id: contents.store_id,
-        version: contents.revision,
-        build_time: SystemTime::now(),
-        build_duration: started.elapsed(),
-        keys: key_map,
-        services,
-    }
+/// The update for what the store reports changed (`None` when nothing did).
+pub fn changes_to_update(changes: &Changes, model_key_count: u64) -> Result<Option<Update>, BuildError> {
+    Ok(match changes {
+        Changes::UpToDate { .. } => None,
+        Changes::Full(c) => Some(contents_to_update(c)?),
+        Changes::Incremental(i) => Some(Update {
+            store_id: i.store_id.clone(),
+            version: i.revision,
+            full: false,
+            keys: i
+                .consumer_keys
+                .iter()
+                .map(|(k, h)| key_record(k, *h))
+                .collect::<Result<_, _>>()?,
+            removed_keys: i.removed_key_hashes.clone(),
+            consumers: i.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
+            removed_consumers: i
+                .removed_consumer_ids
+                .iter()
+                .map(|id| uuid(id))
+                .collect::<Result<_, _>>()?,
+            services: i
+                .services
+                .as_ref()
+                .map(|(s, k)| service_records(s, k))
+                .transpose()?,
+            model_key_count: match &i.services {
+                Some((_, k)) => k.len() as u64,
+                None => model_key_count,
+            },
+        }),
+    })
 }
 
 /// Keeps a `SnapshotCell` in step with a `Store`.
 pub struct SnapshotBuilder {
     store: Store,
     cell: SnapshotCell,
+    keys: Keys,
     poll_interval: Duration,
+    /// Applied updates are also sent here (distribution to data planes).
+    updates: Option<tokio::sync::broadcast::Sender<Arc<Update>>>,
 }
 
 impl SnapshotBuilder {
     pub fn new(store: Store, cell: SnapshotCell) -> Self {
+        let keys = store.keys().clone();
         SnapshotBuilder {
             store,
             cell,
+            keys,
             poll_interval: Duration::from_secs(1),
+            updates: None,
         }
     }
 
-    /// Builds and publishes one snapshot of the store as it is now.
-    pub async fn rebuild(&self) -> Result<Arc<Snapshot>, StoreError> {
-        let contents = self.store.load_contents().await?;
-        let keys = self.store.keys().clone();
-        let snap = tokio::task::spawn_blocking(move || build_snapshot(contents, &keys))
-            .await
-            .expect("snapshot build does not panic");
+    /// Also publish every applied update on `tx`.
+    pub fn with_updates(mut self, tx: tokio::sync::broadcast::Sender<Arc<Update>>) -> Self {
+        self.updates = Some(tx);
+        self
+    }
+
+    /// Brings the published snapshot up to the store's current revision: incrementally from
+    /// the live snapshot when there is one, fully otherwise. Returns the live snapshot.
+    pub async fn refresh(&self) -> Result<Arc<Snapshot>, BuildError> {
+        let current = self.cell.load();
+        let changes = match &current {
+            Some(s) => self.store.load_changes(s.version, MAX_INCREMENTAL_CHANGES).await?,
+            None => Changes::Full(self.store.load_contents().await?),
+        };
+        let model_keys = current.as_ref().map(|s| s.counts().model_keys).unwrap_or(0);
+        let Some(update) = changes_to_update(&changes, model_keys)? else {
+            return Ok(current.expect("up to date implies a snapshot"));
+        };
+        drop(changes);
+        let keys = self.keys.clone();
+        let base = current.clone();
+        let shared = Arc::new(update);
+        let for_apply = shared.clone();
+        let snap = tokio::task::spawn_blocking(move || match base {
+            Some(b) => b.apply((*for_apply).clone(), &keys),
+            None => Snapshot::from_full((*for_apply).clone(), &keys),
+        })
+        .await
+        .expect("applying an update does not panic")?;
         let snap = Arc::new(snap);
         if self.cell.publish(snap.clone()) {
             tracing::debug!(
                 version = snap.version,
-                consumer_keys = snap.counts.consumer_keys,
-                build_ms = snap.build_duration.as_secs_f64() * 1000.0,
+                full = shared.full,
+                consumer_keys = snap.counts().consumer_keys,
+                apply_ms = snap.build_duration.as_secs_f64() * 1000.0,
                 "snapshot published"
             );
+            if let Some(tx) = &self.updates {
+                let _ = tx.send(shared);
+            }
         }
         Ok(snap)
     }
 
-    /// Runs until `shutdown` resolves: rebuilds after commits and on each poll interval
-    /// when the store revision moved (another replica wrote).
+    /// Runs until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut commits = self.store.subscribe_commits();
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
-        let mut built: Option<i64> = self.cell.load().map(|s| s.version);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -199,8 +228,9 @@ impl SnapshotBuilder {
                     if changed.is_err() { return; }
                 }
                 _ = poll.tick() => {
+                    let live = self.cell.load().map(|s| s.version);
                     match self.store.revision().await {
-                        Ok(r) if Some(r) == built => continue,
+                        Ok(r) if Some(r) == live => continue,
                         Ok(_) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "store revision check failed; serving the last snapshot");
@@ -210,11 +240,8 @@ impl SnapshotBuilder {
                 }
             }
             commits.borrow_and_update();
-            match self.rebuild().await {
-                Ok(s) => built = Some(s.version),
-                Err(e) => {
-                    tracing::error!(error = %e, "snapshot build failed; serving the last snapshot")
-                }
+            if let Err(e) = self.refresh().await {
+                tracing::error!(error = %e, "snapshot update failed; serving the last snapshot");
             }
         }
     }

@@ -1,72 +1,60 @@
-//! The immutable in-memory index the data plane decides from, how it is built from the
-//! store, and how it is published (`arc-swap`: readers never lock). Depends on `domain`,
-//! `crypto` and `store` (the builder only; the `Snapshot` type itself is store-free).
+//! The immutable in-memory index the data plane decides from, the updates that move it from
+//! one store revision to the next, and where it is published (`arc-swap`: readers never
+//! lock). Updates cost what changed: consumer keys live in a large sorted base plus a small
+//! overlay of recent changes, merged into a new base only once the overlay has grown.
+//! Depends on `domain` and `crypto`; the builder (store → updates) also on `store`.
 
 mod builder;
+mod index;
+mod update;
 
-pub use builder::{SnapshotBuilder, build_snapshot};
+pub use builder::{BuildError, SnapshotBuilder, changes_to_update, contents_to_update};
+pub use index::KeyIndex;
+pub use update::{ApplyError, ConsumerRecord, KeyRecord, ModelKeyRecord, ServiceRecord, Update};
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use ipnet::IpNet;
+use uuid::Uuid;
 
 use crate::crypto::{KeyHash, Secret};
 use crate::domain::Timestamp;
-
-/// Keys are HMAC outputs, already uniformly random: their first 8 bytes are a perfect hash.
-#[derive(Default, Clone, Copy)]
-pub struct PrehashedKey(u64);
-
-impl Hasher for PrehashedKey {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its bytes (after no length prefix for arrays).
-        let mut b = [0u8; 8];
-        let n = bytes.len().min(8);
-        b[..n].copy_from_slice(&bytes[..n]);
-        self.0 ^= u64::from_le_bytes(b);
-    }
-}
-
-pub type KeyMap<V> = HashMap<KeyHash, V, BuildHasherDefault<PrehashedKey>>;
 
 /// Which model services a consumer or key may reach, by service id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScopeSet {
     All,
-    Only(Box<[Arc<str>]>),
+    Only(Arc<[Uuid]>),
 }
 
 impl ScopeSet {
-    pub fn allows(&self, service_id: &str) -> bool {
+    pub fn allows(&self, service_id: &Uuid) -> bool {
         match self {
             ScopeSet::All => true,
-            ScopeSet::Only(ids) => ids.iter().any(|id| &**id == service_id),
+            ScopeSet::Only(ids) => ids.contains(service_id),
         }
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerEntry {
-    pub id: Arc<str>,
-    pub name: Arc<str>,
+    pub id: Uuid,
+    pub name: Box<str>,
     pub scope: ScopeSet,
 }
 
-#[derive(Debug)]
+/// A consumer key as the data plane sees it (its value is only the HMAC it is indexed by).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyEntry {
-    pub id: Arc<str>,
-    pub name: Arc<str>,
+    pub id: Uuid,
+    pub consumer: Option<Uuid>,
     pub enabled: bool,
     pub expire_time: Option<Timestamp>,
-    pub consumer: Option<Arc<ConsumerEntry>>,
+    pub name: Box<str>,
     /// The key's own scope (`All` when unset: the consumer's scope then decides).
     pub scope: ScopeSet,
     pub ip_allowlist: Box<[IpNet]>,
@@ -75,33 +63,28 @@ pub struct KeyEntry {
 /// An enabled model key as injected for one service: the rendered header value.
 #[derive(Debug)]
 pub struct InjectedKey {
-    pub id: Arc<str>,
-    pub name: Arc<str>,
+    pub id: Uuid,
+    pub name: Box<str>,
     /// The service's template with the key substituted, e.g. `Bearer sk-…`.
     pub header_value: Secret,
 }
 
 #[derive(Debug)]
 pub struct ServiceEntry {
-    pub id: Arc<str>,
-    pub name: Arc<str>,
-    pub auth_header: Arc<str>,
+    pub id: Uuid,
+    pub name: Box<str>,
+    pub auth_header: Box<str>,
     /// Enabled bound model keys, in binding order.
     pub keys: Box<[InjectedKey]>,
     next: AtomicUsize,
 }
 
 impl ServiceEntry {
-    pub fn new(
-        id: Arc<str>,
-        name: Arc<str>,
-        auth_header: Arc<str>,
-        keys: Vec<InjectedKey>,
-    ) -> Self {
+    pub fn new(id: Uuid, name: &str, auth_header: &str, keys: Vec<InjectedKey>) -> Self {
         ServiceEntry {
             id,
-            name,
-            auth_header,
+            name: name.into(),
+            auth_header: auth_header.into(),
             keys: keys.into_boxed_slice(),
             next: AtomicUsize::new(0),
         }
@@ -127,28 +110,62 @@ pub struct SnapshotCounts {
 }
 
 /// One immutable view of every key, consumer and service, at one store revision.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub store_id: String,
     pub version: i64,
     pub build_time: SystemTime,
+    /// How long the last update (or full build) took to apply.
     pub build_duration: Duration,
-    pub counts: SnapshotCounts,
-    pub keys: KeyMap<KeyEntry>,
-    pub services: HashMap<Arc<str>, Arc<ServiceEntry>>,
+    keys: KeyIndex,
+    consumers: Arc<HashMap<Uuid, Arc<ConsumerEntry>>>,
+    services: Arc<HashMap<Box<str>, Arc<ServiceEntry>>>,
+    model_keys: u64,
 }
 
 impl Snapshot {
+    /// A snapshot holding nothing (a store with no resources yet).
     pub fn empty(store_id: &str, version: i64) -> Self {
         Snapshot {
             store_id: store_id.to_string(),
             version,
             build_time: SystemTime::now(),
             build_duration: Duration::ZERO,
-            counts: SnapshotCounts::default(),
-            keys: KeyMap::default(),
-            services: HashMap::new(),
+            keys: KeyIndex::default(),
+            consumers: Arc::default(),
+            services: Arc::default(),
+            model_keys: 0,
         }
+    }
+
+    /// The consumer key whose HMAC is `hash`.
+    #[inline]
+    pub fn key(&self, hash: &KeyHash) -> Option<&KeyEntry> {
+        self.keys.get(hash)
+    }
+
+    #[inline]
+    pub fn consumer(&self, id: &Uuid) -> Option<&ConsumerEntry> {
+        self.consumers.get(id).map(|c| &**c)
+    }
+
+    /// A model service by name (routes name services).
+    #[inline]
+    pub fn service(&self, name: &str) -> Option<&ServiceEntry> {
+        self.services.get(name).map(|s| &**s)
+    }
+
+    pub fn counts(&self) -> SnapshotCounts {
+        SnapshotCounts {
+            consumer_keys: self.keys.len() as u64,
+            model_keys: self.model_keys,
+            model_services: self.services.len() as u64,
+            consumers: self.consumers.len() as u64,
+        }
+    }
+
+    pub fn key_index(&self) -> &KeyIndex {
+        &self.keys
     }
 }
 

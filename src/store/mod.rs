@@ -269,6 +269,7 @@ impl Store {
             actor: actor.clone(),
             changed: Vec::new(),
             full_reload: false,
+            removed_hashes: Vec::new(),
             now: Timestamp::now(),
         })
     }
@@ -280,6 +281,7 @@ impl Store {
             actor,
             mut changed,
             full_reload,
+            removed_hashes,
             now,
         } = m;
         sqlx::query(
@@ -313,6 +315,16 @@ impl Store {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+        }
+        for hash in removed_hashes {
+            sqlx::query(
+                "INSERT INTO changes (revision, kind, resource_id, key_hash) VALUES ($1, $2, '', $3)",
+            )
+            .bind(revision)
+            .bind(ResourceKind::ConsumerKey.as_i64())
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         self.committed.send_if_modified(|r| {
@@ -618,14 +630,6 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
-        // A rename changes what the keys' "consumer" shows and what the data plane reports.
-        let key_ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM consumer_keys WHERE consumer_id = $1")
-                .bind(&id)
-                .fetch_all(&mut *m.tx)
-                .await?;
-        m.changed
-            .extend(key_ids.into_iter().map(|k| (ResourceKind::ConsumerKey, k)));
         let name = patch.name.clone().unwrap_or(old_name);
         self.commit(
             m,
@@ -1337,7 +1341,7 @@ impl Store {
             .find_id(&mut m.tx, ResourceKind::ConsumerKey, sel)
             .await?;
         let row = sqlx::query(
-            "SELECT k.status, c.name AS consumer_name FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
+            "SELECT k.status, k.key_hash, c.name AS consumer_name FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
         )
         .bind(&id)
         .fetch_one(&mut *m.tx)
@@ -1368,6 +1372,9 @@ impl Store {
             .bind(&id)
             .execute(&mut *m.tx)
             .await?;
+        if let Some(h) = row.try_get::<Option<Vec<u8>>, _>("key_hash")? {
+            m.removed_hashes.push(h);
+        }
         self.commit(
             m,
             Audit::new(
@@ -1908,6 +1915,142 @@ impl Store {
 
     // ------------------------------------------------------------------ snapshot source
 
+    /// What changed after revision `since`, read in one consistent transaction. More than
+    /// `max_changes` changed resources (or a bulk change) answers with everything instead.
+    pub async fn load_changes(&self, since: i64, max_changes: usize) -> Result<Changes> {
+        let mut tx: Transaction<'_, Any> = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let revision: i64 = sqlx::query_scalar("SELECT revision FROM store_meta WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        if revision == since {
+            return Ok(Changes::UpToDate { revision });
+        }
+        if revision < since {
+            // A store restored from an older backup: start over.
+            tx.commit().await?;
+            return Ok(Changes::Full(self.load_contents().await?));
+        }
+        let rows = sqlx::query(
+            "SELECT kind, resource_id, key_hash FROM changes WHERE revision > $1 AND revision <= $2 LIMIT $3",
+        )
+        .bind(since)
+        .bind(revision)
+        .bind(max_changes as i64 + 1)
+        .fetch_all(&mut *tx)
+        .await?;
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(revision) FROM changes")
+            .fetch_one(&mut *tx)
+            .await?;
+        let history_gone = oldest.is_none_or(|o| o > since + 1);
+        let full = history_gone
+            || rows.len() > max_changes
+            || rows
+                .iter()
+                .any(|r| r.try_get::<i64, _>("kind").map(|k| k == 0).unwrap_or(true));
+        if full {
+            tx.commit().await?;
+            return Ok(Changes::Full(self.load_contents().await?));
+        }
+        let mut key_ids = Vec::new();
+        let mut removed_key_hashes = Vec::new();
+        let mut consumer_ids = Vec::new();
+        let mut services_changed = false;
+        for r in &rows {
+            let id: String = r.try_get("resource_id")?;
+            match ResourceKind::from_i64(r.try_get("kind")?) {
+                Some(ResourceKind::ConsumerKey) => {
+                    match r.try_get::<Option<Vec<u8>>, _>("key_hash")? {
+                        Some(h) => removed_key_hashes.push(
+                            <KeyHash>::try_from(h.as_slice())
+                                .map_err(|_| StoreError::Corrupt("change key hash".into()))?,
+                        ),
+                        None => key_ids.push(id),
+                    }
+                }
+                Some(ResourceKind::Consumer) => consumer_ids.push(id),
+                Some(ResourceKind::ModelService | ResourceKind::ModelKey) => services_changed = true,
+                None => return Err(StoreError::Corrupt("change kind".into())),
+            }
+        }
+        key_ids.sort();
+        key_ids.dedup();
+        consumer_ids.sort();
+        consumer_ids.dedup();
+
+        let mut consumer_keys = Vec::with_capacity(key_ids.len());
+        for id in &key_ids {
+            let row = sqlx::query(&format!(
+                "SELECT {CONSUMER_KEY_COLUMNS}, k.key_hash FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else { continue }; // deleted: its hash is in removed_key_hashes
+            let mut key = consumer_key_base(&row)?;
+            key.scope = self.read_scope(&mut tx, &key.id, row.try_get("scope_mode")?).await?;
+            if let Some(hash) = row
+                .try_get::<Option<Vec<u8>>, _>("key_hash")?
+                .and_then(|h| <KeyHash>::try_from(h.as_slice()).ok())
+            {
+                consumer_keys.push((key, hash));
+            }
+        }
+        let mut consumers = Vec::new();
+        let mut removed_consumer_ids = Vec::new();
+        for id in consumer_ids {
+            let row = sqlx::query(&format!("SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1"))
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                Some(row) => {
+                    let mut c = self.consumer_from_row(&mut tx, &row).await?;
+                    c.consumer_keys.clear();
+                    consumers.push(c);
+                }
+                None => removed_consumer_ids.push(id),
+            }
+        }
+        let services = if services_changed {
+            Some(load_services(&mut tx).await?)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok(Changes::Incremental(Increment {
+            store_id: self.store_id.clone(),
+            revision,
+            consumer_keys,
+            removed_key_hashes,
+            consumers,
+            removed_consumer_ids,
+            services,
+        }))
+    }
+
+    /// How many model keys exist (status and metrics).
+    pub async fn model_key_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// Forgets change records older than `keep` revisions (snapshots further behind reload).
+    pub async fn prune_changes(&self, keep: i64) -> Result<u64> {
+        let revision = self.revision().await?;
+        let r = sqlx::query("DELETE FROM changes WHERE revision <= $1")
+            .bind(revision - keep)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Reads every resource the data plane needs, in one consistent read.
     pub async fn load_contents(&self) -> Result<StoreContents> {
         let mut tx: Transaction<'_, Any> = self.pool.begin().await?;
@@ -1953,50 +2096,7 @@ impl Store {
             });
         }
 
-        let mut bindings: HashMap<String, Vec<Named>> = HashMap::new();
-        let mut service_keys: HashMap<String, Vec<Named>> = HashMap::new();
-        for r in sqlx::query(
-            "SELECT b.model_key_id, b.model_service_id, s.name AS service_name, k.name AS key_name \
-             FROM model_key_bindings b JOIN model_services s ON s.id = b.model_service_id \
-             JOIN model_keys k ON k.id = b.model_key_id ORDER BY b.create_time",
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            let kid: String = r.try_get("model_key_id")?;
-            let sid: String = r.try_get("model_service_id")?;
-            bindings.entry(kid.clone()).or_default().push(Named {
-                id: sid.clone(),
-                name: r.try_get("service_name")?,
-            });
-            service_keys.entry(sid).or_default().push(Named {
-                id: kid,
-                name: r.try_get("key_name")?,
-            });
-        }
-
-        let mut model_services = Vec::new();
-        for r in sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM model_services"))
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let mut s = service_base(&r)?;
-            s.model_keys = service_keys.remove(&s.id).unwrap_or_default();
-            model_services.push(s);
-        }
-
-        let mut model_keys = Vec::new();
-        for r in sqlx::query(&format!(
-            "SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"
-        ))
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            let mut k = model_key_base(&r)?;
-            k.model_services = bindings.remove(&k.id).unwrap_or_default();
-            let ct: Option<Vec<u8>> = r.try_get("ciphertext")?;
-            model_keys.push((k, ct.unwrap_or_default()));
-        }
+        let (model_services, model_keys) = load_services(&mut tx).await?;
 
         let mut consumer_keys = Vec::new();
         for r in sqlx::query(&format!(
@@ -2025,6 +2125,32 @@ impl Store {
     }
 }
 
+
+/// What changed since a revision, as `Store::load_changes` reports it.
+#[derive(Debug)]
+pub enum Changes {
+    /// Nothing committed since.
+    UpToDate { revision: i64 },
+    /// Too much changed (or the history is gone): here is everything.
+    Full(StoreContents),
+    Incremental(Increment),
+}
+
+/// The current state of everything that changed in `(since, revision]`.
+#[derive(Debug)]
+pub struct Increment {
+    pub store_id: String,
+    pub revision: i64,
+    /// Changed consumer keys as they are now (with their HMAC).
+    pub consumer_keys: Vec<(ConsumerKey, KeyHash)>,
+    /// HMACs to drop (deleted keys).
+    pub removed_key_hashes: Vec<KeyHash>,
+    pub consumers: Vec<Consumer>,
+    pub removed_consumer_ids: Vec<String>,
+    /// All services and model keys, when any of them changed.
+    pub services: Option<(Vec<ModelService>, Vec<(ModelKey, Vec<u8>)>)>,
+}
+
 /// An open mutation: the transaction, its revision, and the resources it touched.
 struct Mutation {
     tx: Transaction<'static, Any>,
@@ -2033,6 +2159,8 @@ struct Mutation {
     changed: Vec<(ResourceKind, String)>,
     /// The change is too large to apply incrementally: data planes reload everything.
     full_reload: bool,
+    /// Consumer key HMACs this mutation removed (so snapshots can drop them).
+    removed_hashes: Vec<Vec<u8>>,
     now: Timestamp,
 }
 
@@ -2060,6 +2188,58 @@ impl<'a> Audit<'a> {
             fields,
         }
     }
+}
+
+/// Every model service with its bound keys, and every model key with its ciphertext.
+async fn load_services(
+    conn: &mut sqlx::AnyConnection,
+) -> Result<(Vec<ModelService>, Vec<(ModelKey, Vec<u8>)>)> {
+        let mut bindings: HashMap<String, Vec<Named>> = HashMap::new();
+        let mut service_keys: HashMap<String, Vec<Named>> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT b.model_key_id, b.model_service_id, s.name AS service_name, k.name AS key_name \
+             FROM model_key_bindings b JOIN model_services s ON s.id = b.model_service_id \
+             JOIN model_keys k ON k.id = b.model_key_id ORDER BY b.create_time",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            let kid: String = r.try_get("model_key_id")?;
+            let sid: String = r.try_get("model_service_id")?;
+            bindings.entry(kid.clone()).or_default().push(Named {
+                id: sid.clone(),
+                name: r.try_get("service_name")?,
+            });
+            service_keys.entry(sid).or_default().push(Named {
+                id: kid,
+                name: r.try_get("key_name")?,
+            });
+        }
+
+        let mut model_services = Vec::new();
+        for r in sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM model_services"))
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            let mut s = service_base(&r)?;
+            s.model_keys = service_keys.remove(&s.id).unwrap_or_default();
+            model_services.push(s);
+        }
+
+        let mut model_keys = Vec::new();
+        for r in sqlx::query(&format!(
+            "SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"
+        ))
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            let mut k = model_key_base(&r)?;
+            k.model_services = bindings.remove(&k.id).unwrap_or_default();
+            let ct: Option<Vec<u8>> = r.try_get("ciphertext")?;
+            model_keys.push((k, ct.unwrap_or_default()));
+        }
+
+        Ok((model_services, model_keys))
 }
 
 fn table_of(kind: ResourceKind) -> &'static str {

@@ -103,12 +103,15 @@ CREATE TABLE audit_events (
 CREATE INDEX audit_events_resource ON audit_events (kind, resource_name);
 CREATE INDEX audit_events_time ON audit_events (time);
 
+-- What each revision touched, so snapshots update incrementally. kind 0 = reload everything;
+-- key_hash = a consumer key HMAC the revision removed (a deleted key).
 CREATE TABLE changes (
     revision BIGINT NOT NULL,
     kind BIGINT NOT NULL,
     resource_id TEXT NOT NULL,
-    PRIMARY KEY (revision, kind, resource_id)
+    key_hash {BLOB}
 );
+CREATE INDEX changes_revision ON changes (revision);
 "#;
 
 /// The migrator for `backend`, with the schema text embedded in the binary.

@@ -1,0 +1,286 @@
+//! Updates: what moves a snapshot from one store revision to the next. A full update holds
+//! everything; an incremental one only what changed. The same updates feed the local
+//! snapshot and (serialised) remote data planes; model key values travel encrypted and are
+//! decrypted only here, when applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use super::{ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot};
+use crate::crypto::{KeyHash, Keys, Secret};
+use crate::domain::Timestamp;
+
+/// A consumer key as distributed: its HMAC and everything the decision reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub hash: KeyHash,
+    pub id: Uuid,
+    pub name: String,
+    pub enabled: bool,
+    pub expire_time: Option<Timestamp>,
+    pub consumer: Option<Uuid>,
+    /// `None`: every service (narrowed by the consumer's scope).
+    pub scope: Option<Vec<Uuid>>,
+    pub ip_allowlist: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub scope: Option<Vec<Uuid>>,
+}
+
+/// An enabled model key bound to a service, value encrypted under the master key's model-key
+/// cipher with the key's id as associated data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelKeyRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub auth_header: String,
+    pub auth_value_template: String,
+    /// Enabled bound model keys in binding order.
+    pub model_keys: Vec<ModelKeyRecord>,
+}
+
+/// A change of snapshot. `full`: the records are everything (nothing else survives);
+/// otherwise they replace or remove only what they name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    pub store_id: String,
+    pub version: i64,
+    pub full: bool,
+    pub keys: Vec<KeyRecord>,
+    pub removed_keys: Vec<KeyHash>,
+    pub consumers: Vec<ConsumerRecord>,
+    pub removed_consumers: Vec<Uuid>,
+    /// Every service with its keys, when any service or model key changed (services are few).
+    pub services: Option<Vec<ServiceRecord>>,
+    /// How many model keys the store holds (for status and metrics).
+    pub model_key_count: u64,
+}
+
+impl Update {
+    pub fn is_empty(&self) -> bool {
+        !self.full
+            && self.keys.is_empty()
+            && self.removed_keys.is_empty()
+            && self.consumers.is_empty()
+            && self.removed_consumers.is_empty()
+            && self.services.is_none()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("update for version {update} is older than the snapshot's version {current}")]
+    Stale { current: i64, update: i64 },
+    #[error("incremental update from store {update} cannot apply to a snapshot of store {current}")]
+    OtherStore { current: String, update: String },
+    #[error("model key {id} does not decrypt under this master key (is it the control plane's?)")]
+    Decrypt { id: Uuid },
+    #[error("malformed update: {0}")]
+    Malformed(String),
+}
+
+fn scope_set(s: &Option<Vec<Uuid>>) -> ScopeSet {
+    match s {
+        None => ScopeSet::All,
+        Some(ids) => ScopeSet::Only(ids.clone().into()),
+    }
+}
+
+fn key_entry(r: KeyRecord) -> (KeyHash, KeyEntry) {
+    (
+        r.hash,
+        KeyEntry {
+            id: r.id,
+            consumer: r.consumer,
+            enabled: r.enabled,
+            expire_time: r.expire_time,
+            name: r.name.into_boxed_str(),
+            scope: scope_set(&r.scope),
+            ip_allowlist: r.ip_allowlist.into_boxed_slice(),
+        },
+    )
+}
+
+fn consumer_entry(r: &ConsumerRecord) -> Arc<ConsumerEntry> {
+    Arc::new(ConsumerEntry {
+        id: r.id,
+        name: r.name.as_str().into(),
+        scope: scope_set(&r.scope),
+    })
+}
+
+fn services(
+    records: &[ServiceRecord],
+    keys: &Keys,
+) -> Result<HashMap<Box<str>, Arc<ServiceEntry>>, ApplyError> {
+    let mut out = HashMap::with_capacity(records.len());
+    for s in records {
+        let mut injected = Vec::with_capacity(s.model_keys.len());
+        for mk in &s.model_keys {
+            let value = keys
+                .cipher
+                .decrypt(&mk.id.to_string(), &mk.ciphertext)
+                .map_err(|_| ApplyError::Decrypt { id: mk.id })?;
+            injected.push(InjectedKey {
+                id: mk.id,
+                name: mk.name.as_str().into(),
+                header_value: Secret::new(s.auth_value_template.replacen("{key}", value.expose(), 1)),
+            });
+        }
+        out.insert(
+            s.name.as_str().into(),
+            Arc::new(ServiceEntry::new(s.id, &s.name, &s.auth_header, injected)),
+        );
+    }
+    Ok(out)
+}
+
+impl Snapshot {
+    /// Builds a snapshot from a full update.
+    pub fn from_full(update: Update, keys: &Keys) -> Result<Snapshot, ApplyError> {
+        if !update.full {
+            return Err(ApplyError::Malformed("the first update must be a full one".into()));
+        }
+        Snapshot::empty(&update.store_id, i64::MIN).apply(update, keys)
+    }
+
+    /// The snapshot after `update`. A full update from another store replaces everything
+    /// (a restored or replaced database); an older version is refused.
+    pub fn apply(&self, update: Update, keys: &Keys) -> Result<Snapshot, ApplyError> {
+        let started = Instant::now();
+        let same_store = update.store_id == self.store_id;
+        if !same_store && !update.full {
+            return Err(ApplyError::OtherStore {
+                current: self.store_id.clone(),
+                update: update.store_id,
+            });
+        }
+        if same_store && update.version < self.version {
+            return Err(ApplyError::Stale {
+                current: self.version,
+                update: update.version,
+            });
+        }
+        let services = match &update.services {
+            Some(s) => Arc::new(services(s, keys)?),
+            None if update.full => Arc::default(),
+            None => self.services.clone(),
+        };
+        let (key_index, consumers) = if update.full {
+            let consumers: HashMap<Uuid, Arc<ConsumerEntry>> =
+                update.consumers.iter().map(|c| (c.id, consumer_entry(c))).collect();
+            (
+                KeyIndex::from_entries(update.keys.into_iter().map(key_entry).collect()),
+                Arc::new(consumers),
+            )
+        } else {
+            let consumers = if update.consumers.is_empty() && update.removed_consumers.is_empty() {
+                self.consumers.clone()
+            } else {
+                let mut c = (*self.consumers).clone();
+                for id in &update.removed_consumers {
+                    c.remove(id);
+                }
+                for r in &update.consumers {
+                    c.insert(r.id, consumer_entry(r));
+                }
+                Arc::new(c)
+            };
+            let index = if update.keys.is_empty() && update.removed_keys.is_empty() {
+                self.keys.clone()
+            } else {
+                self.keys.with_changes(
+                    &update.removed_keys,
+                    update.keys.into_iter().map(key_entry).collect(),
+                )
+            };
+            (index, consumers)
+        };
+        Ok(Snapshot {
+            store_id: update.store_id,
+            version: update.version,
+            build_time: SystemTime::now(),
+            build_duration: started.elapsed(),
+            keys: key_index,
+            consumers,
+            services,
+            model_keys: update.model_key_count,
+        })
+    }
+
+    /// The full update that rebuilds this snapshot elsewhere (model key values encrypted).
+    pub fn to_full_update(&self, keys: &Keys) -> Update {
+        let scope = |s: &ScopeSet| match s {
+            ScopeSet::All => None,
+            ScopeSet::Only(ids) => Some(ids.to_vec()),
+        };
+        Update {
+            store_id: self.store_id.clone(),
+            version: self.version,
+            full: true,
+            keys: self
+                .keys
+                .iter()
+                .map(|(h, e)| KeyRecord {
+                    hash: *h,
+                    id: e.id,
+                    name: e.name.to_string(),
+                    enabled: e.enabled,
+                    expire_time: e.expire_time,
+                    consumer: e.consumer,
+                    scope: scope(&e.scope),
+                    ip_allowlist: e.ip_allowlist.to_vec(),
+                })
+                .collect(),
+            removed_keys: vec![],
+            consumers: self
+                .consumers
+                .values()
+                .map(|c| ConsumerRecord {
+                    id: c.id,
+                    name: c.name.to_string(),
+                    scope: scope(&c.scope),
+                })
+                .collect(),
+            removed_consumers: vec![],
+            services: Some(
+                self.services
+                    .values()
+                    .map(|s| ServiceRecord {
+                        id: s.id,
+                        name: s.name.to_string(),
+                        auth_header: s.auth_header.to_string(),
+                        // The template is not kept apart from the rendered value; re-encrypt
+                        // the rendered header value under a `{key}` template.
+                        auth_value_template: "{key}".into(),
+                        model_keys: s
+                            .keys
+                            .iter()
+                            .map(|k| ModelKeyRecord {
+                                id: k.id,
+                                name: k.name.to_string(),
+                                ciphertext: keys.cipher.encrypt(&k.id.to_string(), &k.header_value),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            ),
+            model_key_count: self.model_keys,
+        }
+    }
+}
