@@ -167,6 +167,14 @@ impl Snapshot {
     pub fn key_index(&self) -> &KeyIndex {
         &self.keys
     }
+
+    pub fn consumers(&self) -> impl Iterator<Item = &ConsumerEntry> {
+        self.consumers.values().map(|c| &**c)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceEntry> {
+        self.services.values().map(|s| &**s)
+    }
 }
 
 /// Where the live snapshot is published. `None` until the first one is built.

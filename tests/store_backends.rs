@@ -1,0 +1,293 @@
+//! The store and snapshot pipeline against both backends: SQLite (a temp file) and
+//! PostgreSQL (a fresh database per test on the server named by KEYGATE_TEST_POSTGRES,
+//! which ./scripts/test sets). The same assertions run on both.
+
+use std::collections::BTreeMap;
+
+use keygate::crypto::{MasterKey, Secret};
+use keygate::domain::input::{
+    ConsumerKeyPatch, ConsumerPatch, KeySource, NewConsumer, NewConsumerKey, NewModelKey,
+    NewModelService,
+};
+use keygate::domain::{KeyStatus, Limits, RuleError, ScopeInput, Selector};
+use keygate::snapshot::{Snapshot, SnapshotBuilder, SnapshotCell, contents_to_update};
+use keygate::store::{Actor, Store, StoreError};
+
+/// A fresh store of each backend. PostgreSQL is required: set KEYGATE_TEST_POSTGRES
+/// (./scripts/test does) — these tests fail rather than skip without it.
+struct Fixture {
+    _tmp: Option<tempfile::TempDir>,
+    url: String,
+}
+
+fn pg_base() -> String {
+    std::env::var("KEYGATE_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!("KEYGATE_TEST_POSTGRES is not set: run ./scripts/test (PostgreSQL at 127.0.0.1:5432)")
+    })
+}
+
+async fn fixture(backend: &str) -> Fixture {
+    match backend {
+        "sqlite" => {
+            let tmp = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", tmp.path().join("kg.db").display());
+            Fixture { _tmp: Some(tmp), url }
+        }
+        "postgres" => {
+            use sqlx::Connection;
+            let base = pg_base();
+            let db = format!("kg_test_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
+            sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {db}").as_str())
+                .await
+                .unwrap();
+            Fixture { _tmp: None, url: format!("{base}/{db}") }
+        }
+        _ => unreachable!(),
+    }
+}
+
+async fn open(url: &str, master: &MasterKey) -> Store {
+    Store::open(url, &master.fingerprint(), master.keys(), Limits::default())
+        .await
+        .unwrap()
+}
+
+fn actor() -> Actor {
+    Actor("test".into())
+}
+
+/// Everything a decision can observe, in a comparable form.
+fn canonical(s: &Snapshot) -> String {
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    for (h, e) in s.key_index().iter() {
+        keys.insert(hex::encode(h), format!("{e:?}"));
+    }
+    let mut consumers: BTreeMap<String, String> = BTreeMap::new();
+    for c in s.consumers() {
+        consumers.insert(c.id.to_string(), format!("{c:?}"));
+    }
+    let mut services: BTreeMap<String, String> = BTreeMap::new();
+    for svc in s.services() {
+        let keys: Vec<String> = svc
+            .keys
+            .iter()
+            .map(|k| format!("{}={}", k.name, k.header_value.expose()))
+            .collect();
+        services.insert(svc.name.to_string(), format!("{} {} {:?}", svc.id, svc.auth_header, keys));
+    }
+    format!("{keys:#?}\n{consumers:#?}\n{services:#?}\n{:?}", s.counts())
+}
+
+async fn incremental_matches_full(backend: &str) {
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let store = open(&fx.url, &master).await;
+    let cell = SnapshotCell::new();
+    let builder = SnapshotBuilder::new(store.clone(), cell.clone());
+    builder.refresh().await.unwrap();
+    let a = actor();
+
+    let step = |name: &'static str| name;
+    let svc = |name: &str, header: &str, template: &str| NewModelService {
+        name: name.into(),
+        auth_header: header.into(),
+        auth_value_template: template.into(),
+        ..Default::default()
+    };
+    store.create_model_service(&a, svc("openai", "", "")).await.unwrap();
+    store.create_model_service(&a, svc("anthropic", "x-api-key", "{key}")).await.unwrap();
+    builder.refresh().await.unwrap();
+    store
+        .create_model_key(
+            &a,
+            NewModelKey {
+                name: "oa-1".into(),
+                description: String::new(),
+                source: KeySource::Custom(Secret::new("sk-openai-0123456789abcdef".into())),
+                model_services: vec!["openai".into()],
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .create_consumer(
+            &a,
+            NewConsumer {
+                name: "app".into(),
+                scope: ScopeInput::Services(vec!["openai".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    builder.refresh().await.unwrap();
+    let mut values = Vec::new();
+    for i in 0..5 {
+        let created = store
+            .create_consumer_key(
+                &a,
+                NewConsumerKey {
+                    name: format!("k{i}"),
+                    description: String::new(),
+                    source: KeySource::Auto,
+                    consumer: (i % 2 == 0).then(|| "app".to_string()),
+                    scope: ScopeInput::Unset,
+                    ip_allowlist: if i == 3 { vec!["10.0.0.0/8".into()] } else { vec![] },
+                    expire_time: None,
+                },
+            )
+            .await
+            .unwrap();
+        values.push(created.value.unwrap());
+        builder.refresh().await.unwrap();
+    }
+    let _ = step("lifecycle");
+    store.bind_consumer_key(&a, "k1", "app").await.unwrap();
+    store
+        .set_consumer_key_status(&a, &Selector::Name("k2".into()), KeyStatus::Disabled)
+        .await
+        .unwrap();
+    builder.refresh().await.unwrap();
+    store
+        .update_consumer_key(
+            &a,
+            &Selector::Name("k4".into()),
+            ConsumerKeyPatch {
+                name: Some("k4-renamed".into()),
+                scope: Some(ScopeInput::Services(vec!["anthropic".into()])),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .update_consumer(
+            &a,
+            &Selector::Name("app".into()),
+            ConsumerPatch {
+                scope: Some(ScopeInput::All),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .set_consumer_key_status(&a, &Selector::Name("k3".into()), KeyStatus::Disabled)
+        .await
+        .unwrap();
+    builder.refresh().await.unwrap();
+    store.delete_consumer_key(&a, &Selector::Name("k3".into())).await.unwrap();
+    store
+        .set_model_key_status(&a, &Selector::Name("oa-1".into()), KeyStatus::Disabled)
+        .await
+        .unwrap();
+    let incremental = builder.refresh().await.unwrap();
+    assert!(
+        incremental.key_index().overlay_len() > 0,
+        "changes were applied incrementally, not by a full rebuild"
+    );
+
+    let full = Snapshot::from_full(
+        contents_to_update(&store.load_contents().await.unwrap()).unwrap(),
+        store.keys(),
+    )
+    .unwrap();
+    assert_eq!(incremental.version, full.version);
+    assert_eq!(canonical(&incremental), canonical(&full));
+    assert_eq!(incremental.counts().consumer_keys, 4);
+    assert!(incremental.service("openai").unwrap().keys.is_empty(), "disabled model key left out");
+
+    // The deleted key's HMAC is gone; a live one is found by its HMAC.
+    let h0 = store.keys().hasher.hash(values[0].expose().as_bytes());
+    let h3 = store.keys().hasher.hash(values[3].expose().as_bytes());
+    assert!(incremental.key(&h0).is_some());
+    assert!(incremental.key(&h3).is_none());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn incremental_snapshot_equals_full_rebuild_sqlite() {
+    incremental_matches_full("sqlite").await;
+}
+
+#[tokio::test]
+async fn incremental_snapshot_equals_full_rebuild_postgres() {
+    incremental_matches_full("postgres").await;
+}
+
+async fn master_key_mismatch_refuses(backend: &str) {
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    open(&fx.url, &master).await.close().await;
+    let other = MasterKey::generate();
+    let err = Store::open(&fx.url, &other.fingerprint(), other.keys(), Limits::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MasterKeyMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("same master key"));
+}
+
+#[tokio::test]
+async fn another_master_key_is_refused_sqlite() {
+    master_key_mismatch_refuses("sqlite").await;
+}
+
+#[tokio::test]
+async fn another_master_key_is_refused_postgres() {
+    master_key_mismatch_refuses("postgres").await;
+}
+
+/// Concurrent binds of one key to two consumers: exactly one wins, the other is refused
+/// with a lifecycle error, never a corrupt state. Two store handles = two replicas.
+async fn concurrent_binds_serialise(backend: &str) {
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let a_store = open(&fx.url, &master).await;
+    let b_store = open(&fx.url, &master).await;
+    let a = actor();
+    for c in ["c1", "c2"] {
+        a_store
+            .create_consumer(&a, NewConsumer { name: c.into(), ..Default::default() })
+            .await
+            .unwrap();
+    }
+    for round in 0..10 {
+        let k = format!("key{round}");
+        a_store
+            .create_consumer_key(
+                &a,
+                NewConsumerKey {
+                    name: k.clone(),
+                    description: String::new(),
+                    source: KeySource::Auto,
+                    consumer: None,
+                    scope: ScopeInput::Unset,
+                    ip_allowlist: vec![],
+                    expire_time: None,
+                },
+            )
+            .await
+            .unwrap();
+        let (r1, r2) = tokio::join!(a_store.bind_consumer_key(&a, &k, "c1"), b_store.bind_consumer_key(&a, &k, "c2"));
+        let oks = [r1.is_ok(), r2.is_ok()].iter().filter(|x| **x).count();
+        assert_eq!(oks, 1, "round {round}: exactly one bind wins ({r1:?} / {r2:?})");
+        let loser = if r1.is_ok() { r2.unwrap_err() } else { r1.unwrap_err() };
+        assert!(
+            matches!(loser, StoreError::Rule(RuleError::FailedPrecondition(ref m)) if m.contains("already bound")),
+            "{loser}"
+        );
+    }
+    a_store.close().await;
+    b_store.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_binds_on_two_replicas_serialise_sqlite() {
+    concurrent_binds_serialise("sqlite").await;
+}
+
+#[tokio::test]
+async fn concurrent_binds_on_two_replicas_serialise_postgres() {
+    concurrent_binds_serialise("postgres").await;
+}
