@@ -232,6 +232,11 @@ pub async fn run(cmd: crate::config::BenchCommand) -> Result<(), crate::server::
                 .map_err(|e| StartError::Config(format!("null ext_authz: {e}")))
         }
         BenchCommand::Seed(args) => seed(args).await,
+        BenchCommand::Snapshot { keys } => {
+            snapshot_bench(keys);
+            Ok(())
+        }
+        BenchCommand::Churn(args) => churn(args).await,
         BenchCommand::Load(args) => {
             let mut requests = Vec::new();
             let unknown_every = if args.unknown_percent == 0 { 0 } else { (100 / args.unknown_percent.min(100) as u64).max(1) };
@@ -351,5 +356,194 @@ async fn seed(args: crate::config::SeedArgs) -> Result<(), crate::server::StartE
     }
     println!("seeded {} consumer keys in {:.1} s", args.keys, started.elapsed().as_secs_f64());
     store.close().await;
+    Ok(())
+}
+
+/// A full update with `n` synthetic consumer keys bound to one consumer, and one service
+/// with no model keys: what snapshot build and memory benchmarks measure.
+pub fn synthetic_update(n: u64) -> crate::snapshot::Update {
+    use crate::snapshot::{ConsumerRecord, KeyRecord, ServiceRecord, Update};
+    use sha2::{Digest, Sha256};
+    let consumer = uuid::Uuid::from_u128(1);
+    let keys = (0..n)
+        .map(|i| KeyRecord {
+            hash: Sha256::digest(i.to_le_bytes()).into(),
+            id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | i as u128),
+            name: format!("bench-{i}"),
+            enabled: true,
+            expire_time: None,
+            consumer: Some(consumer),
+            scope: None,
+            ip_allowlist: vec![],
+        })
+        .collect();
+    Update {
+        store_id: "bench".into(),
+        version: 1,
+        full: true,
+        keys,
+        consumers: vec![ConsumerRecord {
+            id: consumer,
+            name: "bench".into(),
+            scope: None,
+        }],
+        services: Some(vec![ServiceRecord {
+            id: uuid::Uuid::from_u128(2),
+            name: "bench".into(),
+            auth_header: "authorization".into(),
+            auth_value_template: "Bearer {key}".into(),
+            model_keys: vec![],
+        }]),
+        ..Default::default()
+    }
+}
+
+/// Resident set size of this process (Linux `/proc/self/statm`), in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn snapshot_bench(n: u64) {
+    let keys = crate::crypto::MasterKey::generate().keys();
+    let before = resident_bytes().unwrap_or(0);
+    let update = synthetic_update(n);
+    let with_update = resident_bytes().unwrap_or(0);
+    let started = Instant::now();
+    let snap = crate::snapshot::Snapshot::from_full(update, &keys).expect("synthetic update applies");
+    let built = started.elapsed();
+    let after = resident_bytes().unwrap_or(0);
+    println!(
+        "{n} keys: snapshot built in {:.3} s; resident {:.0} MB for the update records, {:.0} MB more after the build ({:.0} bytes/key for records + snapshot); {} keys indexed",
+        built.as_secs_f64(),
+        (with_update.saturating_sub(before)) as f64 / 1e6,
+        (after.saturating_sub(with_update)) as f64 / 1e6,
+        (after.saturating_sub(before)) as f64 / n.max(1) as f64,
+        snap.counts().consumer_keys,
+    );
+}
+
+async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::StartError> {
+    use crate::proto::admin::v1 as pb;
+    use crate::proto::admin::v1::key_admin_client::KeyAdminClient;
+    use crate::server::StartError;
+    let token = std::fs::read_to_string(&args.admin_token_file)
+        .map_err(|source| StartError::Io {
+            context: format!("reading {}", args.admin_token_file.display()),
+            source,
+        })?
+        .trim()
+        .to_string();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| StartError::Config("admin token is not a valid header value".into()))?;
+    let channel = connect(args.admin)
+        .await
+        .map_err(|e| StartError::Config(format!("connecting to {}: {e}", args.admin)))?;
+    let mut admin = KeyAdminClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", bearer.clone());
+        Ok(r)
+    });
+    let fail = |e: tonic::Status| StartError::Config(format!("admin call failed: {e}"));
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let sel = |name: &str| Some(pb::disable_consumer_key_request::Selector::Name(name.to_string()));
+    let esel = |name: &str| Some(pb::enable_consumer_key_request::Selector::Name(name.to_string()));
+
+    if args.rate > 0 {
+        let name = format!("churn-{}", &run_id[..8]);
+        admin
+            .create_consumer_key(pb::CreateConsumerKeyRequest {
+                name: name.clone(),
+                consumer: args.consumer.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(fail)?;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let end = Instant::now() + args.duration;
+        let mut changes = 0u64;
+        let mut enabled = true;
+        let started = Instant::now();
+        while Instant::now() < end {
+            tick.tick().await;
+            if enabled {
+                admin
+                    .disable_consumer_key(pb::DisableConsumerKeyRequest { selector: sel(&name) })
+                    .await
+                    .map_err(fail)?;
+            } else {
+                admin
+                    .enable_consumer_key(pb::EnableConsumerKeyRequest { selector: esel(&name) })
+                    .await
+                    .map_err(fail)?;
+            }
+            enabled = !enabled;
+            changes += 1;
+        }
+        println!(
+            "churn: {changes} admin changes in {:.1} s ({:.0}/s)",
+            started.elapsed().as_secs_f64(),
+            changes as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+
+    if args.trials > 0 {
+        let channel = connect(args.authz)
+            .await
+            .map_err(|e| StartError::Config(format!("connecting to {}: {e}", args.authz)))?;
+        let mut authz = AuthorizationClient::new(channel);
+        let mut samples = Vec::with_capacity(args.trials as usize);
+        for t in 0..args.trials {
+            let name = format!("prop-{}-{t}", &run_id[..8]);
+            let created = admin
+                .create_consumer_key(pb::CreateConsumerKeyRequest {
+                    name: name.clone(),
+                    consumer: args.consumer.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            let req = check_request(&created.value, &args.model_service, "127.0.0.1");
+            let allowed = |r: &CheckResponse| r.status.as_ref().map(|s| s.code).unwrap_or(0) == 0;
+            // Wait (bounded) until the new key is live, then disable and time the first deny.
+            let live_by = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = authz.check(req.clone()).await.map_err(fail)?.into_inner();
+                if allowed(&r) {
+                    break;
+                }
+                if Instant::now() > live_by {
+                    return Err(StartError::Config(format!("key {name} never became live")));
+                }
+            }
+            admin
+                .disable_consumer_key(pb::DisableConsumerKeyRequest { selector: sel(&name) })
+                .await
+                .map_err(fail)?;
+            let disabled_at = Instant::now();
+            loop {
+                let r = authz.check(req.clone()).await.map_err(fail)?.into_inner();
+                if !allowed(&r) {
+                    break;
+                }
+                if disabled_at.elapsed() > Duration::from_secs(10) {
+                    return Err(StartError::Config(format!("key {name} still allowed 10 s after disable")));
+                }
+            }
+            samples.push(disabled_at.elapsed());
+        }
+        samples.sort();
+        let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0;
+        println!(
+            "disable→first deny over {} trials: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            samples.len(),
+            q(0.5),
+            q(0.99),
+            q(1.0)
+        );
+    }
     Ok(())
 }

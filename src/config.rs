@@ -50,6 +50,40 @@ pub enum BenchCommand {
     /// Load N consumer keys (values `kg-bench-…`, see `keygate bench load --keys`) bound to
     /// one consumer, plus a model service with one model key, in one transaction.
     Seed(SeedArgs),
+    /// Build a snapshot of N synthetic keys in memory: build time and resident bytes per key.
+    Snapshot {
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+    },
+    /// Admin churn (toggle keys at a fixed rate) and disable→deny propagation trials against
+    /// a running `keygate serve`.
+    Churn(ChurnArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ChurnArgs {
+    /// The admin listener.
+    #[arg(long, default_value = "127.0.0.1:9002")]
+    pub admin: SocketAddr,
+    /// The ext_authz listener (for propagation trials).
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    pub authz: SocketAddr,
+    /// Admin token file.
+    #[arg(long)]
+    pub admin_token_file: PathBuf,
+    /// Changes per second for `--duration` (0: none).
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: std::time::Duration,
+    /// Disable→first-deny trials to run after the churn (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub trials: u32,
+    /// Consumer and model service the trial keys use (must exist, e.g. from `bench seed`).
+    #[arg(long, default_value = "bench")]
+    pub consumer: String,
+    #[arg(long, default_value = "bench")]
+    pub model_service: String,
 }
 
 #[derive(Clone, Debug, Args)]
