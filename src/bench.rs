@@ -16,7 +16,6 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, authorization_client::AuthorizationClient};
 use envoy_types::pb::google::rpc;
 use hdrhistogram::Histogram;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint, Server};
 
 /// The value of the i-th seeded bench key (deterministic, so the load generator can
@@ -208,7 +207,7 @@ pub async fn serve_null(
 ) -> Result<(), tonic::transport::Error> {
     Server::builder()
         .add_service(AuthorizationServer::new(NullAuthz))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::server::incoming(listener), shutdown)
         .await
 }
 
@@ -362,19 +361,23 @@ async fn seed(args: crate::config::SeedArgs) -> Result<(), crate::server::StartE
 /// A full update with `n` synthetic consumer keys bound to one consumer, and one service
 /// with no model keys: what snapshot build and memory benchmarks measure.
 pub fn synthetic_update(n: u64) -> crate::snapshot::Update {
-    use crate::snapshot::{ConsumerRecord, KeyRecord, ServiceRecord, Update};
+    use crate::snapshot::{ConsumerRecord, KeyEntry, ScopeSet, ServiceRecord, Update};
     use sha2::{Digest, Sha256};
     let consumer = uuid::Uuid::from_u128(1);
     let keys = (0..n)
-        .map(|i| KeyRecord {
-            hash: Sha256::digest(i.to_le_bytes()).into(),
-            id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | i as u128),
-            name: format!("bench-{i}"),
-            enabled: true,
-            expire_time: None,
-            consumer: Some(consumer),
-            scope: None,
-            ip_allowlist: vec![],
+        .map(|i| {
+            (
+                <[u8; 32]>::from(Sha256::digest(i.to_le_bytes())),
+                KeyEntry {
+                    id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | i as u128),
+                    consumer: Some(consumer),
+                    enabled: true,
+                    expire_time: None,
+                    name: format!("bench-{i}").into_boxed_str(),
+                    scope: ScopeSet::All,
+                    ip_allowlist: Box::new([]),
+                },
+            )
         })
         .collect();
     Update {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -174,6 +173,12 @@ impl Running {
     }
 }
 
+/// Accepted connections with TCP_NODELAY: without it, small gRPC answers wait ~40 ms for
+/// Nagle and delayed ACKs (measured through Envoy: 44 ms per allowed request).
+pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -265,7 +270,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
                     .await;
             };
             if let Err(e) = server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(authz_listener), shutdown)
+                .serve_with_incoming_shutdown(incoming(authz_listener), shutdown)
                 .await
             {
                 tracing::error!(error = %e, "ext_authz server failed");
@@ -303,7 +308,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
                     .await;
             };
             if let Err(e) = server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), shutdown)
+                .serve_with_incoming_shutdown(incoming(admin_listener), shutdown)
                 .await
             {
                 tracing::error!(error = %e, "admin server failed");

@@ -1,0 +1,1277 @@
+//! End to end through a real Envoy: the shipped `envoy/envoy.yaml` (only its ports rewritten)
+//! in front of a real `keygate serve`, with a recording HTTP upstream standing in for the model
+//! vendors. Requests are plain HTTP/1.1 from a minimal client, so what is asserted is exactly
+//! what a client and a vendor would see on the wire.
+//!
+//! Every test has its own keygate, Envoy (unique `--base-id`) and upstream, so tests run in
+//! parallel. Nothing sleeps to wait for a state: everything is polled with a bound.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::TokioIo;
+use keygate::proto::admin::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::{Admin, Keygate, Options, envoy_bin, poll_until};
+
+// ---------------------------------------------------------------------------------------------
+// Vendor keys the tests create (CUSTOM model keys) and expect the upstream to receive.
+
+const OPENAI_KEY: &str = "sk-proj-e2eOpenAiPrimary0000000000000001";
+const OPENAI_KEY_2: &str = "sk-proj-e2eOpenAiSecondary000000000000002";
+const ANTHROPIC_KEY: &str = "sk-ant-api03-e2eAnthropic00000000000000003";
+const AZURE_KEY: &str = "0123456789abcdef0123456789abcdef";
+
+const ALL_VENDOR_VALUES: [&str; 4] = [OPENAI_KEY, OPENAI_KEY_2, ANTHROPIC_KEY, AZURE_KEY];
+
+// ---------------------------------------------------------------------------------------------
+// Recording upstream (the "model vendor").
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    /// Path and query, exactly as sent on the wire.
+    target: String,
+    headers: HeaderMap,
+}
+
+impl Recorded {
+    /// Every value of header `name`.
+    fn values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// Panics if `secret` appears anywhere in the path, query or any header.
+    fn assert_never_carries(&self, secret: &str, what: &str) {
+        assert!(
+            !self.target.contains(secret),
+            "the upstream received the {what} in the path/query: {}",
+            self.target
+        );
+        for (name, value) in &self.headers {
+            assert!(
+                !String::from_utf8_lossy(value.as_bytes()).contains(secret),
+                "the upstream received the {what} in header {name}"
+            );
+        }
+    }
+}
+
+const UPSTREAM_BODY: &str =
+    r#"{"id":"chatcmpl-e2e","object":"chat.completion","upstream":"recording"}"#;
+
+struct Upstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let sink = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                // Like a real vendor's server: no Nagle delay on small responses.
+                let _ = stream.set_nodelay(true);
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let _ = body.collect().await;
+                            sink.lock().unwrap().push(Recorded {
+                                method: parts.method.to_string(),
+                                target: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.as_str().to_string())
+                                    .unwrap_or_default(),
+                                headers: parts.headers,
+                            });
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(200)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    fn all(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn last(&self) -> Recorded {
+        self.requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received no request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal HTTP/1.1 client (one request per connection, `Connection: close`).
+
+#[derive(Debug)]
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl HttpResponse {
+    fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {:?}", self.text()))
+    }
+}
+
+async fn http_get(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut req =
+            format!("GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP response within 10 s")
+        })?
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("non-UTF-8 head"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
+        let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
+        rest.get(..len).ok_or_else(|| bad("short body"))?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_str = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy running the shipped config.
+
+fn shipped_config() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Rewrites every `port_value: <from>` line; panics unless there are `expected` of them.
+fn replace_port(config: &str, from: u16, to: u16, expected: usize) -> String {
+    let needle = format!("port_value: {from}");
+    let mut found = 0;
+    let out: Vec<String> = config
+        .lines()
+        .map(|line| {
+            if line.trim() == needle {
+                found += 1;
+                line.replace(&needle, &format!("port_value: {to}"))
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(
+        found, expected,
+        "envoy/envoy.yaml: expected {expected} `{needle}` line(s), found {found}"
+    );
+    out.join("\n") + "\n"
+}
+
+/// The shipped config with keygate's, the listener's, the upstream's and the admin's ports.
+fn render_config(authz: u16, listener: u16, upstream: u16, admin: u16) -> String {
+    let c = shipped_config();
+    let c = replace_port(&c, 9001, authz, 1);
+    let c = replace_port(&c, 10000, listener, 1);
+    let c = replace_port(&c, 8080, upstream, 4);
+    replace_port(&c, 9901, admin, 1)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Collects a child's output lines; the thread ends at EOF (when the child has exited).
+fn capture(pipe: impl std::io::Read + Send + 'static) -> (Lines, std::thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let lines: Lines = Arc::default();
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (lines, reader)
+}
+
+struct Envoy {
+    child: Option<Child>,
+    listener: SocketAddr,
+    stdout: Lines,
+    stderr: Lines,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy on free ports and waits (bounded) until a request through it gets keygate's
+    /// answer. Retries with other ports if a port picked as free was taken meanwhile.
+    async fn start(authz: SocketAddr, upstream: SocketAddr) -> Envoy {
+        let mut last_failure = String::new();
+        for _attempt in 0..3 {
+            let (listener_port, admin_port) = (free_port(), free_port());
+            if listener_port == admin_port {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("envoy.yaml");
+            std::fs::write(
+                &config,
+                render_config(authz.port(), listener_port, upstream.port(), admin_port),
+            )
+            .unwrap();
+            let mut child = Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&config)
+                .args(["--concurrency", "1"])
+                // Unique per running Envoy: the listener port is held by this Envoy alone.
+                .args(["--base-id", &listener_port.to_string()])
+                .args(["-l", "warning"])
+                // Access log lines reach stdout promptly (the default flush interval is 10 s).
+                .args(["--file-flush-interval-msec", "50"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", envoy_bin().display()));
+            let (stdout, _) = capture(child.stdout.take().unwrap());
+            let (stderr, stderr_reader) = capture(child.stderr.take().unwrap());
+            let mut envoy = Envoy {
+                child: Some(child),
+                listener: SocketAddr::from(([127, 0, 0, 1], listener_port)),
+                stdout,
+                stderr,
+                _dir: dir,
+            };
+            match envoy.wait_ready().await {
+                Ok(()) => return envoy,
+                Err(e) => {
+                    // Stop it and read its stderr to the end before deciding what went wrong.
+                    if let Some(mut c) = envoy.child.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    let _ = stderr_reader.join();
+                    last_failure = format!("{e}\nEnvoy stderr:\n{}", envoy.stderr());
+                    let port_clash = last_failure.contains("ddress already in use")
+                        || last_failure.contains("unable to bind")
+                        || last_failure.contains("shared memory")
+                        || last_failure.contains("base-id");
+                    if !port_clash {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("Envoy did not start: {last_failure}");
+    }
+
+    /// Polls until a request without credentials gets keygate's 401 through Envoy (listener
+    /// up, route table loaded, keygate reachable over gRPC). Bounded.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last: String;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("Envoy exited with {status} before becoming ready"));
+            }
+            match http_get(self.listener, "/openai/v1/models", &[]).await {
+                Ok(r) if r.status == 401 => return Ok(()),
+                Ok(r) => last = format!("HTTP {} {}", r.status, r.text()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "Envoy not ready within 30 s (last attempt: {last})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    /// The access log lines (JSON, one per request) written so far.
+    fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One gateway: keygate + recording upstream + Envoy.
+
+struct Gateway {
+    // Envoy first: dropped (killed) before keygate and the upstream.
+    envoy: Envoy,
+    keygate: Keygate,
+    upstream: Upstream,
+    admin: Admin,
+}
+
+impl Gateway {
+    async fn start() -> Gateway {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(keygate_args: &[&str]) -> Gateway {
+        let keygate = Keygate::start_with(Options {
+            args: keygate_args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+        let admin = keygate.admin().await;
+        let upstream = Upstream::start().await;
+        let envoy = Envoy::start(keygate.authz_addr, upstream.addr).await;
+        Gateway {
+            envoy,
+            keygate,
+            upstream,
+            admin,
+        }
+    }
+
+    async fn get(&self, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_get(self.envoy.listener, target, headers)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET {target} through Envoy failed: {e}\n{}",
+                    self.diagnostics()
+                )
+            })
+    }
+
+    /// GET expecting `status`, with every log in the panic message otherwise.
+    async fn expect(&self, target: &str, headers: &[(&str, &str)], status: u16) -> HttpResponse {
+        let r = self.get(target, headers).await;
+        assert_eq!(
+            r.status,
+            status,
+            "GET {target}: expected HTTP {status}, got {} {}\n{}",
+            r.status,
+            r.text(),
+            self.diagnostics()
+        );
+        r
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- Envoy stderr:\n{}\n--- Envoy access log:\n{}\n--- keygate log (tail):\n{}",
+            self.envoy.stderr(),
+            self.envoy.stdout(),
+            tail(&self.keygate.logs(), 40)
+        )
+    }
+
+    /// Waits (bounded) until keygate's live snapshot includes every committed change, so the
+    /// next request is decided on the current state.
+    async fn settle(&mut self) {
+        let revision = self
+            .admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .first()
+            .expect("an audit event")
+            .revision;
+        let admin = self.admin.clone();
+        poll_until(
+            Duration::from_secs(10),
+            "keygate's snapshot to reach the last commit",
+            || {
+                let mut admin = admin.clone();
+                async move {
+                    let s = admin
+                        .get_snapshot_status(pb::GetSnapshotStatusRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (s.version >= revision).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API helpers.
+
+async fn create_service(admin: &mut Admin, name: &str, header: &str, template: &str) {
+    admin
+        .create_model_service(pb::CreateModelServiceRequest {
+            name: name.into(),
+            provider: name.into(),
+            auth_header: header.into(),
+            auth_value_template: template.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
+}
+
+async fn create_model_key(admin: &mut Admin, name: &str, value: &str, service: &str) {
+    admin
+        .create_model_key(pb::CreateModelKeyRequest {
+            name: name.into(),
+            generation_method: pb::GenerationMethod::Custom as i32,
+            value: value.into(),
+            model_services: vec![service.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateModelKey {name}: {e}"));
+}
+
+/// Creates a consumer key (AUTO) and returns its value (shown only here).
+async fn create_consumer_key(admin: &mut Admin, req: pb::CreateConsumerKeyRequest) -> String {
+    let name = req.name.clone();
+    let value = admin
+        .create_consumer_key(pb::CreateConsumerKeyRequest {
+            generation_method: pb::GenerationMethod::Auto as i32,
+            ..req
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateConsumerKey {name}: {e}"))
+        .into_inner()
+        .value;
+    assert!(
+        !value.is_empty(),
+        "CreateConsumerKey {name} returned no value"
+    );
+    value
+}
+
+fn bound_key(name: &str) -> pb::CreateConsumerKeyRequest {
+    pb::CreateConsumerKeyRequest {
+        name: name.into(),
+        consumer: "billing-app".into(),
+        ..Default::default()
+    }
+}
+
+async fn disable_consumer_key(admin: &mut Admin, name: &str) {
+    admin
+        .disable_consumer_key(pb::DisableConsumerKeyRequest {
+            selector: Some(pb::disable_consumer_key_request::Selector::Name(
+                name.into(),
+            )),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DisableConsumerKey {name}: {e}"));
+}
+
+async fn disable_model_key(admin: &mut Admin, name: &str) {
+    admin
+        .disable_model_key(pb::DisableModelKeyRequest {
+            selector: Some(pb::disable_model_key_request::Selector::Name(name.into())),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DisableModelKey {name}: {e}"));
+}
+
+/// The three model services of the routes in envoy.yaml, one model key each, the consumer
+/// `billing-app` and its key `billing-prod`. Returns the consumer key's value.
+async fn provision(admin: &mut Admin) -> String {
+    // OpenAI: the defaults, `authorization: Bearer {key}`.
+    create_service(admin, "openai", "", "").await;
+    create_service(admin, "anthropic", "x-api-key", "{key}").await;
+    create_service(admin, "azure", "api-key", "{key}").await;
+    create_model_key(admin, "openai-primary", OPENAI_KEY, "openai").await;
+    create_model_key(admin, "anthropic-main", ANTHROPIC_KEY, "anthropic").await;
+    create_model_key(admin, "azure-main", AZURE_KEY, "azure").await;
+    admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "billing-app".into(),
+            description: "the billing service".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    create_consumer_key(admin, bound_key("billing-prod")).await
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// The (header, value) a vendor route must deliver upstream, and the credential headers that
+/// must be absent there.
+fn vendor_expectation(service: &str) -> (&'static str, String) {
+    match service {
+        "openai" => ("authorization", bearer(OPENAI_KEY)),
+        "anthropic" => ("x-api-key", ANTHROPIC_KEY.to_string()),
+        "azure" => ("api-key", AZURE_KEY.to_string()),
+        _ => unreachable!(),
+    }
+}
+
+/// Exactly the vendor header of `service`, once; no other credential header; no consumer key.
+fn assert_vendor_request(rec: &Recorded, service: &str, consumer_key: &str) {
+    let (header, value) = vendor_expectation(service);
+    assert_eq!(
+        rec.values(header),
+        vec![value],
+        "{service}: the upstream must receive exactly one {header} value, the model key"
+    );
+    for other in ["authorization", "x-api-key", "api-key"] {
+        if other != header {
+            assert!(
+                rec.values(other).is_empty(),
+                "{service}: the upstream received a {other} header: {:?}",
+                rec.values(other)
+            );
+        }
+    }
+    rec.assert_never_carries(consumer_key, "consumer key");
+    // No other vendor's key either.
+    for v in ALL_VENDOR_VALUES {
+        if !vendor_expectation(service).1.contains(v) {
+            rec.assert_never_carries(v, "another service's model key");
+        }
+    }
+}
+
+fn assert_error_body(r: &HttpResponse, status: u16, kind: &str, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(
+        r.values("content-type"),
+        vec!["application/json"],
+        "denials carry exactly one content-type, application/json"
+    );
+    let v = r.json();
+    assert_eq!(v["error"]["type"], kind, "body: {}", r.text());
+    assert_eq!(v["error"]["code"], code, "body: {}", r.text());
+    assert!(v["error"]["message"].is_string(), "body: {}", r.text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Valid keys.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key() {
+    let mut gw = Gateway::start().await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+    let forms: [(&str, &str); 3] = [
+        ("authorization", &auth),
+        ("x-api-key", &ck),
+        ("api-key", &ck),
+    ];
+
+    for (form, value) in forms {
+        for service in ["openai", "anthropic", "azure"] {
+            let target = format!("/{service}/v1/chat/completions?stream=false");
+            let before = gw.upstream.count();
+            let r = gw.expect(&target, &[(form, value)], 200).await;
+            assert_eq!(
+                r.text(),
+                UPSTREAM_BODY,
+                "the client gets the vendor's answer"
+            );
+            assert_eq!(
+                gw.upstream.count(),
+                before + 1,
+                "exactly one upstream request"
+            );
+            let rec = gw.upstream.last();
+            assert_eq!(rec.method, "GET");
+            assert_eq!(
+                rec.target, target,
+                "path and query reach the vendor unchanged"
+            );
+            assert_vendor_request(&rec, service, &ck);
+        }
+    }
+
+    // A client that presents the consumer key in two forms at once: both are stripped.
+    let r = gw
+        .expect(
+            "/anthropic/v1/messages",
+            &[("authorization", &auth), ("api-key", &ck)],
+            200,
+        )
+        .await;
+    assert_eq!(r.text(), UPSTREAM_BODY);
+    assert_vendor_request(&gw.upstream.last(), "anthropic", &ck);
+
+    // The access log names who called which service (names from keygate's dynamic metadata)
+    // and never contains a key value.
+    let log = gw.envoy.access_log();
+    let stdout_has_line = |log: &[serde_json::Value]| {
+        log.iter().any(|l| {
+            l["response_code"] == 200
+                && l["consumer"] == "billing-app"
+                && l["consumer_key"] == "billing-prod"
+                && l["model_service"] == "azure"
+                && l["method"] == "GET"
+                && l["path"] == "/azure/v1/chat/completions"
+        })
+    };
+    if !stdout_has_line(&log) {
+        let envoy = &gw.envoy;
+        poll_until(
+            Duration::from_secs(15),
+            "the access log line of an allowed request",
+            || {
+                let found = stdout_has_line(&envoy.access_log());
+                async move { found.then_some(()) }
+            },
+        )
+        .await;
+    }
+    let denied_logged = gw
+        .envoy
+        .access_log()
+        .into_iter()
+        .any(|l| l["response_code"] == 401 && l["deny_reason"] == "missing_credential");
+    assert!(
+        denied_logged,
+        "the readiness probe's 401 is logged with its deny_reason:\n{}",
+        gw.envoy.stdout()
+    );
+    let out = gw.envoy.stdout() + &gw.envoy.stderr();
+    assert!(
+        !out.contains(&ck),
+        "Envoy's output contains the consumer key"
+    );
+    for v in ALL_VENDOR_VALUES {
+        assert!(!out.contains(v), "Envoy's output contains a model key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor() {
+    let mut gw = Gateway::start_with(&["--credential-query-param", "key"]).await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+
+    // The key alone, then beside other parameters (which must survive).
+    let r = gw
+        .expect(&format!("/openai/v1/models?key={ck}"), &[], 200)
+        .await;
+    assert_eq!(r.text(), UPSTREAM_BODY);
+    let rec = gw.upstream.last();
+    assert_eq!(
+        rec.target, "/openai/v1/models",
+        "the credential parameter reached the vendor"
+    );
+    assert_vendor_request(&rec, "openai", &ck);
+
+    gw.expect(
+        &format!("/anthropic/v1/messages?limit=5&key={ck}&beta=true"),
+        &[],
+        200,
+    )
+    .await;
+    let rec = gw.upstream.last();
+    assert!(
+        !rec.target.contains("key="),
+        "the credential parameter reached the vendor: {}",
+        rec.target
+    );
+    assert!(
+        rec.target.starts_with("/anthropic/v1/messages?")
+            && rec.target.contains("limit=5")
+            && rec.target.contains("beta=true"),
+        "other query parameters must reach the vendor: {}",
+        rec.target
+    );
+    assert_vendor_request(&rec, "anthropic", &ck);
+
+    // Headers keep working beside the query parameter.
+    gw.expect("/azure/v1/deployments", &[("api-key", &ck)], 200)
+        .await;
+    assert_vendor_request(&gw.upstream.last(), "azure", &ck);
+
+    // An unknown key in the query parameter is refused like any other.
+    let before = gw.upstream.count();
+    let r = gw
+        .get("/openai/v1/models?key=kg-notAKeyThatExists0000000000", &[])
+        .await;
+    assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
+    assert_eq!(gw.upstream.count(), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Denials.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_all_get_the_same_openai_style_401() {
+    let mut gw = Gateway::start().await;
+    let good = provision(&mut gw.admin).await;
+    let disabled = create_consumer_key(&mut gw.admin, bound_key("billing-old")).await;
+    disable_consumer_key(&mut gw.admin, "billing-old").await;
+    let unbound = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            name: "spare".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Expires ~2 s from now (the data plane refuses it from that instant; no change is pushed).
+    let expiry = SystemTime::now() + Duration::from_secs(2);
+    let since_epoch = expiry.duration_since(UNIX_EPOCH).unwrap();
+    let expiring = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            expire_time: Some(prost_types::Timestamp {
+                seconds: since_epoch.as_secs() as i64,
+                nanos: since_epoch.subsec_nanos() as i32,
+            }),
+            ..bound_key("billing-temp")
+        },
+    )
+    .await;
+    gw.settle().await;
+
+    // The expiring key works now...
+    gw.expect(
+        "/openai/v1/models",
+        &[("authorization", &bearer(&expiring))],
+        200,
+    )
+    .await;
+    gw.expect(
+        "/openai/v1/models",
+        &[("authorization", &bearer(&good))],
+        200,
+    )
+    .await;
+    // ...and is refused once it has expired.
+    let expired_401 = poll_until(
+        Duration::from_secs(10),
+        "the expiring key to be refused",
+        || {
+            let gw = &gw;
+            let expiring = &expiring;
+            async move {
+                let r = gw
+                    .get("/openai/v1/models", &[("authorization", &bearer(expiring))])
+                    .await;
+                match r.status {
+                    200 => None,
+                    401 => Some(r),
+                    s => panic!("unexpected HTTP {s} for the expiring key: {}", r.text()),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        SystemTime::now() >= expiry,
+        "refused before its expire_time"
+    );
+    let expired_view = gw
+        .admin
+        .get_consumer_key(pb::GetConsumerKeyRequest {
+            selector: Some(pb::get_consumer_key_request::Selector::Name(
+                "billing-temp".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(expired_view.expired, "GetConsumerKey shows expired: true");
+    assert_eq!(
+        expired_view.status,
+        pb::KeyStatus::Enabled as i32,
+        "an expired key keeps its status"
+    );
+
+    let upstream_before = gw.upstream.count();
+    let unknown = "kg-ThisKeyWasNeverIssuedByKeygate000000000000";
+    let basic = format!("Basic {good}");
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("missing", vec![]),
+        ("empty bearer", vec![("authorization", "Bearer ".into())]),
+        ("not a bearer", vec![("authorization", basic)]),
+        (
+            "unknown (authorization)",
+            vec![("authorization", bearer(unknown))],
+        ),
+        ("unknown (x-api-key)", vec![("x-api-key", unknown.into())]),
+        ("unknown (api-key)", vec![("api-key", unknown.into())]),
+        ("disabled", vec![("authorization", bearer(&disabled))]),
+        (
+            "disabled (x-api-key)",
+            vec![("x-api-key", disabled.clone())],
+        ),
+        ("expired", vec![("authorization", bearer(&expiring))]),
+        ("unbound", vec![("authorization", bearer(&unbound))]),
+        ("unbound (api-key)", vec![("api-key", unbound.clone())]),
+    ];
+    let mut bodies = vec![("expired (first refusal)", expired_401.body.clone())];
+    assert_error_body(&expired_401, 401, "authentication_error", "invalid_api_key");
+    for (case, headers) in &cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for service in ["openai", "anthropic", "azure"] {
+            let r = gw
+                .get(&format!("/{service}/v1/chat/completions"), &headers)
+                .await;
+            assert_eq!(
+                r.status,
+                401,
+                "{case} on /{service}/: {}\n{}",
+                r.text(),
+                gw.diagnostics()
+            );
+            assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
+            for secret in [&good, &disabled, &unbound, &expiring] {
+                assert!(
+                    !r.text().contains(secret.as_str()),
+                    "{case}: the 401 body echoes a key"
+                );
+            }
+            bodies.push((case, r.body));
+        }
+    }
+    let (first_case, first) = &bodies[0];
+    for (case, body) in &bodies {
+        assert_eq!(
+            body,
+            first,
+            "every 401 body is byte-identical ({case} differs from {first_case}): {:?} vs {:?}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(first)
+        );
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        upstream_before,
+        "the upstream received a refused request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_scope_route_and_model_key_denials() {
+    let mut gw = Gateway::start().await;
+    let good = provision(&mut gw.admin).await;
+    let office_only = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            ip_allowlist: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+            ..bound_key("office-only")
+        },
+    )
+    .await;
+    let loopback_only = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            ip_allowlist: vec!["127.0.0.1/32".into()],
+            ..bound_key("loopback-only")
+        },
+    )
+    .await;
+    let openai_only = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            scope: Some(pb::Scope {
+                all: false,
+                model_services: vec!["openai".into()],
+            }),
+            ..bound_key("openai-only")
+        },
+    )
+    .await;
+    // Azure's only model key is disabled: nothing to inject there.
+    disable_model_key(&mut gw.admin, "azure-main").await;
+    gw.settle().await;
+
+    let mut allowed = 0;
+
+    // IP allowlist: Envoy's downstream peer is 127.0.0.1.
+    let r = gw
+        .get(
+            "/openai/v1/models",
+            &[("authorization", &bearer(&office_only))],
+        )
+        .await;
+    assert_error_body(&r, 403, "permission_error", "ip_not_allowed");
+    gw.expect(
+        "/openai/v1/models",
+        &[("authorization", &bearer(&loopback_only))],
+        200,
+    )
+    .await;
+    allowed += 1;
+    assert_vendor_request(&gw.upstream.last(), "openai", &loopback_only);
+    // A spoofed x-forwarded-for does not move the address keygate checks (default: peer).
+    let r = gw
+        .get(
+            "/openai/v1/models",
+            &[
+                ("authorization", &bearer(&office_only)),
+                ("x-forwarded-for", "10.1.2.3"),
+            ],
+        )
+        .await;
+    assert_error_body(&r, 403, "permission_error", "ip_not_allowed");
+
+    // Scope: a key scoped to openai.
+    gw.expect("/openai/v1/models", &[("x-api-key", &openai_only)], 200)
+        .await;
+    allowed += 1;
+    assert_vendor_request(&gw.upstream.last(), "openai", &openai_only);
+    let r = gw
+        .get("/anthropic/v1/messages", &[("x-api-key", &openai_only)])
+        .await;
+    assert_error_body(&r, 403, "permission_error", "model_service_not_allowed");
+
+    // A route without a model_service.
+    let r = gw
+        .get(
+            "/unconfigured/v1/models",
+            &[("authorization", &bearer(&good))],
+        )
+        .await;
+    assert_error_body(&r, 403, "permission_error", "route_not_configured");
+    // A client header cannot supply the model service either.
+    let r = gw
+        .get(
+            "/unconfigured/v1/models",
+            &[
+                ("authorization", &bearer(&good)),
+                ("model_service", "openai"),
+                ("x-model-service", "openai"),
+            ],
+        )
+        .await;
+    assert_error_body(&r, 403, "permission_error", "route_not_configured");
+
+    // A service whose only model key is disabled.
+    let r = gw
+        .get("/azure/v1/chat/completions", &[("api-key", &good)])
+        .await;
+    assert_error_body(&r, 503, "service_unavailable", "no_model_key");
+
+    let seen = gw.upstream.all();
+    assert_eq!(
+        seen.len(),
+        allowed,
+        "the upstream received a refused request: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|r| r.target.starts_with("/openai/")),
+        "{seen:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Propagation of a disable.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_consumer_key_is_refused_through_envoy_within_one_second() {
+    let mut gw = Gateway::start().await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+    gw.expect(
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        200,
+    )
+    .await;
+
+    disable_consumer_key(&mut gw.admin, "billing-prod").await;
+    let returned = Instant::now();
+    let mut requests = 0u32;
+    let elapsed = loop {
+        let r = gw
+            .get("/openai/v1/chat/completions", &[("authorization", &auth)])
+            .await;
+        requests += 1;
+        match r.status {
+            401 => break returned.elapsed(),
+            200 => {}
+            s => panic!(
+                "unexpected HTTP {s} while waiting for the disable: {}",
+                r.text()
+            ),
+        }
+        assert!(
+            returned.elapsed() < Duration::from_secs(10),
+            "the disabled key was still accepted 10 s after DisableConsumerKey returned"
+        );
+    };
+    eprintln!(
+        "disable→deny through Envoy: {:.1} ms from DisableConsumerKey returning to the first 401 ({requests} request(s))",
+        elapsed.as_secs_f64() * 1000.0
+    );
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "a disabled key must be refused within 1 s; took {elapsed:?}"
+    );
+    // And it stays refused.
+    let r = gw
+        .get("/anthropic/v1/messages", &[("x-api-key", &ck)])
+        .await;
+    assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Several model keys on one service.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one() {
+    let mut gw = Gateway::start().await;
+    let ck = provision(&mut gw.admin).await;
+    create_model_key(&mut gw.admin, "openai-secondary", OPENAI_KEY_2, "openai").await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        gw.expect(
+            "/openai/v1/chat/completions",
+            &[("authorization", &auth)],
+            200,
+        )
+        .await;
+        let rec = gw.upstream.last();
+        let values = rec.values("authorization");
+        assert_eq!(
+            values.len(),
+            1,
+            "exactly one authorization value: {values:?}"
+        );
+        seen.insert(values[0].clone());
+    }
+    let both: BTreeSet<String> = [bearer(OPENAI_KEY), bearer(OPENAI_KEY_2)].into();
+    assert_eq!(
+        seen, both,
+        "over 20 requests the upstream sees both model keys"
+    );
+
+    disable_model_key(&mut gw.admin, "openai-primary").await;
+    gw.settle().await;
+    for _ in 0..20 {
+        gw.expect(
+            "/openai/v1/chat/completions",
+            &[("authorization", &auth)],
+            200,
+        )
+        .await;
+        assert_eq!(
+            gw.upstream.last().values("authorization"),
+            vec![bearer(OPENAI_KEY_2)],
+            "a disabled model key is no longer injected"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Fail closed.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_fails_closed_when_keygate_is_down() {
+    let mut gw = Gateway::start().await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+    gw.expect(
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        200,
+    )
+    .await;
+    let before = gw.upstream.count();
+
+    gw.keygate.kill();
+
+    for service in ["openai", "anthropic", "azure", "unconfigured"] {
+        for headers in [vec![("authorization", auth.as_str())], vec![]] {
+            let r = gw
+                .get(&format!("/{service}/v1/chat/completions"), &headers)
+                .await;
+            assert_ne!(
+                r.status, 200,
+                "/{service}/ was let through with keygate down"
+            );
+            assert_eq!(
+                r.status,
+                503,
+                "status_on_error in envoy.yaml: 503 with keygate down, got {} {}",
+                r.status,
+                r.text()
+            );
+            assert_ne!(r.text(), UPSTREAM_BODY);
+        }
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "the upstream received a request while keygate was down"
+    );
+}
