@@ -10,7 +10,7 @@ use keygate::domain::input::{
     NewModelService,
 };
 use keygate::domain::{KeyStatus, Limits, RuleError, ScopeInput, Selector};
-use keygate::snapshot::{Snapshot, SnapshotBuilder, SnapshotCell, contents_to_update};
+use keygate::snapshot::{Snapshot, SnapshotBuilder, SnapshotCell, load_full_update};
 use keygate::store::{Actor, Store, StoreError};
 
 /// A fresh store of each backend. PostgreSQL is required: set KEYGATE_TEST_POSTGRES
@@ -188,11 +188,7 @@ async fn incremental_matches_full(backend: &str) {
         "changes were applied incrementally, not by a full rebuild"
     );
 
-    let full = Snapshot::from_full(
-        contents_to_update(&store.load_contents().await.unwrap()).unwrap(),
-        store.keys(),
-    )
-    .unwrap();
+    let full = Snapshot::from_full(load_full_update(&store).await.unwrap(), store.keys()).unwrap();
     assert_eq!(incremental.version, full.version);
     assert_eq!(canonical(&incremental), canonical(&full));
     assert_eq!(incremental.counts().consumer_keys, 4);

@@ -9,11 +9,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 use uuid::Uuid;
 
-use super::{ConsumerRecord, KeyRecord, ModelKeyRecord, ServiceRecord, Snapshot, SnapshotCell, Update};
+use super::{
+    ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, SnapshotCell, Update,
+};
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
-use crate::domain::{Consumer, ConsumerKey, KeyStatus, ModelKey, ModelService, Scope};
-use crate::store::{Changes, Store, StoreContents, StoreError};
+use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Scope};
+use crate::store::{Changes, Increment, KeyRow, Store, StoreError};
 
 /// More changed resources than this since the last snapshot: reload everything instead.
 const MAX_INCREMENTAL_CHANGES: usize = 50_000;
@@ -39,22 +41,27 @@ fn scope_ids(scope: &Scope) -> Result<Option<Vec<Uuid>>, BuildError> {
     })
 }
 
-fn key_record(k: &ConsumerKey, hash: KeyHash) -> Result<KeyRecord, BuildError> {
-    let ip_allowlist: Vec<IpNet> = k
+fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
+    let ip_allowlist: Box<[IpNet]> = k
         .ip_allowlist
         .iter()
         .map(|e| ip_entry("ip_allowlist", e).map_err(|v| BuildError::Record(v.description)))
         .collect::<Result<_, _>>()?;
-    Ok(KeyRecord {
-        hash,
-        id: uuid(&k.id)?,
-        name: k.name.clone(),
-        enabled: k.status == KeyStatus::Enabled,
-        expire_time: k.expire_time,
-        consumer: k.consumer.as_ref().map(|c| uuid(&c.id)).transpose()?,
-        scope: scope_ids(&k.scope)?,
-        ip_allowlist,
-    })
+    Ok((
+        k.hash,
+        KeyEntry {
+            id: uuid(&k.id)?,
+            consumer: k.consumer_id.as_deref().map(uuid).transpose()?,
+            enabled: k.status == KeyStatus::Enabled,
+            expire_time: k.expire_time,
+            name: k.name.into_boxed_str(),
+            scope: match scope_ids(&k.scope)? {
+                None => ScopeSet::All,
+                Some(ids) => ScopeSet::Only(ids.into()),
+            },
+            ip_allowlist,
+        },
+    ))
 }
 
 fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
@@ -95,17 +102,32 @@ fn service_records(services: &[ModelService], keys: &[(ModelKey, Vec<u8>)]) -> R
         .collect()
 }
 
-/// A full update from everything in the store.
-pub fn contents_to_update(c: &StoreContents) -> Result<Update, BuildError> {
+/// A full update from everything in the store (keys streamed straight into entries).
+pub async fn load_full_update(store: &Store) -> Result<Update, BuildError> {
+    let mut keys = Vec::new();
+    let mut bad: Option<BuildError> = None;
+    let contents = store
+        .load_contents(|row| {
+            match key_entry(row) {
+                Ok(e) => keys.push(e),
+                Err(e) => {
+                    let msg = e.to_string();
+                    bad.get_or_insert(e);
+                    return Err(msg);
+                }
+            }
+            Ok(())
+        })
+        .await;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    let c = contents?;
     Ok(Update {
         store_id: c.store_id.clone(),
         version: c.revision,
         full: true,
-        keys: c
-            .consumer_keys
-            .iter()
-            .map(|(k, h)| key_record(k, *h))
-            .collect::<Result<_, _>>()?,
+        keys,
         removed_keys: vec![],
         consumers: c.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
         removed_consumers: vec![],
@@ -114,37 +136,29 @@ pub fn contents_to_update(c: &StoreContents) -> Result<Update, BuildError> {
     })
 }
 
-/// The update for what the store reports changed (`None` when nothing did).
-pub fn changes_to_update(changes: &Changes, model_key_count: u64) -> Result<Option<Update>, BuildError> {
-    Ok(match changes {
-        Changes::UpToDate { .. } => None,
-        Changes::Full(c) => Some(contents_to_update(c)?),
-        Changes::Incremental(i) => Some(Update {
-            store_id: i.store_id.clone(),
-            version: i.revision,
-            full: false,
-            keys: i
-                .consumer_keys
-                .iter()
-                .map(|(k, h)| key_record(k, *h))
-                .collect::<Result<_, _>>()?,
-            removed_keys: i.removed_key_hashes.clone(),
-            consumers: i.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
-            removed_consumers: i
-                .removed_consumer_ids
-                .iter()
-                .map(|id| uuid(id))
-                .collect::<Result<_, _>>()?,
-            services: i
-                .services
-                .as_ref()
-                .map(|(s, k)| service_records(s, k))
-                .transpose()?,
-            model_key_count: match &i.services {
-                Some((_, k)) => k.len() as u64,
-                None => model_key_count,
-            },
-        }),
+/// The update for an incremental change set.
+fn increment_to_update(i: Increment, model_key_count: u64) -> Result<Update, BuildError> {
+    Ok(Update {
+        store_id: i.store_id.clone(),
+        version: i.revision,
+        full: false,
+        keys: i.consumer_keys.into_iter().map(key_entry).collect::<Result<_, _>>()?,
+        removed_keys: i.removed_key_hashes.clone(),
+        consumers: i.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
+        removed_consumers: i
+            .removed_consumer_ids
+            .iter()
+            .map(|id| uuid(id))
+            .collect::<Result<_, _>>()?,
+        model_key_count: match &i.services {
+            Some((_, k)) => k.len() as u64,
+            None => model_key_count,
+        },
+        services: i
+            .services
+            .as_ref()
+            .map(|(s, k)| service_records(s, k))
+            .transpose()?,
     })
 }
 
@@ -182,13 +196,19 @@ impl SnapshotBuilder {
         let current = self.cell.load();
         let changes = match &current {
             Some(s) => self.store.load_changes(s.version, MAX_INCREMENTAL_CHANGES).await?,
-            None => Changes::Full(self.store.load_contents().await?),
+            None => Changes::Full,
         };
         let model_keys = current.as_ref().map(|s| s.counts().model_keys).unwrap_or(0);
-        let Some(update) = changes_to_update(&changes, model_keys)? else {
-            return Ok(current.expect("up to date implies a snapshot"));
+        let update = match changes {
+            Changes::UpToDate { .. } => {
+                if let Some(s) = current {
+                    return Ok(s);
+                }
+                load_full_update(&self.store).await?
+            }
+            Changes::Full => load_full_update(&self.store).await?,
+            Changes::Incremental(i) => increment_to_update(i, model_keys)?,
         };
-        drop(changes);
         let keys = self.keys.clone();
         let base = current.clone();
         let shared = Arc::new(update);

@@ -8,9 +8,9 @@ mod builder;
 mod index;
 mod update;
 
-pub use builder::{BuildError, SnapshotBuilder, changes_to_update, contents_to_update};
+pub use builder::{BuildError, SnapshotBuilder, load_full_update};
 pub use index::KeyIndex;
-pub use update::{ApplyError, ConsumerRecord, KeyRecord, ModelKeyRecord, ServiceRecord, Update};
+pub use update::{ApplyError, ConsumerRecord, ModelKeyRecord, ServiceRecord, Update};
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -7,26 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot};
 use crate::crypto::{KeyHash, Keys, Secret};
-use crate::domain::Timestamp;
-
-/// A consumer key as distributed: its HMAC and everything the decision reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub hash: KeyHash,
-    pub id: Uuid,
-    pub name: String,
-    pub enabled: bool,
-    pub expire_time: Option<Timestamp>,
-    pub consumer: Option<Uuid>,
-    /// `None`: every service (narrowed by the consumer's scope).
-    pub scope: Option<Vec<Uuid>>,
-    pub ip_allowlist: Vec<IpNet>,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerRecord {
@@ -61,7 +45,8 @@ pub struct Update {
     pub store_id: String,
     pub version: i64,
     pub full: bool,
-    pub keys: Vec<KeyRecord>,
+    /// Consumer keys to insert or replace, by HMAC.
+    pub keys: Vec<(KeyHash, KeyEntry)>,
     pub removed_keys: Vec<KeyHash>,
     pub consumers: Vec<ConsumerRecord>,
     pub removed_consumers: Vec<Uuid>,
@@ -99,21 +84,6 @@ fn scope_set(s: &Option<Vec<Uuid>>) -> ScopeSet {
         None => ScopeSet::All,
         Some(ids) => ScopeSet::Only(ids.clone().into()),
     }
-}
-
-fn key_entry(r: KeyRecord) -> (KeyHash, KeyEntry) {
-    (
-        r.hash,
-        KeyEntry {
-            id: r.id,
-            consumer: r.consumer,
-            enabled: r.enabled,
-            expire_time: r.expire_time,
-            name: r.name.into_boxed_str(),
-            scope: scope_set(&r.scope),
-            ip_allowlist: r.ip_allowlist.into_boxed_slice(),
-        },
-    )
 }
 
 fn consumer_entry(r: &ConsumerRecord) -> Arc<ConsumerEntry> {
@@ -185,7 +155,7 @@ impl Snapshot {
             let consumers: HashMap<Uuid, Arc<ConsumerEntry>> =
                 update.consumers.iter().map(|c| (c.id, consumer_entry(c))).collect();
             (
-                KeyIndex::from_entries(update.keys.into_iter().map(key_entry).collect()),
+                KeyIndex::from_entries(update.keys),
                 Arc::new(consumers),
             )
         } else {
@@ -204,10 +174,7 @@ impl Snapshot {
             let index = if update.keys.is_empty() && update.removed_keys.is_empty() {
                 self.keys.clone()
             } else {
-                self.keys.with_changes(
-                    &update.removed_keys,
-                    update.keys.into_iter().map(key_entry).collect(),
-                )
+                self.keys.with_changes(&update.removed_keys, update.keys)
             };
             (index, consumers)
         };
@@ -233,20 +200,7 @@ impl Snapshot {
             store_id: self.store_id.clone(),
             version: self.version,
             full: true,
-            keys: self
-                .keys
-                .iter()
-                .map(|(h, e)| KeyRecord {
-                    hash: *h,
-                    id: e.id,
-                    name: e.name.to_string(),
-                    enabled: e.enabled,
-                    expire_time: e.expire_time,
-                    consumer: e.consumer,
-                    scope: scope(&e.scope),
-                    ip_allowlist: e.ip_allowlist.to_vec(),
-                })
-                .collect(),
+            keys: self.keys.iter().map(|(h, e)| (*h, e.clone())).collect(),
             removed_keys: vec![],
             consumers: self
                 .consumers

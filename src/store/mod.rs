@@ -101,9 +101,52 @@ pub struct StoreContents {
     pub revision: i64,
     pub consumers: Vec<Consumer>,
     pub model_services: Vec<ModelService>,
-    pub consumer_keys: Vec<(ConsumerKey, KeyHash)>,
     /// Model keys with their ciphertext (decrypted by the snapshot builder).
     pub model_keys: Vec<(ModelKey, Vec<u8>)>,
+    /// Consumer keys with a value (keys without one are never served).
+    pub consumer_key_count: u64,
+}
+
+/// A consumer key as the data plane needs it: no description, mask or times.
+#[derive(Debug)]
+pub struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub status: KeyStatus,
+    pub hash: KeyHash,
+    pub consumer_id: Option<String>,
+    pub scope: Scope,
+    pub expire_time: Option<Timestamp>,
+    /// Canonical allowlist entries.
+    pub ip_allowlist: Vec<String>,
+}
+
+const KEY_ROW_COLUMNS: &str =
+    "k.id, k.name, k.status, k.key_hash, k.consumer_id, k.scope_mode, k.ip_allowlist, k.expire_time";
+
+/// A `KeyRow` from a row of `KEY_ROW_COLUMNS`; `None` for a key with no value yet.
+fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
+    let Some(hash) = r
+        .try_get::<Option<Vec<u8>>, _>("key_hash")?
+        .and_then(|h| <KeyHash>::try_from(h.as_slice()).ok())
+    else {
+        return Ok(None);
+    };
+    let allowlist: String = r.try_get("ip_allowlist")?;
+    Ok(Some(KeyRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        status: status_of(r)?,
+        hash,
+        consumer_id: r.try_get("consumer_id")?,
+        scope,
+        expire_time: r.try_get::<Option<i64>, _>("expire_time")?.map(Timestamp),
+        ip_allowlist: if allowlist.is_empty() {
+            Vec::new()
+        } else {
+            allowlist.split(',').map(str::to_string).collect()
+        },
+    }))
 }
 
 /// The result of creating a consumer key: the record and the one-time value.
@@ -1933,7 +1976,7 @@ impl Store {
         if revision < since {
             // A store restored from an older backup: start over.
             tx.commit().await?;
-            return Ok(Changes::Full(self.load_contents().await?));
+            return Ok(Changes::Full);
         }
         let rows = sqlx::query(
             "SELECT kind, resource_id, key_hash FROM changes WHERE revision > $1 AND revision <= $2 LIMIT $3",
@@ -1954,7 +1997,7 @@ impl Store {
                 .any(|r| r.try_get::<i64, _>("kind").map(|k| k == 0).unwrap_or(true));
         if full {
             tx.commit().await?;
-            return Ok(Changes::Full(self.load_contents().await?));
+            return Ok(Changes::Full);
         }
         let mut key_ids = Vec::new();
         let mut removed_key_hashes = Vec::new();
@@ -1985,19 +2028,15 @@ impl Store {
         let mut consumer_keys = Vec::with_capacity(key_ids.len());
         for id in &key_ids {
             let row = sqlx::query(&format!(
-                "SELECT {CONSUMER_KEY_COLUMNS}, k.key_hash FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1"
+                "SELECT {KEY_ROW_COLUMNS} FROM consumer_keys k WHERE k.id = $1"
             ))
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
             let Some(row) = row else { continue }; // deleted: its hash is in removed_key_hashes
-            let mut key = consumer_key_base(&row)?;
-            key.scope = self.read_scope(&mut tx, &key.id, row.try_get("scope_mode")?).await?;
-            if let Some(hash) = row
-                .try_get::<Option<Vec<u8>>, _>("key_hash")?
-                .and_then(|h| <KeyHash>::try_from(h.as_slice()).ok())
-            {
-                consumer_keys.push((key, hash));
+            let scope = self.read_scope(&mut tx, id, row.try_get("scope_mode")?).await?;
+            if let Some(k) = key_row(&row, scope)? {
+                consumer_keys.push(k);
             }
         }
         let mut consumers = Vec::new();
@@ -2051,8 +2090,12 @@ impl Store {
         Ok(r.rows_affected())
     }
 
-    /// Reads every resource the data plane needs, in one consistent read.
-    pub async fn load_contents(&self) -> Result<StoreContents> {
+    /// Reads every resource the data plane needs, in one consistent read. Consumer keys are
+    /// streamed to `on_key` (never all held as rows at once: there may be millions).
+    pub async fn load_contents(
+        &self,
+        mut on_key: impl FnMut(KeyRow) -> std::result::Result<(), String>,
+    ) -> Result<StoreContents> {
         let mut tx: Transaction<'_, Any> = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -2098,20 +2141,18 @@ impl Store {
 
         let (model_services, model_keys) = load_services(&mut tx).await?;
 
-        let mut consumer_keys = Vec::new();
-        for r in sqlx::query(&format!(
-            "SELECT {CONSUMER_KEY_COLUMNS}, k.key_hash FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id"
-        ))
-        .fetch_all(&mut *tx)
-        .await?
+        let mut consumer_key_count = 0u64;
         {
-            let mut k = consumer_key_base(&r)?;
-            k.scope = scope_of(&mut scopes, &k.id, r.try_get("scope_mode")?);
-            let hash: Option<Vec<u8>> = r.try_get("key_hash")?;
-            let Some(hash) = hash.and_then(|h| <KeyHash>::try_from(h.as_slice()).ok()) else {
-                continue; // not resolvable yet (no value): never served
-            };
-            consumer_keys.push((k, hash));
+            use futures::TryStreamExt;
+            let sql = format!("SELECT {KEY_ROW_COLUMNS} FROM consumer_keys k");
+            let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+            while let Some(r) = rows.try_next().await? {
+                let scope = scope_of(&mut scopes, &r.try_get::<String, _>("id")?, r.try_get("scope_mode")?);
+                if let Some(k) = key_row(&r, scope)? {
+                    consumer_key_count += 1;
+                    on_key(k).map_err(StoreError::Corrupt)?;
+                }
+            }
         }
         tx.commit().await?;
         Ok(StoreContents {
@@ -2119,8 +2160,8 @@ impl Store {
             revision,
             consumers,
             model_services,
-            consumer_keys,
             model_keys,
+            consumer_key_count,
         })
     }
 }
@@ -2131,8 +2172,8 @@ impl Store {
 pub enum Changes {
     /// Nothing committed since.
     UpToDate { revision: i64 },
-    /// Too much changed (or the history is gone): here is everything.
-    Full(StoreContents),
+    /// Too much changed (or the history is gone): reload everything (`load_contents`).
+    Full,
     Incremental(Increment),
 }
 
@@ -2141,8 +2182,8 @@ pub enum Changes {
 pub struct Increment {
     pub store_id: String,
     pub revision: i64,
-    /// Changed consumer keys as they are now (with their HMAC).
-    pub consumer_keys: Vec<(ConsumerKey, KeyHash)>,
+    /// Changed consumer keys as they are now.
+    pub consumer_keys: Vec<KeyRow>,
     /// HMACs to drop (deleted keys).
     pub removed_key_hashes: Vec<KeyHash>,
     pub consumers: Vec<Consumer>,
