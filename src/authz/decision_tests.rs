@@ -36,10 +36,12 @@ const IP_V6: &str = "kg-Ty2BqW9kMz4RxV6nDcLs";
 const KEY_SCOPED: &str = "kg-Lx9PwN4vKr2ZqT7mBcHy";
 const CONSUMER_SCOPED: &str = "kg-Zv1RmK8tWq3NyX5pDhLc";
 const BOTH_SCOPED: &str = "kg-Mq4TzX7bVn2KwR9yLpHd";
+/// Allowlisted for one host written the way a dual-stack Envoy reports it (`::ffff:a.b.c.d`).
+const IP_MAPPED: &str = "kg-Vd5XkQ1nRz8WmT3yBcGp";
 /// A well-formed value that is in no snapshot.
 const UNKNOWN: &str = "kg-Bn8WqZ3xTm6RvK1yPcLj";
 
-const ALL_CONSUMER_KEYS: [&str; 10] = [
+const ALL_CONSUMER_KEYS: [&str; 11] = [
     GOOD,
     DISABLED,
     EXPIRING,
@@ -50,6 +52,7 @@ const ALL_CONSUMER_KEYS: [&str; 10] = [
     KEY_SCOPED,
     CONSUMER_SCOPED,
     BOTH_SCOPED,
+    IP_MAPPED,
 ];
 
 // Model key plaintexts (vendor keys: must never leave the snapshot except as the header value).
@@ -200,6 +203,10 @@ fn build_world() -> World {
     add(9, BOTH_SCOPED, &|r| {
         r.consumer = Some(id(C_OPENAI_AZURE));
         r.scope = Some(vec![id(S_OPENAI), id(S_ANTHROPIC)]);
+    });
+    add(10, IP_MAPPED, &|r| {
+        // Parsed exactly as the snapshot builder parses stored allowlist entries.
+        r.ip_allowlist = vec![crate::domain::validate::ip_entry("ip_allowlist", "::ffff:10.1.2.3").unwrap()];
     });
 
     let update = Update {
@@ -666,6 +673,20 @@ fn ip_allowlist_on_the_peer_address() {
     assert_deny(
         &w.decide(&Req::new().bearer(IP_V4).no_peer()),
         DenyReason::IpNotAllowed,
+    );
+}
+
+/// SPEC §2 step 3: only an address *outside* the allowlist is refused. An entry written as an
+/// IPv4-mapped IPv6 address (the form a dual-stack Envoy listener reports peers in, and which
+/// the admin API accepts as "an IPv6 address") must admit that very address.
+#[test]
+fn ipv4_mapped_allowlist_entry_admits_the_same_address() {
+    let w = &*WORLD;
+    let d = w.decide(&Req::new().bearer(IP_MAPPED).peer("::ffff:10.1.2.3"));
+    assert_eq!(
+        d.deny_reason(),
+        None,
+        "peer ::ffff:10.1.2.3 is inside allowlist entry ::ffff:10.1.2.3/128"
     );
 }
 

@@ -46,7 +46,7 @@ struct Base {
 
 impl Base {
     fn new(mut entries: Vec<(KeyHash, KeyEntry)>) -> Base {
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by_key(|e| e.0);
         entries.dedup_by(|later, earlier| later.0 == earlier.0);
         let bits = (entries.len() / 2).max(2).next_power_of_two().trailing_zeros().min(31);
         let shift = 64 - bits;

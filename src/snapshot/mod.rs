@@ -120,6 +120,8 @@ pub struct Snapshot {
     keys: KeyIndex,
     consumers: Arc<HashMap<Uuid, Arc<ConsumerEntry>>>,
     services: Arc<HashMap<Box<str>, Arc<ServiceEntry>>>,
+    /// The services as distributed (model keys still encrypted), for full updates.
+    service_records: Arc<Vec<ServiceRecord>>,
     model_keys: u64,
 }
 
@@ -134,6 +136,7 @@ impl Snapshot {
             keys: KeyIndex::default(),
             consumers: Arc::default(),
             services: Arc::default(),
+            service_records: Arc::default(),
             model_keys: 0,
         }
     }

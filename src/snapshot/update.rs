@@ -146,10 +146,10 @@ impl Snapshot {
                 update: update.version,
             });
         }
-        let services = match &update.services {
-            Some(s) => Arc::new(services(s, keys)?),
-            None if update.full => Arc::default(),
-            None => self.services.clone(),
+        let (services, service_records) = match update.services {
+            Some(s) => (Arc::new(services(&s, keys)?), Arc::new(s)),
+            None if update.full => (Arc::default(), Arc::default()),
+            None => (self.services.clone(), self.service_records.clone()),
         };
         let (key_index, consumers) = if update.full {
             let consumers: HashMap<Uuid, Arc<ConsumerEntry>> =
@@ -186,12 +186,13 @@ impl Snapshot {
             keys: key_index,
             consumers,
             services,
+            service_records,
             model_keys: update.model_key_count,
         })
     }
 
     /// The full update that rebuilds this snapshot elsewhere (model key values encrypted).
-    pub fn to_full_update(&self, keys: &Keys) -> Update {
+    pub fn to_full_update(&self) -> Update {
         let scope = |s: &ScopeSet| match s {
             ScopeSet::All => None,
             ScopeSet::Only(ids) => Some(ids.to_vec()),
@@ -212,28 +213,7 @@ impl Snapshot {
                 })
                 .collect(),
             removed_consumers: vec![],
-            services: Some(
-                self.services
-                    .values()
-                    .map(|s| ServiceRecord {
-                        id: s.id,
-                        name: s.name.to_string(),
-                        auth_header: s.auth_header.to_string(),
-                        // The template is not kept apart from the rendered value; re-encrypt
-                        // the rendered header value under a `{key}` template.
-                        auth_value_template: "{key}".into(),
-                        model_keys: s
-                            .keys
-                            .iter()
-                            .map(|k| ModelKeyRecord {
-                                id: k.id,
-                                name: k.name.to_string(),
-                                ciphertext: keys.cipher.encrypt(&k.id.to_string(), &k.header_value),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            ),
+            services: Some((*self.service_records).clone()),
             model_key_count: self.model_keys,
         }
     }

@@ -2189,7 +2189,7 @@ pub struct Increment {
     pub consumers: Vec<Consumer>,
     pub removed_consumer_ids: Vec<String>,
     /// All services and model keys, when any of them changed.
-    pub services: Option<(Vec<ModelService>, Vec<(ModelKey, Vec<u8>)>)>,
+    pub services: Option<(Vec<ModelService>, EncryptedModelKeys)>,
 }
 
 /// An open mutation: the transaction, its revision, and the resources it touched.
@@ -2231,10 +2231,13 @@ impl<'a> Audit<'a> {
     }
 }
 
+/// Model keys with their ciphertext.
+pub type EncryptedModelKeys = Vec<(ModelKey, Vec<u8>)>;
+
 /// Every model service with its bound keys, and every model key with its ciphertext.
 async fn load_services(
     conn: &mut sqlx::AnyConnection,
-) -> Result<(Vec<ModelService>, Vec<(ModelKey, Vec<u8>)>)> {
+) -> Result<(Vec<ModelService>, EncryptedModelKeys)> {
         let mut bindings: HashMap<String, Vec<Named>> = HashMap::new();
         let mut service_keys: HashMap<String, Vec<Named>> = HashMap::new();
         for r in sqlx::query(
