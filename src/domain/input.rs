@@ -127,11 +127,11 @@ fn check_scope(v: &mut Violations, field: &str, scope: &ScopeInput) {
     }
 }
 
-fn check_expiry(v: &mut Violations, t: Option<Timestamp>, now: Timestamp) {
+fn check_expiry(v: &mut Violations, field: &str, t: Option<Timestamp>, now: Timestamp) {
     if let Some(t) = t
         && t <= now
     {
-        v.0.push(FieldViolation::new("expire_time", "must be in the future"));
+        v.0.push(FieldViolation::new(field, "must be in the future"));
     }
 }
 
@@ -284,7 +284,7 @@ impl NewConsumerKey {
         v.check(validate::description("description", &self.description));
         check_source(&mut v, &self.source);
         check_scope(&mut v, "scope", &self.scope);
-        check_expiry(&mut v, self.expire_time, now);
+        check_expiry(&mut v, "expire_time", self.expire_time, now);
         v.finish()?;
         parse_ip_allowlist(&self.ip_allowlist, limits)
     }
@@ -307,7 +307,7 @@ impl ConsumerKeyPatch {
             check_scope(&mut v, "consumer_key.scope", s);
         }
         if let Some(t) = self.expire_time {
-            check_expiry(&mut v, t, now);
+            check_expiry(&mut v, "consumer_key.expire_time", t, now);
         }
         v.finish()?;
         self.ip_allowlist
