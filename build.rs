@@ -3,10 +3,14 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/keygate/admin/v1/admin.proto"];
+    let protos = [
+        "proto/keygate/admin/v1/admin.proto",
+        "proto/keygate/snapshot/v1/snapshot.proto",
+    ];
     // Reflection also describes google.rpc.BadRequest, so grpcurl can print field violations.
     let reflected = [
         "proto/keygate/admin/v1/admin.proto",
+        "proto/keygate/snapshot/v1/snapshot.proto",
         "proto/google/rpc/error_details.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

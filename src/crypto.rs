@@ -149,6 +149,7 @@ impl MasterKey {
         Keys {
             hasher: KeyHasher::new(&self.derive(b"consumer-key-hmac")),
             cipher: ModelKeyCipher::new(&self.derive(b"model-key-aes-256-gcm")),
+            cache: ModelKeyCipher::new(&self.derive(b"snapshot-cache-aes-256-gcm")),
             actor: KeyHasher::new(&self.derive(b"admin-actor-fingerprint")),
         }
     }
@@ -173,6 +174,8 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub struct Keys {
     pub hasher: KeyHasher,
     pub cipher: ModelKeyCipher,
+    /// Encrypts a data plane's on-disk snapshot cache.
+    pub cache: ModelKeyCipher,
     actor: KeyHasher,
 }
 
@@ -260,6 +263,32 @@ impl ModelKeyCipher {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         out
+    }
+
+    /// Encrypts arbitrary bytes: `nonce (12 bytes) || ciphertext+tag`, bound to `aad`.
+    pub fn seal(&self, aad: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        OsRng.fill_bytes(&mut nonce);
+        let ct = self
+            .aead
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: data, aad })
+            .expect("AES-GCM encryption cannot fail for in-memory data");
+        let mut out = Vec::with_capacity(12 + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out
+    }
+
+    /// Decrypts what `seal` produced with the same `aad`.
+    pub fn open(&self, aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if blob.len() < 12 + 16 {
+            return Err(CryptoError::Decrypt);
+        }
+        let (nonce, ct) = blob.split_at(12);
+        self.aead
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Decrypt)
     }
 
     pub fn decrypt(&self, record_id: &str, blob: &[u8]) -> Result<Secret, CryptoError> {

@@ -13,3 +13,4 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod bench;
+pub mod distribution;

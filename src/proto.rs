@@ -8,6 +8,12 @@ pub mod admin {
     }
 }
 
+pub mod snapshot {
+    pub mod v1 {
+        tonic::include_proto!("keygate.snapshot.v1");
+    }
+}
+
 /// Every keygate proto file, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keygate_descriptor.bin"));

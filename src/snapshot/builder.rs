@@ -169,7 +169,7 @@ pub struct SnapshotBuilder {
     keys: Keys,
     poll_interval: Duration,
     /// Applied updates are also sent here (distribution to data planes).
-    updates: Option<tokio::sync::broadcast::Sender<Arc<Update>>>,
+    updates: Option<tokio::sync::broadcast::Sender<crate::distribution::Published>>,
 }
 
 impl SnapshotBuilder {
@@ -185,7 +185,7 @@ impl SnapshotBuilder {
     }
 
     /// Also publish every applied update on `tx`.
-    pub fn with_updates(mut self, tx: tokio::sync::broadcast::Sender<Arc<Update>>) -> Self {
+    pub fn with_updates(mut self, tx: tokio::sync::broadcast::Sender<crate::distribution::Published>) -> Self {
         self.updates = Some(tx);
         self
     }
@@ -229,7 +229,14 @@ impl SnapshotBuilder {
                 "snapshot published"
             );
             if let Some(tx) = &self.updates {
-                let _ = tx.send(shared);
+                let base_version = current
+                    .as_ref()
+                    .filter(|c| c.store_id == shared.store_id && !shared.full)
+                    .map(|c| c.version);
+                let _ = tx.send(crate::distribution::Published {
+                    base_version,
+                    update: shared,
+                });
             }
         }
         Ok(snap)

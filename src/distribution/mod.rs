@@ -1,0 +1,11 @@
+//! Control plane → data plane snapshot distribution (`keygate.snapshot.v1`): the streaming
+//! server, the data plane's subscriber, the wire format and the encrypted on-disk cache.
+//! Depends on `snapshot`, `crypto` and the generated protos.
+
+pub mod cache;
+pub mod server;
+pub mod subscriber;
+pub mod wire;
+
+pub use server::{DistributionService, Published, SubscriberAuth};
+pub use subscriber::{Subscriber, SubscriberConfig, SubscriberStatus};

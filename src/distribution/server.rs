@@ -1,0 +1,251 @@
+//! The `SnapshotDistribution/Subscribe` stream: a full snapshot (or the missed changes) on
+//! connect, then every change as the snapshot builder applies it, and heartbeats.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::wire;
+use crate::crypto::{Secret, credentials_equal};
+use crate::proto::snapshot::v1 as pb;
+use crate::proto::snapshot::v1::snapshot_distribution_server::{
+    SnapshotDistribution, SnapshotDistributionServer,
+};
+use crate::snapshot::{SnapshotCell, Update};
+
+/// An applied update as the builder published it: `base_version` is the version it applied
+/// on top of (`None` for a first or full build).
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub base_version: Option<i64>,
+    pub update: Arc<Update>,
+}
+
+const HISTORY: usize = 1024;
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The subscriber token check (a credential separate from the admin token).
+#[derive(Clone)]
+pub struct SubscriberAuth {
+    token: Arc<Secret>,
+}
+
+impl std::fmt::Debug for SubscriberAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubscriberAuth([redacted])")
+    }
+}
+
+impl SubscriberAuth {
+    pub fn new(token: Secret) -> Self {
+        SubscriberAuth {
+            token: Arc::new(token),
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(t) if credentials_equal(t.as_bytes(), self.token.expose().as_bytes()) => Ok(req),
+            _ => Err(Status::unauthenticated("missing or invalid subscriber token")),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct DistributionService {
+    cell: SnapshotCell,
+    updates: broadcast::Sender<Published>,
+    history: Arc<Mutex<VecDeque<Published>>>,
+    fingerprint: String,
+    subscribers: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl DistributionService {
+    /// `updates` is the builder's channel; `fingerprint` the master key's.
+    pub fn new(cell: SnapshotCell, updates: broadcast::Sender<Published>, fingerprint: String) -> Self {
+        let history: Arc<Mutex<VecDeque<Published>>> = Arc::default();
+        let mut rx = updates.subscribe();
+        let h = history.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(p) => {
+                        let mut h = h.lock().expect("history lock");
+                        if p.update.full {
+                            h.clear();
+                        }
+                        h.push_back(p);
+                        while h.len() > HISTORY {
+                            h.pop_front();
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => h.lock().expect("history lock").clear(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        DistributionService {
+            cell,
+            updates,
+            history,
+            fingerprint,
+            subscribers: Arc::default(),
+        }
+    }
+
+    /// Connected subscribers right now.
+    pub fn subscriber_count(&self) -> i64 {
+        self.subscribers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn into_server(
+        self,
+        auth: SubscriberAuth,
+    ) -> tonic::service::interceptor::InterceptedService<
+        SnapshotDistributionServer<Self>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        SnapshotDistributionServer::with_interceptor(self, move |req| auth.check(req))
+    }
+
+    /// The incremental updates that lead from `(store, version)` to the newest recorded one.
+    fn chain_from(&self, store_id: &str, version: i64) -> Vec<Published> {
+        let h = self.history.lock().expect("history lock");
+        let Some(start) = h
+            .iter()
+            .position(|p| !p.update.full && p.update.store_id == store_id && p.base_version == Some(version))
+        else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        let mut at = version;
+        for p in h.iter().skip(start) {
+            if p.update.full || p.base_version != Some(at) {
+                break;
+            }
+            at = p.update.version;
+            out.push(p.clone());
+        }
+        out
+    }
+}
+
+struct Gauge(Arc<std::sync::atomic::AtomicI64>);
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+type Stream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotDistribution for DistributionService {
+    type SubscribeStream = Stream;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Stream>, Status> {
+        let r = req.into_inner();
+        let mut rx = self.updates.subscribe();
+        let Some(snap) = self.cell.load() else {
+            return Err(Status::unavailable("the control plane has no snapshot yet"));
+        };
+        let (tx, out) = mpsc::channel::<Result<pb::SnapshotMessage, Status>>(8);
+        let this = self.clone();
+        self.subscribers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let gauge = Gauge(self.subscribers.clone());
+        tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
+        tokio::spawn(async move {
+            let _gauge = gauge;
+            let mut first = true;
+            let send = |mut msgs: Vec<pb::SnapshotMessage>, first: &mut bool| {
+                if *first
+                    && let Some(m) = msgs.first_mut()
+                {
+                    m.master_key_fingerprint = this.fingerprint.clone();
+                    *first = false;
+                }
+                msgs
+            };
+            // Initial state: nothing, the missed changes, or everything.
+            let mut sent = snap.version;
+            let mut store = snap.store_id.clone();
+            let initial: Vec<pb::SnapshotMessage> = if r.store_id == snap.store_id && r.version == snap.version {
+                vec![pb::SnapshotMessage {
+                    store_id: snap.store_id.clone(),
+                    version: snap.version,
+                    heartbeat: true,
+                    ..Default::default()
+                }]
+            } else {
+                let chain = if r.store_id == snap.store_id && r.version < snap.version {
+                    this.chain_from(&r.store_id, r.version)
+                } else {
+                    vec![]
+                };
+                if chain.is_empty() {
+                    wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK)
+                } else {
+                    sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
+                    chain
+                        .iter()
+                        .flat_map(|p| wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK))
+                        .collect()
+                }
+            };
+            drop(snap);
+            for m in send(initial, &mut first) {
+                if tx.send(Ok(m)).await.is_err() {
+                    return;
+                }
+            }
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            beat.tick().await;
+            loop {
+                let msgs = tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = beat.tick() => vec![pb::SnapshotMessage {
+                        store_id: store.clone(),
+                        version: sent,
+                        heartbeat: true,
+                        ..Default::default()
+                    }],
+                    p = rx.recv() => match p {
+                        Ok(p) if p.update.store_id == store && p.update.version <= sent => continue,
+                        Ok(p) if p.update.full || p.base_version == Some(sent) && p.update.store_id == store => {
+                            sent = p.update.version;
+                            store = p.update.store_id.clone();
+                            wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // A gap: resend everything.
+                            let Some(s) = this.cell.load() else { continue };
+                            sent = s.version;
+                            store = s.store_id.clone();
+                            wire::encode(&s.to_full_update(), 0, wire::KEYS_PER_CHUNK)
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                for m in send(msgs, &mut first) {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+}

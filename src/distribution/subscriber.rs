@@ -1,0 +1,314 @@
+//! The data plane's side of the stream: starts from its encrypted cache, subscribes to the
+//! control plane, applies updates in order (never an older or malformed one), persists the
+//! last good snapshot, and reconnects with jittered exponential backoff. While the control
+//! plane is away it keeps serving what it has (fail static).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use tonic::transport::Endpoint;
+
+use super::{cache, wire};
+use crate::crypto::{Keys, Secret};
+use crate::proto::snapshot::v1 as pb;
+use crate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient;
+use crate::snapshot::{ApplyError, Snapshot, SnapshotCell, Update};
+
+#[derive(Clone)]
+pub struct SubscriberConfig {
+    pub endpoint: Endpoint,
+    pub token: Arc<Secret>,
+    pub data_dir: PathBuf,
+    /// How this data plane names itself to the control plane.
+    pub name: String,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl std::fmt::Debug for SubscriberConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriberConfig")
+            .field("endpoint", &self.endpoint.uri())
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the data plane knows about its feed (for health, metrics and logs).
+#[derive(Debug, Default)]
+pub struct SubscriberStatus {
+    /// Unix milliseconds of the last message from the control plane (0: never).
+    pub last_heard_ms: AtomicI64,
+    pub connected: AtomicBool,
+    pub rejected_messages: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl SubscriberStatus {
+    /// Seconds since the control plane was last heard from (`None`: never).
+    pub fn staleness(&self) -> Option<f64> {
+        let t = self.last_heard_ms.load(Ordering::Relaxed);
+        (t > 0).then(|| (now_ms() - t).max(0) as f64 / 1000.0)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriberError {
+    #[error(
+        "the control plane's master key (fingerprint {remote}) differs from this data plane's ({local}): use the control plane's --master-key-file"
+    )]
+    MasterKeyMismatch { remote: String, local: String },
+}
+
+pub struct Subscriber {
+    cfg: SubscriberConfig,
+    cell: SnapshotCell,
+    keys: Keys,
+    fingerprint: String,
+    pub status: Arc<SubscriberStatus>,
+}
+
+/// What one message did to the served snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A chunk of a larger message, or a heartbeat.
+    Nothing,
+    Swapped { version: i64 },
+}
+
+impl Subscriber {
+    pub fn new(cfg: SubscriberConfig, cell: SnapshotCell, keys: Keys, fingerprint: String) -> Self {
+        Subscriber {
+            cfg,
+            cell,
+            keys,
+            fingerprint,
+            status: Arc::default(),
+        }
+    }
+
+    /// Serves the cached snapshot, if there is one and nothing newer is live.
+    pub fn load_cache(&self) -> Option<i64> {
+        match cache::load(&self.cfg.data_dir, &self.keys) {
+            Ok(Some(update)) => match Snapshot::from_full(update, &self.keys) {
+                Ok(s) => {
+                    let v = s.version;
+                    if self.cell.load().is_none() && self.cell.publish(Arc::new(s)) {
+                        tracing::info!(version = v, "serving the cached snapshot until the control plane answers");
+                    }
+                    Some(v)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot cache does not apply; ignoring it");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot cache unreadable; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Applies one assembled update to the served snapshot. Refuses (and keeps serving the
+    /// old snapshot) an update that is older, from a gap, or malformed.
+    pub fn apply(&self, base: i64, update: Update) -> Result<Applied, ApplyError> {
+        let current = self.cell.load();
+        let next = match (&current, update.full) {
+            (_, true) => match &current {
+                Some(c) if c.store_id == update.store_id && update.version < c.version => {
+                    return Err(ApplyError::Stale {
+                        current: c.version,
+                        update: update.version,
+                    });
+                }
+                _ => Snapshot::from_full(update, &self.keys)?,
+            },
+            (Some(c), false) => {
+                if c.store_id == update.store_id && base != c.version {
+                    if update.version <= c.version {
+                        return Err(ApplyError::Stale {
+                            current: c.version,
+                            update: update.version,
+                        });
+                    }
+                    return Err(ApplyError::Malformed(format!(
+                        "incremental update from version {base} does not apply to version {}",
+                        c.version
+                    )));
+                }
+                c.apply(update, &self.keys)?
+            }
+            (None, false) => {
+                return Err(ApplyError::Malformed("an incremental update before any full snapshot".into()));
+            }
+        };
+        let v = next.version;
+        if self.cell.publish(Arc::new(next)) {
+            Ok(Applied::Swapped { version: v })
+        } else {
+            Err(ApplyError::Stale {
+                current: self.cell.load().map(|s| s.version).unwrap_or(0),
+                update: v,
+            })
+        }
+    }
+
+    /// Runs until `shutdown` resolves, or fails on a master key mismatch.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SubscriberError> {
+        tokio::pin!(shutdown);
+        let (persist_tx, persist_rx) = tokio::sync::watch::channel::<Option<Arc<Snapshot>>>(None);
+        let persister = tokio::spawn(persist_loop(self.cfg.data_dir.clone(), self.keys.clone(), persist_rx));
+        let mut backoff = self.cfg.min_backoff;
+        let result = loop {
+            let attempt = self.session(&persist_tx, &mut backoff);
+            let outcome = tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                r = attempt => r,
+            };
+            self.status.connected.store(false, Ordering::Relaxed);
+            if let Err(e) = outcome {
+                break Err(e);
+            }
+            let jitter = rand::thread_rng().gen_range(0.5..1.0);
+            let wait = backoff.mul_f64(jitter);
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+            self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        };
+        drop(persist_tx);
+        let _ = persister.await;
+        result
+    }
+
+    /// One connection: subscribe and apply until the stream ends or fails.
+    async fn session(
+        &self,
+        persist: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+        backoff: &mut Duration,
+    ) -> Result<(), SubscriberError> {
+        let channel = match self.cfg.endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(control_plane = %self.cfg.endpoint.uri(), error = %e, "control plane unreachable; serving the last snapshot");
+                return Ok(());
+            }
+        };
+        let token: tonic::metadata::MetadataValue<_> = match format!("Bearer {}", self.cfg.token.expose()).parse() {
+            Ok(t) => t,
+            Err(_) => {
+                tracing::error!("subscriber token is not a valid header value");
+                return Ok(());
+            }
+        };
+        let mut client = SnapshotDistributionClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        })
+        .max_decoding_message_size(64 * 1024 * 1024);
+        let current = self.cell.load();
+        let req = pb::SubscribeRequest {
+            store_id: current.as_ref().map(|s| s.store_id.clone()).unwrap_or_default(),
+            version: current.as_ref().map(|s| s.version).unwrap_or(0),
+            subscriber: self.cfg.name.clone(),
+        };
+        drop(current);
+        let mut stream = match client.subscribe(req).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                tracing::warn!(code = ?e.code(), message = e.message(), "subscription refused; serving the last snapshot");
+                return Ok(());
+            }
+        };
+        self.status.connected.store(true, Ordering::Relaxed);
+        let mut assembler = wire::Assembler::default();
+        let mut checked_key = false;
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    tracing::warn!("control plane closed the snapshot stream");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(code = ?e.code(), message = e.message(), "snapshot stream broke; serving the last snapshot");
+                    return Ok(());
+                }
+            };
+            self.status.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+            *backoff = self.cfg.min_backoff;
+            if !checked_key && !msg.master_key_fingerprint.is_empty() {
+                checked_key = true;
+                if msg.master_key_fingerprint != self.fingerprint {
+                    return Err(SubscriberError::MasterKeyMismatch {
+                        remote: msg.master_key_fingerprint,
+                        local: self.fingerprint.clone(),
+                    });
+                }
+            }
+            let applied = assembler
+                .push(msg)
+                .and_then(|u| match u {
+                    Some((base, update)) => {
+                        let started = Instant::now();
+                        self.apply(base, update).map(|a| (a, started.elapsed()))
+                    }
+                    None => Ok((Applied::Nothing, Duration::ZERO)),
+                });
+            match applied {
+                Ok((Applied::Swapped { version }, took)) => {
+                    tracing::debug!(version, apply_ms = took.as_secs_f64() * 1000.0, "snapshot updated from the control plane");
+                    let _ = persist.send(self.cell.load());
+                }
+                Ok((Applied::Nothing, _)) => {}
+                Err(ApplyError::Stale { current, update }) => {
+                    self.status.rejected_messages.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(current, update, "ignored a snapshot update older than the one served");
+                }
+                Err(e) => {
+                    self.status.rejected_messages.fetch_add(1, Ordering::Relaxed);
+                    let served = self.cell.load().map(|s| s.version);
+                    tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Writes the latest snapshot to the cache, at most about once a second.
+async fn persist_loop(data_dir: PathBuf, keys: Keys, mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>) {
+    while rx.changed().await.is_ok() {
+        let snap = rx.borrow_and_update().clone();
+        if let Some(s) = snap {
+            let dir = data_dir.clone();
+            let keys = keys.clone();
+            let v = s.version;
+            match tokio::task::spawn_blocking(move || cache::store(&dir, &s, &keys)).await {
+                Ok(Ok(())) => tracing::debug!(version = v, "snapshot cache written"),
+                Ok(Err(e)) => tracing::error!(error = %e, "snapshot cache not written"),
+                Err(e) => tracing::error!(error = %e, "snapshot cache writer failed"),
+            }
+        }
+        // Coalesce bursts: whatever arrived meanwhile is written by the next round.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Final state on shutdown.
+    if let Some(s) = rx.borrow().clone() {
+        let _ = cache::store(&data_dir, &s, &keys);
+    }
+}

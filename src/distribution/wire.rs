@@ -1,0 +1,317 @@
+//! `Update` ⇄ `keygate.snapshot.v1.SnapshotMessage`. Consumer keys travel as HMACs, model
+//! keys as ciphertext; nothing here ever holds a plaintext secret.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use crate::crypto::KeyHash;
+use crate::domain::Timestamp;
+use crate::proto::snapshot::v1 as pb;
+use crate::snapshot::{ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Update};
+
+/// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
+pub const KEYS_PER_CHUNK: usize = 20_000;
+
+fn malformed(what: impl Into<String>) -> ApplyError {
+    ApplyError::Malformed(what.into())
+}
+
+fn uuid_in(field: &str, b: &[u8]) -> Result<Uuid, ApplyError> {
+    Uuid::from_slice(b).map_err(|_| malformed(format!("{field} is not a 16-byte id")))
+}
+
+fn scope_out(s: &ScopeSet) -> Option<pb::Scope> {
+    match s {
+        ScopeSet::All => None,
+        ScopeSet::Only(ids) => Some(pb::Scope {
+            model_service_ids: ids.iter().map(|u| u.as_bytes().to_vec()).collect(),
+        }),
+    }
+}
+
+fn scope_in(s: Option<pb::Scope>) -> Result<Option<Vec<Uuid>>, ApplyError> {
+    s.map(|s| {
+        s.model_service_ids
+            .iter()
+            .map(|b| uuid_in("scope id", b))
+            .collect()
+    })
+    .transpose()
+}
+
+fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
+    pb::ConsumerKey {
+        hash: h.to_vec(),
+        id: e.id.as_bytes().to_vec(),
+        name: e.name.to_string(),
+        enabled: e.enabled,
+        expire_time_us: e.expire_time.map(|t| t.0).unwrap_or(0),
+        consumer_id: e.consumer.map(|c| c.as_bytes().to_vec()).unwrap_or_default(),
+        scope: scope_out(&e.scope),
+        ip_allowlist: e.ip_allowlist.iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
+    let hash: KeyHash = k
+        .hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| malformed("consumer key hash is not 32 bytes"))?;
+    let ip_allowlist = k
+        .ip_allowlist
+        .iter()
+        .map(|e| {
+            e.parse::<IpNet>()
+                .or_else(|_| e.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| malformed(format!("allowlist entry {e:?}")))
+        })
+        .collect::<Result<Box<[IpNet]>, _>>()?;
+    Ok((
+        hash,
+        KeyEntry {
+            id: uuid_in("consumer key id", &k.id)?,
+            consumer: if k.consumer_id.is_empty() {
+                None
+            } else {
+                Some(uuid_in("consumer id", &k.consumer_id)?)
+            },
+            enabled: k.enabled,
+            expire_time: (k.expire_time_us != 0).then_some(Timestamp(k.expire_time_us)),
+            name: k.name.into_boxed_str(),
+            scope: match scope_in(k.scope)? {
+                None => ScopeSet::All,
+                Some(ids) => ScopeSet::Only(ids.into()),
+            },
+            ip_allowlist,
+        },
+    ))
+}
+
+fn services_out(s: &[ServiceRecord]) -> pb::Services {
+    pb::Services {
+        items: s
+            .iter()
+            .map(|s| pb::ModelService {
+                id: s.id.as_bytes().to_vec(),
+                name: s.name.clone(),
+                auth_header: s.auth_header.clone(),
+                auth_value_template: s.auth_value_template.clone(),
+                model_keys: s
+                    .model_keys
+                    .iter()
+                    .map(|k| pb::ModelKey {
+                        id: k.id.as_bytes().to_vec(),
+                        name: k.name.clone(),
+                        ciphertext: k.ciphertext.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn services_in(s: pb::Services) -> Result<Vec<ServiceRecord>, ApplyError> {
+    s.items
+        .into_iter()
+        .map(|s| {
+            if s.auth_header.is_empty() || s.auth_value_template.matches("{key}").count() != 1 {
+                return Err(malformed(format!("model service {:?} header or template", s.name)));
+            }
+            Ok(ServiceRecord {
+                id: uuid_in("model service id", &s.id)?,
+                name: s.name,
+                auth_header: s.auth_header,
+                auth_value_template: s.auth_value_template,
+                model_keys: s
+                    .model_keys
+                    .into_iter()
+                    .map(|k| {
+                        Ok(ModelKeyRecord {
+                            id: uuid_in("model key id", &k.id)?,
+                            name: k.name,
+                            ciphertext: k.ciphertext,
+                        })
+                    })
+                    .collect::<Result<_, ApplyError>>()?,
+            })
+        })
+        .collect()
+}
+
+/// The messages that carry `update` (a full one in chunks of `KEYS_PER_CHUNK` keys).
+pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::SnapshotMessage> {
+    let head = pb::SnapshotMessage {
+        store_id: update.store_id.clone(),
+        version: update.version,
+        base_version,
+        full: update.full,
+        last_chunk: true,
+        keys: vec![],
+        removed_keys: update.removed_keys.iter().map(|h| h.to_vec()).collect(),
+        consumers: update
+            .consumers
+            .iter()
+            .map(|c| pb::Consumer {
+                id: c.id.as_bytes().to_vec(),
+                name: c.name.clone(),
+                scope: c.scope.as_ref().map(|ids| pb::Scope {
+                    model_service_ids: ids.iter().map(|u| u.as_bytes().to_vec()).collect(),
+                }),
+            })
+            .collect(),
+        removed_consumers: update
+            .removed_consumers
+            .iter()
+            .map(|u| u.as_bytes().to_vec())
+            .collect(),
+        services: update.services.as_deref().map(services_out),
+        model_key_count: update.model_key_count,
+        heartbeat: false,
+        master_key_fingerprint: String::new(),
+    };
+    let chunks: Vec<&[(KeyHash, KeyEntry)]> = if update.keys.is_empty() {
+        vec![&[]]
+    } else {
+        update.keys.chunks(chunk.max(1)).collect()
+    };
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, keys)| {
+            let mut m = if i == 0 {
+                head.clone()
+            } else {
+                pb::SnapshotMessage {
+                    store_id: head.store_id.clone(),
+                    version: head.version,
+                    base_version,
+                    full: head.full,
+                    ..Default::default()
+                }
+            };
+            m.last_chunk = i + 1 == n;
+            m.keys = keys.iter().map(|(h, e)| key_out(h, e)).collect();
+            m
+        })
+        .collect()
+}
+
+/// Assembles chunks into updates: feed every message; an update comes out at each last
+/// chunk. A chunk that does not continue the one before is malformed.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pending: Option<Update>,
+}
+
+impl Assembler {
+    pub fn push(&mut self, m: pb::SnapshotMessage) -> Result<Option<(i64, Update)>, ApplyError> {
+        if m.heartbeat {
+            return Ok(None);
+        }
+        if m.store_id.is_empty() {
+            return Err(malformed("message without a store id"));
+        }
+        let base = m.base_version;
+        let last = m.last_chunk;
+        let mut keys = Vec::with_capacity(m.keys.len());
+        for k in m.keys {
+            keys.push(key_in(k)?);
+        }
+        let removed_keys = m
+            .removed_keys
+            .iter()
+            .map(|h| KeyHash::try_from(h.as_slice()).map_err(|_| malformed("removed key hash is not 32 bytes")))
+            .collect::<Result<Vec<_>, _>>()?;
+        match &mut self.pending {
+            Some(p) => {
+                if p.store_id != m.store_id || p.version != m.version || p.full != m.full {
+                    self.pending = None;
+                    return Err(malformed("a snapshot chunk does not continue the previous one"));
+                }
+                p.keys.extend(keys);
+                p.removed_keys.extend(removed_keys);
+            }
+            None => {
+                self.pending = Some(Update {
+                    store_id: m.store_id,
+                    version: m.version,
+                    full: m.full,
+                    keys,
+                    removed_keys,
+                    consumers: m
+                        .consumers
+                        .into_iter()
+                        .map(|c| {
+                            Ok(ConsumerRecord {
+                                id: uuid_in("consumer id", &c.id)?,
+                                name: c.name,
+                                scope: scope_in(c.scope)?,
+                            })
+                        })
+                        .collect::<Result<_, ApplyError>>()?,
+                    removed_consumers: m
+                        .removed_consumers
+                        .iter()
+                        .map(|b| uuid_in("removed consumer id", b))
+                        .collect::<Result<_, _>>()?,
+                    services: m.services.map(services_in).transpose()?,
+                    model_key_count: m.model_key_count,
+                });
+            }
+        }
+        if last {
+            Ok(self.pending.take().map(|u| (base, u)))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_updates_round_trip_in_chunks() {
+        let mut u = crate::bench::synthetic_update(45);
+        u.keys[3].1.scope = ScopeSet::Only(vec![Uuid::from_u128(2)].into());
+        u.keys[4].1.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.7/32".parse().unwrap()].into();
+        u.keys[5].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
+        let msgs = encode(&u, 0, 10);
+        assert_eq!(msgs.len(), 5);
+        let mut a = Assembler::default();
+        let mut out = None;
+        for m in msgs {
+            if let Some(x) = a.push(m).unwrap() {
+                out = Some(x);
+            }
+        }
+        let (_, back) = out.expect("an update after the last chunk");
+        assert_eq!(back, u);
+    }
+
+    #[test]
+    fn a_chunk_from_another_version_is_malformed() {
+        let u = crate::bench::synthetic_update(30);
+        let mut msgs = encode(&u, 0, 10);
+        msgs[1].version += 1;
+        let mut a = Assembler::default();
+        assert!(a.push(msgs.remove(0)).unwrap().is_none());
+        assert!(matches!(a.push(msgs.remove(0)), Err(ApplyError::Malformed(_))));
+    }
+
+    #[test]
+    fn bad_hashes_and_ids_are_malformed() {
+        let u = crate::bench::synthetic_update(2);
+        let mut msgs = encode(&u, 0, 10);
+        msgs[0].keys[0].hash.truncate(5);
+        assert!(matches!(Assembler::default().push(msgs[0].clone()), Err(ApplyError::Malformed(_))));
+        let mut msgs = encode(&u, 0, 10);
+        msgs[0].keys[0].id = vec![1, 2, 3];
+        assert!(matches!(Assembler::default().push(msgs[0].clone()), Err(ApplyError::Malformed(_))));
+    }
+}
