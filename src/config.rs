@@ -33,6 +33,10 @@ pub enum LogFormat {
 pub enum Command {
     /// Everything in one process: admin API, store, snapshot builder and ext_authz.
     Serve(ServeArgs),
+    /// Admin API, store and snapshot distribution to `keygate authz` data planes.
+    ControlPlane(ControlPlaneArgs),
+    /// An ext_authz data plane that subscribes to a control plane.
+    Authz(AuthzArgs),
     /// Benchmark tools: load generator, null ext_authz, bulk key seeding.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -152,26 +156,30 @@ pub struct StoreArgs {
     pub master_key_file: Option<PathBuf>,
 }
 
+/// `keygate control-plane`: admin API, store and snapshot distribution.
 #[derive(Clone, Debug, Args)]
-pub struct ServeArgs {
+pub struct ControlPlaneArgs {
     #[command(flatten)]
     pub store: StoreArgs,
 
-    /// Envoy ext_authz gRPC listener.
-    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
-    pub authz_addr: SocketAddr,
-
-    /// KeyAdmin gRPC listener (with health and reflection).
+    /// KeyAdmin gRPC listener (with health, reflection and, unless --distribution-addr moves
+    /// it, the snapshot stream data planes subscribe to).
     #[arg(long, env = "KEYGATE_ADMIN_ADDR", default_value = "127.0.0.1:9002")]
     pub admin_addr: SocketAddr,
+
+    /// Serve the snapshot stream on its own listener instead of the admin one.
+    #[arg(long, env = "KEYGATE_DISTRIBUTION_ADDR")]
+    pub distribution_addr: Option<SocketAddr>,
 
     /// File holding the admin token. Default: <data-dir>/admin.token, created on first start.
     /// KEYGATE_ADMIN_TOKEN supplies the token directly and takes precedence.
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    #[command(flatten)]
-    pub data_plane: DataPlaneArgs,
+    /// File holding the subscriber token data planes present (KEYGATE_SUBSCRIBER_TOKEN
+    /// supplies it directly). Without one, no data plane can subscribe.
+    #[arg(long, env = "KEYGATE_SUBSCRIBER_TOKEN_FILE")]
+    pub subscriber_token_file: Option<PathBuf>,
 
     /// Most consumer keys one consumer may hold.
     #[arg(long, env = "KEYGATE_MAX_KEYS_PER_CONSUMER", default_value_t = 50)]
@@ -182,6 +190,81 @@ pub struct ServeArgs {
     pub max_ip_allowlist: usize,
 
     /// Grace period for in-flight requests at shutdown, e.g. 10s.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: std::time::Duration,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+}
+
+/// `keygate serve`: the control plane and an ext_authz data plane in one process.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
+
+    /// Envoy ext_authz gRPC listener.
+    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
+    pub authz_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub data_plane: DataPlaneArgs,
+}
+
+/// TLS on gRPC listeners (rustls). mTLS when a client CA is given.
+#[derive(Clone, Debug, Args, Default)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain for this process's gRPC listeners.
+    #[arg(long, env = "KEYGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KEYGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "KEYGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// `keygate authz`: an ext_authz data plane fed by a control plane.
+#[derive(Clone, Debug, Args)]
+pub struct AuthzArgs {
+    /// The control plane's snapshot stream, e.g. http://10.0.0.5:9002 (https:// with TLS).
+    #[arg(long, env = "KEYGATE_CONTROL_PLANE")]
+    pub control_plane: String,
+
+    /// Envoy ext_authz gRPC listener.
+    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
+    pub authz_addr: SocketAddr,
+
+    /// Where the encrypted last-good snapshot is kept (created mode 0700).
+    #[arg(long, env = "KEYGATE_DATA_DIR", default_value = "./keygate-authz-data")]
+    pub data_dir: PathBuf,
+
+    /// The control plane's master key (default <data-dir>/master.key; never generated here).
+    #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// File holding the subscriber token (KEYGATE_SUBSCRIBER_TOKEN supplies it directly).
+    #[arg(long, env = "KEYGATE_SUBSCRIBER_TOKEN_FILE")]
+    pub subscriber_token_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub data_plane: DataPlaneArgs,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    /// PEM CA bundle that signed the control plane's certificate (for https://).
+    #[arg(long, env = "KEYGATE_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the control plane (mTLS).
+    #[arg(long, env = "KEYGATE_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for --client-cert.
+    #[arg(long, env = "KEYGATE_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+
+    /// Grace period for in-flight requests at shutdown.
     #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: std::time::Duration,
 }
@@ -258,7 +341,7 @@ impl DataPlaneArgs {
     }
 }
 
-impl ServeArgs {
+impl ControlPlaneArgs {
     pub fn limits(&self) -> Result<Limits, String> {
         if self.max_keys_per_consumer == 0 {
             return Err("--max-keys-per-consumer must be at least 1".into());

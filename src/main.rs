@@ -43,6 +43,14 @@ fn main() {
             Command::Serve(args) => {
                 keygate::server::run(args, keygate::server::shutdown_signal()).await
             }
+            Command::ControlPlane(args) => match keygate::server::start_control_plane(&args, None).await {
+                Ok(r) => keygate::server::run_until(r, keygate::server::shutdown_signal()).await,
+                Err(e) => Err(e),
+            },
+            Command::Authz(args) => match keygate::server::start_authz(args).await {
+                Ok(r) => keygate::server::run_until(r, keygate::server::shutdown_signal()).await,
+                Err(e) => Err(e),
+            },
             Command::Bench(cmd) => keygate::bench::run(cmd).await,
         }
     });

@@ -5,25 +5,28 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminAuth, AdminService};
-use crate::authz::ExtAuthzService;
-use crate::config::{ServeArgs, StoreArgs};
+use crate::authz::{DecisionConfig, ExtAuthzService};
+use crate::config::{AuthzArgs, ControlPlaneArgs, ServeArgs, ServerTlsArgs, StoreArgs};
+use crate::crypto::{self, MasterKey, Secret, credentials_equal};
+use crate::distribution::{DistributionService, Subscriber, SubscriberAuth, SubscriberConfig, SubscriberStatus};
 use crate::domain::Limits;
-use crate::crypto::{self, MasterKey, Secret};
 use crate::snapshot::{SnapshotBuilder, SnapshotCell};
 use crate::store::{Store, StoreError};
 
 /// The ext_authz service name Envoy health-checks.
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub const ADMIN_SERVICE: &str = "keygate.admin.v1.KeyAdmin";
+pub const DISTRIBUTION_SERVICE: &str = "keygate.snapshot.v1.SnapshotDistribution";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -111,7 +114,7 @@ fn read_token_file(p: &Path) -> Result<Secret, StartError> {
     Ok(Secret::new(token))
 }
 
-fn load_admin_token(args: &ServeArgs) -> Result<Secret, StartError> {
+fn load_admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
     if let Ok(t) = std::env::var("KEYGATE_ADMIN_TOKEN") {
         let t = t.trim().to_string();
         if t.len() < 16 {
@@ -149,15 +152,19 @@ pub async fn open_store(args: &StoreArgs, limits: Limits) -> Result<(Store, Mast
     Ok((store, master))
 }
 
-/// A running `keygate serve`.
+/// A running keygate (any shape).
 pub struct Running {
-    pub authz_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub store: Store,
+    pub authz_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub distribution_addr: Option<SocketAddr>,
+    pub store: Option<Store>,
     pub snapshots: SnapshotCell,
+    /// The data plane's feed, in `keygate authz`.
+    pub subscriber: Option<Arc<SubscriberStatus>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     grace: Duration,
+    fatal: Option<tokio::sync::oneshot::Receiver<StartError>>,
 }
 
 impl Running {
@@ -168,8 +175,22 @@ impl Running {
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "in-flight requests did not finish within the grace period");
         }
-        self.store.close().await;
+        if let Some(store) = &self.store {
+            store.close().await;
+        }
         tracing::info!("keygate stopped");
+    }
+
+    /// Resolves with an error that must stop the process (e.g. a master key mismatch found
+    /// by the subscriber); never resolves otherwise.
+    pub async fn fatal(&mut self) -> StartError {
+        match self.fatal.as_mut() {
+            Some(rx) => match rx.await {
+                Ok(e) => e,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -185,59 +206,89 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
         .map_err(io_err(format!("binding the {what} listener on {addr}")))
 }
 
-/// Starts `keygate serve`: returns once every listener is bound.
-pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
-    let decision = args
-        .data_plane
-        .decision_config()
-        .map_err(StartError::Config)?;
-    let limits = args.limits().map_err(StartError::Config)?;
-    let (store, master) = open_store(&args.store, limits).await?;
-    let token = load_admin_token(&args)?;
-    let keys = master.keys();
-    drop(master);
-    tracing::info!(backend = ?store.backend(), store_id = store.store_id(), "store open");
+fn read_pem(p: &Path, what: &str) -> Result<Vec<u8>, StartError> {
+    std::fs::read(p).map_err(|e| StartError::Config(format!("{what} {}: {e}", p.display())))
+}
 
-    let cell = SnapshotCell::new();
-    let builder = SnapshotBuilder::new(store.clone(), cell.clone());
-    builder.refresh().await.map_err(StartError::Snapshot)?;
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+/// rustls server TLS from the flags (mTLS with a client CA), or none.
+fn server_tls(args: &ServerTlsArgs) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
     };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read_pem(cert, "--tls-cert")?,
+        read_pem(key, "--tls-key")?,
+    ));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read_pem(ca, "--tls-client-ca")?));
+    }
+    Ok(Some(tls))
+}
 
-    // ext_authz listener, NOT_SERVING until a snapshot is live.
-    let (authz_health, authz_health_svc) = tonic_health::server::health_reporter();
-    authz_health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    authz_health
-        .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
-        .await;
-    let authz_listener = bind(args.authz_addr, "ext_authz").await?;
-    let admin_listener = bind(args.admin_addr, "admin").await?;
-    let authz_addr = authz_listener
-        .local_addr()
-        .map_err(io_err("ext_authz address"))?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(io_err("admin address"))?;
+fn grpc_server(tls: &Option<ServerTlsConfig>) -> Result<Server, StartError> {
+    let b = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+    match tls {
+        Some(t) => b
+            .tls_config(t.clone())
+            .map_err(|e| StartError::Config(format!("TLS: {e}"))),
+        None => Ok(b),
+    }
+}
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(builder.run(stopped())));
+fn load_secret_token(env: &str, file: &Option<PathBuf>, flag: &str) -> Result<Option<Secret>, StartError> {
+    if let Ok(t) = std::env::var(env) {
+        let t = t.trim().to_string();
+        if t.len() < 16 {
+            return Err(StartError::Config(format!("{env} must be at least 16 characters")));
+        }
+        return Ok(Some(Secret::new(t)));
+    }
+    match file {
+        Some(p) => {
+            let raw = std::fs::read_to_string(p).map_err(|e| StartError::Config(format!("{flag} {}: {e}", p.display())))?;
+            let t = raw.trim().to_string();
+            if t.len() < 16 {
+                return Err(StartError::Config(format!("{flag} {}: the token must be at least 16 characters", p.display())));
+            }
+            Ok(Some(Secret::new(t)))
+        }
+        None => Ok(None),
+    }
+}
 
-    // Health follows the snapshot: SERVING once one is live.
+type Stopped = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn stop_signal(rx: &watch::Receiver<bool>) -> impl Fn() -> Stopped + use<> {
+    let rx = rx.clone();
+    move || {
+        let mut rx = rx.clone();
+        Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+    }
+}
+
+/// The ext_authz listener: health NOT_SERVING until a snapshot is live, then SERVING, and
+/// NOT_SERVING again at shutdown.
+async fn spawn_authz(
+    listener: TcpListener,
+    authz: ExtAuthzService,
+    cell: SnapshotCell,
+    tls: &Option<ServerTlsConfig>,
+    stopped: &(impl Fn() -> Stopped + Send),
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<(), StartError> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
     {
-        let cell = cell.clone();
-        let health = authz_health.clone();
+        let health = health.clone();
         let stop = stopped();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
-                _ = cell.wait_for(0) => {
+                _ = cell.wait_for(i64::MIN) => {
                     health.set_service_status("", ServingStatus::Serving).await;
                     health.set_service_status(AUTHZ_SERVICE, ServingStatus::Serving).await;
                 }
@@ -245,87 +296,275 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
             }
         }));
     }
+    let (reflection_v1, reflection_v1alpha) = reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+    let server = grpc_server(tls)?
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(authz));
+    let stop = stopped();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            stop.await;
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+        };
+        if let Err(e) = server.serve_with_incoming_shutdown(incoming(listener), shutdown).await {
+            tracing::error!(error = %e, "ext_authz server failed");
+        }
+    }));
+    Ok(())
+}
 
-    let authz = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
+/// Starts `keygate serve`: returns once every listener is bound.
+pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
+    let decision = args.data_plane.decision_config().map_err(StartError::Config)?;
+    start_control_plane(&args.control_plane, Some((args.authz_addr, decision))).await
+}
+
+/// Starts the control plane (and, for `serve`, an ext_authz listener beside it).
+pub async fn start_control_plane(
+    args: &ControlPlaneArgs,
+    authz: Option<(SocketAddr, DecisionConfig)>,
+) -> Result<Running, StartError> {
+    let limits = args.limits().map_err(StartError::Config)?;
+    let tls = server_tls(&args.tls)?;
+    let subscriber_token = load_secret_token(
+        "KEYGATE_SUBSCRIBER_TOKEN",
+        &args.subscriber_token_file,
+        "--subscriber-token-file",
+    )?;
+    let (store, master) = open_store(&args.store, limits).await?;
+    let token = load_admin_token(args)?;
+    if let Some(s) = &subscriber_token
+        && credentials_equal(s.expose().as_bytes(), token.expose().as_bytes())
     {
-        let health = authz_health.clone();
-        let stop = stopped();
-        let (reflection_v1, reflection_v1alpha) =
-            reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
-        let server = Server::builder()
-            .add_service(authz_health_svc)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
-                authz,
-            ));
-        tasks.push(tokio::spawn(async move {
-            let shutdown = async move {
-                stop.await;
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
-                    .await;
-            };
-            if let Err(e) = server
-                .serve_with_incoming_shutdown(incoming(authz_listener), shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "ext_authz server failed");
-            }
-        }));
+        return Err(StartError::Config(
+            "the subscriber token must differ from the admin token".into(),
+        ));
+    }
+    let keys = master.keys();
+    let fingerprint = master.fingerprint();
+    drop(master);
+    tracing::info!(backend = ?store.backend(), store_id = store.store_id(), "store open");
+
+    let cell = SnapshotCell::new();
+    let (updates_tx, _) = tokio::sync::broadcast::channel(1024);
+    let builder = SnapshotBuilder::new(store.clone(), cell.clone()).with_updates(updates_tx.clone());
+    builder.refresh().await.map_err(StartError::Snapshot)?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let stopped = stop_signal(&shutdown_rx);
+    let mut tasks = Vec::new();
+
+    let authz_listener = match &authz {
+        Some((addr, _)) => Some(bind(*addr, "ext_authz").await?),
+        None => None,
+    };
+    let admin_listener = bind(args.admin_addr, "admin").await?;
+    let dist_listener = match args.distribution_addr {
+        Some(a) => Some(bind(a, "distribution").await?),
+        None => None,
+    };
+    let authz_addr = authz_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
+    let distribution_addr = dist_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    tasks.push(tokio::spawn(builder.run(stopped())));
+    if store.backend() == crate::store::Backend::Postgres {
+        tasks.push(tokio::spawn(store.clone().listen_for_changes(stopped())));
     }
 
-    // Admin listener: KeyAdmin (token required), health and reflection (open).
+    if let (Some(listener), Some((_, decision))) = (authz_listener, authz) {
+        let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
+        spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
+    }
+
+    let distribution = subscriber_token.map(|t| {
+        (
+            DistributionService::new(cell.clone(), updates_tx.clone(), fingerprint.clone()),
+            SubscriberAuth::new(t),
+        )
+    });
+    if distribution.is_none() {
+        tracing::info!("no subscriber token (KEYGATE_SUBSCRIBER_TOKEN / --subscriber-token-file): data planes cannot subscribe");
+    }
+
+    // Admin listener: KeyAdmin (token required), health and reflection (open), and the
+    // snapshot stream unless it has a listener of its own.
     let (admin_health, admin_health_svc) = tonic_health::server::health_reporter();
-    admin_health
-        .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
-        .await;
-    let (reflection_v1, reflection_v1alpha) = reflection(&[
-        crate::proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ])?;
+    admin_health.set_service_status(ADMIN_SERVICE, ServingStatus::Serving).await;
+    let (reflection_v1, reflection_v1alpha) =
+        reflection(&[crate::proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET])?;
     let admin = AdminService::new(store.clone(), cell.clone());
     let auth = AdminAuth::new(token, &keys);
+    let mut router = grpc_server(&tls)?
+        .add_service(admin_health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin.into_server(auth));
+    if let Some(listener) = dist_listener {
+        if let Some((svc, auth)) = distribution.clone() {
+            let (h, h_svc) = tonic_health::server::health_reporter();
+            h.set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving).await;
+            let server = grpc_server(&tls)?.add_service(h_svc).add_service(svc.into_server(auth));
+            let stop = stopped();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.serve_with_incoming_shutdown(incoming(listener), stop).await {
+                    tracing::error!(error = %e, "distribution server failed");
+                }
+            }));
+        }
+    } else if let Some((svc, auth)) = distribution {
+        admin_health.set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving).await;
+        router = router.add_service(svc.into_server(auth));
+    }
     {
         let health = admin_health.clone();
         let stop = stopped();
-        let server = Server::builder()
-            .add_service(admin_health_svc)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(admin.into_server(auth));
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 stop.await;
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(ADMIN_SERVICE, ServingStatus::NotServing)
-                    .await;
+                health.set_service_status("", ServingStatus::NotServing).await;
+                health.set_service_status(ADMIN_SERVICE, ServingStatus::NotServing).await;
             };
-            if let Err(e) = server
-                .serve_with_incoming_shutdown(incoming(admin_listener), shutdown)
-                .await
-            {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming(admin_listener), shutdown).await {
                 tracing::error!(error = %e, "admin server failed");
             }
         }));
     }
 
-    tracing::info!(%authz_addr, %admin_addr, "keygate ready");
+    tracing::info!(
+        authz_addr = authz_addr.map(|a| a.to_string()),
+        admin_addr = %admin_addr,
+        distribution_addr = distribution_addr.map(|a| a.to_string()),
+        "keygate ready"
+    );
     Ok(Running {
         authz_addr,
-        admin_addr,
-        store,
+        admin_addr: Some(admin_addr),
+        distribution_addr,
+        store: Some(store),
         snapshots: cell,
+        subscriber: None,
         shutdown: shutdown_tx,
         tasks,
         grace: args.shutdown_grace,
+        fatal: None,
     })
+}
+
+/// Starts `keygate authz`: an ext_authz data plane fed by a control plane.
+pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
+    let decision = args.data_plane.decision_config().map_err(StartError::Config)?;
+    let tls = server_tls(&args.tls)?;
+    let token = load_secret_token(
+        "KEYGATE_SUBSCRIBER_TOKEN",
+        &args.subscriber_token_file,
+        "--subscriber-token-file",
+    )?
+    .ok_or_else(|| {
+        StartError::Config(
+            "a subscriber token is required: KEYGATE_SUBSCRIBER_TOKEN or --subscriber-token-file".into(),
+        )
+    })?;
+    ensure_data_dir(&args.data_dir)?;
+    let key_path = args
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("master.key"));
+    if !key_path.exists() {
+        return Err(StartError::Config(format!(
+            "the control plane's master key is required: --master-key-file (no {} either)",
+            key_path.display()
+        )));
+    }
+    let master = MasterKey::load(&key_path).map_err(|e| StartError::Config(e.to_string()))?;
+    let keys = master.keys();
+    let fingerprint = master.fingerprint();
+    drop(master);
+    let endpoint = control_plane_endpoint(&args)?;
+
+    let cell = SnapshotCell::new();
+    let subscriber = Subscriber::new(
+        SubscriberConfig {
+            endpoint,
+            token: Arc::new(token),
+            data_dir: args.data_dir.clone(),
+            name: hostname(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        },
+        cell.clone(),
+        keys.clone(),
+        fingerprint,
+    );
+    subscriber.load_cache();
+    let status = subscriber.status.clone();
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let stopped = stop_signal(&shutdown_rx);
+    let mut tasks = Vec::new();
+    let listener = bind(args.authz_addr, "ext_authz").await?;
+    let authz_addr = listener.local_addr().map_err(io_err("ext_authz address"))?;
+    let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
+    spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
+
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
+    let stop = stopped();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = subscriber.run(stop).await {
+            let _ = fatal_tx.send(StartError::Config(e.to_string()));
+        }
+    }));
+    tracing::info!(authz_addr = %authz_addr, control_plane = %args.control_plane, "keygate ready");
+    Ok(Running {
+        authz_addr: Some(authz_addr),
+        admin_addr: None,
+        distribution_addr: None,
+        store: None,
+        snapshots: cell,
+        subscriber: Some(status),
+        shutdown: shutdown_tx,
+        tasks,
+        grace: args.shutdown_grace,
+        fatal: Some(fatal_rx),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "data-plane".into())
+}
+
+fn control_plane_endpoint(args: &AuthzArgs) -> Result<Endpoint, StartError> {
+    let url = &args.control_plane;
+    let bad = |why: String| StartError::Config(format!("--control-plane {url:?}: {why}"));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("must start with http:// or https://".into()));
+    }
+    let mut ep = Endpoint::from_shared(url.clone())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let ca = args
+            .control_plane_ca
+            .as_ref()
+            .ok_or_else(|| bad("https:// needs --control-plane-ca".into()))?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "--control-plane-ca")?));
+        if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
+            tls = tls.identity(Identity::from_pem(read_pem(c, "--client-cert")?, read_pem(k, "--client-key")?));
+        }
+        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    } else if args.client_cert.is_some() || args.control_plane_ca.is_some() {
+        return Err(bad("TLS options need an https:// control plane".into()));
+    }
+    Ok(ep)
 }
 
 /// gRPC reflection, v1 and v1alpha (grpcurl 1.8.6 speaks v1alpha), each listing every
@@ -367,13 +606,23 @@ fn sqlite_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keygate.db")
 }
 
-/// Runs `keygate serve` until `shutdown` resolves, then stops gracefully.
-pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let running = start(args).await?;
-    shutdown.await;
+/// Runs a started keygate until `shutdown` resolves (or a fatal error), then stops gracefully.
+pub async fn run_until(mut running: Running, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let fatal = tokio::select! {
+        _ = shutdown => None,
+        e = running.fatal() => Some(e),
+    };
     tracing::info!("shutting down");
     running.stop().await;
-    Ok(())
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Runs `keygate serve` until `shutdown` resolves, then stops gracefully.
+pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    run_until(start(args).await?, shutdown).await
 }
 
 /// Resolves on SIGINT or SIGTERM.

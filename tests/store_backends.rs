@@ -268,7 +268,10 @@ async fn concurrent_binds_serialise(backend: &str) {
         let (r1, r2) = tokio::join!(a_store.bind_consumer_key(&a, &k, "c1"), b_store.bind_consumer_key(&a, &k, "c2"));
         let oks = [r1.is_ok(), r2.is_ok()].iter().filter(|x| **x).count();
         assert_eq!(oks, 1, "round {round}: exactly one bind wins ({r1:?} / {r2:?})");
-        let loser = if r1.is_ok() { r2.unwrap_err() } else { r1.unwrap_err() };
+        let loser = match (r1, r2) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+            _ => unreachable!("exactly one succeeded"),
+        };
         assert!(
             matches!(loser, StoreError::Rule(RuleError::FailedPrecondition(ref m)) if m.contains("already bound")),
             "{loser}"

@@ -66,6 +66,7 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
         .map(|e| {
             e.parse::<IpNet>()
                 .or_else(|_| e.parse::<IpAddr>().map(IpNet::from))
+                .map(crate::domain::validate::canonical_net)
                 .map_err(|_| malformed(format!("allowlist entry {e:?}")))
         })
         .collect::<Result<Box<[IpNet]>, _>>()?;

@@ -174,14 +174,27 @@ pub fn auth_value_template(field: &str, value: &str) -> Result<(), FieldViolatio
     Ok(())
 }
 
+/// An IPv4-mapped IPv6 network (`::ffff:a.b.c.d/96+n`) as the IPv4 network it denotes, so
+/// entries and peers match whichever form a dual-stack listener reports.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(n.trunc());
+    }
+    net.trunc()
+}
+
 /// One allowlist entry: an IPv4/IPv6 address or CIDR. Returns its canonical form.
 pub fn ip_entry(field: &str, value: &str) -> Result<IpNet, FieldViolation> {
     let v = value.trim();
     if let Ok(net) = v.parse::<IpNet>() {
-        return Ok(net.trunc());
+        return Ok(canonical_net(net));
     }
     if let Ok(addr) = v.parse::<IpAddr>() {
-        return Ok(IpNet::from(addr));
+        return Ok(canonical_net(IpNet::from(addr)));
     }
     Err(FieldViolation::new(
         field,

@@ -121,8 +121,7 @@ pub struct KeyRow {
     pub ip_allowlist: Vec<String>,
 }
 
-const KEY_ROW_COLUMNS: &str =
-    "k.id, k.name, k.status, k.key_hash, k.consumer_id, k.scope_mode, k.ip_allowlist, k.expire_time";
+const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.consumer_id, k.scope_mode, k.ip_allowlist, k.expire_time";
 
 /// A `KeyRow` from a row of `KEY_ROW_COLUMNS`; `None` for a key with no value yet.
 fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
@@ -164,6 +163,8 @@ pub struct Store {
     keys: Keys,
     limits: Limits,
     committed: Arc<watch::Sender<i64>>,
+    /// PostgreSQL URL, for LISTEN (other replicas' commits).
+    listen_url: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -256,7 +257,9 @@ impl Store {
             });
         }
         let (tx, _) = watch::channel(revision);
+        let listen_url = (backend == Backend::Postgres).then(|| url.clone());
         Ok(Store {
+            listen_url,
             pool,
             backend,
             store_id,
@@ -285,6 +288,65 @@ impl Store {
     /// The latest revision this process committed; wakes the snapshot builder.
     pub fn subscribe_commits(&self) -> watch::Receiver<i64> {
         self.committed.subscribe()
+    }
+
+    /// On PostgreSQL: LISTENs for commits made through other replicas and wakes this
+    /// process's snapshot builder (the revision stays the truth: a missed notification is
+    /// caught by the builder's periodic check). Runs until `shutdown` resolves.
+    pub async fn listen_for_changes(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Some(url) = self.listen_url.clone() else { return };
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+                l.listen("keygate_changes").await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut l = tokio::select! {
+                _ = &mut shutdown => return,
+                l = listener => match l {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN for store changes failed; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let n = tokio::select! {
+                    _ = &mut shutdown => return,
+                    n = l.recv() => n,
+                };
+                match n {
+                    Ok(n) => {
+                        match n.payload().parse::<i64>() {
+                            Ok(rev) => {
+                                self.committed.send_if_modified(|r| {
+                                    if rev > *r {
+                                        *r = rev;
+                                        true
+                                    } else {
+                                        false
+                                    }
+                                });
+                            }
+                            Err(_) => self.committed.send_modify(|_| ()),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "store change notifications interrupted; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     pub async fn revision(&self) -> Result<i64> {
@@ -368,6 +430,13 @@ impl Store {
             .bind(hash)
             .execute(&mut *tx)
             .await?;
+        }
+        if self.backend == Backend::Postgres {
+            // Delivered at commit: wakes every replica's snapshot builder.
+            sqlx::query("SELECT pg_notify('keygate_changes', $1)")
+                .bind(revision.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         self.committed.send_if_modified(|r| {
@@ -1791,17 +1860,24 @@ impl Store {
     ) -> Result<i64> {
         for (i, (name, value)) in keys.iter().enumerate() {
             crate::domain::validate::name(&format!("keys[{i}].name"), name)
-                .and_then(|_| crate::domain::validate::key_value(&format!("keys[{i}].value"), value.expose()))
+                .and_then(|_| {
+                    crate::domain::validate::key_value(&format!("keys[{i}].value"), value.expose())
+                })
                 .map_err(|v| RuleError::Invalid(vec![v]))?;
         }
         let mut m = self.begin(actor).await?;
         let (cid, cname) = self
-            .find_id(&mut m.tx, ResourceKind::Consumer, &Selector::IdOrName(consumer.to_string()))
+            .find_id(
+                &mut m.tx,
+                ResourceKind::Consumer,
+                &Selector::IdOrName(consumer.to_string()),
+            )
             .await?;
-        let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consumer_keys WHERE consumer_id = $1")
-            .bind(&cid)
-            .fetch_one(&mut *m.tx)
-            .await?;
+        let existing: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM consumer_keys WHERE consumer_id = $1")
+                .bind(&cid)
+                .fetch_one(&mut *m.tx)
+                .await?;
         if existing as usize + keys.len() > self.limits.max_keys_per_consumer {
             return Err(RuleError::ResourceExhausted(format!(
                 "consumer {cname:?} would hold {} consumer keys; at most {} are allowed",
@@ -1845,18 +1921,29 @@ impl Store {
                     .bind(m.now.0);
             }
             q.execute(&mut *m.tx).await.map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Rule(RuleError::invalid(
-                    "keys",
-                    "a name or value is already in use by another consumer key",
-                )),
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StoreError::Rule(RuleError::invalid(
+                        "keys",
+                        "a name or value is already in use by another consumer key",
+                    ))
+                }
                 _ => StoreError::Database(e),
             })?;
         }
         m.full_reload = true;
         let n = keys.len().to_string();
         let fields = ["consumer_keys", n.as_str()];
-        self.commit(m, Audit::new("ImportConsumerKeys", ResourceKind::Consumer, &cid, &cname, &fields[..1]))
-            .await
+        self.commit(
+            m,
+            Audit::new(
+                "ImportConsumerKeys",
+                ResourceKind::Consumer,
+                &cid,
+                &cname,
+                &fields[..1],
+            ),
+        )
+        .await
     }
 
     // ------------------------------------------------------------------ references, audit
@@ -2016,7 +2103,9 @@ impl Store {
                     }
                 }
                 Some(ResourceKind::Consumer) => consumer_ids.push(id),
-                Some(ResourceKind::ModelService | ResourceKind::ModelKey) => services_changed = true,
+                Some(ResourceKind::ModelService | ResourceKind::ModelKey) => {
+                    services_changed = true
+                }
                 None => return Err(StoreError::Corrupt("change kind".into())),
             }
         }
@@ -2034,7 +2123,9 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(row) = row else { continue }; // deleted: its hash is in removed_key_hashes
-            let scope = self.read_scope(&mut tx, id, row.try_get("scope_mode")?).await?;
+            let scope = self
+                .read_scope(&mut tx, id, row.try_get("scope_mode")?)
+                .await?;
             if let Some(k) = key_row(&row, scope)? {
                 consumer_keys.push(k);
             }
@@ -2042,10 +2133,12 @@ impl Store {
         let mut consumers = Vec::new();
         let mut removed_consumer_ids = Vec::new();
         for id in consumer_ids {
-            let row = sqlx::query(&format!("SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1"))
-                .bind(&id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let row = sqlx::query(&format!(
+                "SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1"
+            ))
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
             match row {
                 Some(row) => {
                     let mut c = self.consumer_from_row(&mut tx, &row).await?;
@@ -2147,7 +2240,11 @@ impl Store {
             let sql = format!("SELECT {KEY_ROW_COLUMNS} FROM consumer_keys k");
             let mut rows = sqlx::query(&sql).fetch(&mut *tx);
             while let Some(r) = rows.try_next().await? {
-                let scope = scope_of(&mut scopes, &r.try_get::<String, _>("id")?, r.try_get("scope_mode")?);
+                let scope = scope_of(
+                    &mut scopes,
+                    &r.try_get::<String, _>("id")?,
+                    r.try_get("scope_mode")?,
+                );
                 if let Some(k) = key_row(&r, scope)? {
                     consumer_key_count += 1;
                     on_key(k).map_err(StoreError::Corrupt)?;
@@ -2166,12 +2263,13 @@ impl Store {
     }
 }
 
-
 /// What changed since a revision, as `Store::load_changes` reports it.
 #[derive(Debug)]
 pub enum Changes {
     /// Nothing committed since.
-    UpToDate { revision: i64 },
+    UpToDate {
+        revision: i64,
+    },
     /// Too much changed (or the history is gone): reload everything (`load_contents`).
     Full,
     Incremental(Increment),
@@ -2238,52 +2336,52 @@ pub type EncryptedModelKeys = Vec<(ModelKey, Vec<u8>)>;
 async fn load_services(
     conn: &mut sqlx::AnyConnection,
 ) -> Result<(Vec<ModelService>, EncryptedModelKeys)> {
-        let mut bindings: HashMap<String, Vec<Named>> = HashMap::new();
-        let mut service_keys: HashMap<String, Vec<Named>> = HashMap::new();
-        for r in sqlx::query(
-            "SELECT b.model_key_id, b.model_service_id, s.name AS service_name, k.name AS key_name \
+    let mut bindings: HashMap<String, Vec<Named>> = HashMap::new();
+    let mut service_keys: HashMap<String, Vec<Named>> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT b.model_key_id, b.model_service_id, s.name AS service_name, k.name AS key_name \
              FROM model_key_bindings b JOIN model_services s ON s.id = b.model_service_id \
              JOIN model_keys k ON k.id = b.model_key_id ORDER BY b.create_time",
-        )
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let kid: String = r.try_get("model_key_id")?;
+        let sid: String = r.try_get("model_service_id")?;
+        bindings.entry(kid.clone()).or_default().push(Named {
+            id: sid.clone(),
+            name: r.try_get("service_name")?,
+        });
+        service_keys.entry(sid).or_default().push(Named {
+            id: kid,
+            name: r.try_get("key_name")?,
+        });
+    }
+
+    let mut model_services = Vec::new();
+    for r in sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM model_services"))
         .fetch_all(&mut *conn)
         .await?
-        {
-            let kid: String = r.try_get("model_key_id")?;
-            let sid: String = r.try_get("model_service_id")?;
-            bindings.entry(kid.clone()).or_default().push(Named {
-                id: sid.clone(),
-                name: r.try_get("service_name")?,
-            });
-            service_keys.entry(sid).or_default().push(Named {
-                id: kid,
-                name: r.try_get("key_name")?,
-            });
-        }
+    {
+        let mut s = service_base(&r)?;
+        s.model_keys = service_keys.remove(&s.id).unwrap_or_default();
+        model_services.push(s);
+    }
 
-        let mut model_services = Vec::new();
-        for r in sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM model_services"))
-            .fetch_all(&mut *conn)
-            .await?
-        {
-            let mut s = service_base(&r)?;
-            s.model_keys = service_keys.remove(&s.id).unwrap_or_default();
-            model_services.push(s);
-        }
+    let mut model_keys = Vec::new();
+    for r in sqlx::query(&format!(
+        "SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"
+    ))
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let mut k = model_key_base(&r)?;
+        k.model_services = bindings.remove(&k.id).unwrap_or_default();
+        let ct: Option<Vec<u8>> = r.try_get("ciphertext")?;
+        model_keys.push((k, ct.unwrap_or_default()));
+    }
 
-        let mut model_keys = Vec::new();
-        for r in sqlx::query(&format!(
-            "SELECT {MODEL_KEY_COLUMNS}, ciphertext FROM model_keys"
-        ))
-        .fetch_all(&mut *conn)
-        .await?
-        {
-            let mut k = model_key_base(&r)?;
-            k.model_services = bindings.remove(&k.id).unwrap_or_default();
-            let ct: Option<Vec<u8>> = r.try_get("ciphertext")?;
-            model_keys.push((k, ct.unwrap_or_default()));
-        }
-
-        Ok((model_services, model_keys))
+    Ok((model_services, model_keys))
 }
 
 fn table_of(kind: ResourceKind) -> &'static str {
