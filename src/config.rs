@@ -171,6 +171,10 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KEYGATE_DISTRIBUTION_ADDR")]
     pub distribution_addr: Option<SocketAddr>,
 
+    /// HTTP listener for /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, env = "KEYGATE_METRICS_ADDR", default_value = "127.0.0.1:9003")]
+    pub metrics_addr: SocketAddr,
+
     /// File holding the admin token. Default: <data-dir>/admin.token, created on first start.
     /// KEYGATE_ADMIN_TOKEN supplies the token directly and takes precedence.
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
@@ -235,6 +239,10 @@ pub struct AuthzArgs {
     /// Envoy ext_authz gRPC listener.
     #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
     pub authz_addr: SocketAddr,
+
+    /// HTTP listener for /metrics (Prometheus), /healthz and /readyz.
+    #[arg(long, env = "KEYGATE_METRICS_ADDR", default_value = "127.0.0.1:9003")]
+    pub metrics_addr: SocketAddr,
 
     /// Where the encrypted last-good snapshot is kept (created mode 0700).
     #[arg(long, env = "KEYGATE_DATA_DIR", default_value = "./keygate-authz-data")]

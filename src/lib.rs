@@ -14,3 +14,4 @@ pub mod snapshot;
 pub mod store;
 pub mod bench;
 pub mod distribution;
+pub mod metrics;

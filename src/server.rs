@@ -366,6 +366,8 @@ pub async fn start_control_plane(
         Some(a) => Some(bind(a, "distribution").await?),
         None => None,
     };
+    let metrics_listener = bind(args.metrics_addr, "metrics").await?;
+    let metrics_addr = metrics_listener.local_addr().map_err(io_err("metrics address"))?;
     let authz_addr = authz_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
     let distribution_addr = dist_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -386,6 +388,14 @@ pub async fn start_control_plane(
             SubscriberAuth::new(t),
         )
     });
+    {
+        let count = distribution.as_ref().map(|(svc, _)| {
+            let svc = svc.clone();
+            Arc::new(move || svc.subscriber_count()) as Arc<dyn Fn() -> i64 + Send + Sync>
+        });
+        let sources = crate::metrics::HealthSources::new(cell.clone(), None, count);
+        tasks.push(tokio::spawn(crate::metrics::serve(metrics_listener, sources, stopped())));
+    }
     if distribution.is_none() {
         tracing::info!("no subscriber token (KEYGATE_SUBSCRIBER_TOKEN / --subscriber-token-file): data planes cannot subscribe");
     }
@@ -437,6 +447,7 @@ pub async fn start_control_plane(
     tracing::info!(
         authz_addr = authz_addr.map(|a| a.to_string()),
         admin_addr = %admin_addr,
+        metrics_addr = %metrics_addr,
         distribution_addr = distribution_addr.map(|a| a.to_string()),
         "keygate ready"
     );
@@ -507,6 +518,10 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     let listener = bind(args.authz_addr, "ext_authz").await?;
     let authz_addr = listener.local_addr().map_err(io_err("ext_authz address"))?;
+    let metrics_listener = bind(args.metrics_addr, "metrics").await?;
+    let metrics_addr = metrics_listener.local_addr().map_err(io_err("metrics address"))?;
+    let sources = crate::metrics::HealthSources::new(cell.clone(), Some(status.clone()), None);
+    tasks.push(tokio::spawn(crate::metrics::serve(metrics_listener, sources, stopped())));
     let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
     spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
 
@@ -517,7 +532,7 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
             let _ = fatal_tx.send(StartError::Config(e.to_string()));
         }
     }));
-    tracing::info!(authz_addr = %authz_addr, control_plane = %args.control_plane, "keygate ready");
+    tracing::info!(authz_addr = %authz_addr, metrics_addr = %metrics_addr, control_plane = %args.control_plane, "keygate ready");
     Ok(Running {
         authz_addr: Some(authz_addr),
         admin_addr: None,

@@ -1,7 +1,7 @@
 //! Unit tests of the decision (every branch of SPEC §2).
 //!
-//! The snapshot is built through the public update path (`Snapshot::from_full` over
-//! `KeyRecord`/`ConsumerRecord`/`ServiceRecord`), with model keys encrypted exactly as the
+//! The snapshot is built through the public update path (`Snapshot::from_full` over key
+//! entries, `ConsumerRecord`s and `ServiceRecord`s), with model keys encrypted exactly as the
 //! store distributes them, so these tests exercise what a data plane really decides from.
 
 use super::*;
@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use uuid::Uuid;
 
 use crate::crypto::{Keys, MasterKey, Secret};
-use crate::snapshot::{ConsumerRecord, KeyRecord, ModelKeyRecord, ServiceRecord, Update};
+use crate::snapshot::{ConsumerRecord, ModelKeyRecord, ScopeSet, ServiceRecord, Update};
 
 // ---------------------------------------------------------------------------------------------
 // Fixture
@@ -174,20 +174,19 @@ fn build_world() -> World {
 
     let mut key_ids = HashMap::new();
     let mut records = Vec::new();
-    let mut add = |n: u128, value: &'static str, f: &dyn Fn(&mut KeyRecord)| {
-        let mut r = KeyRecord {
-            hash: keys.hasher.hash(value.as_bytes()),
+    let mut add = |n: u128, value: &'static str, f: &dyn Fn(&mut KeyEntry)| {
+        let mut e = KeyEntry {
             id: id(0x400 + n),
-            name: format!("key-{n}"),
+            consumer: Some(id(C_ALL)),
             enabled: true,
             expire_time: None,
-            consumer: Some(id(C_ALL)),
-            scope: None,
-            ip_allowlist: vec![],
+            name: format!("key-{n}").into(),
+            scope: ScopeSet::All,
+            ip_allowlist: Box::new([]),
         };
-        f(&mut r);
-        key_ids.insert(value, r.id);
-        records.push(r);
+        f(&mut e);
+        key_ids.insert(value, e.id);
+        records.push((keys.hasher.hash(value.as_bytes()), e));
     };
     add(0, GOOD, &|_| {});
     add(1, DISABLED, &|r| r.enabled = false);
@@ -195,18 +194,26 @@ fn build_world() -> World {
     add(3, UNBOUND, &|r| r.consumer = None);
     add(4, DANGLING, &|r| r.consumer = Some(id(C_MISSING)));
     add(5, IP_V4, &|r| {
-        r.ip_allowlist = nets(&["10.0.0.0/8", "192.168.1.5/32"]);
+        r.ip_allowlist = nets(&["10.0.0.0/8", "192.168.1.5/32"]).into();
     });
-    add(6, IP_V6, &|r| r.ip_allowlist = nets(&["2001:db8::/32"]));
-    add(7, KEY_SCOPED, &|r| r.scope = Some(vec![id(S_ANTHROPIC)]));
-    add(8, CONSUMER_SCOPED, &|r| r.consumer = Some(id(C_OPENAI_ONLY)));
+    add(6, IP_V6, &|r| {
+        r.ip_allowlist = nets(&["2001:db8::/32"]).into()
+    });
+    add(7, KEY_SCOPED, &|r| {
+        r.scope = ScopeSet::Only(vec![id(S_ANTHROPIC)].into())
+    });
+    add(8, CONSUMER_SCOPED, &|r| {
+        r.consumer = Some(id(C_OPENAI_ONLY))
+    });
     add(9, BOTH_SCOPED, &|r| {
         r.consumer = Some(id(C_OPENAI_AZURE));
-        r.scope = Some(vec![id(S_OPENAI), id(S_ANTHROPIC)]);
+        r.scope = ScopeSet::Only(vec![id(S_OPENAI), id(S_ANTHROPIC)].into());
     });
     add(10, IP_MAPPED, &|r| {
         // Parsed exactly as the snapshot builder parses stored allowlist entries.
-        r.ip_allowlist = vec![crate::domain::validate::ip_entry("ip_allowlist", "::ffff:10.1.2.3").unwrap()];
+        r.ip_allowlist =
+            vec![crate::domain::validate::ip_entry("ip_allowlist", "::ffff:10.1.2.3").unwrap()]
+                .into();
     });
 
     let update = Update {
@@ -366,7 +373,10 @@ fn no_credential_is_missing_credential_401() {
         assert_eq!(den.reason, DenyReason::MissingCredential, "{req:?}");
         assert!(den.key.is_none());
         assert_eq!(den.reason.http_status(), 401);
-        assert!(extract_credential(&DecisionConfig::default(), &req).is_none(), "{req:?}");
+        assert!(
+            extract_credential(&DecisionConfig::default(), &req).is_none(),
+            "{req:?}"
+        );
     }
 }
 
@@ -486,7 +496,9 @@ fn credential_precedence_is_authorization_then_x_api_key_then_api_key_then_query
     // The first present credential decides: a valid key later does not rescue an unknown one.
     let req = Req::new().bearer(UNKNOWN).header("x-api-key", GOOD);
     assert_deny(&w.decide_at(&cfg, &req, NOW), DenyReason::UnknownKey);
-    let req = Req::new().header("x-api-key", UNKNOWN).header("api-key", GOOD);
+    let req = Req::new()
+        .header("x-api-key", UNKNOWN)
+        .header("api-key", GOOD);
     assert_deny(&w.decide_at(&cfg, &req, NOW), DenyReason::UnknownKey);
     let req = Req::new()
         .header("api-key", UNKNOWN)
@@ -550,7 +562,11 @@ fn unknown_disabled_expired_unbound_are_401_with_the_reason_kept_internally() {
 #[test]
 fn a_valid_key_differing_in_case_or_by_a_character_is_unknown() {
     let w = &*WORLD;
-    let mut near = vec![GOOD.to_uppercase(), GOOD.to_lowercase(), GOOD[..GOOD.len() - 1].to_string()];
+    let mut near = vec![
+        GOOD.to_uppercase(),
+        GOOD.to_lowercase(),
+        GOOD[..GOOD.len() - 1].to_string(),
+    ];
     near.push(format!("{GOOD}x"));
     for v in near {
         assert_deny(&w.decide(&Req::new().bearer(&v)), DenyReason::UnknownKey);
@@ -565,7 +581,10 @@ fn expiry_is_refused_from_its_instant() {
     // expire_time == now: expired.
     assert_deny(&w.decide_at(&cfg, &req, NOW), DenyReason::Expired);
     // Later: expired.
-    assert_deny(&w.decide_at(&cfg, &req, Timestamp(NOW.0 + 1)), DenyReason::Expired);
+    assert_deny(
+        &w.decide_at(&cfg, &req, Timestamp(NOW.0 + 1)),
+        DenyReason::Expired,
+    );
     assert_deny(
         &w.decide_at(&cfg, &req, Timestamp(NOW.0 + 86_400_000_000)),
         DenyReason::Expired,
@@ -580,7 +599,11 @@ fn disabled_wins_over_expired_and_unbound_but_all_look_the_same_outside() {
     // A disabled key that is also expired still answers exactly like an unknown key.
     let w = &*WORLD;
     let late = Timestamp(NOW.0 + 1_000_000);
-    let d = w.decide_at(&DecisionConfig::default(), &Req::new().bearer(DISABLED), late);
+    let d = w.decide_at(
+        &DecisionConfig::default(),
+        &Req::new().bearer(DISABLED),
+        late,
+    );
     assert_eq!(denied(&d).reason.body(), DenyReason::UnknownKey.body());
     assert_eq!(denied(&d).reason.http_status(), 401);
 }
@@ -682,12 +705,20 @@ fn ip_allowlist_on_the_peer_address() {
 #[test]
 fn ipv4_mapped_allowlist_entry_admits_the_same_address() {
     let w = &*WORLD;
-    let d = w.decide(&Req::new().bearer(IP_MAPPED).peer("::ffff:10.1.2.3"));
-    assert_eq!(
-        d.deny_reason(),
-        None,
-        "peer ::ffff:10.1.2.3 is inside allowlist entry ::ffff:10.1.2.3/128"
-    );
+    // The same host in either form is inside the entry.
+    for peer in ["::ffff:10.1.2.3", "10.1.2.3"] {
+        let d = w.decide(&Req::new().bearer(IP_MAPPED).peer(peer));
+        assert_eq!(
+            d.deny_reason(),
+            None,
+            "peer {peer} is inside allowlist entry ::ffff:10.1.2.3"
+        );
+    }
+    // Any other host, in either form, is outside.
+    for peer in ["::ffff:10.1.2.4", "10.1.2.4", "::1"] {
+        let d = w.decide(&Req::new().bearer(IP_MAPPED).peer(peer));
+        assert_eq!(d.deny_reason(), Some(DenyReason::IpNotAllowed), "{peer}");
+    }
 }
 
 #[test]
@@ -718,16 +749,25 @@ fn ip_allowlist_on_x_forwarded_for() {
         DenyReason::IpNotAllowed,
     );
     // Fewer hops than trusted, a missing header, or garbage: denied.
-    assert_deny(&w.decide_at(&xff(2), &r("10.1.1.1"), NOW), DenyReason::IpNotAllowed);
+    assert_deny(
+        &w.decide_at(&xff(2), &r("10.1.1.1"), NOW),
+        DenyReason::IpNotAllowed,
+    );
     assert_deny(&w.decide_at(&xff(1), &r(""), NOW), DenyReason::IpNotAllowed);
-    assert_deny(&w.decide_at(&xff(1), &r("unknown"), NOW), DenyReason::IpNotAllowed);
+    assert_deny(
+        &w.decide_at(&xff(1), &r("unknown"), NOW),
+        DenyReason::IpNotAllowed,
+    );
     assert_deny(
         &w.decide_at(&xff(1), &r("203.0.113.9, not-an-ip"), NOW),
         DenyReason::IpNotAllowed,
     );
     // Missing x-forwarded-for with an allowlist: denied, even when the peer would be allowed.
     let no_xff = Req::new().bearer(IP_V4).peer("10.1.2.3");
-    assert_deny(&w.decide_at(&xff(1), &no_xff, NOW), DenyReason::IpNotAllowed);
+    assert_deny(
+        &w.decide_at(&xff(1), &no_xff, NOW),
+        DenyReason::IpNotAllowed,
+    );
     // IPv6 in x-forwarded-for.
     let v6 = Req::new()
         .bearer(IP_V6)
@@ -763,8 +803,14 @@ fn client_ip_sources() {
 #[test]
 fn client_ip_source_parses_from_flags() {
     assert_eq!("peer".parse::<ClientIpSource>(), Ok(ClientIpSource::Peer));
-    assert_eq!("xff:1".parse::<ClientIpSource>(), Ok(ClientIpSource::ForwardedFor(1)));
-    assert_eq!("xff:2".parse::<ClientIpSource>(), Ok(ClientIpSource::ForwardedFor(2)));
+    assert_eq!(
+        "xff:1".parse::<ClientIpSource>(),
+        Ok(ClientIpSource::ForwardedFor(1))
+    );
+    assert_eq!(
+        "xff:2".parse::<ClientIpSource>(),
+        Ok(ClientIpSource::ForwardedFor(2))
+    );
     for bad in ["xff:0", "xff:", "xff:-1", "xff", "", "forwarded"] {
         assert!(bad.parse::<ClientIpSource>().is_err(), "{bad:?}");
     }
@@ -863,7 +909,11 @@ fn scope_is_consumer_scope_intersected_with_key_scope() {
             assert_eq!(a.key.id, w.key_id(key));
         } else {
             let den = denied(&d);
-            assert_eq!(den.reason, DenyReason::ModelServiceNotAllowed, "{key} → {service}");
+            assert_eq!(
+                den.reason,
+                DenyReason::ModelServiceNotAllowed,
+                "{key} → {service}"
+            );
             assert_eq!(den.reason.http_status(), 403);
             assert_eq!(den.key.map(|k| k.id), Some(w.key_id(key)));
         }
@@ -927,7 +977,10 @@ fn rotation_uses_every_model_key_of_a_service() {
         .map(|_| allowed(&w.decide(&req)).model_key.id)
         .collect();
     let seen: HashSet<Uuid> = picks.iter().copied().collect();
-    assert_eq!(seen, HashSet::from([id(MK_OPENAI_1_ID), id(MK_OPENAI_2_ID)]));
+    assert_eq!(
+        seen,
+        HashSet::from([id(MK_OPENAI_1_ID), id(MK_OPENAI_2_ID)])
+    );
     // Evenly: each key serves half of the requests.
     for k in &seen {
         assert_eq!(picks.iter().filter(|p| *p == k).count(), 4, "{picks:?}");
@@ -941,7 +994,10 @@ fn rotation_uses_every_model_key_of_a_service() {
         } else {
             MK_OPENAI_2
         };
-        assert_eq!(a.model_key.header_value.expose(), format!("Bearer {expected}"));
+        assert_eq!(
+            a.model_key.header_value.expose(),
+            format!("Bearer {expected}")
+        );
     }
     // A single key is always the one picked.
     let req = Req::new().bearer(GOOD).service("azure");
@@ -989,7 +1045,10 @@ fn credentials_to_remove_strips_every_present_credential_but_the_overwritten_hea
         (vec![], Some("key"))
     );
     let q = Req::new().bearer(GOOD).query("key=");
-    assert_eq!(credentials_to_remove(&cfg, &q, "authorization").1, Some("key"));
+    assert_eq!(
+        credentials_to_remove(&cfg, &q, "authorization").1,
+        Some("key")
+    );
     // Not when absent, and never when the parameter is not configured.
     let q = Req::new().bearer(GOOD).query("keys=1&other=key");
     assert_eq!(credentials_to_remove(&cfg, &q, "authorization").1, None);
@@ -1082,7 +1141,10 @@ fn reason_names_are_distinct_metric_labels() {
 #[test]
 fn decision_config_defaults_match_spec() {
     let cfg = DecisionConfig::default();
-    assert_eq!(cfg.credential_headers, vec!["authorization", "x-api-key", "api-key"]);
+    assert_eq!(
+        cfg.credential_headers,
+        vec!["authorization", "x-api-key", "api-key"]
+    );
     assert_eq!(cfg.credential_query_param, None);
     assert_eq!(cfg.client_ip, ClientIpSource::Peer);
 }
@@ -1096,7 +1158,10 @@ fn assert_no_secret(text: &str) {
     for v in ALL_MODEL_KEYS.iter().chain(ALL_CONSUMER_KEYS.iter()) {
         assert!(!text.contains(v), "debug output contains secret {v:?}");
         // Not even a distinctive tail of a model key.
-        assert!(!text.contains(&v[v.len() - 12..]), "debug output contains part of {v:?}");
+        assert!(
+            !text.contains(&v[v.len() - 12..]),
+            "debug output contains part of {v:?}"
+        );
     }
 }
 

@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 use super::decision::{self, Decision, DecisionConfig, MODEL_SERVICE_EXTENSION, RequestView};
 use crate::crypto::KeyHasher;
 use crate::domain::Timestamp;
+use crate::metrics::METRICS;
 use crate::snapshot::{KeyEntry, SnapshotCell};
+use std::time::Instant;
 
 /// gRPC codes carried in `CheckResponse.status` (a non-OK status is a denial, not an error).
 const CODE_OK: i32 = 0;
@@ -43,14 +45,28 @@ impl ExtAuthzService {
 
     /// The whole check, synchronous: what `Check` runs and benchmarks call.
     pub fn check_sync(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
+        let started = Instant::now();
+        let response = self.respond(req, now);
+        METRICS.check_duration.observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    fn respond(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
         let view = CheckView::new(req);
         let guard = self.cell.load_guard();
         let Some(snap) = guard.as_ref() else {
+            METRICS.denied(decision::DenyReason::NotReady);
             return denied_response(decision::DenyReason::NotReady, None);
         };
         let d = decision::decide(snap, &self.config, &view, now, |k| self.hasher.hash(k));
         match d {
             Decision::Allow(a) => {
+                METRICS.allowed();
+                if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
+                    METRICS.consumer_counter(&a.consumer.name, &a.service.name)
+                }) {
+                    c.inc();
+                }
                 let (remove, param) =
                     decision::credentials_to_remove(&self.config, &view, &a.service.auth_header);
                 let fields = [
@@ -81,6 +97,7 @@ impl ExtAuthzService {
                 }
             }
             Decision::Deny(d) => {
+                METRICS.denied(d.reason);
                 tracing::debug!(
                     reason = d.reason.as_str(),
                     consumer_key = d.key.map(|k| &*k.name),

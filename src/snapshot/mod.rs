@@ -14,6 +14,7 @@ pub use update::{ApplyError, ConsumerRecord, ModelKeyRecord, ServiceRecord, Upda
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -45,7 +46,43 @@ pub struct ConsumerEntry {
     pub id: Uuid,
     pub name: Box<str>,
     pub scope: ScopeSet,
+    /// Usage counters per model service, resolved on first use (metrics).
+    pub usage: UsageCells,
 }
+
+/// One lazily resolved counter per model service for a consumer: after the first request
+/// the hot path increments a handle it already holds (no lock, no label formatting).
+#[derive(Clone, Default)]
+pub struct UsageCells(Arc<[(Uuid, OnceLock<prometheus::IntCounter>)]>);
+
+impl UsageCells {
+    pub fn new(service_ids: impl IntoIterator<Item = Uuid>) -> Self {
+        UsageCells(service_ids.into_iter().map(|id| (id, OnceLock::new())).collect())
+    }
+
+    /// The counter for `service_id`, made by `init` the first time.
+    #[inline]
+    pub fn counter(&self, service_id: &Uuid, init: impl FnOnce() -> prometheus::IntCounter) -> Option<&prometheus::IntCounter> {
+        self.0
+            .iter()
+            .find(|(id, _)| id == service_id)
+            .map(|(_, cell)| cell.get_or_init(init))
+    }
+}
+
+impl std::fmt::Debug for UsageCells {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UsageCells({} services)", self.0.len())
+    }
+}
+
+/// Counters are caches, not data: two entries compare equal whatever they hold.
+impl PartialEq for UsageCells {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for UsageCells {}
 
 /// A consumer key as the data plane sees it (its value is only the HMAC it is indexed by).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use uuid::Uuid;
 
-use super::{ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot};
+use super::{ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells};
 use crate::crypto::{KeyHash, Keys, Secret};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,11 +86,12 @@ fn scope_set(s: &Option<Vec<Uuid>>) -> ScopeSet {
     }
 }
 
-fn consumer_entry(r: &ConsumerRecord) -> Arc<ConsumerEntry> {
+fn consumer_entry(r: &ConsumerRecord, services: &HashMap<Box<str>, Arc<ServiceEntry>>) -> Arc<ConsumerEntry> {
     Arc::new(ConsumerEntry {
         id: r.id,
         name: r.name.as_str().into(),
         scope: scope_set(&r.scope),
+        usage: UsageCells::new(services.values().map(|s| s.id)),
     })
 }
 
@@ -152,22 +153,34 @@ impl Snapshot {
             None => (self.services.clone(), self.service_records.clone()),
         };
         let (key_index, consumers) = if update.full {
-            let consumers: HashMap<Uuid, Arc<ConsumerEntry>> =
-                update.consumers.iter().map(|c| (c.id, consumer_entry(c))).collect();
+            let consumers: HashMap<Uuid, Arc<ConsumerEntry>> = update
+                .consumers
+                .iter()
+                .map(|c| (c.id, consumer_entry(c, &services)))
+                .collect();
             (
                 KeyIndex::from_entries(update.keys),
                 Arc::new(consumers),
             )
         } else {
-            let consumers = if update.consumers.is_empty() && update.removed_consumers.is_empty() {
+            let services_changed = !Arc::ptr_eq(&services, &self.services);
+            let consumers = if update.consumers.is_empty() && update.removed_consumers.is_empty() && !services_changed {
                 self.consumers.clone()
             } else {
                 let mut c = (*self.consumers).clone();
+                if services_changed {
+                    // Usage cells follow the service set.
+                    for e in c.values_mut() {
+                        let mut n = (**e).clone();
+                        n.usage = UsageCells::new(services.values().map(|s| s.id));
+                        *e = Arc::new(n);
+                    }
+                }
                 for id in &update.removed_consumers {
                     c.remove(id);
                 }
                 for r in &update.consumers {
-                    c.insert(r.id, consumer_entry(r));
+                    c.insert(r.id, consumer_entry(r, &services));
                 }
                 Arc::new(c)
             };
