@@ -376,6 +376,7 @@ pub fn synthetic_update(n: u64) -> crate::snapshot::Update {
                     name: format!("bench-{i}").into_boxed_str(),
                     scope: ScopeSet::All,
                     ip_allowlist: Box::new([]),
+                    usage: Default::default(),
                 },
             )
         })

@@ -15,3 +15,4 @@ pub mod store;
 pub mod bench;
 pub mod distribution;
 pub mod metrics;
+pub mod usage;

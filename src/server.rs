@@ -377,14 +377,23 @@ pub async fn start_control_plane(
         tasks.push(tokio::spawn(store.clone().listen_for_changes(stopped())));
     }
 
+    let store_sink: crate::usage::UsageSink = {
+        let store = store.clone();
+        Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { store.record_last_used(&batch).await.map_err(|e| e.to_string()) })
+        })
+    };
     if let (Some(listener), Some((_, decision))) = (authz_listener, authz) {
-        let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
+        let (recorder, flusher) = crate::usage::start(store_sink.clone(), Duration::from_secs(1), stopped());
+        tasks.push(tokio::spawn(flusher));
+        let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
         spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
     }
 
     let distribution = subscriber_token.map(|t| {
         (
-            DistributionService::new(cell.clone(), updates_tx.clone(), fingerprint.clone()),
+            DistributionService::new(cell.clone(), updates_tx.clone(), fingerprint.clone()).with_usage(store_sink.clone()),
             SubscriberAuth::new(t),
         )
     });
@@ -495,6 +504,7 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let fingerprint = master.fingerprint();
     drop(master);
     let endpoint = control_plane_endpoint(&args)?;
+    let usage_sink = control_plane_usage_sink(&endpoint, &token);
 
     let cell = SnapshotCell::new();
     let subscriber = Subscriber::new(
@@ -522,7 +532,9 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let metrics_addr = metrics_listener.local_addr().map_err(io_err("metrics address"))?;
     let sources = crate::metrics::HealthSources::new(cell.clone(), Some(status.clone()), None);
     tasks.push(tokio::spawn(crate::metrics::serve(metrics_listener, sources, stopped())));
-    let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision);
+    let (recorder, flusher) = crate::usage::start(usage_sink, Duration::from_secs(1), stopped());
+    tasks.push(tokio::spawn(flusher));
+    let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
     spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
 
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
@@ -544,6 +556,33 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
         tasks,
         grace: args.shutdown_grace,
         fatal: Some(fatal_rx),
+    })
+}
+
+/// Sends a data plane's last-used batches to its control plane (authenticated like the
+/// subscription).
+fn control_plane_usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
+    use crate::proto::snapshot::v1 as pb;
+    let channel = endpoint.connect_lazy();
+    let bearer: Option<tonic::metadata::MetadataValue<_>> = format!("Bearer {}", token.expose()).parse().ok();
+    Arc::new(move |batch| {
+        let mut client = pb::snapshot_distribution_client::SnapshotDistributionClient::new(channel.clone());
+        let bearer = bearer.clone();
+        Box::pin(async move {
+            let mut req = tonic::Request::new(pb::UsageReport {
+                items: batch
+                    .iter()
+                    .map(|(id, t)| pb::KeyUsage {
+                        consumer_key_id: id.as_bytes().to_vec(),
+                        last_used_time_us: t.0,
+                    })
+                    .collect(),
+            });
+            if let Some(b) = bearer {
+                req.metadata_mut().insert("authorization", b);
+            }
+            client.report_usage(req).await.map(drop).map_err(|e| e.message().to_string())
+        })
     })
 }
 

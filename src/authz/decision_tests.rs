@@ -183,6 +183,7 @@ fn build_world() -> World {
             name: format!("key-{n}").into(),
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
+            usage: Default::default(),
         };
         f(&mut e);
         key_ids.insert(value, e.id);

@@ -32,6 +32,7 @@ pub struct ExtAuthzService {
     cell: SnapshotCell,
     hasher: KeyHasher,
     config: Arc<DecisionConfig>,
+    usage: Option<crate::usage::UsageRecorder>,
 }
 
 impl ExtAuthzService {
@@ -40,7 +41,14 @@ impl ExtAuthzService {
             cell,
             hasher,
             config: Arc::new(config),
+            usage: None,
         }
+    }
+
+    /// Also record each allowed key's last use.
+    pub fn with_usage(mut self, usage: crate::usage::UsageRecorder) -> Self {
+        self.usage = Some(usage);
+        self
     }
 
     /// The whole check, synchronous: what `Check` runs and benchmarks call.
@@ -62,6 +70,9 @@ impl ExtAuthzService {
         match d {
             Decision::Allow(a) => {
                 METRICS.allowed();
+                if let Some(u) = &self.usage {
+                    u.record(a.key, now);
+                }
                 if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
                     METRICS.consumer_counter(&a.consumer.name, &a.service.name)
                 }) {

@@ -70,6 +70,8 @@ pub struct DistributionService {
     history: Arc<Mutex<VecDeque<Published>>>,
     fingerprint: String,
     subscribers: Arc<std::sync::atomic::AtomicI64>,
+    /// Where data planes' last-used reports are written.
+    usage: Option<crate::usage::UsageSink>,
 }
 
 impl DistributionService {
@@ -102,7 +104,14 @@ impl DistributionService {
             history,
             fingerprint,
             subscribers: Arc::default(),
+            usage: None,
         }
+    }
+
+    /// Accept data planes' last-used reports into `sink`.
+    pub fn with_usage(mut self, sink: crate::usage::UsageSink) -> Self {
+        self.usage = Some(sink);
+        self
     }
 
     /// Connected subscribers right now.
@@ -247,5 +256,22 @@ impl SnapshotDistribution for DistributionService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn report_usage(&self, req: Request<pb::UsageReport>) -> Result<Response<pb::UsageReportResponse>, Status> {
+        let Some(sink) = &self.usage else {
+            return Err(Status::unimplemented("this control plane does not record usage"));
+        };
+        let mut batch = Vec::with_capacity(req.get_ref().items.len());
+        for i in &req.get_ref().items {
+            let id = uuid::Uuid::from_slice(&i.consumer_key_id)
+                .map_err(|_| Status::invalid_argument("consumer_key_id: must be a 16-byte id"))?;
+            batch.push((id, crate::domain::Timestamp(i.last_used_time_us)));
+        }
+        sink(batch).await.map_err(|e| {
+            tracing::warn!(error = %e, "usage report not stored");
+            Status::unavailable("usage not stored; retry")
+        })?;
+        Ok(Response::new(pb::UsageReportResponse {}))
     }
 }

@@ -87,6 +87,7 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
                 Some(ids) => ScopeSet::Only(ids.into()),
             },
             ip_allowlist,
+            usage: Default::default(),
         },
     ))
 }

@@ -60,6 +60,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
                 Some(ids) => ScopeSet::Only(ids.into()),
             },
             ip_allowlist,
+            usage: Default::default(),
         },
     ))
 }

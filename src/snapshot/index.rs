@@ -137,13 +137,16 @@ impl KeyIndex {
                 overlay.remove(h);
             }
         }
-        for (h, e) in upserts {
-            let existed = match overlay.get(&h) {
-                Some(slot) => slot.is_some(),
-                None => self.base.get(&h).is_some(),
+        for (h, mut e) in upserts {
+            let existing = match overlay.get(&h) {
+                Some(slot) => slot.as_deref(),
+                None => self.base.get(&h),
             };
-            if !existed {
-                len += 1;
+            match existing {
+                // The same key, changed: it keeps its usage stamp.
+                Some(old) if old.id == e.id => e.usage = old.usage.clone(),
+                Some(_) => {}
+                None => len += 1,
             }
             overlay.insert(h, Some(Arc::new(e)));
         }
@@ -204,6 +207,7 @@ mod tests {
             name: format!("k{n}").into(),
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
+            usage: Default::default(),
         }
     }
 

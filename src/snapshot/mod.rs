@@ -95,7 +95,42 @@ pub struct KeyEntry {
     /// The key's own scope (`All` when unset: the consumer's scope then decides).
     pub scope: ScopeSet,
     pub ip_allowlist: Box<[IpNet]>,
+    /// When the key was last used (allocated on first use; carried across updates).
+    pub usage: UsageSlot,
 }
+
+/// The last-use stamp of one consumer key, shared by every snapshot version that holds it.
+#[derive(Debug, Default)]
+pub struct UsageStamp {
+    /// Unix microseconds of the latest allowed request (0: not since the last flush).
+    pub last_used_us: std::sync::atomic::AtomicI64,
+    /// Queued for the next flush (so a busy key is queued once per flush, not per request).
+    pub queued: std::sync::atomic::AtomicBool,
+}
+
+/// A key's `UsageStamp`, created the first time the key authorizes a request.
+#[derive(Clone, Default)]
+pub struct UsageSlot(Arc<OnceLock<Arc<UsageStamp>>>);
+
+impl UsageSlot {
+    pub fn stamp(&self) -> &Arc<UsageStamp> {
+        self.0.get_or_init(Arc::default)
+    }
+}
+
+impl std::fmt::Debug for UsageSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageSlot")
+    }
+}
+
+/// Usage is runtime state, not data: it never makes two entries differ.
+impl PartialEq for UsageSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for UsageSlot {}
 
 /// An enabled model key as injected for one service: the rendered header value.
 #[derive(Debug)]

@@ -158,10 +158,17 @@ impl Snapshot {
                 .iter()
                 .map(|c| (c.id, consumer_entry(c, &services)))
                 .collect();
-            (
-                KeyIndex::from_entries(update.keys),
-                Arc::new(consumers),
-            )
+            let mut keys_in = update.keys;
+            if same_store && !self.keys.is_empty() {
+                for (h, e) in keys_in.iter_mut() {
+                    if let Some(old) = self.keys.get(h)
+                        && old.id == e.id
+                    {
+                        e.usage = old.usage.clone();
+                    }
+                }
+            }
+            (KeyIndex::from_entries(keys_in), Arc::new(consumers))
         } else {
             let services_changed = !Arc::ptr_eq(&services, &self.services);
             let consumers = if update.consumers.is_empty() && update.removed_consumers.is_empty() && !services_changed {

@@ -2165,6 +2165,23 @@ impl Store {
         }))
     }
 
+    /// Records consumer keys' last use (never moves a time backwards). Not a change of
+    /// configuration: no revision, no audit row, no snapshot update.
+    pub async fn record_last_used(&self, batch: &[(uuid::Uuid, Timestamp)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (id, t) in batch {
+            sqlx::query(
+                "UPDATE consumer_keys SET last_used_time = $1 WHERE id = $2 AND (last_used_time IS NULL OR last_used_time < $1)",
+            )
+            .bind(t.0)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// How many model keys exist (status and metrics).
     pub async fn model_key_count(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_keys")
