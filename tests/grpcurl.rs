@@ -166,6 +166,43 @@ async fn readme_walkthrough_runs_verbatim() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 
+    // The audit trail lists the walkthrough's mutations, newest first, with actor and action,
+    // and no secret value in any event.
+    let events = admin
+        .list_audit_events(keygate::proto::admin::v1::ListAuditEventsRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "DeleteConsumerKey",
+            "UnbindConsumerKey",
+            "DisableConsumerKey",
+            "BindConsumerKey",
+            "CreateConsumerKey",
+            "CreateModelKey",
+            "CreateModelService",
+            "CreateConsumer"
+        ]
+    );
+    let token = kg.admin_token();
+    for e in &events {
+        assert!(e.actor.starts_with("admin-token:"), "{e:?}");
+        assert!(e.time.is_some() && !e.resource_id.is_empty() && !e.resource_name.is_empty());
+        let dump = format!("{e:?}");
+        for secret in [value.as_str(), "sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY", token.as_str()] {
+            assert!(!dump.contains(secret), "audit event leaks a secret: {dump}");
+        }
+    }
+    let times: Vec<_> = events.iter().map(|e| e.revision).collect();
+    assert!(times.windows(2).all(|w| w[0] > w[1]), "newest first");
+
     // The model key's plaintext never comes back from the API, and no secret reached the logs.
     assert!(!stdout.contains("sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY"));
     let logs = kg.logs();
