@@ -100,6 +100,7 @@ fn record(hash: [u8; 32], n: u128) -> ([u8; 32], KeyEntry) {
         name: format!("key-{n}").into(),
         scope: ScopeSet::All,
         ip_allowlist: Box::new([]),
+        usage: Default::default(),
     };
     (hash, entry)
 }
