@@ -86,9 +86,7 @@ impl ExtAuthzService {
                     ("consumer_key", a.key.name.to_string()),
                     ("consumer_key_id", a.key.id.to_string()),
                     ("model_service", a.service.name.to_string()),
-                    ("model_service_id", a.service.id.to_string()),
                     ("model_key", a.model_key.name.to_string()),
-                    ("model_key_id", a.model_key.id.to_string()),
                 ];
                 CheckResponse {
                     status: Some(rpc::Status {
