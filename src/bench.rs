@@ -452,39 +452,59 @@ async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::Star
     let fail = |e: tonic::Status| StartError::Config(format!("admin call failed: {e}"));
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let sel = |name: &str| Some(pb::disable_consumer_key_request::Selector::Name(name.to_string()));
-    let esel = |name: &str| Some(pb::enable_consumer_key_request::Selector::Name(name.to_string()));
 
     if args.rate > 0 {
-        let name = format!("churn-{}", &run_id[..8]);
-        admin
-            .create_consumer_key(pb::CreateConsumerKeyRequest {
-                name: name.clone(),
-                consumer: args.consumer.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(fail)?;
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        // Several togglers, each on its own key, so the rate does not depend on one RPC's
+        // latency (a commit waits for fsync).
+        const WORKERS: u32 = 4;
+        let per = (args.rate as f64 / WORKERS as f64).max(0.1);
         let end = Instant::now() + args.duration;
-        let mut changes = 0u64;
-        let mut enabled = true;
         let started = Instant::now();
-        while Instant::now() < end {
-            tick.tick().await;
-            if enabled {
-                admin
-                    .disable_consumer_key(pb::DisableConsumerKeyRequest { selector: sel(&name) })
-                    .await
-                    .map_err(fail)?;
-            } else {
-                admin
-                    .enable_consumer_key(pb::EnableConsumerKeyRequest { selector: esel(&name) })
-                    .await
-                    .map_err(fail)?;
-            }
-            enabled = !enabled;
-            changes += 1;
+        let mut tasks = Vec::new();
+        for w in 0..WORKERS {
+            let name = format!("churn-{}-{w}", &run_id[..8]);
+            admin
+                .create_consumer_key(pb::CreateConsumerKeyRequest {
+                    name: name.clone(),
+                    consumer: args.consumer.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(fail)?;
+            let mut admin = admin.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut changes = 0u64;
+                let mut enabled = true;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let r = if enabled {
+                        admin
+                            .disable_consumer_key(pb::DisableConsumerKeyRequest {
+                                selector: Some(pb::disable_consumer_key_request::Selector::Name(name.clone())),
+                            })
+                            .await
+                            .map(drop)
+                    } else {
+                        admin
+                            .enable_consumer_key(pb::EnableConsumerKeyRequest {
+                                selector: Some(pb::enable_consumer_key_request::Selector::Name(name.clone())),
+                            })
+                            .await
+                            .map(drop)
+                    };
+                    if r.is_ok() {
+                        enabled = !enabled;
+                        changes += 1;
+                    }
+                }
+                changes
+            }));
+        }
+        let mut changes = 0;
+        for t in tasks {
+            changes += t.await.unwrap_or(0);
         }
         println!(
             "churn: {changes} admin changes in {:.1} s ({:.0}/s)",

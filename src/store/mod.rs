@@ -1103,9 +1103,6 @@ impl Store {
         if req.expire_time.is_some() {
             fields.push("expire_time");
         }
-        if let Some((cid, _)) = &consumer {
-            m.changed.push((ResourceKind::Consumer, cid.clone()));
-        }
         self.commit(
             m,
             Audit::new(
@@ -1392,7 +1389,6 @@ impl Store {
             .bind(&kid)
             .execute(&mut *m.tx)
             .await?;
-        m.changed.push((ResourceKind::Consumer, cid));
         self.commit(
             m,
             Audit::new(
@@ -1421,7 +1417,7 @@ impl Store {
                 .bind(&kid)
                 .fetch_optional(&mut *m.tx)
                 .await?;
-        let Some(Some(cid)) = bound else {
+        let Some(Some(_)) = bound else {
             return Err(RuleError::FailedPrecondition(format!(
                 "consumer key {kname:?} is not bound to a consumer"
             ))
@@ -1432,7 +1428,6 @@ impl Store {
             .bind(&kid)
             .execute(&mut *m.tx)
             .await?;
-        m.changed.push((ResourceKind::Consumer, cid));
         self.commit(
             m,
             Audit::new(
@@ -2140,11 +2135,16 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             match row {
-                Some(row) => {
-                    let mut c = self.consumer_from_row(&mut tx, &row).await?;
-                    c.consumer_keys.clear();
-                    consumers.push(c);
-                }
+                // The snapshot needs the consumer's own fields, never its (maybe millions of) keys.
+                Some(row) => consumers.push(Consumer {
+                    scope: self.read_scope(&mut tx, &id, row.try_get("scope_mode")?).await?,
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    description: row.try_get("description")?,
+                    consumer_keys: Vec::new(),
+                    create_time: Timestamp(row.try_get("create_time")?),
+                    update_time: Timestamp(row.try_get("update_time")?),
+                }),
                 None => removed_consumer_ids.push(id),
             }
         }
