@@ -37,7 +37,11 @@ fn build(c: &mut Criterion) {
     for n in [10_000u64, 100_000, 1_000_000] {
         let update = synthetic_update(n);
         g.bench_function(format!("full/{n}"), |b| {
-            b.iter_batched(|| update.clone(), |u| Snapshot::from_full(u, &keys).unwrap(), BatchSize::LargeInput)
+            b.iter_batched(
+                || update.clone(),
+                |u| Snapshot::from_full(u, &keys).unwrap(),
+                BatchSize::LargeInput,
+            )
         });
     }
     g.finish();

@@ -13,7 +13,9 @@ use envoy_types::ext_authz::v3::pb::{
 };
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, authorization_client::AuthorizationClient};
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, authorization_client::AuthorizationClient,
+};
 use envoy_types::pb::google::rpc;
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -139,7 +141,8 @@ pub async fn run_load(cfg: &LoadConfig) -> Result<LoadReport, tonic::transport::
         let requests = cfg.requests.clone();
         let counts = counts.clone();
         workers.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut i = w;
             loop {
                 let sent = Instant::now();
@@ -170,9 +173,16 @@ pub async fn run_load(cfg: &LoadConfig) -> Result<LoadReport, tonic::transport::
             let _ = hist.add(h);
         }
     }
-    let elapsed = Instant::now().saturating_duration_since(measure_from).min(cfg.duration).max(Duration::from_millis(1));
+    let elapsed = Instant::now()
+        .saturating_duration_since(measure_from)
+        .min(cfg.duration)
+        .max(Duration::from_millis(1));
     let [a, d, e] = &*counts;
-    let (allowed, denied, errors) = (a.load(Ordering::Relaxed), d.load(Ordering::Relaxed), e.load(Ordering::Relaxed));
+    let (allowed, denied, errors) = (
+        a.load(Ordering::Relaxed),
+        d.load(Ordering::Relaxed),
+        e.load(Ordering::Relaxed),
+    );
     Ok(LoadReport {
         requests: allowed + denied + errors,
         allowed,
@@ -192,7 +202,10 @@ pub struct NullAuthz;
 
 #[tonic::async_trait]
 impl Authorization for NullAuthz {
-    async fn check(&self, _req: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        _req: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         Ok(tonic::Response::new(CheckResponse {
             status: Some(rpc::Status::default()),
             ..Default::default()
@@ -217,10 +230,12 @@ pub async fn run(cmd: crate::config::BenchCommand) -> Result<(), crate::server::
     use crate::server::StartError;
     match cmd {
         BenchCommand::Null { addr } => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Io {
-                context: format!("binding {addr}"),
-                source,
-            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Io {
+                    context: format!("binding {addr}"),
+                    source,
+                })?;
             let local = listener.local_addr().map_err(|source| StartError::Io {
                 context: "null ext_authz address".into(),
                 source,
@@ -238,7 +253,11 @@ pub async fn run(cmd: crate::config::BenchCommand) -> Result<(), crate::server::
         BenchCommand::Churn(args) => churn(args).await,
         BenchCommand::Load(args) => {
             let mut requests = Vec::new();
-            let unknown_every = if args.unknown_percent == 0 { 0 } else { (100 / args.unknown_percent.min(100) as u64).max(1) };
+            let unknown_every = if args.unknown_percent == 0 {
+                0
+            } else {
+                (100 / args.unknown_percent.min(100) as u64).max(1)
+            };
             for i in 0..args.keys.clamp(1, 100_000) {
                 let key = if unknown_every > 0 && i % unknown_every == 0 {
                     format!("kg-unknown-{i:020}-0123456789abcdef")
@@ -269,8 +288,15 @@ pub async fn run(cmd: crate::config::BenchCommand) -> Result<(), crate::server::
                     let r = run_load(&cfg(addr))
                         .await
                         .map_err(|e| StartError::Config(format!("connecting to {addr}: {e}")))?;
-                    println!("round {round} {} {addr}: {r}", if is_target { "target  " } else { "baseline" });
-                    if is_target { target_runs.push(r) } else { base_runs.push(r) }
+                    println!(
+                        "round {round} {} {addr}: {r}",
+                        if is_target { "target  " } else { "baseline" }
+                    );
+                    if is_target {
+                        target_runs.push(r)
+                    } else {
+                        base_runs.push(r)
+                    }
                 }
             }
             let median = |runs: &[LoadReport], f: fn(&LoadReport) -> f64| {
@@ -285,7 +311,11 @@ pub async fn run(cmd: crate::config::BenchCommand) -> Result<(), crate::server::
                 let b = median(&base_runs, LoadReport::throughput);
                 let b99 = median(&base_runs, |r| r.p99_us);
                 println!("baseline median: {b:.0} req/s, p99 {b99:.0} µs");
-                println!("ratio target/baseline: throughput {:.3}, p99 {:.3}", t / b, t99 / b99);
+                println!(
+                    "ratio target/baseline: throughput {:.3}, p99 {:.3}",
+                    t / b,
+                    t99 / b99
+                );
             }
             Ok(())
         }
@@ -310,14 +340,26 @@ async fn seed(args: crate::config::SeedArgs) -> Result<(), crate::server::StartE
     };
     exists(
         store
-            .create_consumer(&actor, NewConsumer { name: args.consumer.clone(), ..Default::default() })
+            .create_consumer(
+                &actor,
+                NewConsumer {
+                    name: args.consumer.clone(),
+                    ..Default::default()
+                },
+            )
             .await
             .map(drop),
     )
     .map_err(err)?;
     exists(
         store
-            .create_model_service(&actor, NewModelService { name: args.model_service.clone(), ..Default::default() })
+            .create_model_service(
+                &actor,
+                NewModelService {
+                    name: args.model_service.clone(),
+                    ..Default::default()
+                },
+            )
             .await
             .map(drop),
     )
@@ -329,7 +371,9 @@ async fn seed(args: crate::config::SeedArgs) -> Result<(), crate::server::StartE
                 NewModelKey {
                     name: format!("{}-vendor", args.model_service),
                     description: String::new(),
-                    source: KeySource::Custom(crate::crypto::Secret::new("sk-bench-0123456789abcdef0123456789".into())),
+                    source: KeySource::Custom(crate::crypto::Secret::new(
+                        "sk-bench-0123456789abcdef0123456789".into(),
+                    )),
                     model_services: vec![args.model_service.clone()],
                 },
             )
@@ -348,12 +392,24 @@ async fn seed(args: crate::config::SeedArgs) -> Result<(), crate::server::StartE
     while i < args.keys {
         let end = (i + BATCH).min(args.keys);
         let keys = (i..end)
-            .map(|k| (format!("bench-{k}"), crate::crypto::Secret::new(seeded_key(k))))
+            .map(|k| {
+                (
+                    format!("bench-{k}"),
+                    crate::crypto::Secret::new(seeded_key(k)),
+                )
+            })
             .collect();
-        store.import_consumer_keys(&actor, &args.consumer, keys).await.map_err(err)?;
+        store
+            .import_consumer_keys(&actor, &args.consumer, keys)
+            .await
+            .map_err(err)?;
         i = end;
     }
-    println!("seeded {} consumer keys in {:.1} s", args.keys, started.elapsed().as_secs_f64());
+    println!(
+        "seeded {} consumer keys in {:.1} s",
+        args.keys,
+        started.elapsed().as_secs_f64()
+    );
     store.close().await;
     Ok(())
 }
@@ -369,7 +425,9 @@ pub fn synthetic_update(n: u64) -> crate::snapshot::Update {
             (
                 <[u8; 32]>::from(Sha256::digest(i.to_le_bytes())),
                 KeyEntry {
-                    id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | i as u128),
+                    id: uuid::Uuid::from_u128(
+                        0x0190_0000_0000_7000_8000_0000_0000_0000 | i as u128,
+                    ),
                     consumer: Some(consumer),
                     enabled: true,
                     expire_time: None,
@@ -415,7 +473,8 @@ fn snapshot_bench(n: u64) {
     let update = synthetic_update(n);
     let with_update = resident_bytes().unwrap_or(0);
     let started = Instant::now();
-    let snap = crate::snapshot::Snapshot::from_full(update, &keys).expect("synthetic update applies");
+    let snap =
+        crate::snapshot::Snapshot::from_full(update, &keys).expect("synthetic update applies");
     let built = started.elapsed();
     let after = resident_bytes().unwrap_or(0);
     println!(
@@ -451,7 +510,11 @@ async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::Star
     });
     let fail = |e: tonic::Status| StartError::Config(format!("admin call failed: {e}"));
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let sel = |name: &str| Some(pb::disable_consumer_key_request::Selector::Name(name.to_string()));
+    let sel = |name: &str| {
+        Some(pb::disable_consumer_key_request::Selector::Name(
+            name.to_string(),
+        ))
+    };
 
     if args.rate > 0 {
         // Several togglers, each on its own key, so the rate does not depend on one RPC's
@@ -482,14 +545,18 @@ async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::Star
                     let r = if enabled {
                         admin
                             .disable_consumer_key(pb::DisableConsumerKeyRequest {
-                                selector: Some(pb::disable_consumer_key_request::Selector::Name(name.clone())),
+                                selector: Some(pb::disable_consumer_key_request::Selector::Name(
+                                    name.clone(),
+                                )),
                             })
                             .await
                             .map(drop)
                     } else {
                         admin
                             .enable_consumer_key(pb::EnableConsumerKeyRequest {
-                                selector: Some(pb::enable_consumer_key_request::Selector::Name(name.clone())),
+                                selector: Some(pb::enable_consumer_key_request::Selector::Name(
+                                    name.clone(),
+                                )),
                             })
                             .await
                             .map(drop)
@@ -544,7 +611,9 @@ async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::Star
                 }
             }
             admin
-                .disable_consumer_key(pb::DisableConsumerKeyRequest { selector: sel(&name) })
+                .disable_consumer_key(pb::DisableConsumerKeyRequest {
+                    selector: sel(&name),
+                })
                 .await
                 .map_err(fail)?;
             let disabled_at = Instant::now();
@@ -554,13 +623,17 @@ async fn churn(args: crate::config::ChurnArgs) -> Result<(), crate::server::Star
                     break;
                 }
                 if disabled_at.elapsed() > Duration::from_secs(10) {
-                    return Err(StartError::Config(format!("key {name} still allowed 10 s after disable")));
+                    return Err(StartError::Config(format!(
+                        "key {name} still allowed 10 s after disable"
+                    )));
                 }
             }
             samples.push(disabled_at.elapsed());
         }
         samples.sort();
-        let q = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0;
+        let q = |p: f64| {
+            samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+        };
         println!(
             "disable→first deny over {} trials: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             samples.len(),

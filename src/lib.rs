@@ -5,14 +5,14 @@
 
 pub mod admin;
 pub mod authz;
+pub mod bench;
 pub mod config;
 pub mod crypto;
+pub mod distribution;
 pub mod domain;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod snapshot;
 pub mod store;
-pub mod bench;
-pub mod distribution;
-pub mod metrics;
 pub mod usage;

@@ -43,7 +43,9 @@ fn main() {
             Command::Serve(args) => {
                 keygate::server::run(args, keygate::server::shutdown_signal()).await
             }
-            Command::ControlPlane(args) => match keygate::server::start_control_plane(&args, None).await {
+            Command::ControlPlane(args) => match keygate::server::start_control_plane(&args, None)
+                .await
+            {
                 Ok(r) => keygate::server::run_until(r, keygate::server::shutdown_signal()).await,
                 Err(e) => Err(e),
             },

@@ -13,8 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::authz::DenyReason;
@@ -39,14 +39,20 @@ pub struct Metrics {
 }
 
 fn reason_index(r: DenyReason) -> usize {
-    DenyReason::ALL.iter().position(|x| *x == r).expect("every reason is listed")
+    DenyReason::ALL
+        .iter()
+        .position(|x| *x == r)
+        .expect("every reason is listed")
 }
 
 impl Metrics {
     fn new() -> Metrics {
         let registry = Registry::new();
         let checks = IntCounterVec::new(
-            Opts::new("keygate_checks_total", "Authorization checks by result and reason."),
+            Opts::new(
+                "keygate_checks_total",
+                "Authorization checks by result and reason.",
+            ),
             &["result", "reason"],
         )
         .expect("valid metric");
@@ -59,8 +65,8 @@ impl Metrics {
                 "Time keygate spends deciding one check (from request decoded to response built).",
             )
             .buckets(vec![
-                0.000_001, 0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001,
-                0.005, 0.01,
+                0.000_001, 0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_25,
+                0.000_5, 0.001, 0.005, 0.01,
             ]),
         )
         .expect("valid metric");
@@ -72,26 +78,44 @@ impl Metrics {
             &["consumer", "model_service"],
         )
         .expect("valid metric");
-        let snapshot_version = IntGauge::new("keygate_snapshot_version", "Store revision of the live snapshot.").expect("valid metric");
-        let snapshot_age = Gauge::new("keygate_snapshot_age_seconds", "Seconds since the live snapshot was built.").expect("valid metric");
+        let snapshot_version = IntGauge::new(
+            "keygate_snapshot_version",
+            "Store revision of the live snapshot.",
+        )
+        .expect("valid metric");
+        let snapshot_age = Gauge::new(
+            "keygate_snapshot_age_seconds",
+            "Seconds since the live snapshot was built.",
+        )
+        .expect("valid metric");
         let snapshot_build = Gauge::new(
             "keygate_snapshot_build_seconds",
             "How long the last snapshot update took to apply.",
         )
         .expect("valid metric");
         let snapshot_entries = IntGaugeVec::new(
-            Opts::new("keygate_snapshot_entries", "Entries in the live snapshot by kind."),
+            Opts::new(
+                "keygate_snapshot_entries",
+                "Entries in the live snapshot by kind.",
+            ),
             &["kind"],
         )
         .expect("valid metric");
-        let subscribers = IntGauge::new("keygate_subscribers", "Data planes subscribed to this control plane.").expect("valid metric");
+        let subscribers = IntGauge::new(
+            "keygate_subscribers",
+            "Data planes subscribed to this control plane.",
+        )
+        .expect("valid metric");
         let staleness = Gauge::new(
             "keygate_snapshot_staleness_seconds",
             "Seconds since this data plane last heard from its control plane.",
         )
         .expect("valid metric");
         let secret_refresh_failures = IntCounterVec::new(
-            Opts::new("keygate_secret_refresh_failures_total", "Failed secret reference refreshes by provider."),
+            Opts::new(
+                "keygate_secret_refresh_failures_total",
+                "Failed secret reference refreshes by provider.",
+            ),
             &["provider"],
         )
         .expect("valid metric");
@@ -109,7 +133,9 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("unique metric names");
         Metrics {
             registry,
@@ -146,7 +172,8 @@ impl Metrics {
     /// The counter for `consumer` on `model_service` (resolved once per consumer entry and
     /// service, then cached by the caller).
     pub fn consumer_counter(&self, consumer: &str, model_service: &str) -> IntCounter {
-        self.consumer_requests.with_label_values(&[consumer, model_service])
+        self.consumer_requests
+            .with_label_values(&[consumer, model_service])
     }
 }
 
@@ -194,10 +221,18 @@ impl HealthSources {
             );
             m.snapshot_build.set(s.build_duration.as_secs_f64());
             let c = s.counts();
-            m.snapshot_entries.with_label_values(&["consumer_key"]).set(c.consumer_keys as i64);
-            m.snapshot_entries.with_label_values(&["consumer"]).set(c.consumers as i64);
-            m.snapshot_entries.with_label_values(&["model_service"]).set(c.model_services as i64);
-            m.snapshot_entries.with_label_values(&["model_key"]).set(c.model_keys as i64);
+            m.snapshot_entries
+                .with_label_values(&["consumer_key"])
+                .set(c.consumer_keys as i64);
+            m.snapshot_entries
+                .with_label_values(&["consumer"])
+                .set(c.consumers as i64);
+            m.snapshot_entries
+                .with_label_values(&["model_service"])
+                .set(c.model_services as i64);
+            m.snapshot_entries
+                .with_label_values(&["model_key"])
+                .set(c.model_keys as i64);
         }
         if let Some(f) = &self.subscribers {
             m.subscribers.set(f());
@@ -215,9 +250,17 @@ async fn metrics(State(h): State<HealthSources>) -> impl IntoResponse {
     let mut buf = Vec::new();
     let enc = TextEncoder::new();
     if enc.encode(&METRICS.registry.gather(), &mut buf).is_err() {
-        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], Vec::new());
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            Vec::new(),
+        );
     }
-    (StatusCode::OK, [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf)
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        buf,
+    )
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -233,7 +276,10 @@ async fn readyz(State(h): State<HealthSources>) -> impl IntoResponse {
                 .and_then(|st| st.staleness())
                 .map(|s| format!(" staleness_seconds={s:.1}"))
                 .unwrap_or_default();
-            (StatusCode::OK, format!("ready version={}{staleness}\n", s.version))
+            (
+                StatusCode::OK,
+                format!("ready version={}{staleness}\n", s.version),
+            )
         }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -253,7 +299,10 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(sources);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         tracing::error!(error = %e, "metrics listener failed");
     }
 }

@@ -18,7 +18,9 @@ use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
 use crate::config::{AuthzArgs, ControlPlaneArgs, ServeArgs, ServerTlsArgs, StoreArgs};
 use crate::crypto::{self, MasterKey, Secret, credentials_equal};
-use crate::distribution::{DistributionService, Subscriber, SubscriberAuth, SubscriberConfig, SubscriberStatus};
+use crate::distribution::{
+    DistributionService, Subscriber, SubscriberAuth, SubscriberConfig, SubscriberStatus,
+};
 use crate::domain::Limits;
 use crate::snapshot::{SnapshotBuilder, SnapshotCell};
 use crate::store::{Store, StoreError};
@@ -139,7 +141,10 @@ fn load_admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
 }
 
 /// Opens the store named by `args` (creating the data dir and master key on first start).
-pub async fn open_store(args: &StoreArgs, limits: Limits) -> Result<(Store, MasterKey), StartError> {
+pub async fn open_store(
+    args: &StoreArgs,
+    limits: Limits,
+) -> Result<(Store, MasterKey), StartError> {
     ensure_data_dir(&args.data_dir)?;
     let master = load_master_key(args)?;
     let url = match &args.store {
@@ -237,20 +242,30 @@ fn grpc_server(tls: &Option<ServerTlsConfig>) -> Result<Server, StartError> {
     }
 }
 
-fn load_secret_token(env: &str, file: &Option<PathBuf>, flag: &str) -> Result<Option<Secret>, StartError> {
+fn load_secret_token(
+    env: &str,
+    file: &Option<PathBuf>,
+    flag: &str,
+) -> Result<Option<Secret>, StartError> {
     if let Ok(t) = std::env::var(env) {
         let t = t.trim().to_string();
         if t.len() < 16 {
-            return Err(StartError::Config(format!("{env} must be at least 16 characters")));
+            return Err(StartError::Config(format!(
+                "{env} must be at least 16 characters"
+            )));
         }
         return Ok(Some(Secret::new(t)));
     }
     match file {
         Some(p) => {
-            let raw = std::fs::read_to_string(p).map_err(|e| StartError::Config(format!("{flag} {}: {e}", p.display())))?;
+            let raw = std::fs::read_to_string(p)
+                .map_err(|e| StartError::Config(format!("{flag} {}: {e}", p.display())))?;
             let t = raw.trim().to_string();
             if t.len() < 16 {
-                return Err(StartError::Config(format!("{flag} {}: the token must be at least 16 characters", p.display())));
+                return Err(StartError::Config(format!(
+                    "{flag} {}: the token must be at least 16 characters",
+                    p.display()
+                )));
             }
             Ok(Some(Secret::new(t)))
         }
@@ -281,8 +296,12 @@ async fn spawn_authz(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<(), StartError> {
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
+        .await;
     {
         let health = health.clone();
         let stop = stopped();
@@ -301,15 +320,24 @@ async fn spawn_authz(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(authz));
+        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+            authz,
+        ));
     let stop = stopped();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             stop.await;
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
+                .await;
         };
-        if let Err(e) = server.serve_with_incoming_shutdown(incoming(listener), shutdown).await {
+        if let Err(e) = server
+            .serve_with_incoming_shutdown(incoming(listener), shutdown)
+            .await
+        {
             tracing::error!(error = %e, "ext_authz server failed");
         }
     }));
@@ -318,7 +346,10 @@ async fn spawn_authz(
 
 /// Starts `keygate serve`: returns once every listener is bound.
 pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
-    let decision = args.data_plane.decision_config().map_err(StartError::Config)?;
+    let decision = args
+        .data_plane
+        .decision_config()
+        .map_err(StartError::Config)?;
     start_control_plane(&args.control_plane, Some((args.authz_addr, decision))).await
 }
 
@@ -350,7 +381,8 @@ pub async fn start_control_plane(
 
     let cell = SnapshotCell::new();
     let (updates_tx, _) = tokio::sync::broadcast::channel(1024);
-    let builder = SnapshotBuilder::new(store.clone(), cell.clone()).with_updates(updates_tx.clone());
+    let builder =
+        SnapshotBuilder::new(store.clone(), cell.clone()).with_updates(updates_tx.clone());
     builder.refresh().await.map_err(StartError::Snapshot)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -367,9 +399,13 @@ pub async fn start_control_plane(
         None => None,
     };
     let metrics_listener = bind(args.metrics_addr, "metrics").await?;
-    let metrics_addr = metrics_listener.local_addr().map_err(io_err("metrics address"))?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(io_err("metrics address"))?;
     let authz_addr = authz_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let admin_addr = admin_listener.local_addr().map_err(io_err("admin address"))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(io_err("admin address"))?;
     let distribution_addr = dist_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     tasks.push(tokio::spawn(builder.run(stopped())));
@@ -381,19 +417,27 @@ pub async fn start_control_plane(
         let store = store.clone();
         Arc::new(move |batch| {
             let store = store.clone();
-            Box::pin(async move { store.record_last_used(&batch).await.map_err(|e| e.to_string()) })
+            Box::pin(async move {
+                store
+                    .record_last_used(&batch)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
         })
     };
     if let (Some(listener), Some((_, decision))) = (authz_listener, authz) {
-        let (recorder, flusher) = crate::usage::start(store_sink.clone(), Duration::from_secs(1), stopped());
+        let (recorder, flusher) =
+            crate::usage::start(store_sink.clone(), Duration::from_secs(1), stopped());
         tasks.push(tokio::spawn(flusher));
-        let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
+        let svc =
+            ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
         spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
     }
 
     let distribution = subscriber_token.map(|t| {
         (
-            DistributionService::new(cell.clone(), updates_tx.clone(), fingerprint.clone()).with_usage(store_sink.clone()),
+            DistributionService::new(cell.clone(), updates_tx.clone(), fingerprint.clone())
+                .with_usage(store_sink.clone()),
             SubscriberAuth::new(t),
         )
     });
@@ -403,18 +447,28 @@ pub async fn start_control_plane(
             Arc::new(move || svc.subscriber_count()) as Arc<dyn Fn() -> i64 + Send + Sync>
         });
         let sources = crate::metrics::HealthSources::new(cell.clone(), None, count);
-        tasks.push(tokio::spawn(crate::metrics::serve(metrics_listener, sources, stopped())));
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            sources,
+            stopped(),
+        )));
     }
     if distribution.is_none() {
-        tracing::info!("no subscriber token (KEYGATE_SUBSCRIBER_TOKEN / --subscriber-token-file): data planes cannot subscribe");
+        tracing::info!(
+            "no subscriber token (KEYGATE_SUBSCRIBER_TOKEN / --subscriber-token-file): data planes cannot subscribe"
+        );
     }
 
     // Admin listener: KeyAdmin (token required), health and reflection (open), and the
     // snapshot stream unless it has a listener of its own.
     let (admin_health, admin_health_svc) = tonic_health::server::health_reporter();
-    admin_health.set_service_status(ADMIN_SERVICE, ServingStatus::Serving).await;
-    let (reflection_v1, reflection_v1alpha) =
-        reflection(&[crate::proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+    admin_health
+        .set_service_status(ADMIN_SERVICE, ServingStatus::Serving)
+        .await;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])?;
     let admin = AdminService::new(store.clone(), cell.clone());
     let auth = AdminAuth::new(token, &keys);
     let mut router = grpc_server(&tls)?
@@ -425,17 +479,25 @@ pub async fn start_control_plane(
     if let Some(listener) = dist_listener {
         if let Some((svc, auth)) = distribution.clone() {
             let (h, h_svc) = tonic_health::server::health_reporter();
-            h.set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving).await;
-            let server = grpc_server(&tls)?.add_service(h_svc).add_service(svc.into_server(auth));
+            h.set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving)
+                .await;
+            let server = grpc_server(&tls)?
+                .add_service(h_svc)
+                .add_service(svc.into_server(auth));
             let stop = stopped();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = server.serve_with_incoming_shutdown(incoming(listener), stop).await {
+                if let Err(e) = server
+                    .serve_with_incoming_shutdown(incoming(listener), stop)
+                    .await
+                {
                     tracing::error!(error = %e, "distribution server failed");
                 }
             }));
         }
     } else if let Some((svc, auth)) = distribution {
-        admin_health.set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving).await;
+        admin_health
+            .set_service_status(DISTRIBUTION_SERVICE, ServingStatus::Serving)
+            .await;
         router = router.add_service(svc.into_server(auth));
     }
     {
@@ -444,10 +506,17 @@ pub async fn start_control_plane(
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 stop.await;
-                health.set_service_status("", ServingStatus::NotServing).await;
-                health.set_service_status(ADMIN_SERVICE, ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(ADMIN_SERVICE, ServingStatus::NotServing)
+                    .await;
             };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming(admin_listener), shutdown).await {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming(admin_listener), shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "admin server failed");
             }
         }));
@@ -476,7 +545,10 @@ pub async fn start_control_plane(
 
 /// Starts `keygate authz`: an ext_authz data plane fed by a control plane.
 pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
-    let decision = args.data_plane.decision_config().map_err(StartError::Config)?;
+    let decision = args
+        .data_plane
+        .decision_config()
+        .map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
     let token = load_secret_token(
         "KEYGATE_SUBSCRIBER_TOKEN",
@@ -485,7 +557,8 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     )?
     .ok_or_else(|| {
         StartError::Config(
-            "a subscriber token is required: KEYGATE_SUBSCRIBER_TOKEN or --subscriber-token-file".into(),
+            "a subscriber token is required: KEYGATE_SUBSCRIBER_TOKEN or --subscriber-token-file"
+                .into(),
         )
     })?;
     ensure_data_dir(&args.data_dir)?;
@@ -529,12 +602,19 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let listener = bind(args.authz_addr, "ext_authz").await?;
     let authz_addr = listener.local_addr().map_err(io_err("ext_authz address"))?;
     let metrics_listener = bind(args.metrics_addr, "metrics").await?;
-    let metrics_addr = metrics_listener.local_addr().map_err(io_err("metrics address"))?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(io_err("metrics address"))?;
     let sources = crate::metrics::HealthSources::new(cell.clone(), Some(status.clone()), None);
-    tasks.push(tokio::spawn(crate::metrics::serve(metrics_listener, sources, stopped())));
+    tasks.push(tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        sources,
+        stopped(),
+    )));
     let (recorder, flusher) = crate::usage::start(usage_sink, Duration::from_secs(1), stopped());
     tasks.push(tokio::spawn(flusher));
-    let svc = ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
+    let svc =
+        ExtAuthzService::new(cell.clone(), keys.hasher.clone(), decision).with_usage(recorder);
     spawn_authz(listener, svc, cell.clone(), &tls, &stopped, &mut tasks).await?;
 
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel();
@@ -564,9 +644,11 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
 fn control_plane_usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
     use crate::proto::snapshot::v1 as pb;
     let channel = endpoint.connect_lazy();
-    let bearer: Option<tonic::metadata::MetadataValue<_>> = format!("Bearer {}", token.expose()).parse().ok();
+    let bearer: Option<tonic::metadata::MetadataValue<_>> =
+        format!("Bearer {}", token.expose()).parse().ok();
     Arc::new(move |batch| {
-        let mut client = pb::snapshot_distribution_client::SnapshotDistributionClient::new(channel.clone());
+        let mut client =
+            pb::snapshot_distribution_client::SnapshotDistributionClient::new(channel.clone());
         let bearer = bearer.clone();
         Box::pin(async move {
             let mut req = tonic::Request::new(pb::UsageReport {
@@ -581,7 +663,11 @@ fn control_plane_usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage
             if let Some(b) = bearer {
                 req.metadata_mut().insert("authorization", b);
             }
-            client.report_usage(req).await.map(drop).map_err(|e| e.message().to_string())
+            client
+                .report_usage(req)
+                .await
+                .map(drop)
+                .map_err(|e| e.message().to_string())
         })
     })
 }
@@ -610,9 +696,13 @@ fn control_plane_endpoint(args: &AuthzArgs) -> Result<Endpoint, StartError> {
             .control_plane_ca
             .as_ref()
             .ok_or_else(|| bad("https:// needs --control-plane-ca".into()))?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "--control-plane-ca")?));
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read_pem(ca, "--control-plane-ca")?));
         if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
-            tls = tls.identity(Identity::from_pem(read_pem(c, "--client-cert")?, read_pem(k, "--client-key")?));
+            tls = tls.identity(Identity::from_pem(
+                read_pem(c, "--client-cert")?,
+                read_pem(k, "--client-key")?,
+            ));
         }
         ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     } else if args.client_cert.is_some() || args.control_plane_ca.is_some() {
@@ -661,7 +751,10 @@ fn sqlite_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Runs a started keygate until `shutdown` resolves (or a fatal error), then stops gracefully.
-pub async fn run_until(mut running: Running, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run_until(
+    mut running: Running,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let fatal = tokio::select! {
         _ = shutdown => None,
         e = running.fatal() => Some(e),

@@ -16,8 +16,11 @@ use crate::domain::Timestamp;
 use crate::snapshot::{KeyEntry, UsageStamp};
 
 /// Where batches go: the store, or the control plane.
-pub type UsageSink =
-    Arc<dyn Fn(Vec<(Uuid, Timestamp)>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type UsageSink = Arc<
+    dyn Fn(Vec<(Uuid, Timestamp)>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Undelivered last-used times kept for retry, at most.
 const MAX_PENDING: usize = 1_000_000;
@@ -58,7 +61,8 @@ pub fn start(
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Batches that could not be delivered (e.g. control plane down), retried next time.
-        let mut pending: std::collections::HashMap<Uuid, Timestamp> = std::collections::HashMap::new();
+        let mut pending: std::collections::HashMap<Uuid, Timestamp> =
+            std::collections::HashMap::new();
         loop {
             let last = tokio::select! {
                 _ = &mut shutdown => true,
@@ -116,7 +120,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn uses_are_batched_per_interval_with_the_latest_time() {
-        let got: Arc<Mutex<Vec<Vec<(Uuid, Timestamp)>>>> = Arc::default();
+        type Batches = Arc<Mutex<Vec<Vec<(Uuid, Timestamp)>>>>;
+        let got: Batches = Arc::default();
         let g = got.clone();
         let sink: UsageSink = Arc::new(move |b| {
             g.lock().unwrap().push(b);
@@ -144,6 +149,9 @@ mod tests {
         let _ = stop_tx.send(());
         handle.await.unwrap();
         let batches = got.lock().unwrap();
-        assert_eq!(batches.last().unwrap(), &vec![(Uuid::from_u128(1), Timestamp(30))]);
+        assert_eq!(
+            batches.last().unwrap(),
+            &vec![(Uuid::from_u128(1), Timestamp(30))]
+        );
     }
 }

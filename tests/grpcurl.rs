@@ -196,7 +196,11 @@ async fn readme_walkthrough_runs_verbatim() {
         assert!(e.actor.starts_with("admin-token:"), "{e:?}");
         assert!(e.time.is_some() && !e.resource_id.is_empty() && !e.resource_name.is_empty());
         let dump = format!("{e:?}");
-        for secret in [value.as_str(), "sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY", token.as_str()] {
+        for secret in [
+            value.as_str(),
+            "sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY",
+            token.as_str(),
+        ] {
             assert!(!dump.contains(secret), "audit event leaks a secret: {dump}");
         }
     }

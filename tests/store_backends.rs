@@ -22,7 +22,9 @@ struct Fixture {
 
 fn pg_base() -> String {
     std::env::var("KEYGATE_TEST_POSTGRES").unwrap_or_else(|_| {
-        panic!("KEYGATE_TEST_POSTGRES is not set: run ./scripts/test (PostgreSQL at 127.0.0.1:5432)")
+        panic!(
+            "KEYGATE_TEST_POSTGRES is not set: run ./scripts/test (PostgreSQL at 127.0.0.1:5432)"
+        )
     })
 }
 
@@ -31,17 +33,25 @@ async fn fixture(backend: &str) -> Fixture {
         "sqlite" => {
             let tmp = tempfile::tempdir().unwrap();
             let url = format!("sqlite://{}", tmp.path().join("kg.db").display());
-            Fixture { _tmp: Some(tmp), url }
+            Fixture {
+                _tmp: Some(tmp),
+                url,
+            }
         }
         "postgres" => {
             use sqlx::Connection;
             let base = pg_base();
             let db = format!("kg_test_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
+            let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+                .await
+                .unwrap();
             sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {db}").as_str())
                 .await
                 .unwrap();
-            Fixture { _tmp: None, url: format!("{base}/{db}") }
+            Fixture {
+                _tmp: None,
+                url: format!("{base}/{db}"),
+            }
         }
         _ => unreachable!(),
     }
@@ -74,7 +84,10 @@ fn canonical(s: &Snapshot) -> String {
             .iter()
             .map(|k| format!("{}={}", k.name, k.header_value.expose()))
             .collect();
-        services.insert(svc.name.to_string(), format!("{} {} {:?}", svc.id, svc.auth_header, keys));
+        services.insert(
+            svc.name.to_string(),
+            format!("{} {} {:?}", svc.id, svc.auth_header, keys),
+        );
     }
     format!("{keys:#?}\n{consumers:#?}\n{services:#?}\n{:?}", s.counts())
 }
@@ -95,8 +108,14 @@ async fn incremental_matches_full(backend: &str) {
         auth_value_template: template.into(),
         ..Default::default()
     };
-    store.create_model_service(&a, svc("openai", "", "")).await.unwrap();
-    store.create_model_service(&a, svc("anthropic", "x-api-key", "{key}")).await.unwrap();
+    store
+        .create_model_service(&a, svc("openai", "", ""))
+        .await
+        .unwrap();
+    store
+        .create_model_service(&a, svc("anthropic", "x-api-key", "{key}"))
+        .await
+        .unwrap();
     builder.refresh().await.unwrap();
     store
         .create_model_key(
@@ -133,7 +152,11 @@ async fn incremental_matches_full(backend: &str) {
                     source: KeySource::Auto,
                     consumer: (i % 2 == 0).then(|| "app".to_string()),
                     scope: ScopeInput::Unset,
-                    ip_allowlist: if i == 3 { vec!["10.0.0.0/8".into()] } else { vec![] },
+                    ip_allowlist: if i == 3 {
+                        vec!["10.0.0.0/8".into()]
+                    } else {
+                        vec![]
+                    },
                     expire_time: None,
                 },
             )
@@ -177,7 +200,10 @@ async fn incremental_matches_full(backend: &str) {
         .await
         .unwrap();
     builder.refresh().await.unwrap();
-    store.delete_consumer_key(&a, &Selector::Name("k3".into())).await.unwrap();
+    store
+        .delete_consumer_key(&a, &Selector::Name("k3".into()))
+        .await
+        .unwrap();
     store
         .set_model_key_status(&a, &Selector::Name("oa-1".into()), KeyStatus::Disabled)
         .await
@@ -192,7 +218,10 @@ async fn incremental_matches_full(backend: &str) {
     assert_eq!(incremental.version, full.version);
     assert_eq!(canonical(&incremental), canonical(&full));
     assert_eq!(incremental.counts().consumer_keys, 4);
-    assert!(incremental.service("openai").unwrap().keys.is_empty(), "disabled model key left out");
+    assert!(
+        incremental.service("openai").unwrap().keys.is_empty(),
+        "disabled model key left out"
+    );
 
     // The deleted key's HMAC is gone; a live one is found by its HMAC.
     let h0 = store.keys().hasher.hash(values[0].expose().as_bytes());
@@ -217,9 +246,14 @@ async fn master_key_mismatch_refuses(backend: &str) {
     let master = MasterKey::generate();
     open(&fx.url, &master).await.close().await;
     let other = MasterKey::generate();
-    let err = Store::open(&fx.url, &other.fingerprint(), other.keys(), Limits::default())
-        .await
-        .unwrap_err();
+    let err = Store::open(
+        &fx.url,
+        &other.fingerprint(),
+        other.keys(),
+        Limits::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::MasterKeyMismatch { .. }), "{err}");
     assert!(err.to_string().contains("same master key"));
 }
@@ -244,7 +278,13 @@ async fn concurrent_binds_serialise(backend: &str) {
     let a = actor();
     for c in ["c1", "c2"] {
         a_store
-            .create_consumer(&a, NewConsumer { name: c.into(), ..Default::default() })
+            .create_consumer(
+                &a,
+                NewConsumer {
+                    name: c.into(),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
     }
@@ -265,9 +305,15 @@ async fn concurrent_binds_serialise(backend: &str) {
             )
             .await
             .unwrap();
-        let (r1, r2) = tokio::join!(a_store.bind_consumer_key(&a, &k, "c1"), b_store.bind_consumer_key(&a, &k, "c2"));
+        let (r1, r2) = tokio::join!(
+            a_store.bind_consumer_key(&a, &k, "c1"),
+            b_store.bind_consumer_key(&a, &k, "c2")
+        );
         let oks = [r1.is_ok(), r2.is_ok()].iter().filter(|x| **x).count();
-        assert_eq!(oks, 1, "round {round}: exactly one bind wins ({r1:?} / {r2:?})");
+        assert_eq!(
+            oks, 1,
+            "round {round}: exactly one bind wins ({r1:?} / {r2:?})"
+        );
         let loser = match (r1, r2) {
             (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
             _ => unreachable!("exactly one succeeded"),

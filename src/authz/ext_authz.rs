@@ -55,7 +55,9 @@ impl ExtAuthzService {
     pub fn check_sync(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
         let started = Instant::now();
         let response = self.respond(req, now);
-        METRICS.check_duration.observe(started.elapsed().as_secs_f64());
+        METRICS
+            .check_duration
+            .observe(started.elapsed().as_secs_f64());
         response
     }
 

@@ -79,6 +79,8 @@ pub fn load(data_dir: &Path, keys: &Keys) -> Result<Option<Update>, CacheError> 
     let mut a = wire::Assembler::default();
     match a.push(msg).map_err(malformed)? {
         Some((_, u)) if u.full => Ok(Some(u)),
-        _ => Err(malformed(ApplyError::Malformed("not a full snapshot".into()))),
+        _ => Err(malformed(ApplyError::Malformed(
+            "not a full snapshot".into(),
+        ))),
     }
 }

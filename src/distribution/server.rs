@@ -58,7 +58,9 @@ impl SubscriberAuth {
             .map(str::trim);
         match presented {
             Some(t) if credentials_equal(t.as_bytes(), self.token.expose().as_bytes()) => Ok(req),
-            _ => Err(Status::unauthenticated("missing or invalid subscriber token")),
+            _ => Err(Status::unauthenticated(
+                "missing or invalid subscriber token",
+            )),
         }
     }
 }
@@ -76,7 +78,11 @@ pub struct DistributionService {
 
 impl DistributionService {
     /// `updates` is the builder's channel; `fingerprint` the master key's.
-    pub fn new(cell: SnapshotCell, updates: broadcast::Sender<Published>, fingerprint: String) -> Self {
+    pub fn new(
+        cell: SnapshotCell,
+        updates: broadcast::Sender<Published>,
+        fingerprint: String,
+    ) -> Self {
         let history: Arc<Mutex<VecDeque<Published>>> = Arc::default();
         let mut rx = updates.subscribe();
         let h = history.clone();
@@ -93,7 +99,9 @@ impl DistributionService {
                             h.pop_front();
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => h.lock().expect("history lock").clear(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        h.lock().expect("history lock").clear()
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
@@ -132,10 +140,9 @@ impl DistributionService {
     /// The incremental updates that lead from `(store, version)` to the newest recorded one.
     fn chain_from(&self, store_id: &str, version: i64) -> Vec<Published> {
         let h = self.history.lock().expect("history lock");
-        let Some(start) = h
-            .iter()
-            .position(|p| !p.update.full && p.update.store_id == store_id && p.base_version == Some(version))
-        else {
+        let Some(start) = h.iter().position(|p| {
+            !p.update.full && p.update.store_id == store_id && p.base_version == Some(version)
+        }) else {
             return vec![];
         };
         let mut out = Vec::new();
@@ -165,7 +172,10 @@ type Stream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotMessage
 impl SnapshotDistribution for DistributionService {
     type SubscribeStream = Stream;
 
-    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Stream>, Status> {
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Stream>, Status> {
         let r = req.into_inner();
         let mut rx = self.updates.subscribe();
         let Some(snap) = self.cell.load() else {
@@ -173,16 +183,15 @@ impl SnapshotDistribution for DistributionService {
         };
         let (tx, out) = mpsc::channel::<Result<pb::SnapshotMessage, Status>>(8);
         let this = self.clone();
-        self.subscribers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.subscribers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let gauge = Gauge(self.subscribers.clone());
         tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
         tokio::spawn(async move {
             let _gauge = gauge;
             let mut first = true;
             let send = |mut msgs: Vec<pb::SnapshotMessage>, first: &mut bool| {
-                if *first
-                    && let Some(m) = msgs.first_mut()
-                {
+                if *first && let Some(m) = msgs.first_mut() {
                     m.master_key_fingerprint = this.fingerprint.clone();
                     *first = false;
                 }
@@ -191,29 +200,36 @@ impl SnapshotDistribution for DistributionService {
             // Initial state: nothing, the missed changes, or everything.
             let mut sent = snap.version;
             let mut store = snap.store_id.clone();
-            let initial: Vec<pb::SnapshotMessage> = if r.store_id == snap.store_id && r.version == snap.version {
-                vec![pb::SnapshotMessage {
-                    store_id: snap.store_id.clone(),
-                    version: snap.version,
-                    heartbeat: true,
-                    ..Default::default()
-                }]
-            } else {
-                let chain = if r.store_id == snap.store_id && r.version < snap.version {
-                    this.chain_from(&r.store_id, r.version)
+            let initial: Vec<pb::SnapshotMessage> =
+                if r.store_id == snap.store_id && r.version == snap.version {
+                    vec![pb::SnapshotMessage {
+                        store_id: snap.store_id.clone(),
+                        version: snap.version,
+                        heartbeat: true,
+                        ..Default::default()
+                    }]
                 } else {
-                    vec![]
+                    let chain = if r.store_id == snap.store_id && r.version < snap.version {
+                        this.chain_from(&r.store_id, r.version)
+                    } else {
+                        vec![]
+                    };
+                    if chain.is_empty() {
+                        wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK)
+                    } else {
+                        sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
+                        chain
+                            .iter()
+                            .flat_map(|p| {
+                                wire::encode(
+                                    &p.update,
+                                    p.base_version.unwrap_or(0),
+                                    wire::KEYS_PER_CHUNK,
+                                )
+                            })
+                            .collect()
+                    }
                 };
-                if chain.is_empty() {
-                    wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK)
-                } else {
-                    sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
-                    chain
-                        .iter()
-                        .flat_map(|p| wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK))
-                        .collect()
-                }
-            };
             drop(snap);
             for m in send(initial, &mut first) {
                 if tx.send(Ok(m)).await.is_err() {
@@ -258,9 +274,14 @@ impl SnapshotDistribution for DistributionService {
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
-    async fn report_usage(&self, req: Request<pb::UsageReport>) -> Result<Response<pb::UsageReportResponse>, Status> {
+    async fn report_usage(
+        &self,
+        req: Request<pb::UsageReport>,
+    ) -> Result<Response<pb::UsageReportResponse>, Status> {
         let Some(sink) = &self.usage else {
-            return Err(Status::unimplemented("this control plane does not record usage"));
+            return Err(Status::unimplemented(
+                "this control plane does not record usage",
+            ));
         };
         let mut batch = Vec::with_capacity(req.get_ref().items.len());
         for i in &req.get_ref().items {

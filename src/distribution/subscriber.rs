@@ -83,7 +83,9 @@ pub struct Subscriber {
 pub enum Applied {
     /// A chunk of a larger message, or a heartbeat.
     Nothing,
-    Swapped { version: i64 },
+    Swapped {
+        version: i64,
+    },
 }
 
 impl Subscriber {
@@ -104,7 +106,10 @@ impl Subscriber {
                 Ok(s) => {
                     let v = s.version;
                     if self.cell.load().is_none() && self.cell.publish(Arc::new(s)) {
-                        tracing::info!(version = v, "serving the cached snapshot until the control plane answers");
+                        tracing::info!(
+                            version = v,
+                            "serving the cached snapshot until the control plane answers"
+                        );
                     }
                     Some(v)
                 }
@@ -151,7 +156,9 @@ impl Subscriber {
                 c.apply(update, &self.keys)?
             }
             (None, false) => {
-                return Err(ApplyError::Malformed("an incremental update before any full snapshot".into()));
+                return Err(ApplyError::Malformed(
+                    "an incremental update before any full snapshot".into(),
+                ));
             }
         };
         let v = next.version;
@@ -166,10 +173,17 @@ impl Subscriber {
     }
 
     /// Runs until `shutdown` resolves, or fails on a master key mismatch.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), SubscriberError> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), SubscriberError> {
         tokio::pin!(shutdown);
         let (persist_tx, persist_rx) = tokio::sync::watch::channel::<Option<Arc<Snapshot>>>(None);
-        let persister = tokio::spawn(persist_loop(self.cfg.data_dir.clone(), self.keys.clone(), persist_rx));
+        let persister = tokio::spawn(persist_loop(
+            self.cfg.data_dir.clone(),
+            self.keys.clone(),
+            persist_rx,
+        ));
         let mut backoff = self.cfg.min_backoff;
         let result = loop {
             let attempt = self.session(&persist_tx, &mut backoff);
@@ -208,21 +222,28 @@ impl Subscriber {
                 return Ok(());
             }
         };
-        let token: tonic::metadata::MetadataValue<_> = match format!("Bearer {}", self.cfg.token.expose()).parse() {
-            Ok(t) => t,
-            Err(_) => {
-                tracing::error!("subscriber token is not a valid header value");
-                return Ok(());
-            }
-        };
-        let mut client = SnapshotDistributionClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", token.clone());
-            Ok(r)
-        })
+        let token: tonic::metadata::MetadataValue<_> =
+            match format!("Bearer {}", self.cfg.token.expose()).parse() {
+                Ok(t) => t,
+                Err(_) => {
+                    tracing::error!("subscriber token is not a valid header value");
+                    return Ok(());
+                }
+            };
+        let mut client = SnapshotDistributionClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", token.clone());
+                Ok(r)
+            },
+        )
         .max_decoding_message_size(64 * 1024 * 1024);
         let current = self.cell.load();
         let req = pb::SubscribeRequest {
-            store_id: current.as_ref().map(|s| s.store_id.clone()).unwrap_or_default(),
+            store_id: current
+                .as_ref()
+                .map(|s| s.store_id.clone())
+                .unwrap_or_default(),
             version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
         };
@@ -260,27 +281,37 @@ impl Subscriber {
                     });
                 }
             }
-            let applied = assembler
-                .push(msg)
-                .and_then(|u| match u {
-                    Some((base, update)) => {
-                        let started = Instant::now();
-                        self.apply(base, update).map(|a| (a, started.elapsed()))
-                    }
-                    None => Ok((Applied::Nothing, Duration::ZERO)),
-                });
+            let applied = assembler.push(msg).and_then(|u| match u {
+                Some((base, update)) => {
+                    let started = Instant::now();
+                    self.apply(base, update).map(|a| (a, started.elapsed()))
+                }
+                None => Ok((Applied::Nothing, Duration::ZERO)),
+            });
             match applied {
                 Ok((Applied::Swapped { version }, took)) => {
-                    tracing::debug!(version, apply_ms = took.as_secs_f64() * 1000.0, "snapshot updated from the control plane");
+                    tracing::debug!(
+                        version,
+                        apply_ms = took.as_secs_f64() * 1000.0,
+                        "snapshot updated from the control plane"
+                    );
                     let _ = persist.send(self.cell.load());
                 }
                 Ok((Applied::Nothing, _)) => {}
                 Err(ApplyError::Stale { current, update }) => {
-                    self.status.rejected_messages.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(current, update, "ignored a snapshot update older than the one served");
+                    self.status
+                        .rejected_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        current,
+                        update,
+                        "ignored a snapshot update older than the one served"
+                    );
                 }
                 Err(e) => {
-                    self.status.rejected_messages.fetch_add(1, Ordering::Relaxed);
+                    self.status
+                        .rejected_messages
+                        .fetch_add(1, Ordering::Relaxed);
                     let served = self.cell.load().map(|s| s.version);
                     tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
                     return Ok(());
@@ -291,7 +322,11 @@ impl Subscriber {
 }
 
 /// Writes the latest snapshot to the cache, at most about once a second.
-async fn persist_loop(data_dir: PathBuf, keys: Keys, mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>) {
+async fn persist_loop(
+    data_dir: PathBuf,
+    keys: Keys,
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
+) {
     while rx.changed().await.is_ok() {
         let snap = rx.borrow_and_update().clone();
         if let Some(s) = snap {

@@ -9,7 +9,9 @@ use uuid::Uuid;
 use crate::crypto::KeyHash;
 use crate::domain::Timestamp;
 use crate::proto::snapshot::v1 as pb;
-use crate::snapshot::{ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Update};
+use crate::snapshot::{
+    ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Update,
+};
 
 /// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
 pub const KEYS_PER_CHUNK: usize = 20_000;
@@ -48,7 +50,10 @@ fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
         name: e.name.to_string(),
         enabled: e.enabled,
         expire_time_us: e.expire_time.map(|t| t.0).unwrap_or(0),
-        consumer_id: e.consumer.map(|c| c.as_bytes().to_vec()).unwrap_or_default(),
+        consumer_id: e
+            .consumer
+            .map(|c| c.as_bytes().to_vec())
+            .unwrap_or_default(),
         scope: scope_out(&e.scope),
         ip_allowlist: e.ip_allowlist.iter().map(|n| n.to_string()).collect(),
     }
@@ -120,7 +125,10 @@ fn services_in(s: pb::Services) -> Result<Vec<ServiceRecord>, ApplyError> {
         .into_iter()
         .map(|s| {
             if s.auth_header.is_empty() || s.auth_value_template.matches("{key}").count() != 1 {
-                return Err(malformed(format!("model service {:?} header or template", s.name)));
+                return Err(malformed(format!(
+                    "model service {:?} header or template",
+                    s.name
+                )));
             }
             Ok(ServiceRecord {
                 id: uuid_in("model service id", &s.id)?,
@@ -226,13 +234,18 @@ impl Assembler {
         let removed_keys = m
             .removed_keys
             .iter()
-            .map(|h| KeyHash::try_from(h.as_slice()).map_err(|_| malformed("removed key hash is not 32 bytes")))
+            .map(|h| {
+                KeyHash::try_from(h.as_slice())
+                    .map_err(|_| malformed("removed key hash is not 32 bytes"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         match &mut self.pending {
             Some(p) => {
                 if p.store_id != m.store_id || p.version != m.version || p.full != m.full {
                     self.pending = None;
-                    return Err(malformed("a snapshot chunk does not continue the previous one"));
+                    return Err(malformed(
+                        "a snapshot chunk does not continue the previous one",
+                    ));
                 }
                 p.keys.extend(keys);
                 p.removed_keys.extend(removed_keys);
@@ -281,7 +294,11 @@ mod tests {
     fn full_updates_round_trip_in_chunks() {
         let mut u = crate::bench::synthetic_update(45);
         u.keys[3].1.scope = ScopeSet::Only(vec![Uuid::from_u128(2)].into());
-        u.keys[4].1.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.7/32".parse().unwrap()].into();
+        u.keys[4].1.ip_allowlist = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.168.1.7/32".parse().unwrap(),
+        ]
+        .into();
         u.keys[5].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
         let msgs = encode(&u, 0, 10);
         assert_eq!(msgs.len(), 5);
@@ -303,7 +320,10 @@ mod tests {
         msgs[1].version += 1;
         let mut a = Assembler::default();
         assert!(a.push(msgs.remove(0)).unwrap().is_none());
-        assert!(matches!(a.push(msgs.remove(0)), Err(ApplyError::Malformed(_))));
+        assert!(matches!(
+            a.push(msgs.remove(0)),
+            Err(ApplyError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -311,9 +331,15 @@ mod tests {
         let u = crate::bench::synthetic_update(2);
         let mut msgs = encode(&u, 0, 10);
         msgs[0].keys[0].hash.truncate(5);
-        assert!(matches!(Assembler::default().push(msgs[0].clone()), Err(ApplyError::Malformed(_))));
+        assert!(matches!(
+            Assembler::default().push(msgs[0].clone()),
+            Err(ApplyError::Malformed(_))
+        ));
         let mut msgs = encode(&u, 0, 10);
         msgs[0].keys[0].id = vec![1, 2, 3];
-        assert!(matches!(Assembler::default().push(msgs[0].clone()), Err(ApplyError::Malformed(_))));
+        assert!(matches!(
+            Assembler::default().push(msgs[0].clone()),
+            Err(ApplyError::Malformed(_))
+        ));
     }
 }

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, SnapshotCell, Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, SnapshotCell,
+    Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -73,7 +74,10 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
     })
 }
 
-fn service_records(services: &[ModelService], keys: &[(ModelKey, Vec<u8>)]) -> Result<Vec<ServiceRecord>, BuildError> {
+fn service_records(
+    services: &[ModelService],
+    keys: &[(ModelKey, Vec<u8>)],
+) -> Result<Vec<ServiceRecord>, BuildError> {
     let by_id: std::collections::HashMap<&str, &(ModelKey, Vec<u8>)> =
         keys.iter().map(|k| (k.0.id.as_str(), k)).collect();
     services
@@ -130,7 +134,11 @@ pub async fn load_full_update(store: &Store) -> Result<Update, BuildError> {
         full: true,
         keys,
         removed_keys: vec![],
-        consumers: c.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
+        consumers: c
+            .consumers
+            .iter()
+            .map(consumer_record)
+            .collect::<Result<_, _>>()?,
         removed_consumers: vec![],
         services: Some(service_records(&c.model_services, &c.model_keys)?),
         model_key_count: c.model_keys.len() as u64,
@@ -143,9 +151,17 @@ fn increment_to_update(i: Increment, model_key_count: u64) -> Result<Update, Bui
         store_id: i.store_id.clone(),
         version: i.revision,
         full: false,
-        keys: i.consumer_keys.into_iter().map(key_entry).collect::<Result<_, _>>()?,
+        keys: i
+            .consumer_keys
+            .into_iter()
+            .map(key_entry)
+            .collect::<Result<_, _>>()?,
         removed_keys: i.removed_key_hashes.clone(),
-        consumers: i.consumers.iter().map(consumer_record).collect::<Result<_, _>>()?,
+        consumers: i
+            .consumers
+            .iter()
+            .map(consumer_record)
+            .collect::<Result<_, _>>()?,
         removed_consumers: i
             .removed_consumer_ids
             .iter()
@@ -186,7 +202,10 @@ impl SnapshotBuilder {
     }
 
     /// Also publish every applied update on `tx`.
-    pub fn with_updates(mut self, tx: tokio::sync::broadcast::Sender<crate::distribution::Published>) -> Self {
+    pub fn with_updates(
+        mut self,
+        tx: tokio::sync::broadcast::Sender<crate::distribution::Published>,
+    ) -> Self {
         self.updates = Some(tx);
         self
     }
@@ -196,7 +215,11 @@ impl SnapshotBuilder {
     pub async fn refresh(&self) -> Result<Arc<Snapshot>, BuildError> {
         let current = self.cell.load();
         let changes = match &current {
-            Some(s) => self.store.load_changes(s.version, MAX_INCREMENTAL_CHANGES).await?,
+            Some(s) => {
+                self.store
+                    .load_changes(s.version, MAX_INCREMENTAL_CHANGES)
+                    .await?
+            }
             None => Changes::Full,
         };
         let model_keys = current.as_ref().map(|s| s.counts().model_keys).unwrap_or(0);

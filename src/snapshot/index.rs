@@ -48,7 +48,11 @@ impl Base {
     fn new(mut entries: Vec<(KeyHash, KeyEntry)>) -> Base {
         entries.sort_unstable_by_key(|e| e.0);
         entries.dedup_by(|later, earlier| later.0 == earlier.0);
-        let bits = (entries.len() / 2).max(2).next_power_of_two().trailing_zeros().min(31);
+        let bits = (entries.len() / 2)
+            .max(2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .min(31);
         let shift = 64 - bits;
         let buckets = 1usize << bits;
         let mut dir = Vec::with_capacity(buckets + 1);
@@ -60,7 +64,11 @@ impl Base {
             dir.push(i as u32);
         }
         dir.push(entries.len() as u32);
-        Base { entries, dir, shift }
+        Base {
+            entries,
+            dir,
+            shift,
+        }
     }
 
     #[inline]
@@ -120,7 +128,11 @@ impl KeyIndex {
     }
 
     /// A new index with `removals` removed, then `upserts` inserted or replaced.
-    pub fn with_changes(&self, removals: &[KeyHash], upserts: Vec<(KeyHash, KeyEntry)>) -> KeyIndex {
+    pub fn with_changes(
+        &self,
+        removals: &[KeyHash],
+        upserts: Vec<(KeyHash, KeyEntry)>,
+    ) -> KeyIndex {
         let mut overlay: Overlay = (*self.overlay).clone();
         let mut len = self.len;
         for h in removals {
@@ -186,7 +198,11 @@ impl KeyIndex {
             .iter()
             .filter(move |(h, _)| !overlay.contains_key(h))
             .map(|(h, e)| (h, e))
-            .chain(overlay.iter().filter_map(|(h, e)| e.as_deref().map(|e| (h, e))))
+            .chain(
+                overlay
+                    .iter()
+                    .filter_map(|(h, e)| e.as_deref().map(|e| (h, e))),
+            )
     }
 }
 
@@ -222,7 +238,10 @@ mod tests {
         assert_eq!(idx.len(), 100);
         assert_eq!(idx.get(&hash(7)).unwrap().name.as_ref(), "k7");
         assert!(idx.get(&hash(200)).is_none());
-        let next = idx.with_changes(&[hash(7), hash(250)], vec![(hash(200), entry(200)), (hash(8), entry(99))]);
+        let next = idx.with_changes(
+            &[hash(7), hash(250)],
+            vec![(hash(200), entry(200)), (hash(8), entry(99))],
+        );
         assert_eq!(next.len(), 100);
         assert!(next.get(&hash(7)).is_none());
         assert_eq!(next.get(&hash(8)).unwrap().name.as_ref(), "k99");

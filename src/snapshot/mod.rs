@@ -57,12 +57,21 @@ pub struct UsageCells(Arc<[(Uuid, OnceLock<prometheus::IntCounter>)]>);
 
 impl UsageCells {
     pub fn new(service_ids: impl IntoIterator<Item = Uuid>) -> Self {
-        UsageCells(service_ids.into_iter().map(|id| (id, OnceLock::new())).collect())
+        UsageCells(
+            service_ids
+                .into_iter()
+                .map(|id| (id, OnceLock::new()))
+                .collect(),
+        )
     }
 
     /// The counter for `service_id`, made by `init` the first time.
     #[inline]
-    pub fn counter(&self, service_id: &Uuid, init: impl FnOnce() -> prometheus::IntCounter) -> Option<&prometheus::IntCounter> {
+    pub fn counter(
+        &self,
+        service_id: &Uuid,
+        init: impl FnOnce() -> prometheus::IntCounter,
+    ) -> Option<&prometheus::IntCounter> {
         self.0
             .iter()
             .find(|(id, _)| id == service_id)

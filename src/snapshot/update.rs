@@ -9,7 +9,9 @@ use std::time::{Instant, SystemTime};
 
 use uuid::Uuid;
 
-use super::{ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells};
+use super::{
+    ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells,
+};
 use crate::crypto::{KeyHash, Keys, Secret};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,7 +88,10 @@ fn scope_set(s: &Option<Vec<Uuid>>) -> ScopeSet {
     }
 }
 
-fn consumer_entry(r: &ConsumerRecord, services: &HashMap<Box<str>, Arc<ServiceEntry>>) -> Arc<ConsumerEntry> {
+fn consumer_entry(
+    r: &ConsumerRecord,
+    services: &HashMap<Box<str>, Arc<ServiceEntry>>,
+) -> Arc<ConsumerEntry> {
     Arc::new(ConsumerEntry {
         id: r.id,
         name: r.name.as_str().into(),
@@ -110,7 +115,11 @@ fn services(
             injected.push(InjectedKey {
                 id: mk.id,
                 name: mk.name.as_str().into(),
-                header_value: Secret::new(s.auth_value_template.replacen("{key}", value.expose(), 1)),
+                header_value: Secret::new(s.auth_value_template.replacen(
+                    "{key}",
+                    value.expose(),
+                    1,
+                )),
             });
         }
         out.insert(
@@ -125,7 +134,9 @@ impl Snapshot {
     /// Builds a snapshot from a full update.
     pub fn from_full(update: Update, keys: &Keys) -> Result<Snapshot, ApplyError> {
         if !update.full {
-            return Err(ApplyError::Malformed("the first update must be a full one".into()));
+            return Err(ApplyError::Malformed(
+                "the first update must be a full one".into(),
+            ));
         }
         Snapshot::empty(&update.store_id, i64::MIN).apply(update, keys)
     }
@@ -171,7 +182,10 @@ impl Snapshot {
             (KeyIndex::from_entries(keys_in), Arc::new(consumers))
         } else {
             let services_changed = !Arc::ptr_eq(&services, &self.services);
-            let consumers = if update.consumers.is_empty() && update.removed_consumers.is_empty() && !services_changed {
+            let consumers = if update.consumers.is_empty()
+                && update.removed_consumers.is_empty()
+                && !services_changed
+            {
                 self.consumers.clone()
             } else {
                 let mut c = (*self.consumers).clone();

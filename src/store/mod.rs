@@ -294,7 +294,9 @@ impl Store {
     /// process's snapshot builder (the revision stays the truth: a missed notification is
     /// caught by the builder's periodic check). Runs until `shutdown` resolves.
     pub async fn listen_for_changes(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Some(url) = self.listen_url.clone() else { return };
+        let Some(url) = self.listen_url.clone() else {
+            return;
+        };
         tokio::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -325,21 +327,19 @@ impl Store {
                     n = l.recv() => n,
                 };
                 match n {
-                    Ok(n) => {
-                        match n.payload().parse::<i64>() {
-                            Ok(rev) => {
-                                self.committed.send_if_modified(|r| {
-                                    if rev > *r {
-                                        *r = rev;
-                                        true
-                                    } else {
-                                        false
-                                    }
-                                });
-                            }
-                            Err(_) => self.committed.send_modify(|_| ()),
+                    Ok(n) => match n.payload().parse::<i64>() {
+                        Ok(rev) => {
+                            self.committed.send_if_modified(|r| {
+                                if rev > *r {
+                                    *r = rev;
+                                    true
+                                } else {
+                                    false
+                                }
+                            });
                         }
-                    }
+                        Err(_) => self.committed.send_modify(|_| ()),
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "store change notifications interrupted; reconnecting");
                         break;
@@ -2137,7 +2137,9 @@ impl Store {
             match row {
                 // The snapshot needs the consumer's own fields, never its (maybe millions of) keys.
                 Some(row) => consumers.push(Consumer {
-                    scope: self.read_scope(&mut tx, &id, row.try_get("scope_mode")?).await?,
+                    scope: self
+                        .read_scope(&mut tx, &id, row.try_get("scope_mode")?)
+                        .await?,
                     id: row.try_get("id")?,
                     name: row.try_get("name")?,
                     description: row.try_get("description")?,

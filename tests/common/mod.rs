@@ -3,6 +3,9 @@
 //! (Envoy, grpcurl) that `./scripts/test` installs.
 #![allow(dead_code)]
 
+pub mod envoy;
+pub mod split;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,13 +33,212 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// Lines a child process wrote, collected by a reader thread.
+pub type Logs = Arc<Mutex<Vec<String>>>;
+
+/// A running `keygate` process of any shape (`serve`, `control-plane`, `authz`), started with
+/// `--log-format json` and `KEYGATE_LOG=debug`, its stderr captured line by line. Killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    logs: Logs,
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// What the process is, for panic messages (e.g. "control plane A").
+    pub what: String,
+    /// From the "keygate ready" line (`wait_ready`), when that listener exists.
+    pub authz_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl Proc {
+    /// Spawns `keygate --log-format json <args…>` with `env` on top of the test's environment
+    /// (minus the token variables, which a test passes explicitly when it means to).
+    pub fn spawn(what: &str, args: &[String], env: &[(String, String)]) -> Proc {
+        let mut cmd = Command::new(keygate_bin());
+        cmd.arg("--log-format")
+            .arg("json")
+            .args(args)
+            .env("KEYGATE_LOG", "debug")
+            .env("KEYGATE_METRICS_ADDR", "127.0.0.1:0")
+            .env_remove("KEYGATE_ADMIN_TOKEN")
+            .env_remove("KEYGATE_SUBSCRIBER_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what} ({}): {e}", keygate_bin()));
+        let logs: Logs = Arc::default();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc {
+            child: Some(child),
+            logs,
+            reader: Some(reader),
+            what: what.to_string(),
+            authz_addr: None,
+            admin_addr: None,
+        }
+    }
+
+    /// Waits (bounded, 30 s) for the "keygate ready" log line and records the listener
+    /// addresses it names. Panics, with the logs, if the process exits first.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((authz, admin)) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| ready_addrs(l))
+            {
+                self.authz_addr = authz;
+                self.admin_addr = admin;
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.join_reader();
+                panic!(
+                    "{} exited with {status} before becoming ready:\n{}",
+                    self.what,
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready within 30 s:\n{}",
+                self.what,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (bounded) for the process to exit on its own; returns its exit code (`None`:
+    /// killed by a signal). Panics, with the logs, if it is still running after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("{} was already stopped", self.what));
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                self.join_reader();
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {limit:?}:\n{}",
+                self.what,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The OS process id (while running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// The log lines that parse as JSON.
+    pub fn log_json(&self) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The JSON log lines whose `fields.message` is `message`.
+    pub fn log_messages(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_json()
+            .into_iter()
+            .filter(|v| v["fields"]["message"] == message)
+            .collect()
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit. Returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.join_reader();
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not stop within 20 s after SIGTERM", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Hard kill (SIGKILL: no graceful shutdown, nothing flushed).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            self.join_reader();
+        }
+    }
+
+    /// After the process exited: read its stderr to the end.
+    fn join_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A running `keygate serve` process.
 pub struct Keygate {
-    child: Option<Child>,
+    proc: Proc,
     pub data_dir: PathBuf,
     pub authz_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -56,6 +258,10 @@ pub fn keygate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keygate")
 }
 
+fn addr_arg(a: Option<SocketAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or("127.0.0.1:0".into())
+}
+
 impl Keygate {
     pub async fn start() -> Keygate {
         Self::start_with(Options::default()).await
@@ -70,77 +276,36 @@ impl Keygate {
                 (Some(t), d)
             }
         };
-        let mut cmd = Command::new(keygate_bin());
-        cmd.arg("--log-format")
-            .arg("json")
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--authz-addr")
-            .arg(
-                opts.authz_addr
-                    .map(|a| a.to_string())
-                    .unwrap_or("127.0.0.1:0".into()),
-            )
-            .arg("--admin-addr")
-            .arg(
-                opts.admin_addr
-                    .map(|a| a.to_string())
-                    .unwrap_or("127.0.0.1:0".into()),
-            )
-            .args(&opts.args)
-            .env("KEYGATE_LOG", "debug")
-            .env_remove("KEYGATE_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn keygate");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (authz_addr, admin_addr) = loop {
-            if let Some(addrs) = logs.lock().unwrap().iter().find_map(|l| ready_addrs(l)) {
-                break addrs;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "keygate exited with {status} before becoming ready:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "keygate not ready within 30 s:\n{}",
-                logs.lock().unwrap().join("\n")
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--authz-addr".into(),
+            addr_arg(opts.authz_addr),
+            "--admin-addr".into(),
+            addr_arg(opts.admin_addr),
+        ];
+        args.extend(opts.args.iter().cloned());
+        let mut proc = Proc::spawn("keygate", &args, &opts.env);
+        proc.wait_ready().await;
+        let (Some(authz_addr), Some(admin_addr)) = (proc.authz_addr, proc.admin_addr) else {
+            panic!(
+                "keygate serve's ready line lacks authz_addr or admin_addr:\n{}",
+                proc.logs()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         Keygate {
-            child: Some(child),
+            proc,
             data_dir,
             authz_addr,
             admin_addr,
-            logs,
             _tmp: tmp,
         }
     }
 
     /// The admin token keygate generated in its data dir.
     pub fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string()
+        read_admin_token(&self.data_dir)
     }
 
     pub async fn admin(&self) -> Admin {
@@ -148,45 +313,21 @@ impl Keygate {
     }
 
     pub async fn admin_with_token(&self, token: Option<String>) -> Admin {
-        let channel = Channel::from_shared(format!("http://{}", self.admin_addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to admin port");
-        KeyAdminClient::with_interceptor(channel, BearerToken(token))
+        admin_client(self.admin_addr, token).await
     }
 
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.proc.logs()
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit. Returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("keygate did not stop within 20 s after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.stop()
     }
 
     /// Hard kill (no graceful shutdown).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill()
     }
 
     /// Keeps the data dir alive beyond this process (for restarts).
@@ -195,22 +336,37 @@ impl Keygate {
     }
 }
 
-impl Drop for Keygate {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `<data_dir>/admin.token`, as keygate generated it.
+pub fn read_admin_token(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin.token"))
+        .unwrap_or_else(|e| panic!("reading {}/admin.token: {e}", data_dir.display()))
+        .trim()
+        .to_string()
 }
 
-fn ready_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+/// A KeyAdmin client on `addr` presenting `token` (none: no authorization header).
+pub async fn admin_client(addr: SocketAddr, token: Option<String>) -> Admin {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to admin port");
+    KeyAdminClient::with_interceptor(channel, BearerToken(token))
+}
+
+/// The listener addresses named by a "keygate ready" log line (each when present).
+fn ready_addrs(line: &str) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let f = v.get("fields")?;
     if f.get("message")?.as_str()? != "keygate ready" {
         return None;
     }
-    Some((
-        f.get("authz_addr")?.as_str()?.parse().ok()?,
-        f.get("admin_addr")?.as_str()?.parse().ok()?,
-    ))
+    let addr = |k: &str| {
+        f.get(k)
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.parse().ok())
+    };
+    Some((addr("authz_addr"), addr("admin_addr")))
 }
 
 /// Every byte of every file under `dir`, for "no plaintext secret on disk" checks.
@@ -276,4 +432,10 @@ where
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The last `n` lines of `s` (for panic messages).
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -1,0 +1,507 @@
+//! Envoy end-to-end pieces shared by the suites that run a real Envoy: a recording HTTP
+//! upstream standing in for the model vendors, a minimal HTTP/1.1 client (so what is asserted
+//! is exactly what a client sees on the wire), and Envoy itself running a shipped config from
+//! `envoy/` with only its ports rewritten.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::envoy_bin;
+
+// ---------------------------------------------------------------------------------------------
+// Recording upstream (the "model vendor").
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query, exactly as sent on the wire.
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+impl Recorded {
+    /// Every value of header `name`.
+    pub fn values(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+
+    /// Panics if `secret` appears anywhere in the path, query or any header.
+    pub fn assert_never_carries(&self, secret: &str, what: &str) {
+        assert!(
+            !self.target.contains(secret),
+            "the upstream received the {what} in the path/query: {}",
+            self.target
+        );
+        for (name, value) in &self.headers {
+            assert!(
+                !String::from_utf8_lossy(value.as_bytes()).contains(secret),
+                "the upstream received the {what} in header {name}"
+            );
+        }
+    }
+}
+
+pub const UPSTREAM_BODY: &str =
+    r#"{"id":"chatcmpl-e2e","object":"chat.completion","upstream":"recording"}"#;
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let sink = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                // Like a real vendor's server: no Nagle delay on small responses.
+                let _ = stream.set_nodelay(true);
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let _ = body.collect().await;
+                            sink.lock().unwrap().push(Recorded {
+                                method: parts.method.to_string(),
+                                target: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.as_str().to_string())
+                                    .unwrap_or_default(),
+                                headers: parts.headers,
+                            });
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(200)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn all(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received no request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal HTTP/1.1 client (one request per connection, `Connection: close`).
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {:?}", self.text()))
+    }
+}
+
+pub async fn http_get(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut req =
+            format!("GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        parse_response(&raw)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP response within 10 s")
+        })?
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("non-UTF-8 head"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
+        let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
+        rest.get(..len).ok_or_else(|| bad("short body"))?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_str = std::str::from_utf8(&data[..eol]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy running a shipped config (`envoy/*.yaml`, only its ports rewritten).
+
+/// The text of `envoy/<name>` as shipped.
+pub fn shipped_config(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("envoy")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Rewrites every `port_value: <from>` line; panics unless there are `expected` of them.
+/// `what` names the file in the panic message.
+pub fn replace_port(what: &str, config: &str, from: u16, to: u16, expected: usize) -> String {
+    let needle = format!("port_value: {from}");
+    let mut found = 0;
+    let out: Vec<String> = config
+        .lines()
+        .map(|line| {
+            if line.trim() == needle {
+                found += 1;
+                line.replace(&needle, &format!("port_value: {to}"))
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(
+        found, expected,
+        "{what}: expected {expected} `{needle}` line(s), found {found}"
+    );
+    out.join("\n") + "\n"
+}
+
+/// `envoy/envoy.yaml` (one `keygate serve`) with keygate's, the listener's, the upstream's
+/// and the admin's ports.
+pub fn render_single(authz: u16, listener: u16, upstream: u16, admin: u16) -> String {
+    let f = "envoy/envoy.yaml";
+    let c = shipped_config("envoy.yaml");
+    let c = replace_port(f, &c, 9001, authz, 1);
+    let c = replace_port(f, &c, 10000, listener, 1);
+    let c = replace_port(f, &c, 8080, upstream, 4);
+    replace_port(f, &c, 9901, admin, 1)
+}
+
+/// `envoy/split.yaml` (two `keygate authz` data planes) with the data planes', the
+/// listener's, the upstream's and the admin's ports.
+pub fn render_split(authz: [u16; 2], listener: u16, upstream: u16, admin: u16) -> String {
+    let f = "envoy/split.yaml";
+    let c = shipped_config("split.yaml");
+    let c = replace_port(f, &c, 9011, authz[0], 1);
+    let c = replace_port(f, &c, 9012, authz[1], 1);
+    let c = replace_port(f, &c, 10000, listener, 1);
+    let c = replace_port(f, &c, 8080, upstream, 4);
+    replace_port(f, &c, 9901, admin, 1)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Collects a child's output lines; the thread ends at EOF (when the child has exited).
+pub fn capture(pipe: impl std::io::Read + Send + 'static) -> (Lines, std::thread::JoinHandle<()>) {
+    use std::io::BufRead;
+    let lines: Lines = Arc::default();
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (lines, reader)
+}
+
+pub struct Envoy {
+    child: Option<Child>,
+    pub listener: SocketAddr,
+    /// Envoy's own admin listener (stats, `/clusters`).
+    pub admin: SocketAddr,
+    stdout: Lines,
+    stderr: Lines,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// `envoy/envoy.yaml` in front of one keygate ext_authz listener.
+    pub async fn start(authz: SocketAddr, upstream: SocketAddr) -> Envoy {
+        Self::start_rendered(|listener, admin| {
+            render_single(authz.port(), listener, upstream.port(), admin)
+        })
+        .await
+    }
+
+    /// `envoy/split.yaml` in front of two `keygate authz` data planes.
+    pub async fn start_split(authz: [SocketAddr; 2], upstream: SocketAddr) -> Envoy {
+        Self::start_rendered(|listener, admin| {
+            render_split(
+                [authz[0].port(), authz[1].port()],
+                listener,
+                upstream.port(),
+                admin,
+            )
+        })
+        .await
+    }
+
+    /// Starts Envoy with the config `render(listener_port, admin_port)` on free ports and waits
+    /// (bounded) until a request through it gets keygate's answer. Retries with other ports if
+    /// a port picked as free was taken meanwhile.
+    pub async fn start_rendered(render: impl Fn(u16, u16) -> String) -> Envoy {
+        let mut last_failure = String::new();
+        for _attempt in 0..3 {
+            let (listener_port, admin_port) = (free_port(), free_port());
+            if listener_port == admin_port {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("envoy.yaml");
+            std::fs::write(&config, render(listener_port, admin_port)).unwrap();
+            let mut child = Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&config)
+                .args(["--concurrency", "1"])
+                // Unique per running Envoy: the listener port is held by this Envoy alone.
+                .args(["--base-id", &listener_port.to_string()])
+                .args(["-l", "warning"])
+                // Access log lines reach stdout promptly (the default flush interval is 10 s).
+                .args(["--file-flush-interval-msec", "50"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", envoy_bin().display()));
+            let (stdout, _) = capture(child.stdout.take().unwrap());
+            let (stderr, stderr_reader) = capture(child.stderr.take().unwrap());
+            let mut envoy = Envoy {
+                child: Some(child),
+                listener: SocketAddr::from(([127, 0, 0, 1], listener_port)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+                stdout,
+                stderr,
+                _dir: dir,
+            };
+            match envoy.wait_ready().await {
+                Ok(()) => return envoy,
+                Err(e) => {
+                    // Stop it and read its stderr to the end before deciding what went wrong.
+                    if let Some(mut c) = envoy.child.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    let _ = stderr_reader.join();
+                    last_failure = format!("{e}\nEnvoy stderr:\n{}", envoy.stderr());
+                    let port_clash = last_failure.contains("ddress already in use")
+                        || last_failure.contains("unable to bind")
+                        || last_failure.contains("shared memory")
+                        || last_failure.contains("base-id");
+                    if !port_clash {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("Envoy did not start: {last_failure}");
+    }
+
+    /// Polls until a request without credentials gets keygate's 401 through Envoy (listener
+    /// up, route table loaded, keygate reachable over gRPC). Bounded.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last: String;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("Envoy exited with {status} before becoming ready"));
+            }
+            match http_get(self.listener, "/openai/v1/models", &[]).await {
+                Ok(r) if r.status == 401 => return Ok(()),
+                Ok(r) => last = format!("HTTP {} {}", r.status, r.text()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "Envoy not ready within 30 s (last attempt: {last})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    /// GET `path` on Envoy's admin listener; the body as text.
+    pub async fn admin_get(&self, path: &str) -> String {
+        let r = http_get(self.admin, path, &[])
+            .await
+            .unwrap_or_else(|e| panic!("Envoy admin GET {path}: {e}"));
+        assert_eq!(r.status, 200, "Envoy admin GET {path}: {}", r.text());
+        r.text()
+    }
+
+    /// One per-host value from the admin `/clusters` page, e.g. `health_flags` (`healthy`,
+    /// `/failed_active_hc`, ...) or `rq_total`, for `host` in `cluster`.
+    pub async fn host_stat(&self, cluster: &str, host: SocketAddr, stat: &str) -> Option<String> {
+        let prefix = format!("{cluster}::{host}::{stat}::");
+        self.admin_get("/clusters")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+
+    /// A counter or gauge from the admin `/stats` page (exact name), 0 when absent.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let prefix = format!("{name}: ");
+        self.admin_get("/stats")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    }
+
+    /// The access log lines (JSON, one per request) written so far.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
