@@ -2270,8 +2270,35 @@ async fn no_plaintext_key_value_reaches_disk_or_logs() {
         ("CUSTOM model key", model_value),
     ];
     let data_dir = kg.data_dir.clone();
+    if std::env::var("KEYGATE_TEST_STORE").as_deref() == Ok("postgres") {
+        // The store is a PostgreSQL database: every row of every table, as text.
+        let dump = postgres_dump(&common::postgres_for(&data_dir).await).await;
+        assert!(dump.contains("consumer_keys"), "the dump covers the store");
+        for (what, secret) in secrets {
+            assert!(
+                !dump.contains(secret),
+                "the {what} value is stored in plaintext"
+            );
+            assert!(
+                !dump.contains(&hex::encode(secret)),
+                "the {what} value is stored as plaintext bytes"
+            );
+        }
+    }
     let check_disk = |when: &str| {
         let files = all_file_bytes(&data_dir);
+        if std::env::var("KEYGATE_TEST_STORE").as_deref() == Ok("postgres") {
+            for (path, bytes) in &files {
+                for (what, secret) in secrets {
+                    assert!(
+                        !contains_bytes(bytes, secret.as_bytes()),
+                        "{when}: {what} in {}",
+                        path.display()
+                    );
+                }
+            }
+            return;
+        }
         assert!(
             files
                 .iter()
@@ -2839,4 +2866,31 @@ async fn audit_events_list_newest_first_with_rpc_names_and_no_secrets() {
         walked,
         all.items.iter().map(|e| e.revision).collect::<Vec<_>>()
     );
+}
+
+/// Every row of every table of a PostgreSQL store, as JSON text (bytea as hex).
+async fn postgres_dump(url: &str) -> String {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    let mut out = String::new();
+    for t in tables {
+        let rows: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT row_to_json(t)::text FROM {t} t"))
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        out.push_str(&t);
+        out.push('\n');
+        for r in rows {
+            out.push_str(&r);
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -347,3 +347,100 @@ async fn persist_loop(
         let _ = cache::store(&data_dir, &s, &keys);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    fn subscriber(keys: &Keys) -> Subscriber {
+        Subscriber::new(
+            SubscriberConfig {
+                endpoint: Endpoint::from_static("http://127.0.0.1:9"),
+                token: Arc::new(Secret::new("subscriber-token-0123456789".into())),
+                data_dir: std::env::temp_dir(),
+                name: "test".into(),
+                min_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+            },
+            SnapshotCell::new(),
+            keys.clone(),
+            "fingerprint".into(),
+        )
+    }
+
+    fn full(version: i64) -> Update {
+        let mut u = crate::bench::synthetic_update(3);
+        u.version = version;
+        u
+    }
+
+    #[test]
+    fn stale_and_malformed_updates_are_refused_and_the_served_snapshot_stays() {
+        let keys = MasterKey::generate().keys();
+        let s = subscriber(&keys);
+        assert_eq!(
+            s.apply(0, full(5)).unwrap(),
+            Applied::Swapped { version: 5 }
+        );
+        // An older full snapshot of the same store: refused, version 5 stays.
+        assert!(matches!(
+            s.apply(0, full(4)),
+            Err(ApplyError::Stale {
+                current: 5,
+                update: 4
+            })
+        ));
+        assert_eq!(s.cell.load().unwrap().version, 5);
+        // An incremental update that does not start from the served version: refused.
+        let mut gap = Update {
+            store_id: "bench".into(),
+            version: 9,
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.apply(7, gap.clone()),
+            Err(ApplyError::Malformed(_))
+        ));
+        assert_eq!(s.cell.load().unwrap().version, 5);
+        // An old incremental one: stale.
+        gap.version = 3;
+        assert!(matches!(s.apply(2, gap), Err(ApplyError::Stale { .. })));
+        // A model key that does not decrypt under this master key: refused as a whole.
+        let mut bad = full(6);
+        bad.services.as_mut().unwrap()[0]
+            .model_keys
+            .push(crate::snapshot::ModelKeyRecord {
+                id: uuid::Uuid::from_u128(9),
+                name: "vendor".into(),
+                ciphertext: MasterKey::generate().keys().cipher.encrypt(
+                    &uuid::Uuid::from_u128(9).to_string(),
+                    &Secret::new("sk-0123456789abcdef".into()),
+                ),
+            });
+        assert!(matches!(s.apply(0, bad), Err(ApplyError::Decrypt { .. })));
+        let served = s.cell.load().unwrap();
+        assert_eq!(served.version, 5);
+        assert_eq!(served.counts().consumer_keys, 3);
+        // The next good incremental update applies.
+        let next = Update {
+            store_id: "bench".into(),
+            version: 6,
+            removed_keys: vec![served.key_index().iter().next().map(|(h, _)| *h).unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(s.apply(5, next).unwrap(), Applied::Swapped { version: 6 });
+        assert_eq!(s.cell.load().unwrap().counts().consumer_keys, 2);
+    }
+
+    #[test]
+    fn a_full_snapshot_from_another_store_replaces_the_served_one() {
+        let keys = MasterKey::generate().keys();
+        let s = subscriber(&keys);
+        s.apply(0, full(50)).unwrap();
+        let mut other = full(3);
+        other.store_id = "restored".into();
+        assert_eq!(s.apply(0, other).unwrap(), Applied::Swapped { version: 3 });
+        assert_eq!(s.cell.load().unwrap().store_id, "restored");
+    }
+}

@@ -286,6 +286,12 @@ impl Keygate {
             addr_arg(opts.admin_addr),
         ];
         args.extend(opts.args.iter().cloned());
+        if std::env::var("KEYGATE_TEST_STORE").as_deref() == Ok("postgres")
+            && !args.iter().any(|a| a == "--store")
+        {
+            args.push("--store".into());
+            args.push(postgres_for(&data_dir).await);
+        }
         let mut proc = Proc::spawn("keygate", &args, &opts.env);
         proc.wait_ready().await;
         let (Some(authz_addr), Some(admin_addr)) = (proc.authz_addr, proc.admin_addr) else {
@@ -367,6 +373,32 @@ fn ready_addrs(line: &str) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
             .and_then(|a| a.parse().ok())
     };
     Some((addr("authz_addr"), addr("admin_addr")))
+}
+
+/// With `KEYGATE_TEST_STORE=postgres` (./scripts/test runs the admin suite that way too), the
+/// same suites run on PostgreSQL: one database per data dir (so a restart on the same data dir
+/// finds its store), created on the server named by `KEYGATE_TEST_POSTGRES`.
+pub async fn postgres_for(data_dir: &Path) -> String {
+    use sha2::Digest;
+    use sqlx::Connection;
+    let base = std::env::var("KEYGATE_TEST_POSTGRES")
+        .expect("KEYGATE_TEST_STORE=postgres needs KEYGATE_TEST_POSTGRES (./scripts/test sets it)");
+    let digest = sha2::Sha256::digest(data_dir.display().to_string().as_bytes());
+    let db = format!("kg_suite_{}", hex::encode(&digest[..8]));
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .expect("connect to PostgreSQL");
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&db)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+    if exists.is_none() {
+        sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {db}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+    }
+    format!("{base}/{db}")
 }
 
 /// Every byte of every file under `dir`, for "no plaintext secret on disk" checks.
