@@ -323,25 +323,43 @@ async fn spawn_authz(
         .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
             authz,
         ));
-    let stop = stopped();
-    tasks.push(tokio::spawn(async move {
+    tasks.push(spawn_serving(
+        server,
+        listener,
+        health,
+        &[AUTHZ_SERVICE],
+        "ext_authz",
+        stopped(),
+    ));
+    Ok(())
+}
+
+/// Serves `router` on `listener` until `stop`, turning health NOT_SERVING (for "" and
+/// `services`) as shutdown begins, then draining in-flight requests.
+fn spawn_serving(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    health: tonic_health::server::HealthReporter,
+    services: &'static [&'static str],
+    what: &'static str,
+    stop: Stopped,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         let shutdown = async move {
             stop.await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_service_status(AUTHZ_SERVICE, ServingStatus::NotServing)
-                .await;
+            for s in std::iter::once(&"").chain(services) {
+                health
+                    .set_service_status(*s, ServingStatus::NotServing)
+                    .await;
+            }
         };
-        if let Err(e) = server
+        if let Err(e) = router
             .serve_with_incoming_shutdown(incoming(listener), shutdown)
             .await
         {
-            tracing::error!(error = %e, "ext_authz server failed");
+            tracing::error!(error = %e, server = what, "gRPC server failed");
         }
-    }));
-    Ok(())
+    })
 }
 
 /// Starts `keygate serve`: returns once every listener is bound.
@@ -500,27 +518,14 @@ pub async fn start_control_plane(
             .await;
         router = router.add_service(svc.into_server(auth));
     }
-    {
-        let health = admin_health.clone();
-        let stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            let shutdown = async move {
-                stop.await;
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(ADMIN_SERVICE, ServingStatus::NotServing)
-                    .await;
-            };
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming(admin_listener), shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "admin server failed");
-            }
-        }));
-    }
+    tasks.push(spawn_serving(
+        router,
+        admin_listener,
+        admin_health.clone(),
+        &[ADMIN_SERVICE, DISTRIBUTION_SERVICE],
+        "admin",
+        stopped(),
+    ));
 
     tracing::info!(
         authz_addr = authz_addr.map(|a| a.to_string()),

@@ -497,6 +497,40 @@ impl Store {
         }
     }
 
+    /// The name and description every resource has: a rename checks uniqueness.
+    async fn rename_and_describe(
+        &self,
+        m: &mut Mutation,
+        kind: ResourceKind,
+        id: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+        fields: &mut Vec<&'static str>,
+    ) -> Result<()> {
+        let table = table_of(kind);
+        if let Some(name) = name {
+            self.ensure_unique_name(&mut m.tx, kind, name, Some(id))
+                .await?;
+            sqlx::query(&format!("UPDATE {table} SET name = $1 WHERE id = $2"))
+                .bind(name)
+                .bind(id)
+                .execute(&mut *m.tx)
+                .await?;
+            fields.push("name");
+        }
+        if let Some(d) = description {
+            sqlx::query(&format!(
+                "UPDATE {table} SET description = $1 WHERE id = $2"
+            ))
+            .bind(d)
+            .bind(id)
+            .execute(&mut *m.tx)
+            .await?;
+            fields.push("description");
+        }
+        Ok(())
+    }
+
     async fn ensure_unique_name(
         &self,
         conn: &mut sqlx::AnyConnection,
@@ -708,24 +742,15 @@ impl Store {
         let mut m = self.begin(actor).await?;
         let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::Consumer, sel).await?;
         let mut fields = Vec::new();
-        if let Some(name) = &patch.name {
-            self.ensure_unique_name(&mut m.tx, ResourceKind::Consumer, name, Some(&id))
-                .await?;
-            sqlx::query("UPDATE consumers SET name = $1 WHERE id = $2")
-                .bind(name)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("name");
-        }
-        if let Some(d) = &patch.description {
-            sqlx::query("UPDATE consumers SET description = $1 WHERE id = $2")
-                .bind(d)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("description");
-        }
+        self.rename_and_describe(
+            &mut m,
+            ResourceKind::Consumer,
+            &id,
+            patch.name.as_deref(),
+            patch.description.as_deref(),
+            &mut fields,
+        )
+        .await?;
         if let Some(s) = &patch.scope {
             let scope = self.resolve_scope(&mut m.tx, "consumer.scope", s).await?;
             sqlx::query("UPDATE consumers SET scope_mode = $1 WHERE id = $2")
@@ -1215,24 +1240,15 @@ impl Store {
             .find_id(&mut m.tx, ResourceKind::ConsumerKey, sel)
             .await?;
         let mut fields = Vec::new();
-        if let Some(name) = &patch.name {
-            self.ensure_unique_name(&mut m.tx, ResourceKind::ConsumerKey, name, Some(&id))
-                .await?;
-            sqlx::query("UPDATE consumer_keys SET name = $1 WHERE id = $2")
-                .bind(name)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("name");
-        }
-        if let Some(d) = &patch.description {
-            sqlx::query("UPDATE consumer_keys SET description = $1 WHERE id = $2")
-                .bind(d)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("description");
-        }
+        self.rename_and_describe(
+            &mut m,
+            ResourceKind::ConsumerKey,
+            &id,
+            patch.name.as_deref(),
+            patch.description.as_deref(),
+            &mut fields,
+        )
+        .await?;
         if let Some(s) = &patch.scope {
             let scope = self
                 .resolve_scope(&mut m.tx, "consumer_key.scope", s)
@@ -1656,24 +1672,15 @@ impl Store {
         let mut m = self.begin(actor).await?;
         let (id, old_name) = self.find_id(&mut m.tx, ResourceKind::ModelKey, sel).await?;
         let mut fields = Vec::new();
-        if let Some(name) = &patch.name {
-            self.ensure_unique_name(&mut m.tx, ResourceKind::ModelKey, name, Some(&id))
-                .await?;
-            sqlx::query("UPDATE model_keys SET name = $1 WHERE id = $2")
-                .bind(name)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("name");
-        }
-        if let Some(d) = &patch.description {
-            sqlx::query("UPDATE model_keys SET description = $1 WHERE id = $2")
-                .bind(d)
-                .bind(&id)
-                .execute(&mut *m.tx)
-                .await?;
-            fields.push("description");
-        }
+        self.rename_and_describe(
+            &mut m,
+            ResourceKind::ModelKey,
+            &id,
+            patch.name.as_deref(),
+            patch.description.as_deref(),
+            &mut fields,
+        )
+        .await?;
         sqlx::query("UPDATE model_keys SET update_time = $1 WHERE id = $2")
             .bind(m.now.0)
             .bind(&id)
