@@ -149,7 +149,15 @@ pub async fn open_store(
     let master = load_master_key(args)?;
     let url = match &args.store {
         Some(u) => u.clone(),
-        None => format!("sqlite://{}", sqlite_path(&args.data_dir).display()),
+        None => {
+            // Created owner-only before SQLite opens it (its -wal/-shm files follow its mode).
+            let db = sqlite_path(&args.data_dir);
+            if !db.exists() {
+                crypto::write_private_file(&db, b"")
+                    .map_err(io_err(format!("creating {}", db.display())))?;
+            }
+            format!("sqlite://{}", db.display())
+        }
     };
     let store = Store::open(&url, &master.fingerprint(), master.keys(), limits)
         .await

@@ -2894,3 +2894,24 @@ async fn postgres_dump(url: &str) -> String {
     }
     out
 }
+
+/// SPEC §5: the data dir is created mode 0700; the master key, admin token and store are
+/// owner-only files.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_dir_and_its_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let kg = Keygate::start().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kg.data_dir), 0o700);
+    for f in ["master.key", "admin.token"] {
+        assert_eq!(mode(&kg.data_dir.join(f)), 0o600, "{f}");
+    }
+    if std::env::var("KEYGATE_TEST_STORE").as_deref() != Ok("postgres") {
+        assert_eq!(mode(&kg.data_dir.join("keygate.db")), 0o600, "keygate.db");
+    }
+    // The log names the paths, never the values.
+    let logs = kg.logs();
+    assert!(logs.contains("master.key") && logs.contains("admin.token"));
+    assert!(!logs.contains(&kg.admin_token()));
+}
