@@ -12,6 +12,7 @@ pub mod distribution;
 pub mod domain;
 pub mod metrics;
 pub mod proto;
+pub mod secret;
 pub mod server;
 pub mod snapshot;
 pub mod store;
