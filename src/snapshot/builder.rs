@@ -18,6 +18,10 @@ use crate::domain::validate::ip_entry;
 use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Scope};
 use crate::store::{Changes, Increment, KeyRow, Store, StoreError};
 
+/// Change records kept (revisions); a replica further behind than this reloads fully.
+const KEEP_CHANGES: i64 = 100_000;
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// More changed resources than this since the last snapshot: reload everything instead.
 const MAX_INCREMENTAL_CHANGES: usize = 50_000;
 
@@ -271,10 +275,20 @@ impl SnapshotBuilder {
         let mut commits = self.store.subscribe_commits();
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
+                _ = prune.tick() => {
+                    match self.store.prune_changes(KEEP_CHANGES).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(rows = n, "pruned the change log"),
+                        Err(e) => tracing::warn!(error = %e, "change log not pruned"),
+                    }
+                    continue;
+                }
                 changed = commits.changed() => {
                     if changed.is_err() { return; }
                 }
