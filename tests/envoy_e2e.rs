@@ -13,8 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keygate::proto::admin::v1 as pb;
 
+use common::admin::{
+    bearer, create_consumer_key, create_model_key, create_service, disable_consumer_key,
+    disable_model_key,
+};
 use common::envoy::{Envoy, HttpResponse, Recorded, UPSTREAM_BODY, Upstream, http_get};
-use common::{Admin, Keygate, Options, poll_until};
+use common::{Admin, Keygate, Options, poll_until, tail};
 
 // ---------------------------------------------------------------------------------------------
 // Vendor keys the tests create (CUSTOM model keys) and expect the upstream to receive.
@@ -128,59 +132,8 @@ impl Gateway {
         .await;
     }
 }
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Admin API helpers.
-
-async fn create_service(admin: &mut Admin, name: &str, header: &str, template: &str) {
-    admin
-        .create_model_service(pb::CreateModelServiceRequest {
-            name: name.into(),
-            provider: name.into(),
-            auth_header: header.into(),
-            auth_value_template: template.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
-}
-
-async fn create_model_key(admin: &mut Admin, name: &str, value: &str, service: &str) {
-    admin
-        .create_model_key(pb::CreateModelKeyRequest {
-            name: name.into(),
-            generation_method: pb::GenerationMethod::Custom as i32,
-            value: value.into(),
-            model_services: vec![service.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateModelKey {name}: {e}"));
-}
-
-/// Creates a consumer key (AUTO) and returns its value (shown only here).
-async fn create_consumer_key(admin: &mut Admin, req: pb::CreateConsumerKeyRequest) -> String {
-    let name = req.name.clone();
-    let value = admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            generation_method: pb::GenerationMethod::Auto as i32,
-            ..req
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateConsumerKey {name}: {e}"))
-        .into_inner()
-        .value;
-    assert!(
-        !value.is_empty(),
-        "CreateConsumerKey {name} returned no value"
-    );
-    value
-}
 
 fn bound_key(name: &str) -> pb::CreateConsumerKeyRequest {
     pb::CreateConsumerKeyRequest {
@@ -188,26 +141,6 @@ fn bound_key(name: &str) -> pb::CreateConsumerKeyRequest {
         consumer: "billing-app".into(),
         ..Default::default()
     }
-}
-
-async fn disable_consumer_key(admin: &mut Admin, name: &str) {
-    admin
-        .disable_consumer_key(pb::DisableConsumerKeyRequest {
-            selector: Some(pb::disable_consumer_key_request::Selector::Name(
-                name.into(),
-            )),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("DisableConsumerKey {name}: {e}"));
-}
-
-async fn disable_model_key(admin: &mut Admin, name: &str) {
-    admin
-        .disable_model_key(pb::DisableModelKeyRequest {
-            selector: Some(pb::disable_model_key_request::Selector::Name(name.into())),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("DisableModelKey {name}: {e}"));
 }
 
 /// The three model services of the routes in envoy.yaml, one model key each, the consumer
@@ -230,11 +163,6 @@ async fn provision(admin: &mut Admin) -> String {
         .unwrap();
     create_consumer_key(admin, bound_key("billing-prod")).await
 }
-
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
-
 /// The (header, value) a vendor route must deliver upstream, and the credential headers that
 /// must be absent there.
 fn vendor_expectation(service: &str) -> (&'static str, String) {

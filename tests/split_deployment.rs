@@ -25,6 +25,10 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
+use common::admin::{
+    bearer, create_bound_key, create_consumer, create_model_key, create_service,
+    disable_consumer_key,
+};
 use common::envoy::{Envoy, HttpResponse, Upstream, free_port, http_get};
 use common::split::{
     AUTHZ_SERVICE, ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, Verdict,
@@ -44,73 +48,6 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // Admin API helpers.
-
-async fn create_service(admin: &mut Admin, name: &str, header: &str, template: &str) {
-    admin
-        .create_model_service(pb::CreateModelServiceRequest {
-            name: name.into(),
-            provider: name.into(),
-            auth_header: header.into(),
-            auth_value_template: template.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
-}
-
-async fn create_model_key(admin: &mut Admin, name: &str, value: &str, service: &str) {
-    admin
-        .create_model_key(pb::CreateModelKeyRequest {
-            name: name.into(),
-            generation_method: pb::GenerationMethod::Custom as i32,
-            value: value.into(),
-            model_services: vec![service.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateModelKey {name}: {e}"));
-}
-
-async fn create_consumer(admin: &mut Admin, name: &str) {
-    admin
-        .create_consumer(pb::CreateConsumerRequest {
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateConsumer {name}: {e}"));
-}
-
-/// A consumer key (AUTO) bound to `consumer`; returns its value (shown only here).
-async fn create_bound_key(admin: &mut Admin, name: &str, consumer: &str) -> String {
-    let value = admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            name: name.into(),
-            generation_method: pb::GenerationMethod::Auto as i32,
-            consumer: consumer.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateConsumerKey {name}: {e}"))
-        .into_inner()
-        .value;
-    assert!(
-        !value.is_empty(),
-        "CreateConsumerKey {name} returned no value"
-    );
-    value
-}
-
-async fn disable_consumer_key(admin: &mut Admin, name: &str) {
-    admin
-        .disable_consumer_key(pb::DisableConsumerKeyRequest {
-            selector: Some(pb::disable_consumer_key_request::Selector::Name(
-                name.into(),
-            )),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("DisableConsumerKey {name}: {e}"));
-}
 
 /// Waits (bounded) until the control plane's snapshot includes its last commit (the newest
 /// audit event's revision); returns that snapshot version.
@@ -156,11 +93,6 @@ async fn provision(admin: &mut Admin) -> String {
     create_consumer(admin, "billing-app").await;
     create_bound_key(admin, "billing-prod", "billing-app").await
 }
-
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
-
 // ---------------------------------------------------------------------------------------------
 // Assertions on decisions.
 

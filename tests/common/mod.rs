@@ -3,6 +3,7 @@
 //! (Envoy, grpcurl) that `./scripts/test` installs.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod envoy;
 pub mod split;
 

@@ -1,0 +1,98 @@
+//! Admin API shorthands the suites share: each call panics with the RPC's name on failure.
+
+use keygate::proto::admin::v1 as pb;
+
+use super::Admin;
+
+pub async fn create_service(admin: &mut Admin, name: &str, header: &str, template: &str) {
+    admin
+        .create_model_service(pb::CreateModelServiceRequest {
+            name: name.into(),
+            provider: name.into(),
+            auth_header: header.into(),
+            auth_value_template: template.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
+}
+
+/// A CUSTOM model key bound to `service`.
+pub async fn create_model_key(admin: &mut Admin, name: &str, value: &str, service: &str) {
+    admin
+        .create_model_key(pb::CreateModelKeyRequest {
+            name: name.into(),
+            generation_method: pb::GenerationMethod::Custom as i32,
+            value: value.into(),
+            model_services: vec![service.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateModelKey {name}: {e}"));
+}
+
+pub async fn create_consumer(admin: &mut Admin, name: &str) {
+    admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateConsumer {name}: {e}"));
+}
+
+/// Creates a consumer key (AUTO) and returns its value (shown only here).
+pub async fn create_consumer_key(admin: &mut Admin, req: pb::CreateConsumerKeyRequest) -> String {
+    let name = req.name.clone();
+    let value = admin
+        .create_consumer_key(pb::CreateConsumerKeyRequest {
+            generation_method: pb::GenerationMethod::Auto as i32,
+            ..req
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateConsumerKey {name}: {e}"))
+        .into_inner()
+        .value;
+    assert!(
+        !value.is_empty(),
+        "CreateConsumerKey {name} returned no value"
+    );
+    value
+}
+
+/// A consumer key (AUTO) bound to `consumer`; returns its value.
+pub async fn create_bound_key(admin: &mut Admin, name: &str, consumer: &str) -> String {
+    create_consumer_key(
+        admin,
+        pb::CreateConsumerKeyRequest {
+            name: name.into(),
+            consumer: consumer.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn disable_consumer_key(admin: &mut Admin, name: &str) {
+    admin
+        .disable_consumer_key(pb::DisableConsumerKeyRequest {
+            selector: Some(pb::disable_consumer_key_request::Selector::Name(
+                name.into(),
+            )),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DisableConsumerKey {name}: {e}"));
+}
+
+pub async fn disable_model_key(admin: &mut Admin, name: &str) {
+    admin
+        .disable_model_key(pb::DisableModelKeyRequest {
+            selector: Some(pb::disable_model_key_request::Selector::Name(name.into())),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DisableModelKey {name}: {e}"));
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
