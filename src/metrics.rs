@@ -3,7 +3,6 @@
 //! Names and labels are the contract operators build dashboards on (SPEC §6).
 //! The hot path only touches pre-resolved handles: no lock, allocation or label formatting.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
 
@@ -305,9 +304,4 @@ pub async fn serve(
     {
         tracing::error!(error = %e, "metrics listener failed");
     }
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

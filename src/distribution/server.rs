@@ -19,7 +19,8 @@ use crate::proto::snapshot::v1::snapshot_distribution_server::{
 use crate::snapshot::{SnapshotCell, Update};
 
 /// An applied update as the builder published it: `base_version` is the version it applied
-/// on top of (`None` for a first or full build).
+/// on top of (`None` for a first or full build). A full update is only a marker (store and
+/// version): subscribers are sent the published snapshot itself.
 #[derive(Clone, Debug)]
 pub struct Published {
     pub base_version: Option<i64>,
@@ -249,13 +250,12 @@ impl SnapshotDistribution for DistributionService {
                     }],
                     p = rx.recv() => match p {
                         Ok(p) if p.update.store_id == store && p.update.version <= sent => continue,
-                        Ok(p) if p.update.full || p.base_version == Some(sent) && p.update.store_id == store => {
+                        Ok(p) if !p.update.full && p.base_version == Some(sent) && p.update.store_id == store => {
                             sent = p.update.version;
-                            store = p.update.store_id.clone();
                             wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
                         }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // A gap: resend everything.
+                            // A full rebuild, or a gap: send the published snapshot.
                             let Some(s) = this.cell.load() else { continue };
                             sent = s.version;
                             store = s.store_id.clone();

@@ -239,11 +239,22 @@ impl SnapshotBuilder {
         };
         let keys = self.keys.clone();
         let base = current.clone();
-        let shared = Arc::new(update);
-        let for_apply = shared.clone();
+        // What distribution needs: an incremental update as is (small); for a full one only
+        // the marker, since subscribers are sent the published snapshot itself (no copy of
+        // millions of keys here).
+        let shared = Arc::new(if update.full {
+            Update {
+                store_id: update.store_id.clone(),
+                version: update.version,
+                full: true,
+                ..Default::default()
+            }
+        } else {
+            update.clone()
+        });
         let snap = tokio::task::spawn_blocking(move || match base {
-            Some(b) => b.apply((*for_apply).clone(), &keys),
-            None => Snapshot::from_full((*for_apply).clone(), &keys),
+            Some(b) => b.apply(update, &keys),
+            None => Snapshot::from_full(update, &keys),
         })
         .await
         .expect("applying an update does not panic")?;
@@ -275,7 +286,9 @@ impl SnapshotBuilder {
         let mut commits = self.store.subscribe_commits();
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        // The first prune one period after start: nothing to do at start-up.
+        let mut prune =
+            tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_EVERY, PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {

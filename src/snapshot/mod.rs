@@ -313,8 +313,4 @@ impl SnapshotCell {
             .wait_for(|v| *v >= version && self.inner.load().is_some())
             .await;
     }
-
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
-        self.version.subscribe()
-    }
 }

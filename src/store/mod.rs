@@ -103,8 +103,6 @@ pub struct StoreContents {
     pub model_services: Vec<ModelService>,
     /// Model keys with their ciphertext (decrypted by the snapshot builder).
     pub model_keys: Vec<(ModelKey, Vec<u8>)>,
-    /// Consumer keys with a value (keys without one are never served).
-    pub consumer_key_count: u64,
 }
 
 /// A consumer key as the data plane needs it: no description, mask or times.
@@ -2191,14 +2189,6 @@ impl Store {
         Ok(())
     }
 
-    /// How many model keys exist (status and metrics).
-    pub async fn model_key_count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_keys")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
-    }
-
     /// Forgets change records older than `keep` revisions (snapshots further behind reload).
     pub async fn prune_changes(&self, keep: i64) -> Result<u64> {
         let revision = self.revision().await?;
@@ -2260,7 +2250,6 @@ impl Store {
 
         let (model_services, model_keys) = load_services(&mut tx).await?;
 
-        let mut consumer_key_count = 0u64;
         {
             use futures::TryStreamExt;
             let sql = format!("SELECT {KEY_ROW_COLUMNS} FROM consumer_keys k");
@@ -2272,7 +2261,6 @@ impl Store {
                     r.try_get("scope_mode")?,
                 );
                 if let Some(k) = key_row(&r, scope)? {
-                    consumer_key_count += 1;
                     on_key(k).map_err(StoreError::Corrupt)?;
                 }
             }
@@ -2284,7 +2272,6 @@ impl Store {
             consumers,
             model_services,
             model_keys,
-            consumer_key_count,
         })
     }
 }
