@@ -197,8 +197,26 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: std::time::Duration,
 
+    /// Root of the `file` secret provider (Kubernetes-mounted secrets or Vault Agent output:
+    /// <dir>/<name>, or <dir>/<name>/<version>). Without it, only the `env` provider exists.
+    #[arg(long, env = "KEYGATE_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+
+    /// How long a resolved secret is used before it is read again (refreshed in the
+    /// background shortly before it expires), e.g. 5m or 30s.
+    #[arg(long, env = "KEYGATE_SECRET_TTL", default_value = "5m", value_parser = parse_secret_ttl)]
+    pub secret_ttl: std::time::Duration,
+
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+}
+
+fn parse_secret_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("{s:?}: the secret TTL must be at least 100ms"));
+    }
+    Ok(d)
 }
 
 /// `keygate serve`: the control plane and an ext_authz data plane in one process.
@@ -300,16 +318,11 @@ pub struct DataPlaneArgs {
 }
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 10s, 500ms, 1m"))?;
-    Ok(match unit {
-        "ms" => std::time::Duration::from_millis(n),
-        "s" | "" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    })
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (expected e.g. 500ms, 10s, 5m, 1h)"))
 }
 
 impl DataPlaneArgs {

@@ -407,8 +407,10 @@ pub async fn start_control_plane(
 
     let cell = SnapshotCell::new();
     let (updates_tx, _) = tokio::sync::broadcast::channel(1024);
-    let builder =
-        SnapshotBuilder::new(store.clone(), cell.clone()).with_updates(updates_tx.clone());
+    let secrets = crate::secret::Secrets::builtin(args.secrets_dir.clone(), args.secret_ttl);
+    let builder = SnapshotBuilder::new(store.clone(), cell.clone())
+        .with_updates(updates_tx.clone())
+        .with_secrets(secrets.clone());
     builder.refresh().await.map_err(StartError::Snapshot)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -435,6 +437,11 @@ pub async fn start_control_plane(
     let distribution_addr = dist_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     tasks.push(tokio::spawn(builder.run(stopped())));
+    tasks.push(tokio::spawn(crate::secret::run_refresh(
+        store.clone(),
+        secrets.clone(),
+        stopped(),
+    )));
     if store.backend() == crate::store::Backend::Postgres {
         tasks.push(tokio::spawn(store.clone().listen_for_changes(stopped())));
     }
@@ -495,7 +502,7 @@ pub async fn start_control_plane(
         crate::proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ])?;
-    let admin = AdminService::new(store.clone(), cell.clone());
+    let admin = AdminService::new(store.clone(), cell.clone(), secrets);
     let auth = AdminAuth::new(token, &keys);
     let mut router = grpc_server(&tls)?
         .add_service(admin_health_svc)

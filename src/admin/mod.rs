@@ -12,7 +12,8 @@ use crate::domain::input::{
     ConsumerKeyPatch, ConsumerPatch, KeySource, ModelKeyPatch, ModelServicePatch, NewConsumer,
     NewConsumerKey, NewModelKey, NewModelService,
 };
-use crate::domain::{KeyStatus, Selector, Timestamp};
+use crate::domain::{KeyStatus, SecretRef, Selector, Timestamp};
+use crate::secret::Secrets;
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::key_admin_server::{KeyAdmin, KeyAdminServer};
 use crate::snapshot::SnapshotCell;
@@ -71,11 +72,105 @@ impl AdminAuth {
 pub struct AdminService {
     store: Store,
     snapshots: SnapshotCell,
+    secrets: Secrets,
 }
 
 impl AdminService {
-    pub fn new(store: Store, snapshots: SnapshotCell) -> Self {
-        AdminService { store, snapshots }
+    pub fn new(store: Store, snapshots: SnapshotCell, secrets: Secrets) -> Self {
+        AdminService {
+            store,
+            snapshots,
+            secrets,
+        }
+    }
+
+    /// Reads a reference before anything is committed: a malformed one is
+    /// `INVALID_ARGUMENT`, one that does not resolve `FAILED_PRECONDITION` naming provider,
+    /// name and version. The value is cached (and the status shown) from here on.
+    async fn resolve(&self, field: &str, r: &SecretRef) -> Result<Secret, Status> {
+        match self.secrets.fetch(r).await {
+            Ok(v) => {
+                self.secrets.record_success(r, &v);
+                Ok(v)
+            }
+            Err(e) => Err(rule_status(e.to_rule(field, r))),
+        }
+    }
+
+    fn consumer_key_out(&self, k: crate::domain::ConsumerKey, now: Timestamp) -> pb::ConsumerKey {
+        let status = self.secret_status(&k.secret_ref);
+        pb::ConsumerKey {
+            secret_status: status,
+            ..consumer_key_out(k, now)
+        }
+    }
+
+    fn model_key_out(&self, k: crate::domain::ModelKey) -> pb::ModelKey {
+        let status = self.secret_status(&k.secret_ref);
+        pb::ModelKey {
+            secret_status: status,
+            ..model_key_out(k)
+        }
+    }
+
+    /// This control plane's view of a reference: the last successful resolution and the last
+    /// error (empty when the last attempt succeeded).
+    fn secret_status(&self, r: &Option<SecretRef>) -> Option<pb::SecretStatus> {
+        let r = r.as_ref()?;
+        Some(match self.secrets.status(r) {
+            Some(s) => pb::SecretStatus {
+                last_refresh_time: s.last_refresh_time.map(ts_out),
+                last_error: s.last_error,
+            },
+            None => pb::SecretStatus {
+                last_refresh_time: None,
+                last_error: "not resolved by this control plane yet".into(),
+            },
+        })
+    }
+
+    /// A SECRET_REF source with its value resolved (other sources unchanged).
+    async fn resolve_source(&self, source: KeySource) -> Result<KeySource, Status> {
+        match source {
+            KeySource::SecretRef(r, None) => {
+                let v = self.resolve("secret_ref", &r).await?;
+                Ok(KeySource::SecretRef(r, Some(v)))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The new reference of an update, resolved; the key must be a SECRET_REF key.
+    async fn resolve_update_ref(
+        &self,
+        field: &str,
+        method: crate::domain::GenerationMethod,
+        r: Option<pb::SecretRef>,
+    ) -> Result<(SecretRef, Secret), Status> {
+        if method != crate::domain::GenerationMethod::SecretRef {
+            return Err(invalid(
+                field,
+                "only a SECRET_REF key has a reference to change; any other key's value is never editable (create a new key to rotate)",
+            ));
+        }
+        let r = r.unwrap_or_default();
+        let r = SecretRef {
+            provider: r.provider,
+            name: r.name,
+            version: r.version,
+        };
+        let mut missing = Vec::new();
+        if r.provider.is_empty() {
+            missing.push((format!("{field}.provider"), "is required"));
+        }
+        if r.name.is_empty() {
+            missing.push((format!("{field}.name"), "is required"));
+        }
+        if let Some((f, why)) = missing.first() {
+            return Err(invalid(f, *why));
+        }
+        let v = self.resolve(field, &r).await?;
+        Ok((r, v))
     }
 
     /// The gRPC service with the admin-token interceptor in front.
@@ -135,7 +230,6 @@ const CONSUMER_KEY_ELSEWHERE: &[(&str, &str)] = &[
         "generation_method",
         "a key's value is never editable: create a new key to rotate",
     ),
-    ("secret_ref", "SECRET_REF keys are not available yet"),
     ("secret_status", OUTPUT_ONLY),
     ("status", "use EnableConsumerKey / DisableConsumerKey"),
     ("consumer", "use BindConsumerKey / UnbindConsumerKey"),
@@ -154,7 +248,6 @@ const MODEL_KEY_ELSEWHERE: &[(&str, &str)] = &[
         "generation_method",
         "a key's value is never editable: create a new key to rotate",
     ),
-    ("secret_ref", "SECRET_REF keys are not available yet"),
     ("secret_status", OUTPUT_ONLY),
     ("status", "use EnableModelKey / DisableModelKey"),
     ("model_services", "use BindModelKey / UnbindModelKey"),
@@ -376,7 +469,7 @@ impl KeyAdmin for AdminService {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let source = key_source(r.generation_method, r.value, r.secret_ref, true)?;
-        let new = NewConsumerKey {
+        let mut new = NewConsumerKey {
             name: r.name,
             description: r.description,
             source,
@@ -389,13 +482,17 @@ impl KeyAdmin for AdminService {
                 .map(|t| ts_in("expire_time", t))
                 .transpose()?,
         };
+        // Every other rule first: a reference is only read for a request that is otherwise good.
+        new.validate(self.store.limits(), Timestamp::now())
+            .map_err(rule_status)?;
+        new.source = self.resolve_source(new.source).await?;
         let created = self
             .store
             .create_consumer_key(&actor, new)
             .await
             .map_err(status)?;
         ok(pb::CreateConsumerKeyResponse {
-            key: Some(consumer_key_out(created.key, Timestamp::now())),
+            key: Some(self.consumer_key_out(created.key, Timestamp::now())),
             value: created
                 .value
                 .map(|v| v.expose().to_string())
@@ -408,7 +505,7 @@ impl KeyAdmin for AdminService {
         req: Request<pb::GetConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(consumer_key_out(
+        ok(self.consumer_key_out(
             self.store.get_consumer_key(&sel).await.map_err(status)?,
             Timestamp::now(),
         ))
@@ -433,7 +530,7 @@ impl KeyAdmin for AdminService {
             items: p
                 .items
                 .into_iter()
-                .map(|k| consumer_key_out(k, now))
+                .map(|k| self.consumer_key_out(k, now))
                 .collect(),
             next_page_token: page_token(p.next),
         })
@@ -465,9 +562,24 @@ impl KeyAdmin for AdminService {
                 "scope",
                 "ip_allowlist",
                 "expire_time",
+                "secret_ref",
             ],
             CONSUMER_KEY_ELSEWHERE,
         )?;
+        let secret_ref = if mask.has("secret_ref") {
+            let method = self
+                .store
+                .get_consumer_key(&sel)
+                .await
+                .map_err(status)?
+                .generation_method;
+            Some(
+                self.resolve_update_ref("consumer_key.secret_ref", method, k.secret_ref.clone())
+                    .await?,
+            )
+        } else {
+            None
+        };
         let patch = ConsumerKeyPatch {
             name: mask.has("name").then(|| k.name.clone()),
             description: mask.has("description").then(|| k.description.clone()),
@@ -487,8 +599,9 @@ impl KeyAdmin for AdminService {
             } else {
                 None
             },
+            secret_ref,
         };
-        ok(consumer_key_out(
+        ok(self.consumer_key_out(
             self.store
                 .update_consumer_key(&actor, &sel, patch)
                 .await
@@ -508,7 +621,7 @@ impl KeyAdmin for AdminService {
             .set_consumer_key_status(&actor, &sel, KeyStatus::Enabled)
             .await
             .map_err(status)?;
-        ok(consumer_key_out(k, Timestamp::now()))
+        ok(self.consumer_key_out(k, Timestamp::now()))
     }
 
     async fn disable_consumer_key(
@@ -522,7 +635,7 @@ impl KeyAdmin for AdminService {
             .set_consumer_key_status(&actor, &sel, KeyStatus::Disabled)
             .await
             .map_err(status)?;
-        ok(consumer_key_out(k, Timestamp::now()))
+        ok(self.consumer_key_out(k, Timestamp::now()))
     }
 
     async fn bind_consumer_key(
@@ -538,7 +651,7 @@ impl KeyAdmin for AdminService {
             .bind_consumer_key(&actor, &key, &consumer)
             .await
             .map_err(status)?;
-        ok(consumer_key_out(k, Timestamp::now()))
+        ok(self.consumer_key_out(k, Timestamp::now()))
     }
 
     async fn unbind_consumer_key(
@@ -552,7 +665,7 @@ impl KeyAdmin for AdminService {
             .unbind_consumer_key(&actor, &key)
             .await
             .map_err(status)?;
-        ok(consumer_key_out(k, Timestamp::now()))
+        ok(self.consumer_key_out(k, Timestamp::now()))
     }
 
     async fn delete_consumer_key(
@@ -574,13 +687,15 @@ impl KeyAdmin for AdminService {
         let actor = actor(&req)?;
         let r = req.into_inner();
         let source = key_source(r.generation_method, r.value, r.secret_ref, false)?;
-        let new = NewModelKey {
+        let mut new = NewModelKey {
             name: r.name,
             description: r.description,
             source,
             model_services: r.model_services,
         };
-        ok(model_key_out(
+        new.validate().map_err(rule_status)?;
+        new.source = self.resolve_source(new.source).await?;
+        ok(self.model_key_out(
             self.store
                 .create_model_key(&actor, new)
                 .await
@@ -590,7 +705,7 @@ impl KeyAdmin for AdminService {
 
     async fn get_model_key(&self, req: Request<pb::GetModelKeyRequest>) -> R<pb::ModelKey> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store.get_model_key(&sel).await.map_err(status)?,
         ))
     }
@@ -610,7 +725,7 @@ impl KeyAdmin for AdminService {
             .await
             .map_err(status)?;
         ok(pb::ListModelKeysResponse {
-            items: p.items.into_iter().map(model_key_out).collect(),
+            items: p.items.into_iter().map(|k| self.model_key_out(k)).collect(),
             next_page_token: page_token(p.next),
         })
     }
@@ -629,14 +744,29 @@ impl KeyAdmin for AdminService {
                 ("model_services", !k.model_services.is_empty()),
                 ("secret_ref", k.secret_ref.is_some()),
             ],
-            &["name", "description"],
+            &["name", "description", "secret_ref"],
             MODEL_KEY_ELSEWHERE,
         )?;
+        let secret_ref = if mask.has("secret_ref") {
+            let method = self
+                .store
+                .get_model_key(&sel)
+                .await
+                .map_err(status)?
+                .generation_method;
+            Some(
+                self.resolve_update_ref("model_key.secret_ref", method, k.secret_ref.clone())
+                    .await?,
+            )
+        } else {
+            None
+        };
         let patch = ModelKeyPatch {
             name: mask.has("name").then(|| k.name.clone()),
             description: mask.has("description").then(|| k.description.clone()),
+            secret_ref,
         };
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store
                 .update_model_key(&actor, &sel, patch)
                 .await
@@ -647,7 +777,7 @@ impl KeyAdmin for AdminService {
     async fn enable_model_key(&self, req: Request<pb::EnableModelKeyRequest>) -> R<pb::ModelKey> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store
                 .set_model_key_status(&actor, &sel, KeyStatus::Enabled)
                 .await
@@ -658,7 +788,7 @@ impl KeyAdmin for AdminService {
     async fn disable_model_key(&self, req: Request<pb::DisableModelKeyRequest>) -> R<pb::ModelKey> {
         let actor = actor(&req)?;
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store
                 .set_model_key_status(&actor, &sel, KeyStatus::Disabled)
                 .await
@@ -671,7 +801,7 @@ impl KeyAdmin for AdminService {
         let r = req.into_inner();
         let key = reference("key", &r.key)?;
         let service = reference("model_service", &r.model_service)?;
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store
                 .bind_model_key(&actor, &key, &service)
                 .await
@@ -684,7 +814,7 @@ impl KeyAdmin for AdminService {
         let r = req.into_inner();
         let key = reference("key", &r.key)?;
         let service = reference("model_service", &r.model_service)?;
-        ok(model_key_out(
+        ok(self.model_key_out(
             self.store
                 .unbind_model_key(&actor, &key, &service)
                 .await
@@ -853,11 +983,14 @@ fn key_source(
                     "is required with generation_method SECRET_REF",
                 )
             })?;
-            Ok(KeySource::SecretRef(crate::domain::SecretRef {
-                provider: r.provider,
-                name: r.name,
-                version: r.version,
-            }))
+            Ok(KeySource::SecretRef(
+                crate::domain::SecretRef {
+                    provider: r.provider,
+                    name: r.name,
+                    version: r.version,
+                },
+                None,
+            ))
         }
         M::Unspecified => unreachable!("resolved above"),
     }

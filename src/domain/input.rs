@@ -50,7 +50,9 @@ pub struct ModelServicePatch {
 pub enum KeySource {
     Auto,
     Custom(Secret),
-    SecretRef(SecretRef),
+    /// The reference, and its value once the caller has resolved it (the store refuses to
+    /// commit an unresolved reference: keygate never serves a key it could not resolve).
+    SecretRef(SecretRef, Option<Secret>),
 }
 
 impl KeySource {
@@ -58,7 +60,7 @@ impl KeySource {
         match self {
             KeySource::Auto => GenerationMethod::Auto,
             KeySource::Custom(_) => GenerationMethod::Custom,
-            KeySource::SecretRef(_) => GenerationMethod::SecretRef,
+            KeySource::SecretRef(..) => GenerationMethod::SecretRef,
         }
     }
 }
@@ -83,6 +85,8 @@ pub struct ConsumerKeyPatch {
     pub ip_allowlist: Option<Vec<String>>,
     /// `Some(None)` clears the expiry.
     pub expire_time: Option<Option<Timestamp>>,
+    /// A SECRET_REF key pointed at another reference, with its resolved value.
+    pub secret_ref: Option<(SecretRef, Secret)>,
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +102,8 @@ pub struct NewModelKey {
 pub struct ModelKeyPatch {
     pub name: Option<String>,
     pub description: Option<String>,
+    /// A SECRET_REF key pointed at another reference, with its resolved value.
+    pub secret_ref: Option<(SecretRef, Secret)>,
 }
 
 /// Collects every violation, so one answer names all broken fields.
@@ -164,7 +170,7 @@ fn check_source(v: &mut Violations, source: &KeySource) {
     match source {
         KeySource::Auto => {}
         KeySource::Custom(value) => v.check(validate::key_value("value", value.expose())),
-        KeySource::SecretRef(r) => {
+        KeySource::SecretRef(r, _) => {
             if r.provider.is_empty() {
                 v.0.push(FieldViolation::new("secret_ref.provider", "is required"));
             }

@@ -200,7 +200,7 @@ pub enum ScopeInput {
 }
 
 /// A reference to a value in an external secret store (never the value).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SecretRef {
     pub provider: String,
     pub name: String,

@@ -3,6 +3,7 @@
 //! and on a periodic check, which also picks up other replicas' commits. Each step reads
 //! only what changed since the snapshot's revision and applies it as an `Update`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use super::{
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
-use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Scope};
+use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Scope, SecretRef};
+use crate::secret::Secrets;
 use crate::store::{Changes, Increment, KeyRow, Store, StoreError};
 
 /// Change records kept (revisions); a replica further behind than this reloads fully.
@@ -78,6 +80,46 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
     })
 }
 
+/// Resolves every enabled SECRET_REF model key afresh (each reference read once) and seals
+/// its value like a stored model key's, so distribution and data planes cannot tell the two
+/// apart. A reference that fails keeps its last good value; one that never resolved in this
+/// process leaves its key out (keygate never serves a key it could not resolve).
+async fn resolve_secret_keys(
+    keys: &mut [(ModelKey, Vec<u8>)],
+    secrets: Option<&Secrets>,
+    store_keys: &Keys,
+) {
+    let mut values: HashMap<SecretRef, Option<crate::crypto::Secret>> = HashMap::new();
+    for (k, ct) in keys.iter_mut() {
+        let Some(r) = &k.secret_ref else { continue };
+        if k.status != KeyStatus::Enabled || k.model_services.is_empty() {
+            continue;
+        }
+        let value = match values.get(r) {
+            Some(v) => v.clone(),
+            None => {
+                let v = match secrets {
+                    Some(s) => s.resolve_for_snapshot(r).await,
+                    None => None,
+                };
+                values.insert(r.clone(), v.clone());
+                v
+            }
+        };
+        match value {
+            Some(v) => *ct = store_keys.cipher.encrypt(&k.id, &v),
+            None => {
+                ct.clear();
+                tracing::error!(
+                    model_key = %k.name,
+                    reference = %crate::secret::describe(r),
+                    "model key left out of the snapshot: its secret has never resolved here"
+                );
+            }
+        }
+    }
+}
+
 fn service_records(
     services: &[ModelService],
     keys: &[(ModelKey, Vec<u8>)],
@@ -91,7 +133,7 @@ fn service_records(
                 .model_keys
                 .iter()
                 .filter_map(|n| by_id.get(n.id.as_str()))
-                .filter(|(k, _)| k.status == KeyStatus::Enabled)
+                .filter(|(k, ct)| k.status == KeyStatus::Enabled && !ct.is_empty())
                 .map(|(k, ct)| {
                     Ok(ModelKeyRecord {
                         id: uuid(&k.id)?,
@@ -112,7 +154,10 @@ fn service_records(
 }
 
 /// A full update from everything in the store (keys streamed straight into entries).
-pub async fn load_full_update(store: &Store) -> Result<Update, BuildError> {
+pub async fn load_full_update(
+    store: &Store,
+    secrets: Option<&Secrets>,
+) -> Result<Update, BuildError> {
     let mut keys = Vec::new();
     let mut bad: Option<BuildError> = None;
     let contents = store
@@ -131,7 +176,8 @@ pub async fn load_full_update(store: &Store) -> Result<Update, BuildError> {
     if let Some(e) = bad {
         return Err(e);
     }
-    let c = contents?;
+    let mut c = contents?;
+    resolve_secret_keys(&mut c.model_keys, secrets, store.keys()).await;
     Ok(Update {
         store_id: c.store_id.clone(),
         version: c.revision,
@@ -150,7 +196,15 @@ pub async fn load_full_update(store: &Store) -> Result<Update, BuildError> {
 }
 
 /// The update for an incremental change set.
-fn increment_to_update(i: Increment, model_key_count: u64) -> Result<Update, BuildError> {
+async fn increment_to_update(
+    mut i: Increment,
+    model_key_count: u64,
+    secrets: Option<&Secrets>,
+    keys: &Keys,
+) -> Result<Update, BuildError> {
+    if let Some((_, model_keys)) = &mut i.services {
+        resolve_secret_keys(model_keys, secrets, keys).await;
+    }
     Ok(Update {
         store_id: i.store_id.clone(),
         version: i.revision,
@@ -188,6 +242,8 @@ pub struct SnapshotBuilder {
     store: Store,
     cell: SnapshotCell,
     keys: Keys,
+    /// Resolves SECRET_REF model keys (none: such keys are left out).
+    secrets: Option<Secrets>,
     poll_interval: Duration,
     /// Applied updates are also sent here (distribution to data planes).
     updates: Option<tokio::sync::broadcast::Sender<crate::distribution::Published>>,
@@ -200,9 +256,16 @@ impl SnapshotBuilder {
             store,
             cell,
             keys,
+            secrets: None,
             poll_interval: Duration::from_secs(1),
             updates: None,
         }
+    }
+
+    /// Resolve SECRET_REF model keys through `secrets`.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// Also publish every applied update on `tx`.
@@ -232,10 +295,12 @@ impl SnapshotBuilder {
                 if let Some(s) = current {
                     return Ok(s);
                 }
-                load_full_update(&self.store).await?
+                load_full_update(&self.store, self.secrets.as_ref()).await?
             }
-            Changes::Full => load_full_update(&self.store).await?,
-            Changes::Incremental(i) => increment_to_update(i, model_keys)?,
+            Changes::Full => load_full_update(&self.store, self.secrets.as_ref()).await?,
+            Changes::Incremental(i) => {
+                increment_to_update(i, model_keys, self.secrets.as_ref(), &self.keys).await?
+            }
         };
         let keys = self.keys.clone();
         let base = current.clone();

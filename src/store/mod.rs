@@ -146,6 +146,20 @@ fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
     }))
 }
 
+/// The audit actor of changes the background secret refresh makes.
+pub const SECRET_REFRESH_ACTOR: &str = "keygate:secret-refresh";
+
+/// A SECRET_REF key as the background refresh sees it.
+#[derive(Clone, Debug)]
+pub struct SecretKey {
+    pub kind: ResourceKind,
+    pub id: String,
+    pub name: String,
+    pub reference: SecretRef,
+    /// A consumer key's stored HMAC (of the value last resolved).
+    pub key_hash: Option<KeyHash>,
+}
+
 /// The result of creating a consumer key: the record and the one-time value.
 #[derive(Debug)]
 pub struct CreatedConsumerKey {
@@ -1049,15 +1063,10 @@ impl Store {
         req: NewConsumerKey,
     ) -> Result<CreatedConsumerKey> {
         let allowlist = req.validate(&self.limits, Timestamp::now())?;
-        let value = match &req.source {
-            KeySource::Auto => crypto::generate_consumer_key(),
-            KeySource::Custom(v) => v.clone(),
-            KeySource::SecretRef(_) => {
-                return Err(RuleError::Unimplemented(
-                    "generation_method SECRET_REF is not available yet; use AUTO or CUSTOM".into(),
-                )
-                .into());
-            }
+        let (value, reference) = match &req.source {
+            KeySource::Auto => (crypto::generate_consumer_key(), None),
+            KeySource::Custom(v) => (v.clone(), None),
+            KeySource::SecretRef(r, v) => (resolved(r, v)?, Some(r)),
         };
         let hash = self.keys.hasher.hash(value.expose().as_bytes());
         let mut m = self.begin(actor).await?;
@@ -1070,10 +1079,16 @@ impl Store {
                 .await?;
         if dup.is_some() {
             // Never say which key holds the value: that would confirm a guessed key.
-            return Err(RuleError::invalid(
-                "value",
-                "this value is already in use by another consumer key; choose another",
-            )
+            return Err(match reference {
+                None => RuleError::invalid(
+                    "value",
+                    "this value is already in use by another consumer key; choose another",
+                ),
+                Some(r) => RuleError::FailedPrecondition(format!(
+                    "secret_ref ({}) resolves to a value already in use by another consumer key",
+                    crate::secret::describe(r)
+                )),
+            }
             .into());
         }
         let consumer = match &req.consumer {
@@ -1094,8 +1109,9 @@ impl Store {
         let id = new_id();
         sqlx::query(
             "INSERT INTO consumer_keys (id, name, description, status, generation_method, key_hash, masked_value, \
-             consumer_id, scope_mode, ip_allowlist, expire_time, create_time, update_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+             consumer_id, scope_mode, ip_allowlist, expire_time, create_time, update_time, \
+             secret_provider, secret_name, secret_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13, $14, $15)",
         )
         .bind(&id)
         .bind(&req.name)
@@ -1109,11 +1125,23 @@ impl Store {
         .bind(encode_allowlist(&allowlist))
         .bind(req.expire_time.map(|t| t.0))
         .bind(m.now.0)
+        .bind(reference.map(|r| r.provider.clone()))
+        .bind(reference.map(|r| r.name.clone()))
+        .bind(reference.map(|r| r.version.clone()))
         .execute(&mut *m.tx)
         .await?;
         self.write_scope(&mut m.tx, ResourceKind::ConsumerKey, &id, &scope)
             .await?;
-        let mut fields = vec!["name", "description", "generation_method", "value"];
+        let mut fields = vec![
+            "name",
+            "description",
+            "generation_method",
+            if reference.is_some() {
+                "secret_ref"
+            } else {
+                "value"
+            },
+        ];
         if consumer.is_some() {
             fields.push("consumer");
         }
@@ -1138,9 +1166,11 @@ impl Store {
         )
         .await?;
         let key = self.get_consumer_key(&Selector::Id(id)).await?;
+        // Only a value keygate generated is shown: a CUSTOM value came from the operator and
+        // a SECRET_REF value lives in their secret store.
         let shown = match req.source {
-            KeySource::Custom(_) => None,
-            _ => Some(value),
+            KeySource::Auto => Some(value),
+            _ => None,
         };
         Ok(CreatedConsumerKey { key, value: shown })
     }
@@ -1275,6 +1305,10 @@ impl Store {
                 .execute(&mut *m.tx)
                 .await?;
             fields.push("expire_time");
+        }
+        if let Some((r, value)) = &patch.secret_ref {
+            self.point_consumer_key(&mut m, &id, r, value).await?;
+            fields.push("secret_ref");
         }
         sqlx::query("UPDATE consumer_keys SET update_time = $1 WHERE id = $2")
             .bind(m.now.0)
@@ -1514,14 +1548,9 @@ impl Store {
 
     pub async fn create_model_key(&self, actor: &Actor, req: NewModelKey) -> Result<ModelKey> {
         req.validate()?;
-        let value = match &req.source {
-            KeySource::Custom(v) => v.clone(),
-            KeySource::SecretRef(_) => {
-                return Err(RuleError::Unimplemented(
-                    "generation_method SECRET_REF is not available yet; use CUSTOM".into(),
-                )
-                .into());
-            }
+        let (value, reference) = match &req.source {
+            KeySource::Custom(v) => (v.clone(), None),
+            KeySource::SecretRef(r, v) => (resolved(r, v)?, Some(r)),
             KeySource::Auto => unreachable!("validate() refuses AUTO model keys"),
         };
         let mut m = self.begin(actor).await?;
@@ -1542,24 +1571,41 @@ impl Store {
         }
         let id = new_id();
         sqlx::query(
-            "INSERT INTO model_keys (id, name, description, status, generation_method, ciphertext, masked_value, create_time, update_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            "INSERT INTO model_keys (id, name, description, status, generation_method, ciphertext, masked_value, create_time, update_time, \
+             secret_provider, secret_name, secret_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11)",
         )
         .bind(&id)
         .bind(&req.name)
         .bind(&req.description)
         .bind(KeyStatus::Enabled.as_i64())
         .bind(req.source.method().as_i64())
-        .bind(self.keys.cipher.encrypt(&id, &value))
+        // A SECRET_REF key stores its reference, never the value (not even encrypted).
+        .bind(match reference {
+            None => Some(self.keys.cipher.encrypt(&id, &value)),
+            Some(_) => None,
+        })
         .bind(mask(value.expose()))
         .bind(m.now.0)
+        .bind(reference.map(|r| r.provider.clone()))
+        .bind(reference.map(|r| r.name.clone()))
+        .bind(reference.map(|r| r.version.clone()))
         .execute(&mut *m.tx)
         .await?;
         for (sid, _) in &services {
             self.insert_binding(&mut m.tx, &id, sid, m.now).await?;
             m.changed.push((ResourceKind::ModelService, sid.clone()));
         }
-        let mut fields = vec!["name", "description", "generation_method", "value"];
+        let mut fields = vec![
+            "name",
+            "description",
+            "generation_method",
+            if reference.is_some() {
+                "secret_ref"
+            } else {
+                "value"
+            },
+        ];
         if !services.is_empty() {
             fields.push("model_services");
         }
@@ -1679,6 +1725,21 @@ impl Store {
             &mut fields,
         )
         .await?;
+        if let Some((r, value)) = &patch.secret_ref {
+            self.require_secret_ref(&mut m.tx, ResourceKind::ModelKey, &id)
+                .await?;
+            sqlx::query(
+                "UPDATE model_keys SET secret_provider = $1, secret_name = $2, secret_version = $3, masked_value = $4 WHERE id = $5",
+            )
+            .bind(&r.provider)
+            .bind(&r.name)
+            .bind(&r.version)
+            .bind(mask(value.expose()))
+            .bind(&id)
+            .execute(&mut *m.tx)
+            .await?;
+            fields.push("secret_ref");
+        }
         sqlx::query("UPDATE model_keys SET update_time = $1 WHERE id = $2")
             .bind(m.now.0)
             .bind(&id)
@@ -2041,6 +2102,192 @@ impl Store {
             None
         };
         Ok(Page { items, next })
+    }
+
+    // ------------------------------------------------------------------ secret references
+
+    /// Refuses a reference change on a key whose value is not a SECRET_REF: every other key's
+    /// value is fixed for life.
+    async fn require_secret_ref(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        kind: ResourceKind,
+        id: &str,
+    ) -> Result<()> {
+        let method: i64 = sqlx::query_scalar(&format!(
+            "SELECT generation_method FROM {} WHERE id = $1",
+            table_of(kind)
+        ))
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+        if method != GenerationMethod::SecretRef.as_i64() {
+            let field = match kind {
+                ResourceKind::ModelKey => "model_key.secret_ref",
+                _ => "consumer_key.secret_ref",
+            };
+            return Err(RuleError::invalid(
+                field,
+                "only a SECRET_REF key has a reference to change; any other key's value is never editable (create a new key to rotate)",
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Points a SECRET_REF consumer key at `r` (whose value is `value`): the key's HMAC and
+    /// mask follow, and the old HMAC is recorded so data planes drop it.
+    async fn point_consumer_key(
+        &self,
+        m: &mut Mutation,
+        id: &str,
+        r: &SecretRef,
+        value: &Secret,
+    ) -> Result<()> {
+        self.require_secret_ref(&mut m.tx, ResourceKind::ConsumerKey, id)
+            .await?;
+        self.set_consumer_key_value(m, id, r, value).await?;
+        sqlx::query(
+            "UPDATE consumer_keys SET secret_provider = $1, secret_name = $2, secret_version = $3 WHERE id = $4",
+        )
+        .bind(&r.provider)
+        .bind(&r.name)
+        .bind(&r.version)
+        .bind(id)
+        .execute(&mut *m.tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A consumer key's HMAC and mask from a new value; false when the value is the same.
+    async fn set_consumer_key_value(
+        &self,
+        m: &mut Mutation,
+        id: &str,
+        r: &SecretRef,
+        value: &Secret,
+    ) -> Result<bool> {
+        let hash = self.keys.hasher.hash(value.expose().as_bytes());
+        let old: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT key_hash FROM consumer_keys WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *m.tx)
+                .await?;
+        if old.as_deref() == Some(&hash[..]) {
+            return Ok(false);
+        }
+        let dup: Option<String> =
+            sqlx::query_scalar("SELECT id FROM consumer_keys WHERE key_hash = $1 AND id <> $2")
+                .bind(hash.to_vec())
+                .bind(id)
+                .fetch_optional(&mut *m.tx)
+                .await?;
+        if dup.is_some() {
+            return Err(RuleError::FailedPrecondition(format!(
+                "secret_ref ({}) resolves to a value already in use by another consumer key",
+                crate::secret::describe(r)
+            ))
+            .into());
+        }
+        sqlx::query("UPDATE consumer_keys SET key_hash = $1, masked_value = $2 WHERE id = $3")
+            .bind(hash.to_vec())
+            .bind(mask(value.expose()))
+            .bind(id)
+            .execute(&mut *m.tx)
+            .await?;
+        if let Some(h) = old {
+            m.removed_hashes.push(h);
+        }
+        Ok(true)
+    }
+
+    /// Every SECRET_REF key with its reference (what the background refresh reads).
+    pub async fn secret_keys(&self) -> Result<Vec<SecretKey>> {
+        let mut out = Vec::new();
+        for kind in [ResourceKind::ConsumerKey, ResourceKind::ModelKey] {
+            let rows = sqlx::query(&format!(
+                "SELECT id, name, secret_provider, secret_name, secret_version, {} FROM {} \
+                 WHERE generation_method = $1 AND secret_provider IS NOT NULL",
+                if kind == ResourceKind::ConsumerKey {
+                    "key_hash"
+                } else {
+                    "NULL AS key_hash"
+                },
+                table_of(kind)
+            ))
+            .bind(GenerationMethod::SecretRef.as_i64())
+            .fetch_all(&self.pool)
+            .await?;
+            for r in rows {
+                out.push(SecretKey {
+                    kind,
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    reference: secret_ref_of(&r)?
+                        .ok_or_else(|| StoreError::Corrupt("secret reference".into()))?,
+                    key_hash: r
+                        .try_get::<Option<Vec<u8>>, _>("key_hash")
+                        .ok()
+                        .flatten()
+                        .and_then(|h| <KeyHash>::try_from(h.as_slice()).ok()),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The secret behind a SECRET_REF key changed (a background refresh saw a new value):
+    /// a system change, audited and distributed like any other, so every replica and data
+    /// plane takes the new value. Nothing is written when the key no longer uses
+    /// `reference` or (consumer keys) the value is the one already stored. True when a change
+    /// was committed.
+    pub async fn secret_value_changed(
+        &self,
+        kind: ResourceKind,
+        id: &str,
+        reference: &SecretRef,
+        value: &Secret,
+    ) -> Result<bool> {
+        let actor = Actor(SECRET_REFRESH_ACTOR.to_string());
+        let mut m = self.begin(&actor).await?;
+        let row = sqlx::query(&format!(
+            "SELECT name, secret_provider, secret_name, secret_version FROM {} WHERE id = $1",
+            table_of(kind)
+        ))
+        .bind(id)
+        .fetch_optional(&mut *m.tx)
+        .await?;
+        let Some(row) = row else { return Ok(false) };
+        if secret_ref_of(&row)?.as_ref() != Some(reference) {
+            return Ok(false); // re-pointed meanwhile: that change brought its own value
+        }
+        let name: String = row.try_get("name")?;
+        match kind {
+            ResourceKind::ConsumerKey => {
+                if !self.set_consumer_key_value(&mut m, id, reference, value).await? {
+                    return Ok(false);
+                }
+            }
+            ResourceKind::ModelKey => {
+                sqlx::query("UPDATE model_keys SET masked_value = $1 WHERE id = $2")
+                    .bind(mask(value.expose()))
+                    .bind(id)
+                    .execute(&mut *m.tx)
+                    .await?;
+            }
+            _ => return Ok(false),
+        }
+        sqlx::query(&format!(
+            "UPDATE {} SET update_time = $1 WHERE id = $2",
+            table_of(kind)
+        ))
+        .bind(m.now.0)
+        .bind(id)
+        .execute(&mut *m.tx)
+        .await?;
+        self.commit(m, Audit::new("RefreshSecret", kind, id, &name, &["value"]))
+            .await?;
+        Ok(true)
     }
 
     // ------------------------------------------------------------------ snapshot source
@@ -2435,6 +2682,17 @@ fn encode_allowlist(list: &[IpNet]) -> String {
         .map(ip_entry_display)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The value of a SECRET_REF source; the caller must have resolved it first.
+fn resolved(r: &SecretRef, v: &Option<Secret>) -> Result<Secret> {
+    v.clone().ok_or_else(|| {
+        RuleError::FailedPrecondition(format!(
+            "secret_ref ({}) was not resolved before the change",
+            crate::secret::describe(r)
+        ))
+        .into()
+    })
 }
 
 fn secret_ref_of(r: &AnyRow) -> Result<Option<SecretRef>> {

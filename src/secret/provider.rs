@@ -2,7 +2,6 @@
 //! or cloud-KMS provider can be added without touching callers; two built in: `file` (a
 //! directory laid out like Kubernetes-mounted secrets or Vault Agent output) and `env`.
 //! Resolution is blocking file/environment I/O: callers run it off the async runtime.
-//! Not yet wired into the admin API (issue 8): SECRET_REF still answers UNIMPLEMENTED.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +16,7 @@ pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 pub enum SecretError {
     #[error("secret_ref.{field}: {why}")]
     Invalid { field: &'static str, why: String },
-    #[error("secret provider {0:?} is not configured")]
+    #[error("secret provider {0:?} is not configured (built in: \"env\", and \"file\" when keygate runs with --secrets-dir)")]
     UnknownProvider(String),
     #[error("secret {name:?} version {version:?} not found in provider {provider:?}")]
     NotFound {

@@ -1,0 +1,366 @@
+//! Resolved secret values by reference, with the status `Get*Key` shows. The control plane
+//! reads each reference through its provider (off the async runtime), keeps the last good
+//! value when a read fails, and knows when each value is due for its refresh.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::provider::{EnvProvider, FileProvider, SecretError, SecretProvider};
+use crate::crypto::Secret;
+use crate::domain::{RuleError, SecretRef, Timestamp};
+use crate::metrics::METRICS;
+
+/// A reference's resolution state as `Get*Key` shows it (`secret_status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretStatus {
+    /// The last successful resolution.
+    pub last_refresh_time: Option<Timestamp>,
+    /// Why the last attempt failed; empty when it succeeded.
+    pub last_error: String,
+}
+
+struct Entry {
+    /// The last good value (kept when a refresh fails).
+    value: Option<Secret>,
+    /// When the value was last read successfully: the refresh schedule counts from here.
+    fetched: Option<Instant>,
+    /// When the last attempt (good or bad) was made.
+    attempted: Instant,
+    /// A changed value not yet committed to the store: the next success reports a change.
+    unapplied: bool,
+    status: SecretStatus,
+}
+
+struct Inner {
+    providers: Vec<Arc<dyn SecretProvider>>,
+    ttl: Duration,
+    entries: Mutex<HashMap<SecretRef, Entry>>,
+}
+
+/// The control plane's secret resolver and cache. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Secrets {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secrets")
+            .field(
+                "providers",
+                &self
+                    .inner
+                    .providers
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>(),
+            )
+            .field("ttl", &self.inner.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `version` of a reference as providers take it (empty = the latest).
+fn version_of(r: &SecretRef) -> Option<&str> {
+    (!r.version.is_empty()).then_some(r.version.as_str())
+}
+
+/// `provider "file", name "openai-prod", version "2"` (or `latest`): how errors and logs
+/// name a reference. Never a value.
+pub fn describe(r: &SecretRef) -> String {
+    let version = if r.version.is_empty() {
+        "latest".to_string()
+    } else {
+        format!("{:?}", r.version)
+    };
+    format!(
+        "provider {:?}, name {:?}, version {version}",
+        r.provider, r.name
+    )
+}
+
+impl SecretError {
+    /// The admin API's refusal: a malformed reference is `INVALID_ARGUMENT` on
+    /// `<field>.<part>`; anything that does not resolve is `FAILED_PRECONDITION` naming the
+    /// provider, name and version.
+    pub fn to_rule(&self, field: &str, r: &SecretRef) -> RuleError {
+        match self {
+            SecretError::Invalid { field: part, why } => {
+                RuleError::invalid(&format!("{field}.{part}"), why.clone())
+            }
+            other => RuleError::FailedPrecondition(format!(
+                "{field} ({}) cannot be resolved: {other}",
+                describe(r)
+            )),
+        }
+    }
+}
+
+impl Secrets {
+    pub fn new(providers: Vec<Arc<dyn SecretProvider>>, ttl: Duration) -> Self {
+        Secrets {
+            inner: Arc::new(Inner {
+                providers,
+                ttl,
+                entries: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The built-in providers: `env` always, `file` when a secrets directory is configured.
+    pub fn builtin(secrets_dir: Option<PathBuf>, ttl: Duration) -> Self {
+        let mut providers: Vec<Arc<dyn SecretProvider>> = vec![Arc::new(EnvProvider)];
+        if let Some(dir) = secrets_dir {
+            providers.push(Arc::new(FileProvider::new(dir)));
+        }
+        Secrets::new(providers, ttl)
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    fn provider(&self, name: &str) -> Result<Arc<dyn SecretProvider>, SecretError> {
+        self.inner
+            .providers
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or_else(|| SecretError::UnknownProvider(name.to_string()))
+    }
+
+    /// Reads the reference now, off the async runtime. The cache is not touched.
+    pub async fn fetch(&self, r: &SecretRef) -> Result<Secret, SecretError> {
+        let provider = self.provider(&r.provider)?;
+        let r2 = r.clone();
+        tokio::task::spawn_blocking(move || provider.resolve(&r2.name, version_of(&r2)))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SecretError::Io {
+                    provider: r.provider.clone(),
+                    name: r.name.clone(),
+                    why: format!("resolver task failed: {e}"),
+                })
+            })
+    }
+
+    /// Records a successful read. True when the value differs from the one held before (or
+    /// none was held): the snapshot must change.
+    pub fn record_success(&self, r: &SecretRef, value: &Secret) -> bool {
+        let now = Instant::now();
+        let mut entries = self.inner.entries.lock().expect("secret cache lock");
+        let e = entries.entry(r.clone()).or_insert_with(|| Entry {
+            value: None,
+            fetched: None,
+            attempted: now,
+            unapplied: false,
+            status: SecretStatus::default(),
+        });
+        let changed = e.value.as_ref() != Some(value) || std::mem::take(&mut e.unapplied);
+        if changed {
+            e.value = Some(value.clone());
+        }
+        e.fetched = Some(now);
+        e.attempted = now;
+        e.status = SecretStatus {
+            last_refresh_time: Some(Timestamp::now()),
+            last_error: String::new(),
+        };
+        changed
+    }
+
+    /// Records a failed read: the last good value stays; the failure is counted, logged (by
+    /// reference) and shown on the key.
+    pub fn record_failure(&self, r: &SecretRef, err: &SecretError) {
+        METRICS
+            .secret_refresh_failures
+            .with_label_values(&[r.provider.as_str()])
+            .inc();
+        let message = format!("{err}");
+        tracing::warn!(
+            provider = %r.provider,
+            name = %r.name,
+            version = %r.version,
+            error = %message,
+            "secret refresh failed; keeping the last good value"
+        );
+        let now = Instant::now();
+        let mut entries = self.inner.entries.lock().expect("secret cache lock");
+        let e = entries.entry(r.clone()).or_insert_with(|| Entry {
+            value: None,
+            fetched: None,
+            attempted: now,
+            unapplied: false,
+            status: SecretStatus::default(),
+        });
+        e.attempted = now;
+        e.status.last_error = message;
+    }
+
+    /// The value read last could not be applied: report it as a change again next time.
+    pub fn mark_unapplied(&self, r: &SecretRef) {
+        let mut entries = self.inner.entries.lock().expect("secret cache lock");
+        if let Some(e) = entries.get_mut(r) {
+            e.unapplied = true;
+        }
+    }
+
+    /// The last good value, if the reference ever resolved in this process.
+    pub fn cached(&self, r: &SecretRef) -> Option<Secret> {
+        let entries = self.inner.entries.lock().expect("secret cache lock");
+        entries.get(r).and_then(|e| e.value.clone())
+    }
+
+    /// What `Get*Key` shows; `None` before this process first tried the reference.
+    pub fn status(&self, r: &SecretRef) -> Option<SecretStatus> {
+        let entries = self.inner.entries.lock().expect("secret cache lock");
+        entries.get(r).map(|e| e.status.clone())
+    }
+
+    /// Whether `r` should be read again at `now`: never read, last attempt failed (retried
+    /// each `retry`), or its value would expire within `lead` (refreshed before it expires).
+    pub fn due(&self, r: &SecretRef, now: Instant, lead: Duration, retry: Duration) -> bool {
+        let entries = self.inner.entries.lock().expect("secret cache lock");
+        match entries.get(r) {
+            None => true,
+            Some(e) if !e.status.last_error.is_empty() || e.fetched.is_none() => {
+                now >= e.attempted + retry
+            }
+            Some(e) => {
+                let fetched = e.fetched.expect("checked above");
+                now + lead >= fetched + self.inner.ttl
+            }
+        }
+    }
+
+    /// Forgets references no key uses any more (their values are zeroised on drop).
+    pub fn retain(&self, live: &HashSet<SecretRef>) {
+        let mut entries = self.inner.entries.lock().expect("secret cache lock");
+        entries.retain(|r, _| live.contains(r));
+    }
+
+    /// A fresh read for the snapshot builder: on success the new value (and the cache
+    /// follows); on failure the last good value, or `None` when the reference never resolved
+    /// here — such a key is not served.
+    pub async fn resolve_for_snapshot(&self, r: &SecretRef) -> Option<Secret> {
+        match self.fetch(r).await {
+            Ok(v) => {
+                self.record_success(r, &v);
+                Some(v)
+            }
+            Err(e) => {
+                self.record_failure(r, &e);
+                self.cached(r)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Mutex<Result<String, ()>>);
+
+    impl SecretProvider for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn resolve(&self, name: &str, _: Option<&str>) -> Result<Secret, SecretError> {
+            match &*self.0.lock().unwrap() {
+                Ok(v) => Ok(Secret::new(v.clone())),
+                Err(()) => Err(SecretError::NotFound {
+                    provider: "fixed".into(),
+                    name: name.into(),
+                    version: String::new(),
+                }),
+            }
+        }
+    }
+
+    fn reference() -> SecretRef {
+        SecretRef {
+            provider: "fixed".into(),
+            name: "openai-prod".into(),
+            version: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_schedule_failures_and_last_good_value() {
+        let provider = Arc::new(Fixed(Mutex::new(Ok("sk-first-value-0123456789".into()))));
+        let secrets = Secrets::new(vec![provider.clone()], Duration::from_secs(300));
+        let r = reference();
+        let lead = Duration::from_secs(30);
+        let retry = Duration::from_secs(30);
+        assert!(secrets.due(&r, Instant::now(), lead, retry), "never read");
+
+        let v = secrets.resolve_for_snapshot(&r).await.unwrap();
+        assert_eq!(v.expose(), "sk-first-value-0123456789");
+        assert!(!secrets.due(&r, Instant::now(), lead, retry));
+        let status = secrets.status(&r).unwrap();
+        assert!(status.last_refresh_time.is_some() && status.last_error.is_empty());
+
+        // Due `lead` before the TTL runs out, not after.
+        tokio::time::advance(Duration::from_secs(269)).await;
+        assert!(!secrets.due(&r, Instant::now(), lead, retry));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(secrets.due(&r, Instant::now(), lead, retry));
+
+        // A failed refresh keeps the last good value and shows the error (never the value).
+        *provider.0.lock().unwrap() = Err(());
+        let v = secrets.resolve_for_snapshot(&r).await.unwrap();
+        assert_eq!(v.expose(), "sk-first-value-0123456789");
+        let status = secrets.status(&r).unwrap();
+        assert!(status.last_error.contains("openai-prod"), "{status:?}");
+        assert!(!status.last_error.contains("sk-first"));
+        assert!(!secrets.due(&r, Instant::now(), lead, retry), "retried after `retry`");
+        tokio::time::advance(retry).await;
+        assert!(secrets.due(&r, Instant::now(), lead, retry));
+
+        // The next good read clears the error; a changed value is reported as a change.
+        *provider.0.lock().unwrap() = Ok("sk-second-value-0123456789".into());
+        let v = secrets.fetch(&r).await.unwrap();
+        assert!(secrets.record_success(&r, &v), "changed");
+        assert!(!secrets.record_success(&r, &v), "same value again");
+        assert_eq!(secrets.status(&r).unwrap().last_error, "");
+
+        secrets.retain(&HashSet::new());
+        assert!(secrets.cached(&r).is_none() && secrets.status(&r).is_none());
+    }
+
+    #[tokio::test]
+    async fn errors_map_to_the_admin_codes_naming_the_reference() {
+        let secrets = Secrets::builtin(None, Duration::from_secs(60));
+        let r = SecretRef {
+            provider: "file".into(),
+            name: "openai-prod".into(),
+            version: "2".into(),
+        };
+        let e = secrets.fetch(&r).await.unwrap_err();
+        match e.to_rule("secret_ref", &r) {
+            RuleError::FailedPrecondition(m) => {
+                assert!(
+                    m.contains("\"file\"") && m.contains("openai-prod") && m.contains("\"2\""),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = SecretRef {
+            provider: "env".into(),
+            name: "../x".into(),
+            version: String::new(),
+        };
+        let e = secrets.fetch(&bad).await.unwrap_err();
+        assert!(matches!(
+            e.to_rule("secret_ref", &bad),
+            RuleError::Invalid(v) if v[0].field == "secret_ref.name"
+        ));
+    }
+}

@@ -1,0 +1,102 @@
+//! The control plane's background refresh of SECRET_REF keys: each reference is read again
+//! shortly before its TTL runs out; a changed value becomes a store change (audited as
+//! `RefreshSecret`), so every replica and every data plane takes it as a new snapshot
+//! version. A failed read keeps the last good value (see `Secrets::record_failure`).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Secrets;
+use crate::domain::{ResourceKind, SecretRef};
+use crate::store::{SecretKey, Store};
+
+/// How often references are checked: a fifth of the TTL, between 100 ms and 30 s. A value is
+/// read again once it is within one period of expiring; a failed one is retried each period.
+pub fn refresh_period(ttl: Duration) -> Duration {
+    (ttl / 5).clamp(Duration::from_millis(100), Duration::from_secs(30))
+}
+
+/// Runs until `shutdown` resolves.
+pub async fn run_refresh(
+    store: Store,
+    secrets: Secrets,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let period = refresh_period(secrets.ttl());
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = refresh_once(&store, &secrets, period).await {
+            tracing::warn!(error = %e, "secret refresh round failed; retrying next period");
+        }
+    }
+}
+
+/// One round: reads every due reference, records the outcome, and commits a change for each
+/// key whose value changed.
+pub async fn refresh_once(
+    store: &Store,
+    secrets: &Secrets,
+    period: Duration,
+) -> Result<(), crate::store::StoreError> {
+    let keys = store.secret_keys().await?;
+    let mut by_ref: HashMap<SecretRef, Vec<SecretKey>> = HashMap::new();
+    for k in keys {
+        by_ref.entry(k.reference.clone()).or_default().push(k);
+    }
+    secrets.retain(&by_ref.keys().cloned().collect::<HashSet<_>>());
+    let now = Instant::now();
+    for (r, keys) in by_ref {
+        if !secrets.due(&r, now, period, period) {
+            continue;
+        }
+        let value = match secrets.fetch(&r).await {
+            Ok(v) => v,
+            Err(e) => {
+                secrets.record_failure(&r, &e);
+                continue;
+            }
+        };
+        let changed = secrets.record_success(&r, &value);
+        let hash = store.keys().hasher.hash(value.expose().as_bytes());
+        for k in keys {
+            let stale = match k.kind {
+                // The store holds the HMAC: compare with it, whatever this process cached.
+                ResourceKind::ConsumerKey => k.key_hash != Some(hash),
+                _ => changed,
+            };
+            if !stale {
+                continue;
+            }
+            match store
+                .secret_value_changed(k.kind, &k.id, &r, &value)
+                .await
+            {
+                Ok(true) => tracing::info!(
+                    kind = %k.kind,
+                    key = %k.name,
+                    reference = %super::describe(&r),
+                    "secret value changed; the key follows in the next snapshot"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    secrets.mark_unapplied(&r);
+                    let e = super::SecretError::Io {
+                        provider: r.provider.clone(),
+                        name: r.name.clone(),
+                        why: format!("the new value was not applied: {e}"),
+                    };
+                    secrets.record_failure(&r, &e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
