@@ -10,21 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::envoy::{Envoy, Upstream, free_port, http_get};
-use common::{Keygate, Options, Proc, poll_until, test_tool};
+use common::{Keygate, Options, Proc, metrics_addr, poll_until, test_tool};
 use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use keygate::proto::admin::v1 as pb;
-
-fn metrics_addr(logs: &str) -> SocketAddr {
-    logs.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| {
-            let f = v.get("fields")?;
-            (f.get("message")?.as_str()? == "keygate ready")
-                .then(|| f.get("metrics_addr")?.as_str()?.parse().ok())?
-        })
-        .expect("the ready line names metrics_addr")
-}
 
 /// One sample: (name, labels) → value.
 type Samples = HashMap<(String, Vec<(String, String)>), f64>;

@@ -460,7 +460,10 @@ impl<'a, P> Request<'a, P> {
             )
         };
         if !ok {
-            log(LogLevel::Warn, "keygate: request headers unavailable; set_header ignored");
+            log(
+                LogLevel::Warn,
+                "keygate: request headers unavailable; set_header ignored",
+            );
         }
     }
 
@@ -485,24 +488,30 @@ impl<'a, P> Request<'a, P> {
     /// host, ...), or `None` when it has none. Valid for the whole hook: the stream holds the route.
     pub fn per_route(&self) -> Option<&'a P> {
         // SAFETY: `self.raw` is the live filter_envoy_ptr; the callback only reads the route.
-        let raw = unsafe { abi::envoy_dynamic_module_callback_get_most_specific_route_config(self.raw) };
+        let raw =
+            unsafe { abi::envoy_dynamic_module_callback_get_most_specific_route_config(self.raw) };
         if raw.is_null() {
             return None;
         }
         let boxed = raw.cast::<PerRouteBox<P>>();
         // SAFETY: a non-null pointer returned here is the `config_` Envoy stored from an
-        // on_http_filter_per_route_config_new call for this filter's name. For this module that is
-        // a live `Box<PerRouteBox<ModulePerRoute>>` (P is always ModulePerRoute: Requests are only
-        // built by the hook below); the tag check rejects another module's object paired with this
-        // filter by a misconfiguration (it reads 8 bytes of a heap object in that case). The route,
-        // and with it the per-route object, is kept alive by the stream for the whole hook ('a).
-        unsafe {
-            if ptr::addr_of!((*boxed).tag).read() != PER_ROUTE_TAG {
-                log(LogLevel::Error, "keygate: per-route config of another module ignored");
-                return None;
-            }
-            Some(&(*boxed).value)
+        // on_http_filter_per_route_config_new call for this filter's name: for this module a live
+        // `Box<PerRouteBox<ModulePerRoute>>` (`#[repr(C)]`, tag first). Reading the tag is a plain
+        // read of 8 bytes at the start of that heap object; should a misconfiguration pair this
+        // filter with another module's per-route object, it reads 8 bytes of that heap object.
+        let tag = unsafe { (*boxed).tag };
+        if tag != PER_ROUTE_TAG {
+            log(
+                LogLevel::Error,
+                "keygate: per-route config of another module ignored",
+            );
+            return None;
         }
+        // SAFETY: the tag identifies our own `PerRouteBox`, and P is always ModulePerRoute
+        // (Requests are only built by the request_headers hook below). Envoy frees it only in
+        // on_http_filter_per_route_config_destroy, and the route holding it is kept alive by the
+        // stream for the whole hook ('a); it is only ever shared (`&`), and P is Sync.
+        Some(unsafe { &(*boxed).value })
     }
 
     /// The downstream peer address: Envoy's `source.address` attribute, i.e. the stream's
@@ -561,7 +570,10 @@ impl<'a, P> Request<'a, P> {
         details: &str,
     ) {
         if self.replied {
-            log(LogLevel::Error, "keygate: second local reply for one request ignored");
+            log(
+                LogLevel::Error,
+                "keygate: second local reply for one request ignored",
+            );
             return;
         }
         let details = if details.is_empty() || details.contains(char::is_whitespace) {
@@ -603,7 +615,10 @@ impl<'a, P> Request<'a, P> {
     /// (same number, same order). Ignored (with an error log) otherwise.
     pub fn increment_counter_labeled(&mut self, id: CounterId, label_values: &[&str], by: u64) {
         if label_values.len() != id.labels {
-            log(LogLevel::Error, "keygate: counter incremented with the wrong number of labels");
+            log(
+                LogLevel::Error,
+                "keygate: counter incremented with the wrong number of labels",
+            );
             return;
         }
         let Some(values) = label_buffers(label_values) else {
@@ -622,7 +637,10 @@ impl<'a, P> Request<'a, P> {
             )
         };
         if result != abi::METRICS_SUCCESS {
-            log(LogLevel::Debug, "keygate: counter increment refused by Envoy");
+            log(
+                LogLevel::Debug,
+                "keygate: counter increment refused by Envoy",
+            );
         }
     }
 }
@@ -649,7 +667,11 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
         install_panic_hook();
         M::program_init()
     });
-    if ok { ABI_VERSION.as_ptr() } else { ptr::null() }
+    if ok {
+        ABI_VERSION.as_ptr()
+    } else {
+        ptr::null()
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -659,11 +681,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     let created = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: Envoy passes views of the filter name and config strings it owns for the whole
-        // call (filter_config.cc passes string_views of the config's own members).
-        let (name_bytes, config_bytes) = unsafe { (envoy_bytes(name), envoy_bytes(config)) };
+        // SAFETY: (covers the next two blocks) Envoy passes views of the filter name and config strings it owns for the
+        // whole call (filter_config.cc passes string_views of the config's own members).
+        let name_bytes = unsafe { envoy_bytes(name) };
+        // SAFETY: see above.
+        let config_bytes = unsafe { envoy_bytes(config) };
         let Ok(name) = std::str::from_utf8(name_bytes) else {
-            log(LogLevel::Error, "keygate: filter_name is not UTF-8; config rejected");
+            log(
+                LogLevel::Error,
+                "keygate: filter_name is not UTF-8; config rejected",
+            );
             return ptr::null();
         };
         let mut envoy = ConfigEnvoy {
@@ -673,19 +700,27 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         match M::new_config(name, config_bytes, &mut envoy) {
             Ok(cfg) => Box::into_raw(Box::new(cfg)).cast_const().cast::<c_void>(),
             Err(msg) => {
-                log(LogLevel::Error, &format!("keygate: filter config rejected: {msg}"));
+                log(
+                    LogLevel::Error,
+                    &format!("keygate: filter config rejected: {msg}"),
+                );
                 ptr::null()
             }
         }
     }));
     created.unwrap_or_else(|_| {
-        log(LogLevel::Error, "keygate: filter config creation panicked; config rejected");
+        log(
+            LogLevel::Error,
+            "keygate: filter config creation panicked; config rejected",
+        );
         ptr::null()
     })
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(filter_config_ptr: *const c_void) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
+    filter_config_ptr: *const c_void,
+) {
     guard((), || {
         if !filter_config_ptr.is_null() {
             // SAFETY: a non-null pointer here is one returned by on_http_filter_config_new
@@ -702,10 +737,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     let created = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: Envoy passes views of strings it owns for the whole call (filter_config.cc).
-        let (name_bytes, config_bytes) = unsafe { (envoy_bytes(name), envoy_bytes(config)) };
+        // SAFETY: (covers the next two blocks) Envoy passes views of strings it owns for the whole call
+        // (filter_config.cc passes string_views of the per-route proto's fields).
+        let name_bytes = unsafe { envoy_bytes(name) };
+        // SAFETY: see above.
+        let config_bytes = unsafe { envoy_bytes(config) };
         let Ok(name) = std::str::from_utf8(name_bytes) else {
-            log(LogLevel::Error, "keygate: per-route filter_name is not UTF-8; rejected");
+            log(
+                LogLevel::Error,
+                "keygate: per-route filter_name is not UTF-8; rejected",
+            );
             return ptr::null();
         };
         match M::new_per_route(name, config_bytes) {
@@ -716,13 +757,19 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
             .cast_const()
             .cast::<c_void>(),
             Err(msg) => {
-                log(LogLevel::Error, &format!("keygate: per-route config rejected: {msg}"));
+                log(
+                    LogLevel::Error,
+                    &format!("keygate: per-route config rejected: {msg}"),
+                );
                 ptr::null()
             }
         }
     }));
     created.unwrap_or_else(|_| {
-        log(LogLevel::Error, "keygate: per-route config creation panicked; rejected");
+        log(
+            LogLevel::Error,
+            "keygate: per-route config creation panicked; rejected",
+        );
         ptr::null()
     })
 }
@@ -737,7 +784,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
             // on_http_filter_per_route_config_new (Box<PerRouteBox<ModulePerRoute>>::into_raw),
             // destroyed exactly once by ~DynamicModuleHttpPerRouteFilterConfig.
             drop(unsafe {
-                Box::from_raw(filter_config_ptr.cast_mut().cast::<PerRouteBox<ModulePerRoute>>())
+                Box::from_raw(
+                    filter_config_ptr
+                        .cast_mut()
+                        .cast::<PerRouteBox<ModulePerRoute>>(),
+                )
             });
         }
     });
@@ -959,4 +1010,126 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
     _filter_module_ptr: *const c_void,
 ) {
     guard((), || ());
+}
+
+// =================================================================================================
+// Unit-test stand-ins. A `cargo test` binary is an executable with no Envoy to resolve the
+// callbacks, so code under test that reaches e.g. `log()` would not link. These definitions exist
+// only in test builds (never in the cdylib Envoy loads): `log` prints to stderr, the rest report
+// "not available" without touching their pointers.
+// =================================================================================================
+
+#[cfg(test)]
+mod test_stubs {
+    use super::abi::{EnvoyBuffer, ModuleBuffer, ModuleHttpHeader};
+    use std::ffi::c_void;
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_log(_level: u32, message: ModuleBuffer) {
+        // SAFETY: `message` comes from `module_buffer`, i.e. a live Rust slice for this call.
+        let bytes = unsafe {
+            super::envoy_bytes(EnvoyBuffer {
+                ptr: message.ptr,
+                length: message.length,
+            })
+        };
+        eprintln!("[envoy log stub] {}", String::from_utf8_lossy(bytes));
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_log_enabled(_level: u32) -> bool {
+        true
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        _config: *mut c_void,
+        _name: ModuleBuffer,
+        _label_names: *const ModuleBuffer,
+        _label_names_length: usize,
+        _counter_id_ptr: *mut usize,
+    ) -> u32 {
+        1 // MetricNotFound
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        _filter: *mut c_void,
+        _id: usize,
+        _label_values: *const ModuleBuffer,
+        _label_values_length: usize,
+        _value: u64,
+    ) -> u32 {
+        1 // MetricNotFound
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_get_header(
+        _filter: *mut c_void,
+        _header_type: u32,
+        _key: ModuleBuffer,
+        _result: *mut EnvoyBuffer,
+        _index: usize,
+        _optional_size: *mut usize,
+    ) -> bool {
+        false
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_set_header(
+        _filter: *mut c_void,
+        _header_type: u32,
+        _key: ModuleBuffer,
+        _value: ModuleBuffer,
+    ) -> bool {
+        false
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_send_response(
+        _filter: *mut c_void,
+        _status_code: u32,
+        _headers: *const ModuleHttpHeader,
+        _headers_size: usize,
+        _body: ModuleBuffer,
+        _details: ModuleBuffer,
+    ) {
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        _filter: *mut c_void,
+        _ns: ModuleBuffer,
+        _key: ModuleBuffer,
+        _value: ModuleBuffer,
+    ) {
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_get_most_specific_route_config(
+        _filter: *mut c_void,
+    ) -> *const c_void {
+        std::ptr::null()
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        _filter: *mut c_void,
+        _attribute_id: u32,
+        _result: *mut EnvoyBuffer,
+    ) -> bool {
+        false
+    }
+
+    #[test]
+    fn log_links_and_runs_in_unit_tests() {
+        super::log(super::LogLevel::Info, "hello from a unit test");
+        assert!(super::log_enabled(super::LogLevel::Info));
+    }
+
+    #[test]
+    fn label_buffers_cap() {
+        assert!(super::label_buffers(&["a"; super::MAX_COUNTER_LABELS]).is_some());
+        assert!(super::label_buffers(&["a"; super::MAX_COUNTER_LABELS + 1]).is_none());
+    }
 }

@@ -448,6 +448,18 @@ pub fn grpcurl_bin() -> PathBuf {
     test_tool("grpcurl", "KEYGATE_TEST_GRPCURL")
 }
 
+/// The `/metrics` listener a process named in its "keygate ready" line.
+pub fn metrics_addr(logs: &str) -> SocketAddr {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| {
+            let f = v.get("fields")?;
+            (f.get("message")?.as_str()? == "keygate ready")
+                .then(|| f.get("metrics_addr")?.as_str()?.parse().ok())?
+        })
+        .expect("the ready line names metrics_addr")
+}
+
 /// Polls `f` every 5 ms until it returns `Some`, or panics after `limit`.
 pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where
