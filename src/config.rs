@@ -322,7 +322,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(std::time::Duration::from_secs(secs));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (expected e.g. 500ms, 10s, 5m, 1h)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 500ms, 10s, 5m, 1h)"))
 }
 
 impl DataPlaneArgs {

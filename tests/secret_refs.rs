@@ -42,10 +42,7 @@ async fn start(secrets: &Path) -> Keygate {
             "--secret-ttl".into(),
             "1h".into(),
         ],
-        env: vec![(
-            "KEYGATE_ENV_SECRET_ANTHROPIC_MAIN".into(),
-            ENV_VALUE.into(),
-        )],
+        env: vec![("KEYGATE_ENV_SECRET_ANTHROPIC_MAIN".into(), ENV_VALUE.into())],
         ..Default::default()
     })
     .await
@@ -242,7 +239,11 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
         let e = create_secret_model_key(&mut admin, "openai-bad", file_ref(name, version))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument, "{name:?} {version:?}: {e:?}");
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{name:?} {version:?}: {e:?}"
+        );
         assert!(
             e.message().contains(field),
             "{name:?} {version:?}: {}",
@@ -291,7 +292,11 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("model_key.secret_ref"), "{}", e.message());
+    assert!(
+        e.message().contains("model_key.secret_ref"),
+        "{}",
+        e.message()
+    );
     assert_eq!(audit_count(&mut admin).await, before_custom);
 
     // Nothing refused above left a trace but the one CUSTOM key created in between.
@@ -330,7 +335,11 @@ async fn the_env_provider_reads_only_its_own_variable_and_has_no_versions() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("secret_ref.version"), "{}", e.message());
+    assert!(
+        e.message().contains("secret_ref.version"),
+        "{}",
+        e.message()
+    );
 
     // keygate's own configuration is not reachable as a secret.
     let e = create_secret_model_key(&mut admin, "stolen", env_ref("KEYGATE_DATA_DIR", ""))

@@ -214,7 +214,8 @@ async fn incremental_matches_full(backend: &str) {
         "changes were applied incrementally, not by a full rebuild"
     );
 
-    let full = Snapshot::from_full(load_full_update(&store, None).await.unwrap(), store.keys()).unwrap();
+    let full =
+        Snapshot::from_full(load_full_update(&store, None).await.unwrap(), store.keys()).unwrap();
     assert_eq!(incremental.version, full.version);
     assert_eq!(canonical(&incremental), canonical(&full));
     assert_eq!(incremental.counts().consumer_keys, 4);

@@ -13,9 +13,9 @@ use crate::domain::input::{
     NewConsumerKey, NewModelKey, NewModelService,
 };
 use crate::domain::{KeyStatus, SecretRef, Selector, Timestamp};
-use crate::secret::Secrets;
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::key_admin_server::{KeyAdmin, KeyAdminServer};
+use crate::secret::Secrets;
 use crate::snapshot::SnapshotCell;
 use crate::store::{Actor, AuditFilter, ConsumerKeyFilter, ModelKeyFilter, Store};
 use convert::*;
@@ -705,9 +705,7 @@ impl KeyAdmin for AdminService {
 
     async fn get_model_key(&self, req: Request<pb::GetModelKeyRequest>) -> R<pb::ModelKey> {
         let sel = selector(req.into_inner().selector, Selector::from)?;
-        ok(self.model_key_out(
-            self.store.get_model_key(&sel).await.map_err(status)?,
-        ))
+        ok(self.model_key_out(self.store.get_model_key(&sel).await.map_err(status)?))
     }
 
     async fn list_model_keys(

@@ -319,7 +319,10 @@ mod tests {
         let status = secrets.status(&r).unwrap();
         assert!(status.last_error.contains("openai-prod"), "{status:?}");
         assert!(!status.last_error.contains("sk-first"));
-        assert!(!secrets.due(&r, Instant::now(), lead, retry), "retried after `retry`");
+        assert!(
+            !secrets.due(&r, Instant::now(), lead, retry),
+            "retried after `retry`"
+        );
         tokio::time::advance(retry).await;
         assert!(secrets.due(&r, Instant::now(), lead, retry));
 

@@ -16,7 +16,9 @@ pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 pub enum SecretError {
     #[error("secret_ref.{field}: {why}")]
     Invalid { field: &'static str, why: String },
-    #[error("secret provider {0:?} is not configured (built in: \"env\", and \"file\" when keygate runs with --secrets-dir)")]
+    #[error(
+        "secret provider {0:?} is not configured (built in: \"env\", and \"file\" when keygate runs with --secrets-dir)"
+    )]
     UnknownProvider(String),
     #[error("secret {name:?} version {version:?} not found in provider {provider:?}")]
     NotFound {

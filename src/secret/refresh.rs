@@ -75,10 +75,7 @@ pub async fn refresh_once(
             if !stale {
                 continue;
             }
-            match store
-                .secret_value_changed(k.kind, &k.id, &r, &value)
-                .await
-            {
+            match store.secret_value_changed(k.kind, &k.id, &r, &value).await {
                 Ok(true) => tracing::info!(
                     kind = %k.kind,
                     key = %k.name,

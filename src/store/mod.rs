@@ -2264,7 +2264,10 @@ impl Store {
         let name: String = row.try_get("name")?;
         match kind {
             ResourceKind::ConsumerKey => {
-                if !self.set_consumer_key_value(&mut m, id, reference, value).await? {
+                if !self
+                    .set_consumer_key_value(&mut m, id, reference, value)
+                    .await?
+                {
                     return Ok(false);
                 }
             }
