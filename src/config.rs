@@ -329,37 +329,12 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 impl DataPlaneArgs {
     /// Validates and lower-cases the credential settings.
     pub fn decision_config(&self) -> Result<DecisionConfig, String> {
-        let mut headers = Vec::new();
-        for h in &self.credential_headers {
-            let h = h.trim().to_ascii_lowercase();
-            if h.is_empty() {
-                continue;
-            }
-            if !h
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-            {
-                return Err(format!(
-                    "--credential-headers: {h:?} is not an HTTP header name"
-                ));
-            }
-            if !headers.contains(&h) {
-                headers.push(h);
-            }
-        }
-        if headers.is_empty() && self.credential_query_param.is_none() {
-            return Err("--credential-headers: at least one header (or --credential-query-param) is required".into());
-        }
-        if let Some(p) = &self.credential_query_param
-            && p.is_empty()
-        {
-            return Err("--credential-query-param must not be empty".into());
-        }
-        Ok(DecisionConfig {
-            credential_headers: headers,
-            credential_query_param: self.credential_query_param.clone(),
-            client_ip: self.client_ip_from,
-        })
+        DecisionConfig::new(
+            &self.credential_headers,
+            self.credential_query_param.clone(),
+            self.client_ip_from,
+        )
+        .map_err(|(field, why)| format!("--{}: {why}", field.replace('_', "-")))
     }
 }
 

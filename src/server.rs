@@ -11,13 +11,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
 use crate::config::{AuthzArgs, ControlPlaneArgs, ServeArgs, ServerTlsArgs, StoreArgs};
 use crate::crypto::{self, MasterKey, Secret, credentials_equal};
+use crate::distribution::subscriber::{ClientTls, EndpointFields};
 use crate::distribution::{
     DistributionService, Subscriber, SubscriberAuth, SubscriberConfig, SubscriberStatus,
 };
@@ -597,7 +598,7 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let fingerprint = master.fingerprint();
     drop(master);
     let endpoint = control_plane_endpoint(&args)?;
-    let usage_sink = control_plane_usage_sink(&endpoint, &token);
+    let usage_sink = crate::distribution::subscriber::usage_sink(&endpoint, &token);
 
     let cell = SnapshotCell::new();
     let subscriber = Subscriber::new(
@@ -661,36 +662,6 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
 
 /// Sends a data plane's last-used batches to its control plane (authenticated like the
 /// subscription).
-fn control_plane_usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
-    use crate::proto::snapshot::v1 as pb;
-    let channel = endpoint.connect_lazy();
-    let bearer: Option<tonic::metadata::MetadataValue<_>> =
-        format!("Bearer {}", token.expose()).parse().ok();
-    Arc::new(move |batch| {
-        let mut client =
-            pb::snapshot_distribution_client::SnapshotDistributionClient::new(channel.clone());
-        let bearer = bearer.clone();
-        Box::pin(async move {
-            let mut req = tonic::Request::new(pb::UsageReport {
-                items: batch
-                    .iter()
-                    .map(|(id, t)| pb::KeyUsage {
-                        consumer_key_id: id.as_bytes().to_vec(),
-                        last_used_time_us: t.0,
-                    })
-                    .collect(),
-            });
-            if let Some(b) = bearer {
-                req.metadata_mut().insert("authorization", b);
-            }
-            client
-                .report_usage(req)
-                .await
-                .map(drop)
-                .map_err(|e| e.message().to_string())
-        })
-    })
-}
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -699,36 +670,21 @@ fn hostname() -> String {
 }
 
 fn control_plane_endpoint(args: &AuthzArgs) -> Result<Endpoint, StartError> {
-    let url = &args.control_plane;
-    let bad = |why: String| StartError::Config(format!("--control-plane {url:?}: {why}"));
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(bad("must start with http:// or https://".into()));
-    }
-    let mut ep = Endpoint::from_shared(url.clone())
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    if url.starts_with("https://") {
-        let ca = args
-            .control_plane_ca
-            .as_ref()
-            .ok_or_else(|| bad("https:// needs --control-plane-ca".into()))?;
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read_pem(ca, "--control-plane-ca")?));
-        if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
-            tls = tls.identity(Identity::from_pem(
-                read_pem(c, "--client-cert")?,
-                read_pem(k, "--client-key")?,
-            ));
-        }
-        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-    } else if args.client_cert.is_some() || args.control_plane_ca.is_some() {
-        return Err(bad("TLS options need an https:// control plane".into()));
-    }
-    Ok(ep)
+    crate::distribution::subscriber::control_plane_endpoint(
+        &args.control_plane,
+        &ClientTls {
+            ca: args.control_plane_ca.clone(),
+            cert: args.client_cert.clone(),
+            key: args.client_key.clone(),
+        },
+        &EndpointFields {
+            url: "--control-plane",
+            ca: "--control-plane-ca",
+            cert: "--client-cert",
+            key: "--client-key",
+        },
+    )
+    .map_err(StartError::Config)
 }
 
 /// gRPC reflection, v1 and v1alpha (grpcurl 1.8.6 speaks v1alpha), each listing every

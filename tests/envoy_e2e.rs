@@ -1,4 +1,5 @@
-//! End to end through a real Envoy: the shipped `envoy/envoy.yaml` (only its ports rewritten)
+//! End to end through a real Envoy: the shipped `envoy/envoy.yaml` (ext_authz) and
+//! `envoy/module.yaml` (the keygate dynamic module), only ports and paths rewritten,
 //! in front of a real `keygate serve`, with a recording HTTP upstream standing in for the model
 //! vendors. Requests are plain HTTP/1.1 from a minimal client, so what is asserted is exactly
 //! what a client and a vendor would see on the wire.
@@ -17,7 +18,9 @@ use common::admin::{
     bearer, create_consumer_key, create_model_key, create_service, disable_consumer_key,
     disable_model_key,
 };
-use common::envoy::{Envoy, HttpResponse, Recorded, UPSTREAM_BODY, Upstream, http_get};
+use common::envoy::{
+    Envoy, EnvoyRun, HttpResponse, ModuleFiles, Recorded, UPSTREAM_BODY, Upstream, http_get,
+};
 use common::{Admin, Keygate, Options, poll_until, tail};
 
 // ---------------------------------------------------------------------------------------------
@@ -31,7 +34,45 @@ const AZURE_KEY: &str = "0123456789abcdef0123456789abcdef";
 const ALL_VENDOR_VALUES: [&str; 4] = [OPENAI_KEY, OPENAI_KEY_2, ANTHROPIC_KEY, AZURE_KEY];
 
 // ---------------------------------------------------------------------------------------------
-// One gateway: keygate + recording upstream + Envoy.
+// One gateway: keygate + recording upstream + Envoy, with either data plane.
+
+/// Which data plane Envoy uses. Every test of issue 3's suite runs against both, with the
+/// same assertions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plane {
+    /// `envoy/envoy.yaml`: the ext_authz filter calling `keygate serve`.
+    ExtAuthz,
+    /// `envoy/module.yaml`: the keygate dynamic module inside Envoy, fed by the same
+    /// `keygate serve`'s snapshot stream.
+    Module,
+}
+
+/// Runs a test body once per data plane, as `<name>::ext_authz` and `<name>::module`.
+macro_rules! on_both_planes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ext_authz() {
+                super::$name(super::Plane::ExtAuthz).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn module() {
+                super::$name(super::Plane::Module).await
+            }
+        }
+    )*};
+}
+
+on_both_planes!(
+    valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key,
+    credential_query_parameter_is_accepted_and_removed_before_the_vendor,
+    refused_credentials_all_get_the_same_openai_style_401,
+    address_scope_route_and_model_key_denials,
+    disabled_consumer_key_is_refused_through_envoy_within_one_second,
+    requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one,
+);
+
+const SUBSCRIBER_TOKEN: &str = "e2e-subscriber-token-0123456789abcdef";
 
 struct Gateway {
     // Envoy first: dropped (killed) before keygate and the upstream.
@@ -39,27 +80,61 @@ struct Gateway {
     keygate: Keygate,
     upstream: Upstream,
     admin: Admin,
+    plane: Plane,
+    _module_dir: Option<tempfile::TempDir>,
 }
 
 impl Gateway {
-    async fn start() -> Gateway {
-        Self::start_with(&[]).await
+    async fn start(plane: Plane) -> Gateway {
+        Self::start_with(plane, &[]).await
     }
 
-    async fn start_with(keygate_args: &[&str]) -> Gateway {
+    /// `settings`: data-plane settings as (name, value), e.g. ("credential_query_param",
+    /// "key"): `--credential-query-param key` for keygate, a `filter_config` key for the module.
+    async fn start_with(plane: Plane, settings: &[(&str, &str)]) -> Gateway {
+        let mut args = Vec::new();
+        if plane == Plane::ExtAuthz {
+            for (k, v) in settings {
+                args.push(format!("--{}", k.replace('_', "-")));
+                args.push(v.to_string());
+            }
+        }
         let keygate = Keygate::start_with(Options {
-            args: keygate_args.iter().map(|s| s.to_string()).collect(),
+            args,
+            env: vec![("KEYGATE_SUBSCRIBER_TOKEN".into(), SUBSCRIBER_TOKEN.into())],
             ..Default::default()
         })
         .await;
         let admin = keygate.admin().await;
         let upstream = Upstream::start().await;
-        let envoy = Envoy::start(keygate.authz_addr, upstream.addr).await;
+        let (envoy, module_dir) = match plane {
+            Plane::ExtAuthz => (Envoy::start(keygate.authz_addr, upstream.addr).await, None),
+            Plane::Module => {
+                let dir = tempfile::tempdir().unwrap();
+                let token = dir.path().join("subscriber.token");
+                std::fs::write(&token, SUBSCRIBER_TOKEN).unwrap();
+                let files = ModuleFiles {
+                    control_plane: format!("http://{}", keygate.admin_addr),
+                    master_key_file: keygate.data_dir.join("master.key"),
+                    data_dir: dir.path().join("module-data"),
+                    subscriber_token_file: token,
+                    extra_settings: settings
+                        .iter()
+                        .map(|(k, v)| format!("\"{k}\":\"{v}\""))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                let envoy = Envoy::start_module(&files, upstream.addr, &EnvoyRun::module()).await;
+                (envoy, Some(dir))
+            }
+        };
         Gateway {
             envoy,
             keygate,
             upstream,
             admin,
+            plane,
+            _module_dir: module_dir,
         }
     }
 
@@ -130,6 +205,23 @@ impl Gateway {
             },
         )
         .await;
+        if self.plane == Plane::Module {
+            // The module reports the version it decides from (set on a request).
+            let envoy = &self.envoy;
+            poll_until(
+                Duration::from_secs(10),
+                "the module's snapshot to reach the last commit",
+                || async move {
+                    let _ = http_get(envoy.listener, "/openai/v1/models", &[]).await;
+                    (envoy
+                        .stat("dynamicmodulescustom.keygate_snapshot_version")
+                        .await
+                        >= revision)
+                        .then_some(())
+                },
+            )
+            .await;
+        }
     }
 }
 // ---------------------------------------------------------------------------------------------
@@ -216,9 +308,10 @@ fn assert_error_body(r: &HttpResponse, status: u16, kind: &str, code: &str) {
 // ---------------------------------------------------------------------------------------------
 // 1. Valid keys.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key() {
-    let mut gw = Gateway::start().await;
+async fn valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key(
+    plane: Plane,
+) {
+    let mut gw = Gateway::start(plane).await;
     let ck = provision(&mut gw.admin).await;
     gw.settle().await;
     let auth = bearer(&ck);
@@ -309,9 +402,8 @@ async fn valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_v
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor() {
-    let mut gw = Gateway::start_with(&["--credential-query-param", "key"]).await;
+async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor(plane: Plane) {
+    let mut gw = Gateway::start_with(plane, &[("credential_query_param", "key")]).await;
     let ck = provision(&mut gw.admin).await;
     gw.settle().await;
 
@@ -365,9 +457,8 @@ async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor() 
 // ---------------------------------------------------------------------------------------------
 // 2. Denials.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_credentials_all_get_the_same_openai_style_401() {
-    let mut gw = Gateway::start().await;
+async fn refused_credentials_all_get_the_same_openai_style_401(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
     let good = provision(&mut gw.admin).await;
     let disabled = create_consumer_key(&mut gw.admin, bound_key("billing-old")).await;
     disable_consumer_key(&mut gw.admin, "billing-old").await;
@@ -513,9 +604,8 @@ async fn refused_credentials_all_get_the_same_openai_style_401() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn address_scope_route_and_model_key_denials() {
-    let mut gw = Gateway::start().await;
+async fn address_scope_route_and_model_key_denials(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
     let good = provision(&mut gw.admin).await;
     let office_only = create_consumer_key(
         &mut gw.admin,
@@ -630,9 +720,8 @@ async fn address_scope_route_and_model_key_denials() {
 // ---------------------------------------------------------------------------------------------
 // 3. Propagation of a disable.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disabled_consumer_key_is_refused_through_envoy_within_one_second() {
-    let mut gw = Gateway::start().await;
+async fn disabled_consumer_key_is_refused_through_envoy_within_one_second(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
     let ck = provision(&mut gw.admin).await;
     gw.settle().await;
     let auth = bearer(&ck);
@@ -665,7 +754,7 @@ async fn disabled_consumer_key_is_refused_through_envoy_within_one_second() {
         );
     };
     eprintln!(
-        "disable→deny through Envoy: {:.1} ms from DisableConsumerKey returning to the first 401 ({requests} request(s))",
+        "disable→deny through Envoy ({plane:?}): {:.1} ms from DisableConsumerKey returning to the first 401 ({requests} request(s))",
         elapsed.as_secs_f64() * 1000.0
     );
     assert!(
@@ -682,9 +771,8 @@ async fn disabled_consumer_key_is_refused_through_envoy_within_one_second() {
 // ---------------------------------------------------------------------------------------------
 // 4. Several model keys on one service.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one() {
-    let mut gw = Gateway::start().await;
+async fn requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
     let ck = provision(&mut gw.admin).await;
     create_model_key(&mut gw.admin, "openai-secondary", OPENAI_KEY_2, "openai").await;
     gw.settle().await;
@@ -735,7 +823,9 @@ async fn requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_fails_closed_when_keygate_is_down() {
-    let mut gw = Gateway::start().await;
+    // ext_authz only: the module is fail-static by design (its own suite shows it keeps
+    // deciding from its last snapshot with the control plane down).
+    let mut gw = Gateway::start(Plane::ExtAuthz).await;
     let ck = provision(&mut gw.admin).await;
     gw.settle().await;
     let auth = bearer(&ck);

@@ -119,6 +119,33 @@ mod abi {
         ) -> u32;
 
         // envoy_dynamic_module_type_metrics_result
+        // envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        //     envoy_dynamic_module_type_http_filter_config_envoy_ptr filter_config_envoy_ptr,
+        //     envoy_dynamic_module_type_module_buffer name,
+        //     envoy_dynamic_module_type_module_buffer* label_names, size_t label_names_length,
+        //     size_t* gauge_id_ptr);
+        pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+            filter_config_envoy_ptr: *mut c_void,
+            name: ModuleBuffer,
+            label_names: *const ModuleBuffer,
+            label_names_length: usize,
+            gauge_id_ptr: *mut usize,
+        ) -> u32;
+
+        // envoy_dynamic_module_type_metrics_result
+        // envoy_dynamic_module_callback_http_filter_set_gauge(
+        //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr, size_t id,
+        //     envoy_dynamic_module_type_module_buffer* label_values, size_t label_values_length,
+        //     uint64_t value);
+        pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
+            filter_envoy_ptr: *mut c_void,
+            id: usize,
+            label_values: *const ModuleBuffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+
+        // envoy_dynamic_module_type_metrics_result
         // envoy_dynamic_module_callback_http_filter_increment_counter(
         //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr, size_t id,
         //     envoy_dynamic_module_type_module_buffer* label_values, size_t label_values_length,
@@ -323,6 +350,11 @@ pub struct CounterId {
     labels: usize,
 }
 
+/// A gauge without labels defined by [`ConfigEnvoy::define_gauge`]. Only valid with requests of
+/// the filter configuration that defined it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaugeId(usize);
+
 /// `names` as module buffers on the stack (`None` if there are more than MAX_COUNTER_LABELS).
 fn label_buffers(names: &[&str]) -> Option<[ModuleBuffer; MAX_COUNTER_LABELS]> {
     if names.len() > MAX_COUNTER_LABELS {
@@ -362,6 +394,26 @@ impl ConfigEnvoy<'_> {
             id,
             labels: labels.len(),
         })
+    }
+
+    /// Defines an Envoy gauge without labels (`dynamicmodulescustom.<name>` in `/stats`).
+    /// Set it with [`Request::set_gauge`].
+    pub fn define_gauge(&mut self, name: &str) -> Option<GaugeId> {
+        let mut id: usize = 0;
+        // SAFETY: as in `define_counter`: `self.raw` is the live filter_config_envoy_ptr of the
+        // running on_http_filter_config_new; the name buffer borrows `name` for the call (Envoy
+        // copies it); no label names (null pointer with length 0, which abi.h allows); `id` is a
+        // valid out-pointer.
+        let result = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                self.raw,
+                module_buffer(name.as_bytes()),
+                ptr::null(),
+                0,
+                &mut id,
+            )
+        };
+        (result == abi::METRICS_SUCCESS).then_some(GaugeId(id))
     }
 }
 
@@ -604,6 +656,22 @@ impl<'a, P> Request<'a, P> {
                 module_buffer(details.as_bytes()),
             );
         }
+    }
+
+    /// Sets a gauge defined by this request's filter configuration.
+    pub fn set_gauge(&mut self, id: GaugeId, value: u64) {
+        // SAFETY: `self.raw` is the live filter_envoy_ptr of the running hook; no label values
+        // (null with length 0, as the gauge has no labels). An id from another config is not UB:
+        // Envoy bounds-checks it (MetricNotFound).
+        let _ = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_set_gauge(
+                self.raw,
+                id.0,
+                ptr::null(),
+                0,
+                value,
+            )
+        };
     }
 
     /// Adds `by` to a counter defined without labels. Ignored for a labeled counter.
@@ -1054,6 +1122,28 @@ mod test_stubs {
 
     #[unsafe(no_mangle)]
     extern "C" fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        _filter: *mut c_void,
+        _id: usize,
+        _label_values: *const ModuleBuffer,
+        _label_values_length: usize,
+        _value: u64,
+    ) -> u32 {
+        1 // MetricNotFound
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        _config: *mut c_void,
+        _name: ModuleBuffer,
+        _label_names: *const ModuleBuffer,
+        _label_names_length: usize,
+        _id: *mut usize,
+    ) -> u32 {
+        1 // MetricNotFound
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn envoy_dynamic_module_callback_http_filter_set_gauge(
         _filter: *mut c_void,
         _id: usize,
         _label_values: *const ModuleBuffer,

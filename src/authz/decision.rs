@@ -51,6 +51,53 @@ pub struct DecisionConfig {
     pub client_ip: ClientIpSource,
 }
 
+impl DecisionConfig {
+    /// Validated settings: header names lower-cased, de-duplicated and checked as HTTP
+    /// tokens; at least one credential source. An error names the setting
+    /// (`credential_headers` or `credential_query_param`) and the rule.
+    pub fn new(
+        credential_headers: &[String],
+        credential_query_param: Option<String>,
+        client_ip: ClientIpSource,
+    ) -> Result<Self, (&'static str, String)> {
+        let mut headers = Vec::new();
+        for h in credential_headers {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() {
+                continue;
+            }
+            if !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            {
+                return Err((
+                    "credential_headers",
+                    format!("{h:?} is not an HTTP header name"),
+                ));
+            }
+            if !headers.contains(&h) {
+                headers.push(h);
+            }
+        }
+        if let Some(p) = &credential_query_param
+            && p.is_empty()
+        {
+            return Err(("credential_query_param", "must not be empty".into()));
+        }
+        if headers.is_empty() && credential_query_param.is_none() {
+            return Err((
+                "credential_headers",
+                "at least one header (or a credential query parameter) is required".into(),
+            ));
+        }
+        Ok(DecisionConfig {
+            credential_headers: headers,
+            credential_query_param,
+            client_ip,
+        })
+    }
+}
+
 impl Default for DecisionConfig {
     fn default() -> Self {
         DecisionConfig {
@@ -315,6 +362,34 @@ pub fn credentials_to_remove<'c>(
         .as_deref()
         .filter(|p| form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p));
     (headers, param)
+}
+
+/// `path` (a request's `:path`) without every occurrence of the query parameter `param`;
+/// `None` when it carries none. Other parameters keep their order and encoding.
+pub fn path_without_param(path: &str, param: &str) -> Option<String> {
+    let (base, query) = path.split_once('?')?;
+    let mut removed = false;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            let decoded = form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(k, _)| k);
+            let is_param = decoded.as_deref() == Some(param);
+            removed |= is_param;
+            !is_param
+        })
+        .collect();
+    if !removed {
+        return None;
+    }
+    let kept: Vec<&str> = kept.into_iter().filter(|p| !p.is_empty()).collect();
+    Some(if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    })
 }
 
 #[cfg(test)]

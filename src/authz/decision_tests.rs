@@ -1299,3 +1299,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_credential_parameter_is_cut_from_the_path_and_nothing_else() {
+    assert_eq!(
+        path_without_param("/v1/chat?key=kg-abc&model=gpt-4o", "key").as_deref(),
+        Some("/v1/chat?model=gpt-4o")
+    );
+    assert_eq!(
+        path_without_param("/v1/chat?a=1&key=x&b=%20&key=y", "key").as_deref(),
+        Some("/v1/chat?a=1&b=%20")
+    );
+    assert_eq!(
+        path_without_param("/v1/chat?key=x", "key").as_deref(),
+        Some("/v1/chat")
+    );
+    assert_eq!(
+        path_without_param("/v1/chat?k%65y=x&z", "key").as_deref(),
+        Some("/v1/chat?z"),
+        "an encoded name is the same parameter"
+    );
+    assert_eq!(path_without_param("/v1/chat?keys=x", "key"), None);
+    assert_eq!(path_without_param("/v1/chat", "key"), None);
+}
+
+#[test]
+fn decision_settings_are_validated_naming_the_setting() {
+    let c = DecisionConfig::new(
+        &[
+            "Authorization".into(),
+            "x-api-key".into(),
+            "authorization".into(),
+        ],
+        None,
+        ClientIpSource::Peer,
+    )
+    .unwrap();
+    assert_eq!(c.credential_headers, vec!["authorization", "x-api-key"]);
+    assert_eq!(
+        DecisionConfig::new(&["bad header".into()], None, ClientIpSource::Peer)
+            .unwrap_err()
+            .0,
+        "credential_headers"
+    );
+    assert_eq!(
+        DecisionConfig::new(&[], None, ClientIpSource::Peer)
+            .unwrap_err()
+            .0,
+        "credential_headers"
+    );
+    assert_eq!(
+        DecisionConfig::new(&[], Some(String::new()), ClientIpSource::Peer)
+            .unwrap_err()
+            .0,
+        "credential_query_param"
+    );
+}

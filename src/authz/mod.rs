@@ -2,7 +2,9 @@
 //! and its Envoy ext_authz gRPC adapter (`ext_authz`). Depends on `snapshot` and `crypto`.
 
 pub mod decision;
+#[cfg(feature = "server")]
 pub mod ext_authz;
 
 pub use decision::{ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide};
+#[cfg(feature = "server")]
 pub use ext_authz::ExtAuthzService;

@@ -10,22 +10,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::Published;
 use super::wire;
 use crate::crypto::{Secret, credentials_equal};
 use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
 };
-use crate::snapshot::{SnapshotCell, Update};
-
-/// An applied update as the builder published it: `base_version` is the version it applied
-/// on top of (`None` for a first or full build). A full update is only a marker (store and
-/// version): subscribers are sent the published snapshot itself.
-#[derive(Clone, Debug)]
-pub struct Published {
-    pub base_version: Option<i64>,
-    pub update: Arc<Update>,
-}
+use crate::snapshot::SnapshotCell;
 
 const HISTORY: usize = 1024;
 const HEARTBEAT: Duration = Duration::from_secs(5);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{cache, wire};
 use crate::crypto::{Keys, Secret};
@@ -68,6 +68,93 @@ pub enum SubscriberError {
         "the control plane's master key (fingerprint {remote}) differs from this data plane's ({local}): use the control plane's --master-key-file"
     )]
     MasterKeyMismatch { remote: String, local: String },
+}
+
+/// TLS toward the control plane (an https:// URL): its CA, and a client identity for mTLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How errors name the settings (command-line flags, or the Envoy module's JSON keys).
+pub struct EndpointFields {
+    pub url: &'static str,
+    pub ca: &'static str,
+    pub cert: &'static str,
+    pub key: &'static str,
+}
+
+/// The control plane's gRPC endpoint: http:// or https:// (with TLS settings), keep-alives on
+/// so a dead control plane is noticed within seconds.
+pub fn control_plane_endpoint(
+    url: &str,
+    tls: &ClientTls,
+    f: &EndpointFields,
+) -> Result<Endpoint, String> {
+    let bad = |why: String| format!("{} {url:?}: {why}", f.url);
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("must start with http:// or https://".into()));
+    }
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+    };
+    let mut ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let ca = tls
+            .ca
+            .as_ref()
+            .ok_or_else(|| bad(format!("https:// needs {}", f.ca)))?;
+        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, f.ca)?));
+        match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => {
+                cfg = cfg.identity(Identity::from_pem(read(c, f.cert)?, read(k, f.key)?));
+            }
+            (None, None) => {}
+            _ => return Err(format!("{} and {} go together", f.cert, f.key)),
+        }
+        ep = ep.tls_config(cfg).map_err(|e| bad(e.to_string()))?;
+    } else if tls.cert.is_some() || tls.ca.is_some() {
+        return Err(bad("TLS options need an https:// control plane".into()));
+    }
+    Ok(ep)
+}
+
+/// Reports data-plane key usage (`last_used_time`) to the control plane.
+pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
+    let channel = endpoint.connect_lazy();
+    let bearer: Option<tonic::metadata::MetadataValue<_>> =
+        format!("Bearer {}", token.expose()).parse().ok();
+    Arc::new(move |batch| {
+        let mut client = SnapshotDistributionClient::new(channel.clone());
+        let bearer = bearer.clone();
+        Box::pin(async move {
+            let mut req = tonic::Request::new(pb::UsageReport {
+                items: batch
+                    .iter()
+                    .map(|(id, t)| pb::KeyUsage {
+                        consumer_key_id: id.as_bytes().to_vec(),
+                        last_used_time_us: t.0,
+                    })
+                    .collect(),
+            });
+            if let Some(b) = bearer {
+                req.metadata_mut().insert("authorization", b);
+            }
+            client
+                .report_usage(req)
+                .await
+                .map(drop)
+                .map_err(|e| e.message().to_string())
+        })
+    })
 }
 
 const CACHE_EVERY: Duration = Duration::from_secs(5);

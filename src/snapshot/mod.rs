@@ -4,10 +4,12 @@
 //! overlay of recent changes, merged into a new base only once the overlay has grown.
 //! Depends on `domain` and `crypto`; the builder (store → updates) also on `store`.
 
+#[cfg(feature = "server")]
 mod builder;
 mod index;
 mod update;
 
+#[cfg(feature = "server")]
 pub use builder::{BuildError, SnapshotBuilder, load_full_update};
 pub use index::KeyIndex;
 pub use update::{ApplyError, ConsumerRecord, ModelKeyRecord, ServiceRecord, Update};

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,8 +186,20 @@ pub async fn http_get(
         }
         req.push_str("\r\n");
         stream.write_all(req.as_bytes()).await?;
+        // Read like an HTTP client: up to the end of the message (content-length or the last
+        // chunk), not to the connection's close, which Envoy may delay after a local reply.
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if message_complete(&raw) {
+                break;
+            }
+        }
         parse_response(&raw)
     };
     tokio::time::timeout(Duration::from_secs(10), exchange)
@@ -195,6 +207,25 @@ pub async fn http_get(
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP response within 10 s")
         })?
+}
+
+/// Whether `raw` holds a whole response: headers, and a body of its content-length or up to
+/// the last chunk. Without either, the message ends with the connection.
+fn message_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    for line in head.split("\r\n") {
+        if let Some(v) = line.strip_prefix("content-length:") {
+            return v.trim().parse::<usize>().is_ok_and(|n| body.len() >= n);
+        }
+        if line.starts_with("transfer-encoding:") && line.contains("chunked") {
+            return body.ends_with(b"0\r\n\r\n");
+        }
+    }
+    false
 }
 
 fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
@@ -306,6 +337,129 @@ pub fn render_split(authz: [u16; 2], listener: u16, upstream: u16, admin: u16) -
     replace_port(f, &c, 9901, admin, 1)
 }
 
+/// What the module test Envoys need: where the control plane is and the module's files.
+#[derive(Clone, Debug)]
+pub struct ModuleFiles {
+    /// `http://host:port` of the control plane's snapshot stream.
+    pub control_plane: String,
+    pub master_key_file: PathBuf,
+    /// The module's `data_dir` (its encrypted snapshot cache).
+    pub data_dir: PathBuf,
+    pub subscriber_token_file: PathBuf,
+    /// Further `"key":value` pairs for `filter_config`, e.g. `"credential_query_param":"key"`.
+    pub extra_settings: String,
+}
+
+/// `envoy/module.yaml` (the keygate dynamic module) with its ports, and the control plane URL
+/// and paths in `filter_config`.
+pub fn render_module(m: &ModuleFiles, listener: u16, upstream: u16, admin: u16) -> String {
+    let f = "envoy/module.yaml";
+    let c = shipped_config("module.yaml");
+    let c = replace_port(f, &c, 10000, listener, 1);
+    let c = replace_port(f, &c, 8080, upstream, 4);
+    let c = replace_port(f, &c, 9901, admin, 1);
+    let c = replace_quoted(f, &c, "http://127.0.0.1:9002", &m.control_plane);
+    let c = replace_quoted(
+        f,
+        &c,
+        "/etc/keygate/master.key",
+        &m.master_key_file.display().to_string(),
+    );
+    let c = replace_quoted(
+        f,
+        &c,
+        "/var/lib/keygate-envoy",
+        &m.data_dir.display().to_string(),
+    );
+    let c = replace_quoted(
+        f,
+        &c,
+        "/etc/keygate/subscriber.token",
+        &m.subscriber_token_file.display().to_string(),
+    );
+    if m.extra_settings.is_empty() {
+        c
+    } else {
+        let token = format!("\"{}\"}}'", m.subscriber_token_file.display());
+        assert!(
+            c.contains(&token),
+            "{f}: filter_config does not end with subscriber_token_file"
+        );
+        c.replacen(
+            &token,
+            &format!(
+                "\"{}\",{}}}'",
+                m.subscriber_token_file.display(),
+                m.extra_settings
+            ),
+            1,
+        )
+    }
+}
+
+/// Replaces the one `"from"` (a JSON string inside the YAML) with `"to"`.
+fn replace_quoted(what: &str, config: &str, from: &str, to: &str) -> String {
+    let needle = format!("\"{from}\"");
+    assert_eq!(
+        config.matches(&needle).count(),
+        1,
+        "{what}: expected one {needle}"
+    );
+    config.replacen(&needle, &format!("\"{to}\""), 1)
+}
+
+/// The directory holding `libkeygate_envoy.so` for the module tests: KEYGATE_TEST_MODULE_DIR,
+/// or `target/debug` (./scripts/test builds it there with `cargo build -p keygate-envoy`).
+pub fn module_dir() -> PathBuf {
+    let dir = std::env::var("KEYGATE_TEST_MODULE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug"));
+    assert!(
+        dir.join("libkeygate_envoy.so").exists(),
+        "libkeygate_envoy.so not found in {}: run ./scripts/test (it builds the module with `cargo build -p keygate-envoy`) or set KEYGATE_TEST_MODULE_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// How a test Envoy is run beside its config.
+#[derive(Clone, Debug)]
+pub struct EnvoyRun {
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+    /// The status a credential-less request must get before Envoy counts as ready
+    /// (keygate's 401; 503 for a module that is expected to have no snapshot).
+    pub ready_status: u16,
+}
+
+impl Default for EnvoyRun {
+    fn default() -> Self {
+        EnvoyRun {
+            env: vec![],
+            args: vec![],
+            ready_status: 401,
+        }
+    }
+}
+
+impl EnvoyRun {
+    /// Envoy with the keygate module: its search path, and the module's log lines (the ABI
+    /// handshake) at info.
+    pub fn module() -> EnvoyRun {
+        EnvoyRun {
+            env: vec![(
+                "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".into(),
+                module_dir().display().to_string(),
+            )],
+            args: vec![
+                "--component-log-level".into(),
+                "dynamic_modules:info".into(),
+            ],
+            ready_status: 401,
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -366,6 +520,32 @@ impl Envoy {
     /// (bounded) until a request through it gets keygate's answer. Retries with other ports if
     /// a port picked as free was taken meanwhile.
     pub async fn start_rendered(render: impl Fn(u16, u16) -> String) -> Envoy {
+        Self::start_rendered_with(render, &EnvoyRun::default()).await
+    }
+
+    /// `envoy/module.yaml`: the keygate module fed by the control plane in `m`.
+    pub async fn start_module(m: &ModuleFiles, upstream: SocketAddr, run: &EnvoyRun) -> Envoy {
+        Self::start_rendered_with(
+            |listener, admin| render_module(m, listener, upstream.port(), admin),
+            run,
+        )
+        .await
+    }
+
+    /// Like `start_rendered`, with extra environment, arguments and readiness status.
+    pub async fn start_rendered_with(render: impl Fn(u16, u16) -> String, run: &EnvoyRun) -> Envoy {
+        match Self::try_start(render, run).await {
+            Ok(e) => e,
+            Err(e) => panic!("Envoy did not start: {e}"),
+        }
+    }
+
+    /// Starts Envoy, or reports why it did not (its stderr included): for tests of configs
+    /// Envoy must refuse.
+    pub async fn try_start(
+        render: impl Fn(u16, u16) -> String,
+        run: &EnvoyRun,
+    ) -> Result<Envoy, String> {
         let mut last_failure = String::new();
         for _attempt in 0..3 {
             let (listener_port, admin_port) = (free_port(), free_port());
@@ -384,6 +564,8 @@ impl Envoy {
                 .args(["-l", "warning"])
                 // Access log lines reach stdout promptly (the default flush interval is 10 s).
                 .args(["--file-flush-interval-msec", "50"])
+                .args(&run.args)
+                .envs(run.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -399,8 +581,8 @@ impl Envoy {
                 stderr,
                 _dir: dir,
             };
-            match envoy.wait_ready().await {
-                Ok(()) => return envoy,
+            match envoy.wait_ready(run.ready_status).await {
+                Ok(()) => return Ok(envoy),
                 Err(e) => {
                     // Stop it and read its stderr to the end before deciding what went wrong.
                     if let Some(mut c) = envoy.child.take() {
@@ -419,12 +601,12 @@ impl Envoy {
                 }
             }
         }
-        panic!("Envoy did not start: {last_failure}");
+        Err(last_failure)
     }
 
     /// Polls until a request without credentials gets keygate's 401 through Envoy (listener
     /// up, route table loaded, keygate reachable over gRPC). Bounded.
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&mut self, status: u16) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last: String;
         loop {
@@ -436,7 +618,7 @@ impl Envoy {
                 return Err(format!("Envoy exited with {status} before becoming ready"));
             }
             match http_get(self.listener, "/openai/v1/models", &[]).await {
-                Ok(r) if r.status == 401 => return Ok(()),
+                Ok(r) if r.status == status => return Ok(()),
                 Ok(r) => last = format!("HTTP {} {}", r.status, r.text()),
                 Err(e) => last = e.to_string(),
             }
@@ -494,6 +676,16 @@ impl Envoy {
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+}
+
+impl Envoy {
+    /// SIGKILL and wait for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -1,0 +1,315 @@
+//! keygate inside Envoy: an Envoy 1.40 dynamic module (`libkeygate_envoy.so`) that makes the
+//! ext_authz service's decision in-process. It calls the same code (`keygate::authz::decide`
+//! over the same snapshot type, fed by the same subscriber), so SPEC §2 has one implementation
+//! and two adapters; this one applies the decision through Envoy's filter ABI: the vendor key
+//! header set (one value), the consumer credential removed (headers and query parameter),
+//! dynamic metadata under `keygate`, or the local reply with SPEC §2's JSON body.
+//!
+//! Only `ffi` may use `unsafe`. Nothing here blocks or locks on a worker thread: the snapshot
+//! is read through an atomic pointer, counters go to Envoy's own stats.
+#![deny(unsafe_code)]
+
+mod feed;
+#[allow(unsafe_code)]
+mod ffi;
+mod settings;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use keygate::authz::decision::{Decision, DenyReason, path_without_param};
+use keygate::authz::{DecisionConfig, RequestView, decide};
+use keygate::domain::Timestamp;
+
+use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, LogLevel, Request};
+use settings::{FilterSettings, RouteSettings};
+
+/// The dynamic-metadata namespace of SPEC §2 step 7 (`%DYNAMIC_METADATA(keygate:consumer)%`).
+pub const METADATA_NAMESPACE: &str = "keygate";
+
+/// The module: what the FFI hooks dispatch to.
+pub struct Module;
+
+/// One filter config (one per listener config; all share the process's feed).
+pub struct FilterConfig {
+    feed: Arc<feed::Feed>,
+    decision: DecisionConfig,
+    /// `keygate_checks{result, reason}`.
+    checks: Option<CounterId>,
+    /// `keygate_consumer_requests{consumer, model_service}`: allowed requests by consumer.
+    consumer_requests: Option<CounterId>,
+    /// `keygate_snapshot_version`: the version workers decide from (set when it changes).
+    snapshot_version: Option<GaugeId>,
+    reported_version: AtomicI64,
+}
+
+/// A route's settings.
+pub struct RouteConfig {
+    model_service: Option<Box<str>>,
+}
+
+impl FilterModule for Module {
+    type Config = FilterConfig;
+    type PerRoute = RouteConfig;
+
+    fn program_init() -> bool {
+        logging::init();
+        true
+    }
+
+    fn new_config(
+        _name: &str,
+        config: &[u8],
+        envoy: &mut ConfigEnvoy<'_>,
+    ) -> Result<FilterConfig, String> {
+        let settings = FilterSettings::parse(config)?;
+        let decision = settings.decision()?;
+        let feed = feed::feed_for(&settings)?;
+        Ok(FilterConfig {
+            feed,
+            decision,
+            checks: envoy.define_counter("keygate_checks", &["result", "reason"]),
+            consumer_requests: envoy
+                .define_counter("keygate_consumer_requests", &["consumer", "model_service"]),
+            snapshot_version: envoy.define_gauge("keygate_snapshot_version"),
+            reported_version: AtomicI64::new(-1),
+        })
+    }
+
+    fn new_per_route(_name: &str, config: &[u8]) -> Result<RouteConfig, String> {
+        let r = RouteSettings::parse(config)?;
+        Ok(RouteConfig {
+            model_service: r.model_service.map(String::into_boxed_str),
+        })
+    }
+
+    fn on_request_headers(
+        config: &FilterConfig,
+        req: &mut Request<'_, RouteConfig>,
+        _end_of_stream: bool,
+    ) -> HeadersStatus {
+        config.check(req)
+    }
+}
+
+/// The request as `decide()` sees it.
+struct View<'r, 'a> {
+    req: &'r Request<'a, RouteConfig>,
+    route: Option<&'a RouteConfig>,
+}
+
+impl RequestView for View<'_, '_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(self.req.header(name)?).ok()
+    }
+
+    fn query(&self) -> &str {
+        self.header(":path")
+            .and_then(|p| p.split_once('?'))
+            .map(|(_, q)| q)
+            .unwrap_or("")
+    }
+
+    fn peer_ip(&self) -> Option<IpAddr> {
+        self.req.downstream_remote_ip()
+    }
+
+    fn model_service(&self) -> Option<&str> {
+        self.route?.model_service.as_deref()
+    }
+}
+
+/// A UUID as text on the stack (no allocation per request).
+fn uuid_text<'b>(id: &uuid::Uuid, buf: &'b mut [u8; 36]) -> &'b str {
+    id.hyphenated().encode_lower(buf)
+}
+
+impl FilterConfig {
+    fn check(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
+        let now = Timestamp::now();
+        let guard = self.feed.cell.load_guard();
+        let Some(snap) = guard.as_ref() else {
+            return self.deny(req, DenyReason::NotReady, None);
+        };
+        if let Some(g) = self.snapshot_version
+            && self.reported_version.load(Ordering::Relaxed) != snap.version
+        {
+            self.reported_version.store(snap.version, Ordering::Relaxed);
+            req.set_gauge(g, snap.version.max(0) as u64);
+        }
+        let route = req.per_route();
+        let decision = {
+            let view = View { req, route };
+            decide(snap, &self.decision, &view, now, |k| {
+                self.feed.hasher.hash(k)
+            })
+        };
+        let a = match decision {
+            Decision::Allow(a) => a,
+            Decision::Deny(d) => return self.deny(req, d.reason, d.key),
+        };
+        // The credential query parameter, cut from :path (allocates only when present).
+        let new_path = self
+            .decision
+            .credential_query_param
+            .as_deref()
+            .and_then(|p| {
+                let path = std::str::from_utf8(req.header(":path")?).ok()?;
+                path_without_param(path, p)
+            });
+        // Overwrite: exactly one value of the vendor header reaches the upstream.
+        req.set_header(
+            &a.service.auth_header,
+            a.model_key.header_value.expose().as_bytes(),
+        );
+        for h in &self.decision.credential_headers {
+            if h.as_str() != &*a.service.auth_header && req.header_count(h) > 0 {
+                req.remove_header(h);
+            }
+        }
+        if let Some(p) = new_path {
+            req.set_header(":path", p.as_bytes());
+        }
+        let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
+        req.set_metadata_string(METADATA_NAMESPACE, "consumer", &a.consumer.name);
+        req.set_metadata_string(
+            METADATA_NAMESPACE,
+            "consumer_id",
+            uuid_text(&a.consumer.id, &mut b1),
+        );
+        req.set_metadata_string(METADATA_NAMESPACE, "consumer_key", &a.key.name);
+        req.set_metadata_string(
+            METADATA_NAMESPACE,
+            "consumer_key_id",
+            uuid_text(&a.key.id, &mut b2),
+        );
+        req.set_metadata_string(METADATA_NAMESPACE, "model_service", &a.service.name);
+        req.set_metadata_string(METADATA_NAMESPACE, "model_key", &a.model_key.name);
+        if let Some(c) = self.checks {
+            req.increment_counter_labeled(c, &["allowed", ""], 1);
+        }
+        if let Some(c) = self.consumer_requests {
+            req.increment_counter_labeled(c, &[&a.consumer.name, &a.service.name], 1);
+        }
+        self.feed.usage.record(a.key, now);
+        HeadersStatus::Continue
+    }
+
+    fn deny(
+        &self,
+        req: &mut Request<'_, RouteConfig>,
+        reason: DenyReason,
+        key: Option<&keygate::snapshot::KeyEntry>,
+    ) -> HeadersStatus {
+        req.set_metadata_string(METADATA_NAMESPACE, "deny_reason", reason.as_str());
+        if let Some(k) = key {
+            let mut b = [0u8; 36];
+            req.set_metadata_string(METADATA_NAMESPACE, "consumer_key", &k.name);
+            req.set_metadata_string(
+                METADATA_NAMESPACE,
+                "consumer_key_id",
+                uuid_text(&k.id, &mut b),
+            );
+        }
+        if let Some(c) = self.checks {
+            req.increment_counter_labeled(c, &["denied", reason.as_str()], 1);
+        }
+        if ffi::log_enabled(LogLevel::Debug) {
+            let request_id = req
+                .header("x-request-id")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or("")
+                .to_string();
+            ffi::log(
+                LogLevel::Debug,
+                &format!(
+                    "keygate: check denied reason={} consumer_key={} x_request_id={request_id}",
+                    reason.as_str(),
+                    key.map(|k| &*k.name).unwrap_or("")
+                ),
+            );
+        }
+        req.send_local_reply(
+            reason.http_status() as u32,
+            &[("content-type", "application/json")],
+            reason.body().as_bytes(),
+            reason.as_str(),
+        );
+        HeadersStatus::StopIteration
+    }
+}
+
+/// `tracing` events of the shared keygate code (the subscriber, the cache) go to Envoy's log.
+mod logging {
+    use std::io::Write;
+
+    use tracing::Level;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use crate::ffi::{LogLevel, log};
+
+    /// One event's text, written to Envoy's log at the event's level when dropped.
+    pub struct EnvoyLine {
+        level: LogLevel,
+        buf: Vec<u8>,
+    }
+
+    impl Write for EnvoyLine {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.buf.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for EnvoyLine {
+        fn drop(&mut self) {
+            let text = String::from_utf8_lossy(&self.buf);
+            let text = text.trim_end();
+            if !text.is_empty() {
+                log(self.level, &format!("keygate: {text}"));
+            }
+        }
+    }
+
+    pub struct EnvoyLog;
+
+    impl<'a> MakeWriter<'a> for EnvoyLog {
+        type Writer = EnvoyLine;
+        fn make_writer(&'a self) -> EnvoyLine {
+            EnvoyLine {
+                level: LogLevel::Info,
+                buf: Vec::new(),
+            }
+        }
+        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> EnvoyLine {
+            let level = match *meta.level() {
+                Level::ERROR => LogLevel::Error,
+                Level::WARN => LogLevel::Warn,
+                Level::INFO => LogLevel::Info,
+                Level::DEBUG => LogLevel::Debug,
+                Level::TRACE => LogLevel::Trace,
+            };
+            EnvoyLine {
+                level,
+                buf: Vec::new(),
+            }
+        }
+    }
+
+    /// Installs the forwarding subscriber (once per process; info and above).
+    pub fn init() {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(EnvoyLog)
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_level(false)
+            .with_max_level(Level::INFO)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
+}

@@ -1,0 +1,149 @@
+//! The module's configuration as operators write it in Envoy YAML: the filter's
+//! `filter_config` (a JSON object in a `google.protobuf.StringValue`) and each route's
+//! `{"model_service": …}`. Unknown keys and bad values refuse Envoy's config load with a
+//! message naming the key.
+
+use std::path::PathBuf;
+
+use keygate::authz::{ClientIpSource, DecisionConfig};
+use keygate::distribution::subscriber::ClientTls;
+use serde::Deserialize;
+
+/// The filter-level `filter_config`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSettings {
+    /// The control plane's snapshot stream, e.g. `http://127.0.0.1:9002`.
+    pub control_plane: String,
+    /// The control plane's master key (decrypts model keys and the cache).
+    pub master_key_file: PathBuf,
+    /// Where the encrypted last-good snapshot is kept.
+    pub data_dir: PathBuf,
+    /// The subscriber token; `KEYGATE_SUBSCRIBER_TOKEN` in Envoy's environment otherwise.
+    #[serde(default)]
+    pub subscriber_token_file: Option<PathBuf>,
+    /// Headers carrying the consumer key, in order (default authorization, x-api-key, api-key).
+    #[serde(default)]
+    pub credential_headers: Option<Vec<String>>,
+    /// A query parameter carrying the consumer key (off unless set).
+    #[serde(default)]
+    pub credential_query_param: Option<String>,
+    /// `peer` (default) or `xff:N`.
+    #[serde(default)]
+    pub client_ip_from: Option<String>,
+    /// TLS toward an https:// control plane.
+    #[serde(default)]
+    pub control_plane_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl FilterSettings {
+    /// Parses and checks `filter_config`; errors name the key.
+    pub fn parse(bytes: &[u8]) -> Result<FilterSettings, String> {
+        let s: FilterSettings =
+            serde_json::from_slice(bytes).map_err(|e| format!("keygate filter_config: {e}"))?;
+        if s.control_plane.is_empty() {
+            return Err("keygate filter_config: control_plane must not be empty".into());
+        }
+        s.decision()?;
+        Ok(s)
+    }
+
+    /// The decision settings (credential sources, client address).
+    pub fn decision(&self) -> Result<DecisionConfig, String> {
+        let client_ip: ClientIpSource = match &self.client_ip_from {
+            None => ClientIpSource::Peer,
+            Some(v) => v
+                .parse()
+                .map_err(|e| format!("keygate filter_config: client_ip_from: {e}"))?,
+        };
+        let headers = self
+            .credential_headers
+            .clone()
+            .unwrap_or_else(|| DecisionConfig::default().credential_headers);
+        DecisionConfig::new(&headers, self.credential_query_param.clone(), client_ip)
+            .map_err(|(field, why)| format!("keygate filter_config: {field}: {why}"))
+    }
+
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.control_plane_ca.clone(),
+            cert: self.client_cert.clone(),
+            key: self.client_key.clone(),
+        }
+    }
+}
+
+/// A route's `typed_per_filter_config`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// The model service this route's requests are authorized for (SPEC §2 step 4).
+    #[serde(default)]
+    pub model_service: Option<String>,
+}
+
+impl RouteSettings {
+    pub fn parse(bytes: &[u8]) -> Result<RouteSettings, String> {
+        let r: RouteSettings = serde_json::from_slice(bytes)
+            .map_err(|e| format!("keygate per-route filter_config: {e}"))?;
+        if r.model_service.as_deref() == Some("") {
+            return Err(
+                "keygate per-route filter_config: model_service must not be empty (omit it to refuse the route)"
+                    .into(),
+            );
+        }
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_errors_name_the_key() {
+        let ok =
+            br#"{"control_plane":"http://127.0.0.1:9002","master_key_file":"/k","data_dir":"/d"}"#;
+        let s = FilterSettings::parse(ok).unwrap();
+        assert_eq!(
+            s.decision().unwrap().credential_headers,
+            vec!["authorization", "x-api-key", "api-key"]
+        );
+        for (bad, names) in [
+            (&br#"{"master_key_file":"/k","data_dir":"/d"}"#[..], "control_plane"),
+            (
+                br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","colour":1}"#,
+                "colour",
+            ),
+            (
+                br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","client_ip_from":"xff:0"}"#,
+                "client_ip_from",
+            ),
+            (
+                br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","credential_headers":["a b"]}"#,
+                "credential_headers",
+            ),
+            (b"not json", "filter_config"),
+        ] {
+            let e = FilterSettings::parse(bad).unwrap_err();
+            assert!(e.contains(names), "{names} in {e}");
+        }
+        assert!(RouteSettings::parse(br#"{"model_service":""}"#).is_err());
+        assert!(
+            RouteSettings::parse(br#"{"model_servce":"x"}"#)
+                .unwrap_err()
+                .contains("model_servce")
+        );
+        assert_eq!(
+            RouteSettings::parse(br#"{"model_service":"openai"}"#)
+                .unwrap()
+                .model_service
+                .as_deref(),
+            Some("openai")
+        );
+    }
+}
