@@ -660,9 +660,6 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     })
 }
 
-/// Sends a data plane's last-used batches to its control plane (authenticated like the
-/// subscription).
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

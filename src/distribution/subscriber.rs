@@ -127,7 +127,8 @@ pub fn control_plane_endpoint(
     Ok(ep)
 }
 
-/// Reports data-plane key usage (`last_used_time`) to the control plane.
+/// Sends a data plane's last-used batches to its control plane (authenticated like the
+/// subscription).
 pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
     let channel = endpoint.connect_lazy();
     let bearer: Option<tonic::metadata::MetadataValue<_>> =
