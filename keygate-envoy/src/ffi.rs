@@ -31,6 +31,9 @@ type ModulePerRoute = <M as FilterModule>::PerRoute;
 /// "Dynamic module ABI version v0.2.0 matched" for an exact match.
 const ABI_VERSION: &CStr = c"v0.2.0";
 
+/// Most headers a local reply may carry (kept on the stack).
+pub const MAX_REPLY_HEADERS: usize = 8;
+
 /// Most label names a counter may have (label buffers are built on the stack, no allocation).
 pub const MAX_COUNTER_LABELS: usize = 8;
 
@@ -633,15 +636,30 @@ impl<'a, P> Request<'a, P> {
         } else {
             details
         };
-        let raw_headers: Vec<ModuleHttpHeader> = headers
-            .iter()
-            .map(|(k, v)| ModuleHttpHeader {
+        // On the stack: a worker thread allocates nothing it can avoid.
+        let empty = ModuleHttpHeader {
+            key_ptr: ptr::null(),
+            key_length: 0,
+            value_ptr: ptr::null(),
+            value_length: 0,
+        };
+        let mut raw = [empty; MAX_REPLY_HEADERS];
+        if headers.len() > MAX_REPLY_HEADERS {
+            log(
+                LogLevel::Error,
+                "keygate: local reply with too many headers; extra headers dropped",
+            );
+        }
+        let n = headers.len().min(MAX_REPLY_HEADERS);
+        for (slot, (k, v)) in raw.iter_mut().zip(headers) {
+            *slot = ModuleHttpHeader {
                 key_ptr: k.as_ptr().cast(),
                 key_length: k.len(),
                 value_ptr: v.as_ptr().cast(),
                 value_length: v.len(),
-            })
-            .collect();
+            };
+        }
+        let raw_headers = &raw[..n];
         self.replied = true;
         // SAFETY: `self.raw` is the live filter_envoy_ptr; `raw_headers` holds `len()` initialized
         // headers whose pointers borrow `headers`, and body/details borrow live data, all for the
