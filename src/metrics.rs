@@ -3,14 +3,17 @@
 //! Names and labels are the contract operators build dashboards on (SPEC §6).
 //! The hot path only touches pre-resolved handles: no lock, allocation or label formatting.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::SystemTime;
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::authz::DenyReason;
+use crate::distribution::SubscriberStatus;
+use crate::snapshot::SnapshotCell;
 
 /// Every metric keygate exports.
 #[cfg_attr(not(feature = "server"), allow(dead_code))]
@@ -172,107 +175,118 @@ impl Metrics {
 /// The process's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
+/// What `/readyz` and the gauges read at scrape time.
+#[derive(Clone, Default)]
+pub struct HealthSources {
+    pub cell: SnapshotCell,
+    pub subscriber: Option<Arc<SubscriberStatus>>,
+    pub subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
+}
+
+impl HealthSources {
+    pub fn new(
+        cell: SnapshotCell,
+        subscriber: Option<Arc<SubscriberStatus>>,
+        subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
+    ) -> Self {
+        let m = &*METRICS;
+        // Role-specific gauges appear only where they mean something.
+        if subscribers.is_some() {
+            let _ = m.registry.register(Box::new(m.subscribers.clone()));
+        }
+        if subscriber.is_some() {
+            let _ = m.registry.register(Box::new(m.staleness.clone()));
+        }
+        HealthSources {
+            cell,
+            subscriber,
+            subscribers,
+        }
+    }
+
+    pub fn refresh_gauges(&self) {
+        let m = &*METRICS;
+        if let Some(s) = self.cell.load() {
+            m.snapshot_version.set(s.version);
+            m.snapshot_age.set(
+                SystemTime::now()
+                    .duration_since(s.build_time)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+            );
+            m.snapshot_build.set(s.build_duration.as_secs_f64());
+            let c = s.counts();
+            m.snapshot_entries
+                .with_label_values(&["consumer_key"])
+                .set(c.consumer_keys as i64);
+            m.snapshot_entries
+                .with_label_values(&["consumer"])
+                .set(c.consumers as i64);
+            m.snapshot_entries
+                .with_label_values(&["model_service"])
+                .set(c.model_services as i64);
+            m.snapshot_entries
+                .with_label_values(&["model_key"])
+                .set(c.model_keys as i64);
+        }
+        if let Some(f) = &self.subscribers {
+            m.subscribers.set(f());
+        }
+        if let Some(st) = &self.subscriber
+            && let Some(s) = st.staleness()
+        {
+            m.staleness.set(s);
+        }
+    }
+}
+
+impl HealthSources {
+    /// The Prometheus text exposition of every metric (gauges refreshed first).
+    pub fn render(&self) -> Vec<u8> {
+        self.refresh_gauges();
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf);
+        buf
+    }
+
+    /// `/readyz`: Ok with the snapshot version (and staleness), or why not ready.
+    pub fn ready(&self) -> Result<String, String> {
+        match self.cell.load() {
+            Some(s) => {
+                let staleness = self
+                    .subscriber
+                    .as_ref()
+                    .and_then(|st| st.staleness())
+                    .map(|s| format!(" staleness_seconds={s:.1}"))
+                    .unwrap_or_default();
+                Ok(format!("ready version={}{staleness}\n", s.version))
+            }
+            None => Err(
+                "not ready: no snapshot yet (waiting for the store or the control plane)\n".into(),
+            ),
+        }
+    }
+}
+
 #[cfg(feature = "server")]
-pub use http::{HealthSources, serve};
+pub use http::serve;
 
 /// `/metrics`, `/healthz` and `/readyz` over HTTP (servers only).
 #[cfg(feature = "server")]
 mod http {
-    use std::sync::Arc;
-    use std::time::SystemTime;
-
     use axum::Router;
     use axum::extract::State;
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
     use axum::routing::get;
 
-    use prometheus::{Encoder, TextEncoder};
-
-    use super::METRICS;
-    use crate::distribution::SubscriberStatus;
-    use crate::snapshot::SnapshotCell;
-
-    /// What `/readyz` and the gauges read at scrape time.
-    #[derive(Clone, Default)]
-    pub struct HealthSources {
-        pub cell: SnapshotCell,
-        pub subscriber: Option<Arc<SubscriberStatus>>,
-        pub subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
-    }
-
-    impl HealthSources {
-        pub fn new(
-            cell: SnapshotCell,
-            subscriber: Option<Arc<SubscriberStatus>>,
-            subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
-        ) -> Self {
-            let m = &*METRICS;
-            // Role-specific gauges appear only where they mean something.
-            if subscribers.is_some() {
-                let _ = m.registry.register(Box::new(m.subscribers.clone()));
-            }
-            if subscriber.is_some() {
-                let _ = m.registry.register(Box::new(m.staleness.clone()));
-            }
-            HealthSources {
-                cell,
-                subscriber,
-                subscribers,
-            }
-        }
-
-        fn refresh_gauges(&self) {
-            let m = &*METRICS;
-            if let Some(s) = self.cell.load() {
-                m.snapshot_version.set(s.version);
-                m.snapshot_age.set(
-                    SystemTime::now()
-                        .duration_since(s.build_time)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or(0.0),
-                );
-                m.snapshot_build.set(s.build_duration.as_secs_f64());
-                let c = s.counts();
-                m.snapshot_entries
-                    .with_label_values(&["consumer_key"])
-                    .set(c.consumer_keys as i64);
-                m.snapshot_entries
-                    .with_label_values(&["consumer"])
-                    .set(c.consumers as i64);
-                m.snapshot_entries
-                    .with_label_values(&["model_service"])
-                    .set(c.model_services as i64);
-                m.snapshot_entries
-                    .with_label_values(&["model_key"])
-                    .set(c.model_keys as i64);
-            }
-            if let Some(f) = &self.subscribers {
-                m.subscribers.set(f());
-            }
-            if let Some(st) = &self.subscriber
-                && let Some(s) = st.staleness()
-            {
-                m.staleness.set(s);
-            }
-        }
-    }
+    use super::HealthSources;
 
     async fn metrics(State(h): State<HealthSources>) -> impl IntoResponse {
-        h.refresh_gauges();
-        let mut buf = Vec::new();
-        let enc = TextEncoder::new();
-        if enc.encode(&METRICS.registry.gather(), &mut buf).is_err() {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                [(header::CONTENT_TYPE, "text/plain")],
-                Vec::new(),
-            );
-        }
         (
             StatusCode::OK,
             [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            buf,
+            h.render(),
         )
     }
 
@@ -281,24 +295,9 @@ mod http {
     }
 
     async fn readyz(State(h): State<HealthSources>) -> impl IntoResponse {
-        match h.cell.load() {
-            Some(s) => {
-                let staleness = h
-                    .subscriber
-                    .as_ref()
-                    .and_then(|st| st.staleness())
-                    .map(|s| format!(" staleness_seconds={s:.1}"))
-                    .unwrap_or_default();
-                (
-                    StatusCode::OK,
-                    format!("ready version={}{staleness}\n", s.version),
-                )
-            }
-            None => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no snapshot yet (waiting for the store or the control plane)\n"
-                    .to_string(),
-            ),
+        match h.ready() {
+            Ok(text) => (StatusCode::OK, text),
+            Err(text) => (StatusCode::SERVICE_UNAVAILABLE, text),
         }
     }
 

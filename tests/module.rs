@@ -2,7 +2,8 @@
 //! handshake, config errors refusing Envoy's load, fail static with the control plane down
 //! (and across an Envoy restart, from the module's cache), catching up when it returns, 503
 //! `keygate_not_ready` with nothing to decide from, no plaintext key in the module's cache or
-//! Envoy's output, decisions counted in Envoy's stats, and a `.so` without the store.
+//! Envoy's output, decisions counted on the module's `/metrics` and in Envoy's stats, and a
+//! `.so` without the store.
 
 mod common;
 
@@ -75,9 +76,25 @@ async fn wait_status(envoy: &Envoy, key: &str, status: u16, what: &str) {
     .await;
 }
 
+/// The value of the sample of `name` whose labels include every `labels` pair (0 if none).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_module_loads_with_a_matched_abi_and_counts_its_decisions_in_envoy_stats() {
-    let setup = Setup::start().await;
+async fn the_module_loads_with_a_matched_abi_and_counts_its_decisions() {
+    let mut setup = Setup::start().await;
+    let metrics_port = common::envoy::free_port();
+    setup.files.extra_settings = format!("\"metrics_addr\":\"127.0.0.1:{metrics_port}\"");
     let (_admin, key) = setup.provision().await;
     let upstream = Upstream::start().await;
     let envoy = Envoy::start_module(&setup.files, upstream.addr, &EnvoyRun::module()).await;
@@ -100,21 +117,38 @@ async fn the_module_loads_with_a_matched_abi_and_counts_its_decisions_in_envoy_s
             401
         );
     }
-    let stats = envoy.admin_get("/stats").await;
-    let stat = |name: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} not in Envoy's /stats:\n{stats}"))
+
+    // keygate's own metrics, as `keygate authz` names them, from the module's thread.
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let text = http_get(metrics, "/metrics", &[]).await.unwrap().text();
+    let checks = |result, reason| {
+        sample(
+            &text,
+            "keygate_checks_total",
+            &[("result", result), ("reason", reason)],
+        )
     };
-    assert!(stat("dynamicmodulescustom.keygate_checks.result.allowed.reason.") >= 1);
-    assert!(stat("dynamicmodulescustom.keygate_checks.result.denied.reason.unknown_key") >= 3);
+    assert!(checks("allowed", "ok") >= 1.0, "{text}");
+    assert!(checks("denied", "unknown_key") >= 3.0, "{text}");
     assert!(
-        stat(
-            "dynamicmodulescustom.keygate_consumer_requests.consumer.billing-app.model_service.openai"
-        ) >= 1
+        sample(
+            &text,
+            "keygate_consumer_requests_total",
+            &[("consumer", "billing-app"), ("model_service", "openai")]
+        ) >= 1.0,
+        "{text}"
     );
+    assert!(sample(&text, "keygate_check_duration_seconds_count", &[]) >= 4.0);
+    assert!(
+        sample(&text, "keygate_snapshot_version", &[]) >= 1.0,
+        "{text}"
+    );
+    let ready = http_get(metrics, "/readyz", &[]).await.unwrap();
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().starts_with("ready version="));
+    // And plain totals in Envoy's own stats.
+    assert!(envoy.stat("dynamicmodulescustom.keygate_allowed").await >= 1);
+    assert!(envoy.stat("dynamicmodulescustom.keygate_denied").await >= 3);
 
     // What `cargo build -p keygate-envoy` links: the data-plane core, not the store, the
     // admin API or keygate's servers (their crates and source paths are absent).

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use keygate::crypto::{KeyHasher, MasterKey, Secret};
 use keygate::distribution::subscriber::{
-    ClientTls, EndpointFields, Subscriber, SubscriberConfig, control_plane_endpoint, usage_sink,
+    ClientTls, EndpointFields, Subscriber, SubscriberConfig, SubscriberStatus,
+    control_plane_endpoint, usage_sink,
 };
+use keygate::metrics::HealthSources;
 use keygate::snapshot::SnapshotCell;
 use keygate::usage::UsageRecorder;
 
@@ -28,6 +30,7 @@ struct FeedKey {
     data_dir: PathBuf,
     subscriber_token_file: Option<PathBuf>,
     tls: ClientTls,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A running subscription and what the filter reads from it.
@@ -57,15 +60,20 @@ pub fn feed_for(settings: &FilterSettings) -> Result<Arc<Feed>, String> {
         data_dir: settings.data_dir.clone(),
         subscriber_token_file: settings.subscriber_token_file.clone(),
         tls: settings.tls(),
+        metrics_addr: settings.metrics_addr,
     };
     let mut feeds = FEEDS.lock().unwrap_or_else(|p| p.into_inner());
     feeds.retain(|w| w.strong_count() > 0);
-    if let Some(f) = feeds
-        .iter()
-        .filter_map(Weak::upgrade)
-        .find(|f| f.key == key)
-    {
-        return Ok(f);
+    let live: Vec<Arc<Feed>> = feeds.iter().filter_map(Weak::upgrade).collect();
+    if let Some(f) = live.iter().find(|f| f.key == key) {
+        return Ok(f.clone());
+    }
+    // Two subscriptions must never write one cache file.
+    if live.iter().any(|f| f.key.data_dir == key.data_dir) {
+        return Err(format!(
+            "keygate filter_config: data_dir {} is already used by a keygate filter config with other control_plane, token or TLS settings: give each its own data_dir (or restart Envoy to change them)",
+            key.data_dir.display()
+        ));
     }
     let feed = Arc::new(start(key)?);
     feeds.push(Arc::downgrade(&feed));
@@ -135,22 +143,35 @@ fn start(key: FeedKey) -> Result<Feed, String> {
     )?;
 
     let cell = SnapshotCell::new();
-    let subscriber = Subscriber::new(
-        SubscriberConfig {
+    let status = Arc::new(SubscriberStatus::default());
+    let metrics_listener = match key.metrics_addr {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .map_err(|e| format!("keygate filter_config: metrics_addr {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let health = HealthSources::new(cell.clone(), Some(status.clone()), None);
+    let make_subscriber = {
+        let cfg = SubscriberConfig {
             endpoint: endpoint.clone(),
             token: Arc::new(token.clone()),
             data_dir: key.data_dir.clone(),
             name: format!("envoy-module@{}", hostname()),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
-        },
-        cell.clone(),
-        keys.clone(),
-        fingerprint,
-    );
+        };
+        let (cell, keys, status) = (cell.clone(), keys.clone(), status.clone());
+        move || {
+            let mut s =
+                Subscriber::new(cfg.clone(), cell.clone(), keys.clone(), fingerprint.clone());
+            s.status = status.clone();
+            s
+        }
+    };
     // The cache is read before Envoy takes traffic on this config: after a restart with the
     // control plane down, the first request is already decided from the last good snapshot.
-    if let Some(v) = subscriber.load_cache() {
+    if let Some(v) = make_subscriber().load_cache() {
         crate::ffi::log(
             crate::ffi::LogLevel::Info,
             &format!(
@@ -191,13 +212,48 @@ fn start(key: FeedKey) -> Result<Feed, String> {
                 );
                 let _ = ready_tx.send(recorder);
                 let flusher = tokio::spawn(flusher);
-                if let Err(e) = subscriber.run(stopped()).await {
-                    // A different master key: keep serving what we have, never anything else.
-                    crate::ffi::log(
-                        crate::ffi::LogLevel::Critical,
-                        &format!("keygate: snapshot feed stopped: {e}"),
-                    );
-                    stopped().await;
+                if let Some(l) = metrics_listener {
+                    match l
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(l))
+                    {
+                        Ok(l) => {
+                            tokio::spawn(crate::http::serve(l, health, stopped()));
+                        }
+                        Err(e) => crate::ffi::log(
+                            crate::ffi::LogLevel::Error,
+                            &format!("keygate: metrics listener unusable: {e}"),
+                        ),
+                    }
+                }
+                loop {
+                    // On its own task, so a panic in it is caught here (the served snapshot
+                    // stays) and the subscription starts over instead of freezing for good.
+                    match tokio::spawn(make_subscriber().run(stopped())).await {
+                        Ok(Ok(())) => break, // stopped
+                        Ok(Err(e)) => {
+                            // A different master key: keep serving what we have, never
+                            // anything else.
+                            crate::ffi::log(
+                                crate::ffi::LogLevel::Critical,
+                                &format!("keygate: snapshot feed stopped: {e}"),
+                            );
+                            stopped().await;
+                            break;
+                        }
+                        Err(e) => {
+                            crate::ffi::log(
+                                crate::ffi::LogLevel::Critical,
+                                &format!(
+                                    "keygate: snapshot feed failed ({e}); restarting it in 1 s"
+                                ),
+                            );
+                            tokio::select! {
+                                _ = stopped() => break,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
                 }
                 let _ = flusher.await;
             });

@@ -502,7 +502,8 @@ impl<'a, P> Request<'a, P> {
 
     /// Replaces every value of a request header with `value`: the upstream receives exactly one.
     /// An empty `value` removes the header instead (Envoy's rule for this callback).
-    pub fn set_header(&mut self, name: &str, value: &[u8]) {
+    #[must_use = "a header that was not set must fail the request closed"]
+    pub fn set_header(&mut self, name: &str, value: &[u8]) -> bool {
         // SAFETY: `self.raw` is the live filter_envoy_ptr; both buffers borrow live data for the
         // call and Envoy copies them (setCopy). `&mut self` guarantees no borrowed header bytes
         // from `header()` are alive across this mutation.
@@ -517,13 +518,15 @@ impl<'a, P> Request<'a, P> {
         if !ok {
             log(
                 LogLevel::Warn,
-                "keygate: request headers unavailable; set_header ignored",
+                "keygate: request headers unavailable; set_header failed",
             );
         }
+        ok
     }
 
     /// Removes every value of a request header (set_header with a null value).
-    pub fn remove_header(&mut self, name: &str) {
+    #[must_use = "a credential that was not removed must fail the request closed"]
+    pub fn remove_header(&mut self, name: &str) -> bool {
         let null_value = ModuleBuffer {
             ptr: ptr::null(),
             length: 0,
@@ -535,7 +538,7 @@ impl<'a, P> Request<'a, P> {
                 abi::HEADER_TYPE_REQUEST_HEADER,
                 module_buffer(name.as_bytes()),
                 null_value,
-            );
+            )
         }
     }
 

@@ -12,6 +12,7 @@
 mod feed;
 #[allow(unsafe_code)]
 mod ffi;
+mod http;
 mod settings;
 
 use std::net::IpAddr;
@@ -21,12 +22,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use keygate::authz::decision::{Decision, DenyReason, path_without_param};
 use keygate::authz::{DecisionConfig, RequestView, decide};
 use keygate::domain::Timestamp;
+use keygate::metrics::METRICS;
 
 use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, LogLevel, Request};
 use settings::{FilterSettings, RouteSettings};
 
 /// The dynamic-metadata namespace of SPEC §2 step 7 (`%DYNAMIC_METADATA(keygate:consumer)%`).
 pub const METADATA_NAMESPACE: &str = "keygate";
+
+/// The body of a 500 when the request could not be edited safely.
+const INTERNAL_ERROR_BODY: &str =
+    r#"{"error":{"message":"internal error","type":"internal_error","code":"keygate_internal"}}"#;
 
 /// The module: what the FFI hooks dispatch to.
 pub struct Module;
@@ -35,10 +41,11 @@ pub struct Module;
 pub struct FilterConfig {
     feed: Arc<feed::Feed>,
     decision: DecisionConfig,
-    /// `keygate_checks{result, reason}`.
-    checks: Option<CounterId>,
-    /// `keygate_consumer_requests{consumer, model_service}`: allowed requests by consumer.
-    consumer_requests: Option<CounterId>,
+    /// Envoy stats `keygate_allowed` / `keygate_denied` (plain counters: an atomic add).
+    /// The full breakdown — by reason, per consumer, check latency — is keygate's own
+    /// `/metrics` on `metrics_addr`, as `keygate authz` exports it.
+    allowed: Option<CounterId>,
+    denied: Option<CounterId>,
     /// `keygate_snapshot_version`: the version workers decide from (set when it changes).
     snapshot_version: Option<GaugeId>,
     reported_version: AtomicI64,
@@ -69,9 +76,8 @@ impl FilterModule for Module {
         Ok(FilterConfig {
             feed,
             decision,
-            checks: envoy.define_counter("keygate_checks", &["result", "reason"]),
-            consumer_requests: envoy
-                .define_counter("keygate_consumer_requests", &["consumer", "model_service"]),
+            allowed: envoy.define_counter("keygate_allowed", &[]),
+            denied: envoy.define_counter("keygate_denied", &[]),
             snapshot_version: envoy.define_gauge("keygate_snapshot_version"),
             reported_version: AtomicI64::new(-1),
         })
@@ -127,6 +133,15 @@ fn uuid_text<'b>(id: &uuid::Uuid, buf: &'b mut [u8; 36]) -> &'b str {
 
 impl FilterConfig {
     fn check(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
+        let started = std::time::Instant::now();
+        let status = self.decide_and_apply(req);
+        METRICS
+            .check_duration
+            .observe(started.elapsed().as_secs_f64());
+        status
+    }
+
+    fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
         let now = Timestamp::now();
         let guard = self.feed.cell.load_guard();
         let Some(snap) = guard.as_ref() else {
@@ -158,18 +173,29 @@ impl FilterConfig {
                 let path = std::str::from_utf8(req.header(":path")?).ok()?;
                 path_without_param(path, p)
             });
-        // Overwrite: exactly one value of the vendor header reaches the upstream.
-        req.set_header(
+        // Overwrite: exactly one value of the vendor header reaches the upstream. If Envoy
+        // refuses any of these edits the consumer key could travel on: fail closed.
+        let mut edited = req.set_header(
             &a.service.auth_header,
             a.model_key.header_value.expose().as_bytes(),
         );
         for h in &self.decision.credential_headers {
             if h.as_str() != &*a.service.auth_header && req.header_count(h) > 0 {
-                req.remove_header(h);
+                edited &= req.remove_header(h);
             }
         }
         if let Some(p) = new_path {
-            req.set_header(":path", p.as_bytes());
+            edited &= req.set_header(":path", p.as_bytes());
+        }
+        if !edited {
+            METRICS.error();
+            req.send_local_reply(
+                500,
+                &[("content-type", "application/json")],
+                INTERNAL_ERROR_BODY.as_bytes(),
+                "keygate_header_edit_failed",
+            );
+            return HeadersStatus::StopIteration;
         }
         let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
         req.set_metadata_string(METADATA_NAMESPACE, "consumer", &a.consumer.name);
@@ -186,11 +212,14 @@ impl FilterConfig {
         );
         req.set_metadata_string(METADATA_NAMESPACE, "model_service", &a.service.name);
         req.set_metadata_string(METADATA_NAMESPACE, "model_key", &a.model_key.name);
-        if let Some(c) = self.checks {
-            req.increment_counter_labeled(c, &["allowed", ""], 1);
+        METRICS.allowed();
+        if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
+            METRICS.consumer_counter(&a.consumer.name, &a.service.name)
+        }) {
+            c.inc();
         }
-        if let Some(c) = self.consumer_requests {
-            req.increment_counter_labeled(c, &[&a.consumer.name, &a.service.name], 1);
+        if let Some(c) = self.allowed {
+            req.increment_counter(c, 1);
         }
         self.feed.usage.record(a.key, now);
         HeadersStatus::Continue
@@ -212,8 +241,9 @@ impl FilterConfig {
                 uuid_text(&k.id, &mut b),
             );
         }
-        if let Some(c) = self.checks {
-            req.increment_counter_labeled(c, &["denied", reason.as_str()], 1);
+        METRICS.denied(reason);
+        if let Some(c) = self.denied {
+            req.increment_counter(c, 1);
         }
         if ffi::log_enabled(LogLevel::Debug) {
             let request_id = req

@@ -38,6 +38,10 @@ pub struct FilterSettings {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// Where the module's thread serves `/metrics` (Prometheus; the same metric names as
+    /// `keygate authz`), `/healthz` and `/readyz`, e.g. `127.0.0.1:9103`. Off unless set.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl FilterSettings {

@@ -385,6 +385,7 @@ pub fn path_without_param(path: &str, param: &str) -> Option<String> {
         return None;
     }
     let kept: Vec<&str> = kept.into_iter().filter(|p| !p.is_empty()).collect();
+    let base = if base.is_empty() { "/" } else { base };
     Some(if kept.is_empty() {
         base.to_string()
     } else {

@@ -1319,6 +1319,11 @@ fn the_credential_parameter_is_cut_from_the_path_and_nothing_else() {
         Some("/v1/chat?z"),
         "an encoded name is the same parameter"
     );
+    assert_eq!(
+        path_without_param("?key=x", "key").as_deref(),
+        Some("/"),
+        "never an empty :path"
+    );
     assert_eq!(path_without_param("/v1/chat?keys=x", "key"), None);
     assert_eq!(path_without_param("/v1/chat", "key"), None);
 }

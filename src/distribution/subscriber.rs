@@ -121,7 +121,7 @@ pub fn control_plane_endpoint(
             _ => return Err(format!("{} and {} go together", f.cert, f.key)),
         }
         ep = ep.tls_config(cfg).map_err(|e| bad(e.to_string()))?;
-    } else if tls.cert.is_some() || tls.ca.is_some() {
+    } else if tls.cert.is_some() || tls.key.is_some() || tls.ca.is_some() {
         return Err(bad("TLS options need an https:// control plane".into()));
     }
     Ok(ep)

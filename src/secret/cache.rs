@@ -31,9 +31,20 @@ struct Entry {
     fetched: Option<Instant>,
     /// When the last attempt (good or bad) was made.
     attempted: Instant,
-    /// A changed value not yet committed to the store: the next success reports a change.
-    unapplied: bool,
+    /// The value the snapshot builder last put into a published snapshot (model keys): the
+    /// background refresh compares a new read with this, not with `value`, which admin
+    /// requests and failed commits may have updated.
+    applied: Option<Secret>,
     status: SecretStatus,
+}
+
+/// What a successful read found, against the value held before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The first successful read of this reference in this process.
+    First,
+    Changed,
+    Same,
 }
 
 struct Inner {
@@ -149,20 +160,23 @@ impl Secrets {
             })
     }
 
-    /// Records a successful read. True when the value differs from the one held before (or
-    /// none was held): the snapshot must change.
-    pub fn record_success(&self, r: &SecretRef, value: &Secret) -> bool {
+    /// Records a successful read and how it compares with the value held before.
+    pub fn record_success(&self, r: &SecretRef, value: &Secret) -> Read {
         let now = Instant::now();
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
         let e = entries.entry(r.clone()).or_insert_with(|| Entry {
             value: None,
             fetched: None,
             attempted: now,
-            unapplied: false,
+            applied: None,
             status: SecretStatus::default(),
         });
-        let changed = e.value.as_ref() != Some(value) || std::mem::take(&mut e.unapplied);
-        if changed {
+        let read = match &e.value {
+            None => Read::First,
+            Some(v) if v != value => Read::Changed,
+            Some(_) => Read::Same,
+        };
+        if read != Read::Same {
             e.value = Some(value.clone());
         }
         e.fetched = Some(now);
@@ -171,7 +185,7 @@ impl Secrets {
             last_refresh_time: Some(Timestamp::now()),
             last_error: String::new(),
         };
-        changed
+        read
     }
 
     /// Records a failed read: the last good value stays; the failure is counted, logged (by
@@ -195,19 +209,28 @@ impl Secrets {
             value: None,
             fetched: None,
             attempted: now,
-            unapplied: false,
+            applied: None,
             status: SecretStatus::default(),
         });
         e.attempted = now;
         e.status.last_error = message;
     }
 
-    /// The value read last could not be applied: report it as a change again next time.
-    pub fn mark_unapplied(&self, r: &SecretRef) {
+    /// The snapshot builder put `value` into a snapshot it published.
+    pub fn mark_applied(&self, r: &SecretRef, value: &Secret) {
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
         if let Some(e) = entries.get_mut(r) {
-            e.unapplied = true;
+            e.applied = Some(value.clone());
         }
+    }
+
+    /// Whether `value` differs from what the last published snapshot holds for `r` (true
+    /// when nothing was published for it).
+    pub fn differs_from_applied(&self, r: &SecretRef, value: &Secret) -> bool {
+        let entries = self.inner.entries.lock().expect("secret cache lock");
+        entries
+            .get(r)
+            .is_none_or(|e| e.applied.as_ref() != Some(value))
     }
 
     /// The last good value, if the reference ever resolved in this process.
@@ -329,8 +352,12 @@ mod tests {
         // The next good read clears the error; a changed value is reported as a change.
         *provider.0.lock().unwrap() = Ok("sk-second-value-0123456789".into());
         let v = secrets.fetch(&r).await.unwrap();
-        assert!(secrets.record_success(&r, &v), "changed");
-        assert!(!secrets.record_success(&r, &v), "same value again");
+        assert_eq!(secrets.record_success(&r, &v), Read::Changed);
+        assert_eq!(secrets.record_success(&r, &v), Read::Same);
+        // What a snapshot holds is tracked apart from what was read.
+        assert!(secrets.differs_from_applied(&r, &v));
+        secrets.mark_applied(&r, &v);
+        assert!(!secrets.differs_from_applied(&r, &v));
         assert_eq!(secrets.status(&r).unwrap().last_error, "");
 
         secrets.retain(&HashSet::new());

@@ -8,6 +8,6 @@ mod cache;
 mod provider;
 mod refresh;
 
-pub use cache::{SecretStatus, Secrets, describe};
+pub use cache::{Read, SecretStatus, Secrets, describe};
 pub use provider::{EnvProvider, FileProvider, MAX_SECRET_FILE, SecretError, SecretProvider};
 pub use refresh::run_refresh;

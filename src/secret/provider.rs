@@ -58,6 +58,8 @@ fn check_component(field: &'static str, v: &str) -> Result<(), SecretError> {
         "must not contain '/', '\\' or NUL"
     } else if v.starts_with("..") {
         "must not start with '..'"
+    } else if v == "." {
+        "must not be '.'"
     } else {
         return Ok(());
     };
@@ -121,7 +123,8 @@ impl FileProvider {
             .ok()?
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.starts_with(".."))
+            // Hidden entries (a writer's `.tmp` file, Kubernetes' `..data`) are never versions.
+            .filter(|n| !n.starts_with('.'))
             .collect();
         if versions.iter().all(|v| v.parse::<u64>().is_ok()) {
             versions.sort_by_key(|v| v.parse::<u64>().unwrap_or(0));
@@ -230,6 +233,8 @@ mod tests {
             "one trailing newline trimmed"
         );
         assert_eq!(p.resolve("anthropic", Some("1")).unwrap().expose(), V1);
+        // A writer's hidden temp file is never the latest version.
+        std::fs::write(dir.path().join("anthropic").join(".99.tmp"), "x").unwrap();
         // Latest = numeric order ("10" after "2").
         std::fs::write(
             dir.path().join("anthropic").join("10"),
@@ -282,7 +287,7 @@ mod tests {
         std::fs::write(dir.path().join(".dockerconfigjson"), V1).unwrap();
         std::fs::write(dir.path().join("huge"), "x".repeat(70 * 1024)).unwrap();
         let p = FileProvider::new(dir.path());
-        for bad in ["", "../etc/passwd", "a/b", "a\\b", "..x", "a\0b"] {
+        for bad in ["", ".", "../etc/passwd", "a/b", "a\\b", "..x", "a\0b"] {
             assert!(
                 matches!(
                     p.resolve(bad, None),

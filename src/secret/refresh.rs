@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::Secrets;
 use crate::domain::{ResourceKind, SecretRef};
-use crate::store::{SecretKey, Store};
+use crate::store::{Refreshed, SecretKey, Store};
 
 /// How often references are checked: a fifth of the TTL, between 100 ms and 30 s. A value is
 /// read again once it is within one period of expiring; a failed one is retried each period.
@@ -64,35 +64,66 @@ pub async fn refresh_once(
                 continue;
             }
         };
-        let changed = secrets.record_success(&r, &value);
+        secrets.record_success(&r, &value);
         let hash = store.keys().hasher.hash(value.expose().as_bytes());
+        // Compared with what was last applied, not with the previous read: an admin request
+        // or a failed commit may have read the new value already without applying it.
+        if !secrets.differs_from_applied(&r, &value) {
+            continue;
+        }
+        let mut applied = true;
         for k in keys {
             let stale = match k.kind {
-                // The store holds the HMAC: compare with it, whatever this process cached.
+                // The store holds the HMAC: compare with it.
                 ResourceKind::ConsumerKey => k.key_hash != Some(hash),
-                _ => changed,
+                // The builder resolves model keys afresh on any change of a model key.
+                _ => true,
             };
             if !stale {
                 continue;
             }
-            match store.secret_value_changed(k.kind, &k.id, &r, &value).await {
-                Ok(true) => tracing::info!(
+            match store
+                .secret_value_changed(k.kind, &k.id, &r, &value, k.key_hash)
+                .await
+            {
+                Ok(Refreshed::Applied) => tracing::info!(
                     kind = %k.kind,
                     key = %k.name,
                     reference = %super::describe(&r),
                     "secret value changed; the key follows in the next snapshot"
                 ),
-                Ok(false) => {}
+                Ok(Refreshed::Skipped) => applied = false, // changed meanwhile: next round
+                Ok(Refreshed::Collision) => {
+                    applied = false;
+                    secrets.record_failure(
+                        &r,
+                        &super::SecretError::BadValue {
+                            provider: r.provider.clone(),
+                            name: r.name.clone(),
+                            why: format!(
+                                "consumer key {:?}: the new value is already used by another consumer key; this key authorizes nothing until its secret changes",
+                                k.name
+                            ),
+                        },
+                    );
+                }
                 Err(e) => {
-                    secrets.mark_unapplied(&r);
-                    let e = super::SecretError::Io {
-                        provider: r.provider.clone(),
-                        name: r.name.clone(),
-                        why: format!("the new value was not applied: {e}"),
-                    };
-                    secrets.record_failure(&r, &e);
+                    applied = false;
+                    secrets.record_failure(
+                        &r,
+                        &super::SecretError::Io {
+                            provider: r.provider.clone(),
+                            name: r.name.clone(),
+                            why: format!("the new value was not applied: {e}"),
+                        },
+                    );
                 }
             }
+        }
+        // Every key now holds the value, or has a change committed that makes the builder
+        // resolve it afresh: the next round compares with this value.
+        if applied {
+            secrets.mark_applied(&r, &value);
         }
     }
     Ok(())

@@ -107,7 +107,12 @@ async fn resolve_secret_keys(
             }
         };
         match value {
-            Some(v) => *ct = store_keys.cipher.encrypt(&k.id, &v),
+            Some(v) => {
+                *ct = store_keys.cipher.encrypt(&k.id, &v);
+                if let Some(s) = secrets {
+                    s.mark_applied(r, &v);
+                }
+            }
             None => {
                 ct.clear();
                 tracing::error!(

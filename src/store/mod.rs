@@ -149,6 +149,19 @@ fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
 /// The audit actor of changes the background secret refresh makes.
 pub const SECRET_REFRESH_ACTOR: &str = "keygate:secret-refresh";
 
+/// What `Store::secret_value_changed` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    /// The key now has the new value (a new revision).
+    Applied,
+    /// Nothing to do: the key is gone, re-pointed, already holds the value, or was changed
+    /// by someone else since the caller read it.
+    Skipped,
+    /// Another consumer key holds the value: this key's old HMAC was dropped and it
+    /// authorizes nothing until its secret changes.
+    Collision,
+}
+
 /// A SECRET_REF key as the background refresh sees it.
 #[derive(Clone, Debug)]
 pub struct SecretKey {
@@ -2241,13 +2254,20 @@ impl Store {
     /// plane takes the new value. Nothing is written when the key no longer uses
     /// `reference` or (consumer keys) the value is the one already stored. True when a change
     /// was committed.
+    ///
+    /// `expected_hash` (consumer keys): the HMAC the caller saw stored when it read the
+    /// secret; if another change (an admin update, another replica) has replaced it since,
+    /// nothing is written. A value another consumer key already holds is a collision: this
+    /// key's HMAC is cleared (the old value must stop authorizing; the key authorizes nothing
+    /// until its secret changes again) and `Collision` is answered.
     pub async fn secret_value_changed(
         &self,
         kind: ResourceKind,
         id: &str,
         reference: &SecretRef,
         value: &Secret,
-    ) -> Result<bool> {
+        expected_hash: Option<KeyHash>,
+    ) -> Result<Refreshed> {
         let actor = Actor(SECRET_REFRESH_ACTOR.to_string());
         let mut m = self.begin(&actor).await?;
         let row = sqlx::query(&format!(
@@ -2257,18 +2277,42 @@ impl Store {
         .bind(id)
         .fetch_optional(&mut *m.tx)
         .await?;
-        let Some(row) = row else { return Ok(false) };
+        let Some(row) = row else {
+            return Ok(Refreshed::Skipped);
+        };
         if secret_ref_of(&row)?.as_ref() != Some(reference) {
-            return Ok(false); // re-pointed meanwhile: that change brought its own value
+            return Ok(Refreshed::Skipped); // re-pointed meanwhile: that change brought its own value
         }
         let name: String = row.try_get("name")?;
+        let mut outcome = Refreshed::Applied;
         match kind {
             ResourceKind::ConsumerKey => {
-                if !self
+                let stored: Option<Vec<u8>> =
+                    sqlx::query_scalar("SELECT key_hash FROM consumer_keys WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *m.tx)
+                        .await?;
+                if stored.as_deref() != expected_hash.as_ref().map(|h| &h[..]) {
+                    return Ok(Refreshed::Skipped);
+                }
+                match self
                     .set_consumer_key_value(&mut m, id, reference, value)
-                    .await?
+                    .await
                 {
-                    return Ok(false);
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Refreshed::Skipped),
+                    Err(StoreError::Rule(RuleError::FailedPrecondition(_))) => {
+                        let Some(old) = stored else {
+                            return Ok(Refreshed::Collision); // already cleared
+                        };
+                        sqlx::query("UPDATE consumer_keys SET key_hash = NULL WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *m.tx)
+                            .await?;
+                        m.removed_hashes.push(old);
+                        outcome = Refreshed::Collision;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             ResourceKind::ModelKey => {
@@ -2278,7 +2322,7 @@ impl Store {
                     .execute(&mut *m.tx)
                     .await?;
             }
-            _ => return Ok(false),
+            _ => return Ok(Refreshed::Skipped),
         }
         sqlx::query(&format!(
             "UPDATE {} SET update_time = $1 WHERE id = $2",
@@ -2290,7 +2334,7 @@ impl Store {
         .await?;
         self.commit(m, Audit::new("RefreshSecret", kind, id, &name, &["value"]))
             .await?;
-        Ok(true)
+        Ok(outcome)
     }
 
     // ------------------------------------------------------------------ snapshot source
