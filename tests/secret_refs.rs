@@ -425,3 +425,100 @@ async fn a_consumer_key_by_reference_is_hashed_masked_and_never_shown() {
         );
     }
 }
+
+/// The ext_authz answer's gRPC code for `key` on `service` (0 = allowed).
+async fn check_code(authz: std::net::SocketAddr, key: &str, service: &str) -> i32 {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let mut client = AuthorizationClient::connect(format!("http://{authz}"))
+        .await
+        .unwrap();
+    client
+        .check(keygate::bench::check_request(key, service, "127.0.0.1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .map(|s| s.code)
+        .unwrap_or(-1)
+}
+
+#[tokio::test]
+async fn a_consumer_secret_changed_to_another_keys_value_stops_its_old_value_and_says_why() {
+    const VALUE_A: &str = "kg-secret-consumer-a-0000000000000001";
+    const VALUE_B: &str = "kg-secret-consumer-b-0000000000000002";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ck-a"), VALUE_A).unwrap();
+    std::fs::write(dir.path().join("ck-b"), VALUE_B).unwrap();
+    std::fs::write(dir.path().join("openai"), V1).unwrap();
+    let kg = Keygate::start_with(Options {
+        args: vec![
+            "--secrets-dir".into(),
+            dir.path().display().to_string(),
+            "--secret-ttl".into(),
+            "1s".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut admin = kg.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_secret_model_key(&mut admin, "openai-main", file_ref("openai", ""))
+        .await
+        .unwrap();
+    create_consumer(&mut admin, "billing-app").await;
+    for (name, secret) in [("key-a", "ck-a"), ("key-b", "ck-b")] {
+        admin
+            .create_consumer_key(pb::CreateConsumerKeyRequest {
+                name: name.into(),
+                generation_method: pb::GenerationMethod::SecretRef as i32,
+                secret_ref: file_ref(secret, ""),
+                consumer: "billing-app".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    common::poll_until(
+        std::time::Duration::from_secs(10),
+        "key-b to be live",
+        || async { (check_code(kg.authz_addr, VALUE_B, "openai").await == 0).then_some(()) },
+    )
+    .await;
+
+    // key-b's secret now holds key-a's value: two keys cannot share one value, and key-b's old
+    // value must stop authorizing all the same.
+    std::fs::write(dir.path().join("ck-b"), VALUE_A).unwrap();
+    let status = common::poll_until(
+        std::time::Duration::from_secs(10),
+        "the collision to show on key-b",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let k = admin
+                    .get_consumer_key(pb::GetConsumerKeyRequest {
+                        selector: Some(pb::get_consumer_key_request::Selector::Name(
+                            "key-b".into(),
+                        )),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let s = k.secret_status?;
+                s.last_error.contains("already used").then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(!status.last_error.contains(VALUE_A));
+    common::poll_until(
+        std::time::Duration::from_secs(10),
+        "key-b's old value to stop authorizing",
+        || async { (check_code(kg.authz_addr, VALUE_B, "openai").await == 16).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        check_code(kg.authz_addr, VALUE_A, "openai").await,
+        0,
+        "key-a is untouched"
+    );
+}
