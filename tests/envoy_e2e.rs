@@ -366,6 +366,8 @@ async fn valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_v
                 && l["consumer"] == "billing-app"
                 && l["consumer_key"] == "billing-prod"
                 && l["model_service"] == "azure"
+                && l["model_key"] == "azure-main"
+                && l["consumer_id"].as_str().is_some_and(|id| id.len() == 36)
                 && l["method"] == "GET"
                 && l["path"] == "/azure/v1/chat/completions"
         })

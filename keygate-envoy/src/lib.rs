@@ -198,20 +198,17 @@ impl FilterConfig {
             return HeadersStatus::StopIteration;
         }
         let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
-        req.set_metadata_string(METADATA_NAMESPACE, "consumer", &a.consumer.name);
-        req.set_metadata_string(
+        req.set_metadata_strings(
             METADATA_NAMESPACE,
-            "consumer_id",
-            uuid_text(&a.consumer.id, &mut b1),
+            &[
+                ("consumer", &a.consumer.name),
+                ("consumer_id", uuid_text(&a.consumer.id, &mut b1)),
+                ("consumer_key", &a.key.name),
+                ("consumer_key_id", uuid_text(&a.key.id, &mut b2)),
+                ("model_service", &a.service.name),
+                ("model_key", &a.model_key.name),
+            ],
         );
-        req.set_metadata_string(METADATA_NAMESPACE, "consumer_key", &a.key.name);
-        req.set_metadata_string(
-            METADATA_NAMESPACE,
-            "consumer_key_id",
-            uuid_text(&a.key.id, &mut b2),
-        );
-        req.set_metadata_string(METADATA_NAMESPACE, "model_service", &a.service.name);
-        req.set_metadata_string(METADATA_NAMESPACE, "model_key", &a.model_key.name);
         METRICS.allowed();
         if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
             METRICS.consumer_counter(&a.consumer.name, &a.service.name)
@@ -231,15 +228,19 @@ impl FilterConfig {
         reason: DenyReason,
         key: Option<&keygate::snapshot::KeyEntry>,
     ) -> HeadersStatus {
-        req.set_metadata_string(METADATA_NAMESPACE, "deny_reason", reason.as_str());
-        if let Some(k) = key {
-            let mut b = [0u8; 36];
-            req.set_metadata_string(METADATA_NAMESPACE, "consumer_key", &k.name);
-            req.set_metadata_string(
+        let mut b = [0u8; 36];
+        match key {
+            Some(k) => req.set_metadata_strings(
                 METADATA_NAMESPACE,
-                "consumer_key_id",
-                uuid_text(&k.id, &mut b),
-            );
+                &[
+                    ("deny_reason", reason.as_str()),
+                    ("consumer_key", &k.name),
+                    ("consumer_key_id", uuid_text(&k.id, &mut b)),
+                ],
+            ),
+            None => {
+                req.set_metadata_strings(METADATA_NAMESPACE, &[("deny_reason", reason.as_str())])
+            }
         }
         METRICS.denied(reason);
         if let Some(c) = self.denied {
