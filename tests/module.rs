@@ -342,3 +342,61 @@ fn check_private(dir: &Path) {
     let mode = std::fs::metadata(dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", dir.display());
 }
+
+/// `envoy/module.yaml` with its listener twice (the second on `second_port`): two filter
+/// configs with the same settings in one Envoy.
+fn render_two_listeners(
+    files: &ModuleFiles,
+    second_port: u16,
+    listener: u16,
+    upstream: u16,
+    admin: u16,
+) -> String {
+    let c = render_module(files, listener, upstream, admin);
+    let start = c.find("  - name: gateway\n").expect("the gateway listener");
+    let end = c.find("  clusters:\n").expect("the clusters");
+    let second = c[start..end]
+        .replacen("  - name: gateway\n", "  - name: gateway2\n", 1)
+        .replacen(
+            &format!("port_value: {listener}\n"),
+            &format!("port_value: {second_port}\n"),
+            1,
+        );
+    format!("{}{second}{}", &c[..end], &c[end..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_envoy_process_holds_one_subscription_whatever_its_filter_configs() {
+    let setup = Setup::start().await;
+    let (_admin, key) = setup.provision().await;
+    let upstream = Upstream::start().await;
+    let second = common::envoy::free_port();
+    let envoy = Envoy::start_rendered_with(
+        |listener, admin| {
+            render_two_listeners(&setup.files, second, listener, upstream.addr.port(), admin)
+        },
+        &EnvoyRun::module(),
+    )
+    .await;
+    wait_status(
+        &envoy,
+        &key,
+        200,
+        "the key to be allowed on the first listener",
+    )
+    .await;
+    let second_addr = std::net::SocketAddr::from(([127, 0, 0, 1], second));
+    let r = http_get(
+        second_addr,
+        "/openai/v1/models",
+        &[("authorization", &bearer(&key))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "the second listener's filter decides too");
+
+    // The control plane counts its subscribers: this Envoy is one.
+    let cp_metrics = common::metrics_addr(&setup.cp.logs());
+    let text = http_get(cp_metrics, "/metrics", &[]).await.unwrap().text();
+    assert_eq!(sample(&text, "keygate_subscribers", &[]), 1.0, "{text}");
+}
