@@ -80,7 +80,7 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
     })
 }
 
-/// Resolves every enabled SECRET_REF model key afresh (each reference read once) and seals
+/// Resolves every SECRET_REF model key afresh (each reference read once) and seals
 /// its value like a stored model key's, so distribution and data planes cannot tell the two
 /// apart. A reference that fails keeps its last good value; one that never resolved in this
 /// process leaves its key out (keygate never serves a key it could not resolve).
@@ -92,9 +92,9 @@ async fn resolve_secret_keys(
     let mut values: HashMap<SecretRef, Option<crate::crypto::Secret>> = HashMap::new();
     for (k, ct) in keys.iter_mut() {
         let Some(r) = &k.secret_ref else { continue };
-        if k.status != KeyStatus::Enabled || k.model_services.is_empty() {
-            continue;
-        }
+        // Disabled or unbound keys are read too: their status stays current, and the
+        // background refresh compares with what was read here (no needless change at start).
+        let served = k.status == KeyStatus::Enabled && !k.model_services.is_empty();
         let value = match values.get(r) {
             Some(v) => v.clone(),
             None => {
@@ -115,11 +115,13 @@ async fn resolve_secret_keys(
             }
             None => {
                 ct.clear();
-                tracing::error!(
-                    model_key = %k.name,
-                    reference = %crate::secret::describe(r),
-                    "model key left out of the snapshot: its secret has never resolved here"
-                );
+                if served {
+                    tracing::error!(
+                        model_key = %k.name,
+                        reference = %crate::secret::describe(r),
+                        "model key left out of the snapshot: its secret has never resolved here"
+                    );
+                }
             }
         }
     }
