@@ -1,14 +1,15 @@
 //! TLS between data planes and control planes: a control plane with `--tls-cert/--tls-key`
 //! and `--tls-client-ca` (mTLS); a data plane with `--control-plane https://…`,
 //! `--control-plane-ca`, `--client-cert`, `--client-key` syncs and authorizes; one without a
-//! client certificate never gets a snapshot.
+//! client certificate never gets a snapshot; the Envoy module with the same settings as
+//! `filter_config` keys syncs and authorizes.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::envoy::{free_port, http_get};
+use common::envoy::{Envoy, EnvoyRun, ModuleFiles, Upstream, free_port, http_get};
 use common::{Proc, poll_until};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use keygate::proto::admin::v1 as pb;
@@ -214,6 +215,43 @@ async fn data_planes_sync_over_mtls_and_need_a_client_certificate() {
         r.status.map(|s| s.code),
         Some(14),
         "keygate_not_ready, never allowed"
+    );
+
+    // The Envoy module with the same TLS settings as filter_config keys.
+    let token_file = dir.join("subscriber.token");
+    std::fs::write(&token_file, &env[0].1).unwrap();
+    let files = ModuleFiles {
+        control_plane: format!("https://localhost:{cp_port}"),
+        master_key_file: cp_dir.join("master.key"),
+        data_dir: dir.join("module"),
+        subscriber_token_file: token_file,
+        extra_settings: format!(
+            r#""control_plane_ca":"{}","client_cert":"{}","client_key":"{}""#,
+            s(&dir.join("ca.pem")),
+            s(&dir.join("dp.pem")),
+            s(&dir.join("dp.key"))
+        ),
+    };
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_module(&files, upstream.addr, &EnvoyRun::module()).await;
+    poll_until(
+        Duration::from_secs(15),
+        "the module to authorize over mTLS",
+        || async {
+            let r = http_get(
+                envoy.listener,
+                "/openai/v1/models",
+                &[("authorization", &format!("Bearer {value}"))],
+            )
+            .await
+            .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        upstream.last().values("authorization"),
+        vec!["Bearer sk-vendor-0123456789abcdef".to_string()]
     );
     drop(cp);
 }
