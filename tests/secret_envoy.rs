@@ -12,6 +12,10 @@ use keygate::proto::admin::v1 as pb;
 
 use common::admin::{bearer, create_bound_key, create_consumer, create_service};
 use common::envoy::{Envoy, HttpResponse, Upstream, http_get};
+use common::secrets::{
+    create_secret_consumer_key, create_secret_model_key, file_ref, get_consumer_key, get_model_key,
+    masked, point_model_key,
+};
 use common::split::{
     ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, subscriber_token,
 };
@@ -65,42 +69,6 @@ impl K8sVolume {
         std::os::unix::fs::symlink(&ts, &tmp).unwrap();
         std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
     }
-}
-
-fn file_ref(name: &str, version: &str) -> Option<pb::SecretRef> {
-    Some(pb::SecretRef {
-        provider: "file".into(),
-        name: name.into(),
-        version: version.into(),
-    })
-}
-
-async fn create_secret_model_key(
-    admin: &mut Admin,
-    name: &str,
-    secret_ref: Option<pb::SecretRef>,
-    service: &str,
-) {
-    admin
-        .create_model_key(pb::CreateModelKeyRequest {
-            name: name.into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref,
-            model_services: vec![service.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateModelKey {name}: {e}"));
-}
-
-async fn get_model_key(admin: &mut Admin, name: &str) -> pb::ModelKey {
-    admin
-        .get_model_key(pb::GetModelKeyRequest {
-            selector: Some(pb::get_model_key_request::Selector::Name(name.into())),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("GetModelKey {name}: {e}"))
-        .into_inner()
 }
 
 /// keygate serve (secrets in a temp dir, the given TTL) + recording upstream + Envoy.
@@ -188,7 +156,9 @@ async fn rotating_a_model_key_to_a_new_version_reaches_the_upstream_within_a_sec
     .await;
     let admin = &mut gw.admin;
     create_service(admin, "openai", "", "").await;
-    create_secret_model_key(admin, "openai-main", file_ref("openai-prod", "1"), "openai").await;
+    create_secret_model_key(admin, "openai-main", file_ref("openai-prod", "1"), "openai")
+        .await
+        .unwrap();
     create_consumer(admin, "billing-app").await;
     let key = create_bound_key(admin, "billing-prod", "billing-app").await;
 
@@ -202,19 +172,7 @@ async fn rotating_a_model_key_to_a_new_version_reaches_the_upstream_within_a_sec
     .await;
 
     let started = Instant::now();
-    gw.admin
-        .update_model_key(pb::UpdateModelKeyRequest {
-            selector: Some(pb::update_model_key_request::Selector::Name(
-                "openai-main".into(),
-            )),
-            model_key: Some(pb::ModelKey {
-                secret_ref: file_ref("openai-prod", "2"),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["secret_ref".into()],
-            }),
-        })
+    point_model_key(&mut gw.admin, "openai-main", file_ref("openai-prod", "2"))
         .await
         .unwrap();
     gw.wait_upstream_value(
@@ -252,14 +210,16 @@ async fn a_secret_replaced_on_disk_is_served_after_the_next_refresh() {
         file_ref("openai-prod", ""),
         "openai",
     )
-    .await;
+    .await
+    .unwrap();
     create_secret_model_key(
         &mut admin,
         "anthropic-main",
         file_ref("anthropic-key", ""),
         "anthropic",
     )
-    .await;
+    .await
+    .unwrap();
     create_consumer(&mut admin, "billing-app").await;
     let key = create_bound_key(&mut admin, "billing-prod", "billing-app").await;
     let limit = Duration::from_secs(10);
@@ -325,10 +285,7 @@ async fn a_secret_replaced_on_disk_is_served_after_the_next_refresh() {
         "{refreshed:?}"
     );
     let get = get_model_key(&mut admin, "openai-main").await;
-    assert_eq!(
-        get.masked_value,
-        format!("{}***{}", &V3[..5], &V3[V3.len() - 4..])
-    );
+    assert_eq!(get.masked_value, masked(V3));
     let logs = gw.keygate.logs();
     for v in [V1, V3, K8S_1, K8S_2] {
         assert!(!logs.contains(v), "keygate logged a secret value");
@@ -362,7 +319,8 @@ async fn a_deleted_secret_keeps_its_last_good_value_and_shows_the_failure_until_
         file_ref("openai-prod", ""),
         "openai",
     )
-    .await;
+    .await
+    .unwrap();
     create_consumer(&mut admin, "billing-app").await;
     let key = create_bound_key(&mut admin, "billing-prod", "billing-app").await;
     let limit = Duration::from_secs(10);
@@ -456,23 +414,20 @@ async fn a_consumer_key_by_reference_authorizes_and_follows_the_secret_content()
         file_ref("openai-prod", ""),
         "openai",
     )
-    .await;
+    .await
+    .unwrap();
     create_consumer(&mut admin, "billing-app").await;
-    let k = admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            name: "billing-prod".into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref: file_ref("billing-consumer", ""),
-            consumer: "billing-app".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key
-        .unwrap();
-    let mask = |v: &str| format!("{}***{}", &v[..5], &v[v.len() - 4..]);
-    assert_eq!(k.masked_value, mask(CONSUMER_1));
+    let k = create_secret_consumer_key(
+        &mut admin,
+        "billing-prod",
+        file_ref("billing-consumer", ""),
+        "billing-app",
+    )
+    .await
+    .unwrap()
+    .key
+    .unwrap();
+    assert_eq!(k.masked_value, masked(CONSUMER_1));
     let limit = Duration::from_secs(10);
     gw.wait_upstream_value(
         "/openai/v1/models",
@@ -500,16 +455,8 @@ async fn a_consumer_key_by_reference_authorizes_and_follows_the_secret_content()
         .await;
     eprintln!("measured: consumer secret changed → new value authorizes after {took:?} (TTL 1s)");
     assert_eq!(gw.get("/openai/v1/models", CONSUMER_1).await.status, 401);
-    let k = admin
-        .get_consumer_key(pb::GetConsumerKeyRequest {
-            selector: Some(pb::get_consumer_key_request::Selector::Name(
-                "billing-prod".into(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(k.masked_value, mask(CONSUMER_2));
+    let k = get_consumer_key(&mut admin, "billing-prod").await;
+    assert_eq!(k.masked_value, masked(CONSUMER_2));
     assert_eq!(k.secret_status.unwrap().last_error, "");
 }
 
@@ -537,18 +484,17 @@ async fn a_data_plane_holds_no_plaintext_and_serves_secret_keys_with_the_control
         file_ref("openai-prod", "1"),
         "openai",
     )
-    .await;
+    .await
+    .unwrap();
     create_consumer(&mut admin, "billing-app").await;
-    admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            name: "billing-prod".into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref: file_ref("billing-consumer", ""),
-            consumer: "billing-app".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_secret_consumer_key(
+        &mut admin,
+        "billing-prod",
+        file_ref("billing-consumer", ""),
+        "billing-app",
+    )
+    .await
+    .unwrap();
 
     let dp_dir = dir.path().join("dp");
     let dp = DataPlane::start(&DataPlaneOptions::new(

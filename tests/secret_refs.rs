@@ -11,20 +11,16 @@ use keygate::proto::admin::v1 as pb;
 use tonic::Code;
 
 use common::admin::{create_consumer, create_service};
+use common::secrets::{
+    create_secret_consumer_key, create_secret_model_key, file_ref, get_model_key, masked,
+    point_model_key,
+};
 use common::{Admin, Keygate, Options, all_file_bytes, contains_bytes};
 
 const V1: &str = "sk-proj-secretVersionOne000000000000001";
 const V2: &str = "sk-proj-secretVersionTwo000000000000002";
 const ENV_VALUE: &str = "sk-ant-fromTheEnvironment0000000000003";
 const CONSUMER_VALUE: &str = "kg-consumer-from-the-secret-store-0004";
-
-fn file_ref(name: &str, version: &str) -> Option<pb::SecretRef> {
-    Some(pb::SecretRef {
-        provider: "file".into(),
-        name: name.into(),
-        version: version.into(),
-    })
-}
 
 /// `<dir>/openai-prod/{1,2}` (versioned) and `<dir>/billing-consumer` (unversioned).
 fn write_secrets(dir: &Path) {
@@ -52,33 +48,6 @@ fn model_key_sel(name: &str) -> Option<pb::get_model_key_request::Selector> {
     Some(pb::get_model_key_request::Selector::Name(name.into()))
 }
 
-async fn get_model_key(admin: &mut Admin, name: &str) -> pb::ModelKey {
-    admin
-        .get_model_key(pb::GetModelKeyRequest {
-            selector: model_key_sel(name),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("GetModelKey {name}: {e}"))
-        .into_inner()
-}
-
-async fn create_secret_model_key(
-    admin: &mut Admin,
-    name: &str,
-    secret_ref: Option<pb::SecretRef>,
-) -> Result<pb::ModelKey, tonic::Status> {
-    admin
-        .create_model_key(pb::CreateModelKeyRequest {
-            name: name.into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref,
-            model_services: vec!["openai".into()],
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn audit_count(admin: &mut Admin) -> usize {
     admin
         .list_audit_events(pb::ListAuditEventsRequest {
@@ -92,10 +61,6 @@ async fn audit_count(admin: &mut Admin) -> usize {
         .len()
 }
 
-fn masked(v: &str) -> String {
-    format!("{}***{}", &v[..5], &v[v.len() - 4..])
-}
-
 #[tokio::test]
 async fn a_model_key_on_a_file_secret_resolves_rotates_by_version_and_reports_its_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,9 +69,14 @@ async fn a_model_key_on_a_file_secret_resolves_rotates_by_version_and_reports_it
     let mut admin = kg.admin().await;
     create_service(&mut admin, "openai", "", "").await;
 
-    let k = create_secret_model_key(&mut admin, "openai-main", file_ref("openai-prod", "1"))
-        .await
-        .unwrap();
+    let k = create_secret_model_key(
+        &mut admin,
+        "openai-main",
+        file_ref("openai-prod", "1"),
+        "openai",
+    )
+    .await
+    .unwrap();
     assert_eq!(k.generation_method, pb::GenerationMethod::SecretRef as i32);
     assert_eq!(k.masked_value, masked(V1), "the mask of the resolved value");
     assert_eq!(k.secret_ref, file_ref("openai-prod", "1"));
@@ -115,22 +85,9 @@ async fn a_model_key_on_a_file_secret_resolves_rotates_by_version_and_reports_it
     assert_eq!(status.last_error, "");
 
     // Rotation: point the key at version 2 with the update mask.
-    let k = admin
-        .update_model_key(pb::UpdateModelKeyRequest {
-            selector: Some(pb::update_model_key_request::Selector::Name(
-                "openai-main".into(),
-            )),
-            model_key: Some(pb::ModelKey {
-                secret_ref: file_ref("openai-prod", "2"),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["secret_ref".into()],
-            }),
-        })
+    let k = point_model_key(&mut admin, "openai-main", file_ref("openai-prod", "2"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(k.secret_ref, file_ref("openai-prod", "2"));
     assert_eq!(k.masked_value, masked(V2));
 
@@ -185,15 +142,25 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
     let kg = start(dir.path()).await;
     let mut admin = kg.admin().await;
     create_service(&mut admin, "openai", "", "").await;
-    create_secret_model_key(&mut admin, "openai-main", file_ref("openai-prod", "1"))
-        .await
-        .unwrap();
+    create_secret_model_key(
+        &mut admin,
+        "openai-main",
+        file_ref("openai-prod", "1"),
+        "openai",
+    )
+    .await
+    .unwrap();
     let before = audit_count(&mut admin).await;
 
     // A missing secret at create: FAILED_PRECONDITION naming provider, name and version.
-    let e = create_secret_model_key(&mut admin, "openai-missing", file_ref("no-such", "7"))
-        .await
-        .unwrap_err();
+    let e = create_secret_model_key(
+        &mut admin,
+        "openai-missing",
+        file_ref("no-such", "7"),
+        "openai",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     for part in ["\"file\"", "\"no-such\"", "\"7\""] {
         assert!(e.message().contains(part), "{part} in {:?}", e.message());
@@ -207,19 +174,7 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
     assert_eq!(e.code(), Code::NotFound, "nothing was created");
 
     // A missing version at update: refused, the key keeps its reference and value.
-    let e = admin
-        .update_model_key(pb::UpdateModelKeyRequest {
-            selector: Some(pb::update_model_key_request::Selector::Name(
-                "openai-main".into(),
-            )),
-            model_key: Some(pb::ModelKey {
-                secret_ref: file_ref("openai-prod", "3"),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["secret_ref".into()],
-            }),
-        })
+    let e = point_model_key(&mut admin, "openai-main", file_ref("openai-prod", "3"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -236,9 +191,10 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
         ("openai-prod", "../1", "secret_ref.version"),
         ("openai-prod", "..", "secret_ref.version"),
     ] {
-        let e = create_secret_model_key(&mut admin, "openai-bad", file_ref(name, version))
-            .await
-            .unwrap_err();
+        let e =
+            create_secret_model_key(&mut admin, "openai-bad", file_ref(name, version), "openai")
+                .await
+                .unwrap_err();
         assert_eq!(
             e.code(),
             Code::InvalidArgument,
@@ -259,6 +215,7 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
             name: "openai".into(),
             version: String::new(),
         }),
+        "openai",
     )
     .await
     .unwrap_err();
@@ -276,19 +233,7 @@ async fn unresolvable_references_are_refused_and_change_nothing() {
         .await
         .unwrap();
     let before_custom = audit_count(&mut admin).await;
-    let e = admin
-        .update_model_key(pb::UpdateModelKeyRequest {
-            selector: Some(pb::update_model_key_request::Selector::Name(
-                "openai-custom".into(),
-            )),
-            model_key: Some(pb::ModelKey {
-                secret_ref: file_ref("openai-prod", "2"),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["secret_ref".into()],
-            }),
-        })
+    let e = point_model_key(&mut admin, "openai-custom", file_ref("openai-prod", "2"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -326,14 +271,24 @@ async fn the_env_provider_reads_only_its_own_variable_and_has_no_versions() {
             version: version.into(),
         })
     };
-    let k = create_secret_model_key(&mut admin, "anthropic-main", env_ref("anthropic-main", ""))
-        .await
-        .unwrap();
+    let k = create_secret_model_key(
+        &mut admin,
+        "anthropic-main",
+        env_ref("anthropic-main", ""),
+        "openai",
+    )
+    .await
+    .unwrap();
     assert_eq!(k.masked_value, masked(ENV_VALUE));
 
-    let e = create_secret_model_key(&mut admin, "anthropic-v1", env_ref("anthropic-main", "1"))
-        .await
-        .unwrap_err();
+    let e = create_secret_model_key(
+        &mut admin,
+        "anthropic-v1",
+        env_ref("anthropic-main", "1"),
+        "openai",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(
         e.message().contains("secret_ref.version"),
@@ -342,9 +297,14 @@ async fn the_env_provider_reads_only_its_own_variable_and_has_no_versions() {
     );
 
     // keygate's own configuration is not reachable as a secret.
-    let e = create_secret_model_key(&mut admin, "stolen", env_ref("KEYGATE_DATA_DIR", ""))
-        .await
-        .unwrap_err();
+    let e = create_secret_model_key(
+        &mut admin,
+        "stolen",
+        env_ref("KEYGATE_DATA_DIR", ""),
+        "openai",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("KEYGATE_DATA_DIR"), "{}", e.message());
 }
@@ -357,17 +317,14 @@ async fn a_consumer_key_by_reference_is_hashed_masked_and_never_shown() {
     let mut admin = kg.admin().await;
     create_consumer(&mut admin, "billing-app").await;
 
-    let created = admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            name: "billing-prod".into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref: file_ref("billing-consumer", ""),
-            consumer: "billing-app".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let created = create_secret_consumer_key(
+        &mut admin,
+        "billing-prod",
+        file_ref("billing-consumer", ""),
+        "billing-app",
+    )
+    .await
+    .unwrap();
     assert_eq!(
         created.value, "",
         "the value lives in the operator's secret store; keygate never echoes it"
@@ -378,15 +335,14 @@ async fn a_consumer_key_by_reference_is_hashed_masked_and_never_shown() {
     assert_eq!(k.secret_status.unwrap().last_error, "");
 
     // A second key on the same secret would hold the same value: refused.
-    let e = admin
-        .create_consumer_key(pb::CreateConsumerKeyRequest {
-            name: "billing-copy".into(),
-            generation_method: pb::GenerationMethod::SecretRef as i32,
-            secret_ref: file_ref("billing-consumer", ""),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = create_secret_consumer_key(
+        &mut admin,
+        "billing-copy",
+        file_ref("billing-consumer", ""),
+        "",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(!e.message().contains(CONSUMER_VALUE));
 
@@ -462,19 +418,12 @@ async fn a_consumer_secret_changed_to_another_keys_value_stops_its_old_value_and
     .await;
     let mut admin = kg.admin().await;
     create_service(&mut admin, "openai", "", "").await;
-    create_secret_model_key(&mut admin, "openai-main", file_ref("openai", ""))
+    create_secret_model_key(&mut admin, "openai-main", file_ref("openai", ""), "openai")
         .await
         .unwrap();
     create_consumer(&mut admin, "billing-app").await;
     for (name, secret) in [("key-a", "ck-a"), ("key-b", "ck-b")] {
-        admin
-            .create_consumer_key(pb::CreateConsumerKeyRequest {
-                name: name.into(),
-                generation_method: pb::GenerationMethod::SecretRef as i32,
-                secret_ref: file_ref(secret, ""),
-                consumer: "billing-app".into(),
-                ..Default::default()
-            })
+        create_secret_consumer_key(&mut admin, name, file_ref(secret, ""), "billing-app")
             .await
             .unwrap();
     }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod envoy;
+pub mod secrets;
 pub mod split;
 
 use std::io::{BufRead, BufReader};
