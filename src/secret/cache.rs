@@ -112,6 +112,21 @@ impl SecretError {
     }
 }
 
+/// The entry of `r`, created empty when this is its first attempt.
+fn entry<'a>(
+    entries: &'a mut HashMap<SecretRef, Entry>,
+    r: &SecretRef,
+    now: Instant,
+) -> &'a mut Entry {
+    entries.entry(r.clone()).or_insert_with(|| Entry {
+        value: None,
+        fetched: None,
+        attempted: now,
+        applied: None,
+        status: SecretStatus::default(),
+    })
+}
+
 impl Secrets {
     pub fn new(providers: Vec<Arc<dyn SecretProvider>>, ttl: Duration) -> Self {
         Secrets {
@@ -164,13 +179,7 @@ impl Secrets {
     pub fn record_success(&self, r: &SecretRef, value: &Secret) -> Read {
         let now = Instant::now();
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
-        let e = entries.entry(r.clone()).or_insert_with(|| Entry {
-            value: None,
-            fetched: None,
-            attempted: now,
-            applied: None,
-            status: SecretStatus::default(),
-        });
+        let e = entry(&mut entries, r, now);
         let read = match &e.value {
             None => Read::First,
             Some(v) if v != value => Read::Changed,
@@ -205,13 +214,7 @@ impl Secrets {
         );
         let now = Instant::now();
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
-        let e = entries.entry(r.clone()).or_insert_with(|| Entry {
-            value: None,
-            fetched: None,
-            attempted: now,
-            applied: None,
-            status: SecretStatus::default(),
-        });
+        let e = entry(&mut entries, r, now);
         e.attempted = now;
         e.status.last_error = message;
     }
