@@ -400,3 +400,57 @@ async fn one_envoy_process_holds_one_subscription_whatever_its_filter_configs() 
     let text = http_get(cp_metrics, "/metrics", &[]).await.unwrap().text();
     assert_eq!(sample(&text, "keygate_subscribers", &[]), 1.0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_metadata_can_be_limited_to_the_fields_an_operator_uses() {
+    let mut setup = Setup::start().await;
+    setup.files.extra_settings = r#""dynamic_metadata":["consumer_id","model_service"]"#.into();
+    let (_admin, key) = setup.provision().await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_module(&setup.files, upstream.addr, &EnvoyRun::module()).await;
+    wait_status(&envoy, &key, 200, "the key to be allowed").await;
+    let line = poll_until(
+        Duration::from_secs(15),
+        "the access log line of an allowed request",
+        || async {
+            envoy
+                .access_log()
+                .into_iter()
+                .find(|l| l["response_code"] == 200)
+        },
+    )
+    .await;
+    assert_eq!(line["model_service"], "openai", "{line}");
+    assert!(
+        line["consumer_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36),
+        "{line}"
+    );
+    for absent in ["consumer", "consumer_key", "model_key"] {
+        assert_ne!(line[absent], "billing-app", "{line}");
+        assert!(
+            line[absent]
+                .as_str()
+                .is_none_or(|v| v.is_empty() || v == "-"),
+            "{absent} was not asked for: {line}"
+        );
+    }
+    // Denials still say why.
+    assert_eq!(
+        get(&envoy, "kg-not-a-key-0000000000000000").await.status,
+        401
+    );
+    poll_until(
+        Duration::from_secs(15),
+        "the denial's deny_reason",
+        || async {
+            envoy
+                .access_log()
+                .into_iter()
+                .any(|l| l["deny_reason"] == "unknown_key")
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -49,6 +49,8 @@ pub struct FilterConfig {
     /// `keygate_snapshot_version`: the version workers decide from (set when it changes).
     snapshot_version: Option<GaugeId>,
     reported_version: AtomicI64,
+    /// Which of `settings::METADATA_FIELDS` an allowed request gets.
+    metadata_fields: [bool; 6],
 }
 
 /// A route's settings.
@@ -72,6 +74,7 @@ impl FilterModule for Module {
     ) -> Result<FilterConfig, String> {
         let settings = FilterSettings::parse(config)?;
         let decision = settings.decision()?;
+        let metadata_fields = settings.metadata_fields()?;
         let feed = feed::feed_for(&settings)?;
         Ok(FilterConfig {
             feed,
@@ -80,6 +83,7 @@ impl FilterModule for Module {
             denied: envoy.define_counter("keygate_denied", &[]),
             snapshot_version: envoy.define_gauge("keygate_snapshot_version"),
             reported_version: AtomicI64::new(-1),
+            metadata_fields,
         })
     }
 
@@ -198,17 +202,25 @@ impl FilterConfig {
             return HeadersStatus::StopIteration;
         }
         let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
-        req.set_metadata_strings(
-            METADATA_NAMESPACE,
-            &[
-                ("consumer", &a.consumer.name),
-                ("consumer_id", uuid_text(&a.consumer.id, &mut b1)),
-                ("consumer_key", &a.key.name),
-                ("consumer_key_id", uuid_text(&a.key.id, &mut b2)),
-                ("model_service", &a.service.name),
-                ("model_key", &a.model_key.name),
-            ],
-        );
+        let all: [(&str, &str); 6] = [
+            ("consumer", &a.consumer.name),
+            ("consumer_id", uuid_text(&a.consumer.id, &mut b1)),
+            ("consumer_key", &a.key.name),
+            ("consumer_key_id", uuid_text(&a.key.id, &mut b2)),
+            ("model_service", &a.service.name),
+            ("model_key", &a.model_key.name),
+        ];
+        let mut chosen = [("", ""); 6];
+        let mut n = 0;
+        for (entry, on) in all.iter().zip(self.metadata_fields) {
+            if on {
+                chosen[n] = *entry;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            req.set_metadata_strings(METADATA_NAMESPACE, &chosen[..n]);
+        }
         METRICS.allowed();
         if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
             METRICS.consumer_counter(&a.consumer.name, &a.service.name)

@@ -42,7 +42,23 @@ pub struct FilterSettings {
     /// `keygate authz`), `/healthz` and `/readyz`, e.g. `127.0.0.1:9103`. Off unless set.
     #[serde(default)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Which of SPEC §2's six dynamic-metadata fields an allowed request gets (default: all;
+    /// `[]`: none). Envoy's cost of merging metadata is per field and is the largest part of
+    /// the module's per-request cost; operators who neither log nor rate-limit on a field can
+    /// leave it out. Denials always carry `deny_reason` (and the key's name and id).
+    #[serde(default)]
+    pub dynamic_metadata: Option<Vec<String>>,
 }
+
+/// The metadata fields an allowed request can carry, in the order they are set.
+pub const METADATA_FIELDS: [&str; 6] = [
+    "consumer",
+    "consumer_id",
+    "consumer_key",
+    "consumer_key_id",
+    "model_service",
+    "model_key",
+];
 
 impl FilterSettings {
     /// Parses and checks `filter_config`; errors name the key.
@@ -53,7 +69,28 @@ impl FilterSettings {
             return Err("keygate filter_config: control_plane must not be empty".into());
         }
         s.decision()?;
+        s.metadata_fields()?;
         Ok(s)
+    }
+
+    /// Which of [`METADATA_FIELDS`] to set (all unless `dynamic_metadata` says otherwise).
+    pub fn metadata_fields(&self) -> Result<[bool; 6], String> {
+        let Some(list) = &self.dynamic_metadata else {
+            return Ok([true; 6]);
+        };
+        let mut on = [false; 6];
+        for f in list {
+            match METADATA_FIELDS.iter().position(|n| n == f) {
+                Some(i) => on[i] = true,
+                None => {
+                    return Err(format!(
+                        "keygate filter_config: dynamic_metadata: {f:?} is not a field; expected any of {}",
+                        METADATA_FIELDS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(on)
     }
 
     /// The decision settings (credential sources, client address).
@@ -136,6 +173,20 @@ mod tests {
             let e = FilterSettings::parse(bad).unwrap_err();
             assert!(e.contains(names), "{names} in {e}");
         }
+        let some = br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","dynamic_metadata":["consumer_id","model_service"]}"#;
+        assert_eq!(
+            FilterSettings::parse(some)
+                .unwrap()
+                .metadata_fields()
+                .unwrap(),
+            [false, true, false, false, true, false]
+        );
+        let bad = br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","dynamic_metadata":["consumer_email"]}"#;
+        let e = FilterSettings::parse(bad).unwrap_err();
+        assert!(
+            e.contains("dynamic_metadata") && e.contains("consumer_email"),
+            "{e}"
+        );
         assert!(RouteSettings::parse(br#"{"model_service":""}"#).is_err());
         assert!(
             RouteSettings::parse(br#"{"model_servce":"x"}"#)
