@@ -155,6 +155,23 @@ impl MasterKey {
     }
 }
 
+/// Creates `dir` (and its parents) readable only by its owner, if it does not exist yet.
+/// True when it was created.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<bool> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)?;
+    Ok(true)
+}
+
 /// Writes `data` to a new file readable only by its owner.
 pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();

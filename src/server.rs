@@ -76,14 +76,7 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
         }
         return Ok(());
     }
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(dir)
+    crypto::create_private_dir(dir)
         .map_err(io_err(format!("creating data dir {}", dir.display())))?;
     tracing::info!(path = %dir.display(), "created data directory");
     Ok(())
@@ -401,7 +394,8 @@ pub async fn start_control_plane(
             "the subscriber token must differ from the admin token".into(),
         ));
     }
-    let keys = master.keys();
+    // The store holds the sub-keys derived when it opened: no second derivation.
+    let keys = store.keys().clone();
     let fingerprint = master.fingerprint();
     drop(master);
     tracing::info!(backend = ?store.backend(), store_id = store.store_id(), "store open");
@@ -606,7 +600,8 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
             endpoint,
             token: Arc::new(token),
             data_dir: args.data_dir.clone(),
-            name: hostname(),
+            name: crate::distribution::subscriber::hostname()
+                .unwrap_or_else(|| "data-plane".into()),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         },
@@ -658,12 +653,6 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
         grace: args.shutdown_grace,
         fatal: Some(fatal_rx),
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "data-plane".into())
 }
 
 fn control_plane_endpoint(args: &AuthzArgs) -> Result<Endpoint, StartError> {

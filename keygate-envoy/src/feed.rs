@@ -101,15 +101,9 @@ fn read_token(file: &Option<PathBuf>) -> Result<Secret, String> {
 
 /// The data dir, created private (0700) when missing.
 fn ensure_data_dir(dir: &PathBuf) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let bad = |e: std::io::Error| format!("keygate filter_config: data_dir {}: {e}", dir.display());
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(bad)?;
-    }
+    keygate::crypto::create_private_dir(dir).map_err(bad)?;
     let meta = std::fs::metadata(dir).map_err(bad)?;
     if !meta.is_dir() {
         return Err(format!(
@@ -157,16 +151,17 @@ fn start(key: FeedKey) -> Result<Feed, String> {
             endpoint: endpoint.clone(),
             token: Arc::new(token.clone()),
             data_dir: key.data_dir.clone(),
-            name: format!("envoy-module@{}", hostname()),
+            name: format!(
+                "envoy-module@{}",
+                keygate::distribution::subscriber::hostname().unwrap_or_else(|| "envoy".into())
+            ),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
         };
         let (cell, keys, status) = (cell.clone(), keys.clone(), status.clone());
         move || {
-            let mut s =
-                Subscriber::new(cfg.clone(), cell.clone(), keys.clone(), fingerprint.clone());
-            s.status = status.clone();
-            s
+            Subscriber::new(cfg.clone(), cell.clone(), keys.clone(), fingerprint.clone())
+                .with_status(status.clone())
         }
     };
     // The cache is read before Envoy takes traffic on this config: after a restart with the
@@ -269,10 +264,4 @@ fn start(key: FeedKey) -> Result<Feed, String> {
         usage,
         stop,
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "envoy".into())
 }

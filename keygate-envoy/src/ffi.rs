@@ -41,7 +41,7 @@ pub const MAX_REPLY_HEADERS: usize = 8;
 pub const MAX_COUNTER_LABELS: usize = 8;
 
 /// The local reply sent when `on_request_headers` panics.
-const INTERNAL_ERROR_BODY: &str =
+pub(crate) const INTERNAL_ERROR_BODY: &str =
     r#"{"error":{"message":"internal error","type":"internal_error","code":"keygate_internal"}}"#;
 const INTERNAL_ERROR_DETAILS: &str = "keygate_internal_error";
 

@@ -25,14 +25,10 @@ use keygate::domain::Timestamp;
 use keygate::metrics::METRICS;
 
 use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, LogLevel, Request};
-use settings::{FilterSettings, RouteSettings};
+use settings::{FilterSettings, METADATA_FIELDS, RouteSettings};
 
 /// The dynamic-metadata namespace of SPEC §2 step 7 (`%DYNAMIC_METADATA(keygate:consumer)%`).
 pub const METADATA_NAMESPACE: &str = "keygate";
-
-/// The body of a 500 when the request could not be edited safely.
-const INTERNAL_ERROR_BODY: &str =
-    r#"{"error":{"message":"internal error","type":"internal_error","code":"keygate_internal"}}"#;
 
 /// The module: what the FFI hooks dispatch to.
 pub struct Module;
@@ -49,7 +45,7 @@ pub struct FilterConfig {
     /// `keygate_snapshot_version`: the version workers decide from (set when it changes).
     snapshot_version: Option<GaugeId>,
     reported_version: AtomicI64,
-    /// Which of `settings::METADATA_FIELDS` an allowed request gets.
+    /// Which of `METADATA_FIELDS` an allowed request gets.
     metadata_fields: [bool; 6],
 }
 
@@ -196,25 +192,34 @@ impl FilterConfig {
             req.send_local_reply(
                 500,
                 &[("content-type", "application/json")],
-                INTERNAL_ERROR_BODY.as_bytes(),
+                ffi::INTERNAL_ERROR_BODY.as_bytes(),
                 "keygate_header_edit_failed",
             );
             return HeadersStatus::StopIteration;
         }
+        let on = self.metadata_fields;
         let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
-        let all: [(&str, &str); 6] = [
-            ("consumer", &a.consumer.name),
-            ("consumer_id", uuid_text(&a.consumer.id, &mut b1)),
-            ("consumer_key", &a.key.name),
-            ("consumer_key_id", uuid_text(&a.key.id, &mut b2)),
-            ("model_service", &a.service.name),
-            ("model_key", &a.model_key.name),
+        let values: [&str; 6] = [
+            &a.consumer.name,
+            if on[1] {
+                uuid_text(&a.consumer.id, &mut b1)
+            } else {
+                ""
+            },
+            &a.key.name,
+            if on[3] {
+                uuid_text(&a.key.id, &mut b2)
+            } else {
+                ""
+            },
+            &a.service.name,
+            &a.model_key.name,
         ];
         let mut chosen = [("", ""); 6];
         let mut n = 0;
-        for (entry, on) in all.iter().zip(self.metadata_fields) {
+        for ((name, value), on) in METADATA_FIELDS.into_iter().zip(values).zip(on) {
             if on {
-                chosen[n] = *entry;
+                chosen[n] = (name, value);
                 n += 1;
             }
         }
@@ -262,8 +267,7 @@ impl FilterConfig {
             let request_id = req
                 .header("x-request-id")
                 .and_then(|v| std::str::from_utf8(v).ok())
-                .unwrap_or("")
-                .to_string();
+                .unwrap_or("");
             ffi::log(
                 LogLevel::Debug,
                 &format!(

@@ -228,7 +228,7 @@ pub fn kind_out(k: ResourceKind) -> i32 {
     }) as i32
 }
 
-fn secret_ref_out(r: &Option<domain::SecretRef>) -> Option<pb::SecretRef> {
+pub fn secret_ref_out(r: &Option<domain::SecretRef>) -> Option<pb::SecretRef> {
     r.as_ref().map(|r| pb::SecretRef {
         provider: r.provider.clone(),
         name: r.name.clone(),

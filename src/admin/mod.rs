@@ -853,11 +853,7 @@ impl KeyAdmin for AdminService {
                     name: n.name,
                 })
                 .collect(),
-            secret_ref: secret_ref.map(|r| pb::SecretRef {
-                provider: r.provider,
-                name: r.name,
-                version: r.version,
-            }),
+            secret_ref: secret_ref_out(&secret_ref),
         })
     }
 

@@ -66,10 +66,7 @@ impl DecisionConfig {
             if h.is_empty() {
                 continue;
             }
-            if !h
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-            {
+            if !h.bytes().all(crate::domain::validate::is_tchar) {
                 return Err((
                     "credential_headers",
                     format!("{h:?} is not an HTTP header name"),
@@ -268,10 +265,6 @@ pub fn extract_credential<'r, 'c>(
         if !q.is_empty() {
             for (k, v) in form_urlencoded::parse(q.as_bytes()) {
                 if k == param.as_str() && !v.is_empty() {
-                    let v = match v {
-                        Cow::Borrowed(b) => Cow::Owned(b.to_string()),
-                        Cow::Owned(o) => Cow::Owned(o),
-                    };
                     return Some((v, CredentialSource::Query(param)));
                 }
             }

@@ -127,6 +127,13 @@ pub fn control_plane_endpoint(
     Ok(ep)
 }
 
+/// This machine's host name (how a data plane names itself to its control plane).
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+}
+
 /// Sends a data plane's last-used batches to its control plane (authenticated like the
 /// subscription).
 pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSink {
@@ -187,6 +194,12 @@ impl Subscriber {
             fingerprint,
             status: Arc::default(),
         }
+    }
+
+    /// Report into `status` (shared with health and metrics) instead of a fresh one.
+    pub fn with_status(mut self, status: Arc<SubscriberStatus>) -> Self {
+        self.status = status;
+        self
     }
 
     /// Serves the cached snapshot, if there is one and nothing newer is live.

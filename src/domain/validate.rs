@@ -120,7 +120,8 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-fn is_tchar(b: u8) -> bool {
+/// An HTTP token character (lower case only: header names are compared lower-cased).
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

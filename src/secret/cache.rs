@@ -219,6 +219,24 @@ impl Secrets {
         e.status.last_error = message;
     }
 
+    /// A value that was read but could not be applied to the store: counted and shown on the
+    /// key like a failed read (`why` names no value).
+    pub fn record_apply_failure(&self, r: &SecretRef, why: String) {
+        METRICS
+            .secret_refresh_failures
+            .with_label_values(&[r.provider.as_str()])
+            .inc();
+        tracing::warn!(
+            provider = %r.provider,
+            name = %r.name,
+            version = %r.version,
+            error = %why,
+            "secret refresh read a new value that was not applied"
+        );
+        let mut entries = self.inner.entries.lock().expect("secret cache lock");
+        entry(&mut entries, r, Instant::now()).status.last_error = why;
+    }
+
     /// The snapshot builder put `value` into a snapshot it published.
     pub fn mark_applied(&self, r: &SecretRef, value: &Secret) {
         let mut entries = self.inner.entries.lock().expect("secret cache lock");

@@ -65,12 +65,12 @@ pub async fn refresh_once(
             }
         };
         secrets.record_success(&r, &value);
-        let hash = store.keys().hasher.hash(value.expose().as_bytes());
         // Compared with what was last applied, not with the previous read: an admin request
         // or a failed commit may have read the new value already without applying it.
         if !secrets.differs_from_applied(&r, &value) {
             continue;
         }
+        let hash = store.keys().hasher.hash(value.expose().as_bytes());
         let mut applied = true;
         for k in keys {
             let stale = match k.kind {
@@ -95,27 +95,22 @@ pub async fn refresh_once(
                 Ok(Refreshed::Skipped) => applied = false, // changed meanwhile: next round
                 Ok(Refreshed::Collision) => {
                     applied = false;
-                    secrets.record_failure(
+                    secrets.record_apply_failure(
                         &r,
-                        &super::SecretError::BadValue {
-                            provider: r.provider.clone(),
-                            name: r.name.clone(),
-                            why: format!(
-                                "consumer key {:?}: the new value is already used by another consumer key; this key authorizes nothing until its secret changes",
-                                k.name
-                            ),
-                        },
+                        format!(
+                            "consumer key {:?}: the new value is already used by another consumer key; this key authorizes nothing until its secret changes",
+                            k.name
+                        ),
                     );
                 }
                 Err(e) => {
                     applied = false;
-                    secrets.record_failure(
+                    // The store's error stays in the log; the key shows only that it failed.
+                    tracing::warn!(key = %k.name, error = %e, "secret value not applied");
+                    secrets.record_apply_failure(
                         &r,
-                        &super::SecretError::Io {
-                            provider: r.provider.clone(),
-                            name: r.name.clone(),
-                            why: format!("the new value was not applied: {e}"),
-                        },
+                        "the new value could not be applied (store error; see the control plane log)"
+                            .into(),
                     );
                 }
             }

@@ -58,17 +58,6 @@ pub struct Update {
     pub model_key_count: u64,
 }
 
-impl Update {
-    pub fn is_empty(&self) -> bool {
-        !self.full
-            && self.keys.is_empty()
-            && self.removed_keys.is_empty()
-            && self.consumers.is_empty()
-            && self.removed_consumers.is_empty()
-            && self.services.is_none()
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApplyError {
     #[error("update for version {update} is older than the snapshot's version {current}")]

@@ -47,7 +47,7 @@ pub enum StoreError {
         "the master key does not match this store (store expects key fingerprint {expected}, this process has {actual}): every replica and data plane must use the same master key"
     )]
     MasterKeyMismatch { expected: String, actual: String },
-    #[error("unsupported store URL {0:?}: use sqlite://PATH or postgres://…")]
+    #[error("unsupported store URL scheme {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -229,7 +229,9 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(StoreError::UnsupportedUrl(url.to_string()));
+            // Only the scheme: the rest may hold a password.
+            let scheme = url.split_once("://").map_or("(none)", |(s, _)| s);
+            return Err(StoreError::UnsupportedUrl(scheme.to_string()));
         };
         let url = match backend {
             Backend::Sqlite if !url.contains("mode=") => {
@@ -522,6 +524,19 @@ impl Store {
         }
     }
 
+    /// Sets a resource's `update_time` to the mutation's time.
+    async fn touch(&self, m: &mut Mutation, kind: ResourceKind, id: &str) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE {} SET update_time = $1 WHERE id = $2",
+            table_of(kind)
+        ))
+        .bind(m.now.0)
+        .bind(id)
+        .execute(&mut *m.tx)
+        .await?;
+        Ok(())
+    }
+
     /// The name and description every resource has: a rename checks uniqueness.
     async fn rename_and_describe(
         &self,
@@ -787,11 +802,7 @@ impl Store {
                 .await?;
             fields.push("scope");
         }
-        sqlx::query("UPDATE consumers SET update_time = $1 WHERE id = $2")
-            .bind(m.now.0)
-            .bind(&id)
-            .execute(&mut *m.tx)
-            .await?;
+        self.touch(&mut m, ResourceKind::Consumer, &id).await?;
         let name = patch.name.clone().unwrap_or(old_name);
         self.commit(
             m,
@@ -980,11 +991,7 @@ impl Store {
                 .await?;
             fields.push("models");
         }
-        sqlx::query("UPDATE model_services SET update_time = $1 WHERE id = $2")
-            .bind(m.now.0)
-            .bind(&id)
-            .execute(&mut *m.tx)
-            .await?;
+        self.touch(&mut m, ResourceKind::ModelService, &id).await?;
         let name = patch.name.clone().unwrap_or(old_name);
         self.commit(
             m,
@@ -1085,22 +1092,14 @@ impl Store {
         let mut m = self.begin(actor).await?;
         self.ensure_unique_name(&mut m.tx, ResourceKind::ConsumerKey, &req.name, None)
             .await?;
-        let dup: Option<String> =
-            sqlx::query_scalar("SELECT name FROM consumer_keys WHERE key_hash = $1")
-                .bind(hash.to_vec())
-                .fetch_optional(&mut *m.tx)
-                .await?;
-        if dup.is_some() {
+        if self.value_in_use(&mut m.tx, &hash, None).await? {
             // Never say which key holds the value: that would confirm a guessed key.
             return Err(match reference {
                 None => RuleError::invalid(
                     "value",
                     "this value is already in use by another consumer key; choose another",
                 ),
-                Some(r) => RuleError::FailedPrecondition(format!(
-                    "secret_ref ({}) resolves to a value already in use by another consumer key",
-                    crate::secret::describe(r)
-                )),
+                Some(r) => value_in_use_error(r),
             }
             .into());
         }
@@ -1323,11 +1322,7 @@ impl Store {
             self.point_consumer_key(&mut m, &id, r, value).await?;
             fields.push("secret_ref");
         }
-        sqlx::query("UPDATE consumer_keys SET update_time = $1 WHERE id = $2")
-            .bind(m.now.0)
-            .bind(&id)
-            .execute(&mut *m.tx)
-            .await?;
+        self.touch(&mut m, ResourceKind::ConsumerKey, &id).await?;
         let name = patch.name.clone().unwrap_or(old_name);
         self.commit(
             m,
@@ -1753,11 +1748,7 @@ impl Store {
             .await?;
             fields.push("secret_ref");
         }
-        sqlx::query("UPDATE model_keys SET update_time = $1 WHERE id = $2")
-            .bind(m.now.0)
-            .bind(&id)
-            .execute(&mut *m.tx)
-            .await?;
+        self.touch(&mut m, ResourceKind::ModelKey, &id).await?;
         let name = patch.name.clone().unwrap_or(old_name);
         self.commit(
             m,
@@ -2005,8 +1996,6 @@ impl Store {
             })?;
         }
         m.full_reload = true;
-        let n = keys.len().to_string();
-        let fields = ["consumer_keys", n.as_str()];
         self.commit(
             m,
             Audit::new(
@@ -2014,7 +2003,7 @@ impl Store {
                 ResourceKind::Consumer,
                 &cid,
                 &cname,
-                &fields[..1],
+                &["consumer_keys"],
             ),
         )
         .await
@@ -2029,7 +2018,6 @@ impl Store {
         kind: ResourceKind,
         sel: &Selector,
     ) -> Result<(Vec<(ResourceKind, Named)>, Option<SecretRef>)> {
-        let mut conn = self.pool.acquire().await?;
         Ok(match kind {
             ResourceKind::ConsumerKey => {
                 let k = self.get_consumer_key(sel).await?;
@@ -2059,6 +2047,8 @@ impl Store {
                 (refs, None)
             }
             ResourceKind::ModelService => {
+                // One connection, taken only here: the getters above take their own.
+                let mut conn = self.pool.acquire().await?;
                 let (id, _) = self.find_id(&mut conn, kind, sel).await?;
                 (self.service_references(&mut conn, &id).await?, None)
             }
@@ -2159,7 +2149,10 @@ impl Store {
     ) -> Result<()> {
         self.require_secret_ref(&mut m.tx, ResourceKind::ConsumerKey, id)
             .await?;
-        self.set_consumer_key_value(m, id, r, value).await?;
+        let old = self.stored_hash(&mut m.tx, id).await?;
+        if self.set_consumer_key_value(m, id, old, value).await? == ValueSet::InUse {
+            return Err(value_in_use_error(r).into());
+        }
         sqlx::query(
             "UPDATE consumer_keys SET secret_provider = $1, secret_name = $2, secret_version = $3 WHERE id = $4",
         )
@@ -2172,35 +2165,50 @@ impl Store {
         Ok(())
     }
 
-    /// A consumer key's HMAC and mask from a new value; false when the value is the same.
+    /// The stored HMAC of a consumer key (none: it has no value).
+    async fn stored_hash(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(
+            sqlx::query_scalar("SELECT key_hash FROM consumer_keys WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?,
+        )
+    }
+
+    /// Whether another consumer key (any but `except`) holds the value hashing to `hash`.
+    async fn value_in_use(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        hash: &KeyHash,
+        except: Option<&str>,
+    ) -> Result<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM consumer_keys WHERE key_hash = $1 AND id <> $2")
+                .bind(hash.to_vec())
+                .bind(except.unwrap_or(""))
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    /// Gives a consumer key (whose stored HMAC is `old`) the HMAC and mask of `value`.
     async fn set_consumer_key_value(
         &self,
         m: &mut Mutation,
         id: &str,
-        r: &SecretRef,
+        old: Option<Vec<u8>>,
         value: &Secret,
-    ) -> Result<bool> {
+    ) -> Result<ValueSet> {
         let hash = self.keys.hasher.hash(value.expose().as_bytes());
-        let old: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT key_hash FROM consumer_keys WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut *m.tx)
-                .await?;
         if old.as_deref() == Some(&hash[..]) {
-            return Ok(false);
+            return Ok(ValueSet::Unchanged);
         }
-        let dup: Option<String> =
-            sqlx::query_scalar("SELECT id FROM consumer_keys WHERE key_hash = $1 AND id <> $2")
-                .bind(hash.to_vec())
-                .bind(id)
-                .fetch_optional(&mut *m.tx)
-                .await?;
-        if dup.is_some() {
-            return Err(RuleError::FailedPrecondition(format!(
-                "secret_ref ({}) resolves to a value already in use by another consumer key",
-                crate::secret::describe(r)
-            ))
-            .into());
+        if self.value_in_use(&mut m.tx, &hash, Some(id)).await? {
+            return Ok(ValueSet::InUse);
         }
         sqlx::query("UPDATE consumer_keys SET key_hash = $1, masked_value = $2 WHERE id = $3")
             .bind(hash.to_vec())
@@ -2211,7 +2219,7 @@ impl Store {
         if let Some(h) = old {
             m.removed_hashes.push(h);
         }
-        Ok(true)
+        Ok(ValueSet::Set)
     }
 
     /// Every SECRET_REF key with its reference (what the background refresh reads).
@@ -2287,21 +2295,17 @@ impl Store {
         let mut outcome = Refreshed::Applied;
         match kind {
             ResourceKind::ConsumerKey => {
-                let stored: Option<Vec<u8>> =
-                    sqlx::query_scalar("SELECT key_hash FROM consumer_keys WHERE id = $1")
-                        .bind(id)
-                        .fetch_one(&mut *m.tx)
-                        .await?;
+                let stored = self.stored_hash(&mut m.tx, id).await?;
                 if stored.as_deref() != expected_hash.as_ref().map(|h| &h[..]) {
                     return Ok(Refreshed::Skipped);
                 }
                 match self
-                    .set_consumer_key_value(&mut m, id, reference, value)
-                    .await
+                    .set_consumer_key_value(&mut m, id, stored.clone(), value)
+                    .await?
                 {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(Refreshed::Skipped),
-                    Err(StoreError::Rule(RuleError::FailedPrecondition(_))) => {
+                    ValueSet::Set => {}
+                    ValueSet::Unchanged => return Ok(Refreshed::Skipped),
+                    ValueSet::InUse => {
                         let Some(old) = stored else {
                             return Ok(Refreshed::Collision); // already cleared
                         };
@@ -2312,7 +2316,6 @@ impl Store {
                         m.removed_hashes.push(old);
                         outcome = Refreshed::Collision;
                     }
-                    Err(e) => return Err(e),
                 }
             }
             ResourceKind::ModelKey => {
@@ -2324,14 +2327,7 @@ impl Store {
             }
             _ => return Ok(Refreshed::Skipped),
         }
-        sqlx::query(&format!(
-            "UPDATE {} SET update_time = $1 WHERE id = $2",
-            table_of(kind)
-        ))
-        .bind(m.now.0)
-        .bind(id)
-        .execute(&mut *m.tx)
-        .await?;
+        self.touch(&mut m, kind, id).await?;
         self.commit(m, Audit::new("RefreshSecret", kind, id, &name, &["value"]))
             .await?;
         Ok(outcome)
@@ -2729,6 +2725,23 @@ fn encode_allowlist(list: &[IpNet]) -> String {
         .map(ip_entry_display)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A SECRET_REF consumer key whose secret holds another consumer key's value.
+fn value_in_use_error(r: &SecretRef) -> RuleError {
+    RuleError::FailedPrecondition(format!(
+        "secret_ref ({}) resolves to a value already in use by another consumer key",
+        crate::secret::describe(r)
+    ))
+}
+
+/// What `Store::set_consumer_key_value` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueSet {
+    Unchanged,
+    Set,
+    /// Another consumer key holds the value: nothing written.
+    InUse,
 }
 
 /// The value of a SECRET_REF source; the caller must have resolved it first.
