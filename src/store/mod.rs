@@ -1166,6 +1166,9 @@ impl Store {
         if req.expire_time.is_some() {
             fields.push("expire_time");
         }
+        // Read inside the transaction: once it commits, nothing may stand between the caller
+        // and the only copy of a generated value.
+        let key = self.consumer_key_by_id(&mut m.tx, &id).await?;
         self.commit(
             m,
             Audit::new(
@@ -1177,7 +1180,6 @@ impl Store {
             ),
         )
         .await?;
-        let key = self.get_consumer_key(&Selector::Id(id)).await?;
         // Only a value keygate generated is shown: a CUSTOM value came from the operator and
         // a SECRET_REF value lives in their secret store.
         let shown = match req.source {
@@ -1213,15 +1215,23 @@ impl Store {
         let (id, _) = self
             .find_id(&mut conn, ResourceKind::ConsumerKey, sel)
             .await?;
+        self.consumer_key_by_id(&mut conn, &id).await
+    }
+
+    async fn consumer_key_by_id(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        id: &str,
+    ) -> Result<ConsumerKey> {
         let row = sqlx::query(&format!(
             "SELECT {CONSUMER_KEY_COLUMNS} FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1"
         ))
-        .bind(&id)
+        .bind(id)
         .fetch_one(&mut *conn)
         .await?;
         let mut key = consumer_key_base(&row)?;
         key.scope = self
-            .read_scope(&mut conn, &key.id, row.try_get("scope_mode")?)
+            .read_scope(conn, &key.id, row.try_get("scope_mode")?)
             .await?;
         Ok(key)
     }
