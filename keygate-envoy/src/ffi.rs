@@ -13,9 +13,6 @@
 //! The crate must be built with `panic = "unwind"` (the default): with `panic = "abort"` the
 //! `catch_unwind` guards below cannot catch anything and a panic kills Envoy.
 
-// The safe API is the adapter's whole surface; the crate need not use every item of it.
-#![allow(dead_code)]
-
 use std::ffi::{CStr, c_char, c_void};
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
