@@ -474,8 +474,8 @@ pub async fn start_control_plane(
             let svc = svc.clone();
             Arc::new(move || svc.subscriber_count()) as Arc<dyn Fn() -> i64 + Send + Sync>
         });
-        let sources = crate::metrics::HealthSources::new(cell.clone(), None, count);
-        tasks.push(tokio::spawn(crate::metrics::serve(
+        let sources = crate::health::HealthSources::new(cell.clone(), None, count);
+        tasks.push(tokio::spawn(crate::health::serve(
             metrics_listener,
             sources,
             stopped(),
@@ -621,8 +621,8 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let metrics_addr = metrics_listener
         .local_addr()
         .map_err(io_err("metrics address"))?;
-    let sources = crate::metrics::HealthSources::new(cell.clone(), Some(status.clone()), None);
-    tasks.push(tokio::spawn(crate::metrics::serve(
+    let sources = crate::health::HealthSources::new(cell.clone(), Some(status.clone()), None);
+    tasks.push(tokio::spawn(crate::health::serve(
         metrics_listener,
         sources,
         stopped(),

@@ -16,7 +16,7 @@ use keygate::distribution::subscriber::{
     ClientTls, EndpointFields, Subscriber, SubscriberConfig, SubscriberStatus,
     control_plane_endpoint, usage_sink,
 };
-use keygate::metrics::HealthSources;
+use keygate::health::HealthSources;
 use keygate::snapshot::SnapshotCell;
 use keygate::usage::UsageRecorder;
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use keygate::metrics::HealthSources;
+use keygate::health::HealthSources;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -19,16 +19,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use keygate::authz::decision::{Decision, DenyReason, path_without_param};
-use keygate::authz::{DecisionConfig, RequestView, decide};
+use keygate::authz::decision::path_without_param;
+use keygate::authz::outcome::{METADATA_FIELDS, METADATA_NAMESPACE, REPLY_CONTENT_TYPE};
+use keygate::authz::{
+    Admit, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView, decide,
+};
 use keygate::domain::Timestamp;
-use keygate::metrics::METRICS;
 
-use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, LogLevel, Request};
-use settings::{FilterSettings, METADATA_FIELDS, RouteSettings};
-
-/// The dynamic-metadata namespace of SPEC §2 step 7 (`%DYNAMIC_METADATA(keygate:consumer)%`).
-pub const METADATA_NAMESPACE: &str = "keygate";
+use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, Request};
+use settings::{FilterSettings, RouteSettings};
 
 /// The module: what the FFI hooks dispatch to.
 pub struct Module;
@@ -37,6 +36,8 @@ pub struct Module;
 pub struct FilterConfig {
     feed: Arc<feed::Feed>,
     decision: DecisionConfig,
+    /// Records every outcome (keygate's metrics, last use, denial log), as `keygate authz` does.
+    recorder: OutcomeRecorder,
     /// Envoy stats `keygate_allowed` / `keygate_denied` (plain counters: an atomic add).
     /// The full breakdown — by reason, per consumer, check latency — is keygate's own
     /// `/metrics` on `metrics_addr`, as `keygate authz` exports it.
@@ -73,6 +74,7 @@ impl FilterModule for Module {
         let metadata_fields = settings.metadata_fields()?;
         let feed = feed::feed_for(&settings)?;
         Ok(FilterConfig {
+            recorder: OutcomeRecorder::new(Some(feed.usage.clone())),
             feed,
             decision,
             allowed: envoy.define_counter("keygate_allowed", &[]),
@@ -124,28 +126,22 @@ impl RequestView for View<'_, '_> {
     fn model_service(&self) -> Option<&str> {
         self.route?.model_service.as_deref()
     }
-}
 
-/// A UUID as text on the stack (no allocation per request).
-fn uuid_text<'b>(id: &uuid::Uuid, buf: &'b mut [u8; 36]) -> &'b str {
-    id.hyphenated().encode_lower(buf)
+    fn has_header(&self, name: &str) -> bool {
+        self.req.header_count(name) > 0
+    }
 }
 
 impl FilterConfig {
     fn check(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
-        let started = std::time::Instant::now();
-        let status = self.decide_and_apply(req);
-        METRICS
-            .check_duration
-            .observe(started.elapsed().as_secs_f64());
-        status
+        self.recorder.timed(|| self.decide_and_apply(req))
     }
 
     fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
         let now = Timestamp::now();
         let guard = self.feed.cell.load_guard();
         let Some(snap) = guard.as_ref() else {
-            return self.deny(req, DenyReason::NotReady, None);
+            return self.refuse(req, &Refusal::not_ready());
         };
         if let Some(g) = self.snapshot_version
             && self.reported_version.load(Ordering::Relaxed) != snap.version
@@ -154,134 +150,118 @@ impl FilterConfig {
             req.set_gauge(g, snap.version.max(0) as u64);
         }
         let route = req.per_route();
-        let decision = {
+        let outcome = {
             let view = View { req, route };
-            decide(snap, &self.decision, &view, now, |k| {
+            let decision = decide(snap, &self.decision, &view, now, |k| {
                 self.feed.hasher.hash(k)
+            });
+            Outcome::of(decision, &self.decision)
+        };
+        match outcome {
+            Outcome::Admit(a) => self.admit(req, route, &a, now),
+            Outcome::Refuse(r) => self.refuse(req, &r),
+        }
+    }
+
+    /// Applies an allowed outcome: vendor header, credentials removed, metadata.
+    fn admit(
+        &self,
+        req: &mut Request<'_, RouteConfig>,
+        route: Option<&RouteConfig>,
+        a: &Admit<'_, '_>,
+        now: Timestamp,
+    ) -> HeadersStatus {
+        // What to edit is read before editing (the view borrows the request).
+        // (On the stack for up to 8 credential headers; more spill to the heap.)
+        let (mut remove, mut more, mut n_remove) = ([""; 8], Vec::new(), 0);
+        let new_path = {
+            let view = View { req, route };
+            for h in a.headers_to_remove(&view) {
+                match remove.get_mut(n_remove) {
+                    Some(slot) => *slot = h,
+                    None => more.push(h),
+                }
+                n_remove += 1;
+            }
+            // The credential query parameter, cut from :path (allocates only when present).
+            a.query_param_to_remove(&view).and_then(|p| {
+                let path = view.header(":path")?;
+                path_without_param(path, p)
             })
         };
-        let a = match decision {
-            Decision::Allow(a) => a,
-            Decision::Deny(d) => return self.deny(req, d.reason, d.key),
-        };
-        // The credential query parameter, cut from :path (allocates only when present).
-        let new_path = self
-            .decision
-            .credential_query_param
-            .as_deref()
-            .and_then(|p| {
-                let path = std::str::from_utf8(req.header(":path")?).ok()?;
-                path_without_param(path, p)
-            });
         // Overwrite: exactly one value of the vendor header reaches the upstream. If Envoy
         // refuses any of these edits the consumer key could travel on: fail closed.
-        let mut edited = req.set_header(
-            &a.service.auth_header,
-            a.model_key.header_value.expose().as_bytes(),
-        );
-        for h in &self.decision.credential_headers {
-            if h.as_str() != &*a.service.auth_header && req.header_count(h) > 0 {
-                edited &= req.remove_header(h);
-            }
+        let (name, value) = a.vendor_header();
+        let mut edited = req.set_header(name, value.as_bytes());
+        for h in remove[..n_remove.min(remove.len())].iter().chain(&more) {
+            edited &= req.remove_header(h);
         }
         if let Some(p) = new_path {
             edited &= req.set_header(":path", p.as_bytes());
         }
         if !edited {
-            METRICS.error();
+            self.recorder.error();
+            let (ct, json) = REPLY_CONTENT_TYPE;
             req.send_local_reply(
                 500,
-                &[("content-type", "application/json")],
+                &[(ct, json)],
                 ffi::INTERNAL_ERROR_BODY.as_bytes(),
                 "keygate_header_edit_failed",
             );
             return HeadersStatus::StopIteration;
         }
-        let on = self.metadata_fields;
-        let (mut b1, mut b2) = ([0u8; 36], [0u8; 36]);
-        let values: [&str; 6] = [
-            &a.consumer.name,
-            if on[1] {
-                uuid_text(&a.consumer.id, &mut b1)
-            } else {
-                ""
-            },
-            &a.key.name,
-            if on[3] {
-                uuid_text(&a.key.id, &mut b2)
-            } else {
-                ""
-            },
-            &a.service.name,
-            &a.model_key.name,
-        ];
-        let mut chosen = [("", ""); 6];
+        self.set_metadata(req, a.metadata(&self.metadata_fields));
+        self.recorder.allowed(&a.allowed, now);
+        if let Some(c) = self.allowed {
+            req.increment_counter(c, 1);
+        }
+        HeadersStatus::Continue
+    }
+
+    /// Sets string metadata fields under `keygate` in one call (ids formatted on the stack).
+    fn set_metadata<'s>(
+        &self,
+        req: &mut Request<'_, RouteConfig>,
+        fields: impl Iterator<Item = (&'static str, MetaValue<'s>)>,
+    ) {
+        let fields: [Option<(&str, MetaValue<'s>)>; METADATA_FIELDS.len()] = {
+            let mut out = [None; METADATA_FIELDS.len()];
+            for (slot, f) in out.iter_mut().zip(fields) {
+                *slot = Some(f);
+            }
+            out
+        };
+        let mut bufs = [[0u8; 36]; METADATA_FIELDS.len()];
+        let mut chosen = [("", ""); METADATA_FIELDS.len()];
         let mut n = 0;
-        for ((name, value), on) in METADATA_FIELDS.into_iter().zip(values).zip(on) {
-            if on {
-                chosen[n] = (name, value);
+        for ((field, buf), slot) in fields.iter().zip(bufs.iter_mut()).zip(chosen.iter_mut()) {
+            if let Some((name, value)) = field {
+                *slot = (name, value.as_str(buf));
                 n += 1;
             }
         }
         if n > 0 {
             req.set_metadata_strings(METADATA_NAMESPACE, &chosen[..n]);
         }
-        METRICS.allowed();
-        if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
-            METRICS.consumer_counter(&a.consumer.name, &a.service.name)
-        }) {
-            c.inc();
-        }
-        if let Some(c) = self.allowed {
-            req.increment_counter(c, 1);
-        }
-        self.feed.usage.record(a.key, now);
-        HeadersStatus::Continue
     }
 
-    fn deny(
-        &self,
-        req: &mut Request<'_, RouteConfig>,
-        reason: DenyReason,
-        key: Option<&keygate::snapshot::KeyEntry>,
-    ) -> HeadersStatus {
-        let mut b = [0u8; 36];
-        match key {
-            Some(k) => req.set_metadata_strings(
-                METADATA_NAMESPACE,
-                &[
-                    ("deny_reason", reason.as_str()),
-                    ("consumer_key", &k.name),
-                    ("consumer_key_id", uuid_text(&k.id, &mut b)),
-                ],
-            ),
-            None => {
-                req.set_metadata_strings(METADATA_NAMESPACE, &[("deny_reason", reason.as_str())])
-            }
-        }
-        METRICS.denied(reason);
+    /// Applies a refusal: metadata, the local reply with SPEC §2's body.
+    fn refuse(&self, req: &mut Request<'_, RouteConfig>, r: &Refusal<'_>) -> HeadersStatus {
+        self.set_metadata(req, r.metadata());
+        let x_request_id = req
+            .header("x-request-id")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("");
+        self.recorder.refused(r, "", x_request_id);
         if let Some(c) = self.denied {
             req.increment_counter(c, 1);
         }
-        if ffi::log_enabled(LogLevel::Debug) {
-            let request_id = req
-                .header("x-request-id")
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .unwrap_or("");
-            ffi::log(
-                LogLevel::Debug,
-                &format!(
-                    "keygate: check denied reason={} consumer_key={} x_request_id={request_id}",
-                    reason.as_str(),
-                    key.map(|k| &*k.name).unwrap_or("")
-                ),
-            );
-        }
+        let (ct, json) = REPLY_CONTENT_TYPE;
         req.send_local_reply(
-            reason.http_status() as u32,
-            &[("content-type", "application/json")],
-            reason.body().as_bytes(),
-            reason.as_str(),
+            r.status() as u32,
+            &[(ct, json)],
+            r.body().as_bytes(),
+            r.reason.as_str(),
         );
         HeadersStatus::StopIteration
     }
@@ -292,6 +272,7 @@ mod logging {
     use std::io::Write;
 
     use tracing::Level;
+    use tracing_subscriber::Layer;
     use tracing_subscriber::fmt::MakeWriter;
 
     use crate::ffi::{LogLevel, log};
@@ -333,30 +314,41 @@ mod logging {
             }
         }
         fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> EnvoyLine {
-            let level = match *meta.level() {
-                Level::ERROR => LogLevel::Error,
-                Level::WARN => LogLevel::Warn,
-                Level::INFO => LogLevel::Info,
-                Level::DEBUG => LogLevel::Debug,
-                Level::TRACE => LogLevel::Trace,
-            };
             EnvoyLine {
-                level,
+                level: envoy_level(meta.level()),
                 buf: Vec::new(),
             }
         }
     }
 
-    /// Installs the forwarding subscriber (once per process; info and above).
+    /// Envoy's level for a `tracing` level.
+    fn envoy_level(level: &Level) -> LogLevel {
+        match *level {
+            Level::ERROR => LogLevel::Error,
+            Level::WARN => LogLevel::Warn,
+            Level::INFO => LogLevel::Info,
+            Level::DEBUG => LogLevel::Debug,
+            Level::TRACE => LogLevel::Trace,
+        }
+    }
+
+    /// Installs the forwarding subscriber (once per process). Events are formatted only when
+    /// Envoy logs their level (`--log-level`, or changed at run time through the admin API), so
+    /// a denial's debug line appears exactly when Envoy runs at debug.
     pub fn init() {
-        let subscriber = tracing_subscriber::fmt()
+        use tracing_subscriber::layer::SubscriberExt;
+        let layer = tracing_subscriber::fmt::layer()
             .with_writer(EnvoyLog)
             .with_ansi(false)
             .without_time()
             .with_target(false)
             .with_level(false)
-            .with_max_level(Level::INFO)
-            .finish();
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+                // keygate's own events at any level Envoy logs; dependencies' at info and above.
+                (meta.target().starts_with("keygate") || *meta.level() <= Level::INFO)
+                    && crate::ffi::log_enabled(envoy_level(meta.level()))
+            }));
+        let subscriber = tracing_subscriber::registry().with(layer);
         let _ = tracing::subscriber::set_global_default(subscriber);
     }
 }

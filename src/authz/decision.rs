@@ -115,6 +115,10 @@ pub trait RequestView {
     fn peer_ip(&self) -> Option<IpAddr>;
     /// The route's `model_service` (never from a client-controlled header).
     fn model_service(&self) -> Option<&str>;
+    /// Whether the request carries the header at all (whatever its bytes).
+    fn has_header(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
 }
 
 /// Why a request was refused (also the `reason` label of metrics).
@@ -344,17 +348,32 @@ pub fn credentials_to_remove<'c>(
     req: &impl RequestView,
     overwritten: &str,
 ) -> (Vec<&'c str>, Option<&'c str>) {
-    let headers = cfg
-        .credential_headers
+    (
+        credential_headers_present(cfg, req, overwritten).collect(),
+        credential_param_present(cfg, req),
+    )
+}
+
+/// The configured credential headers the request carries, except `overwritten`.
+pub fn credential_headers_present<'c, 'r, R: RequestView>(
+    cfg: &'c DecisionConfig,
+    req: &'r R,
+    overwritten: &'r str,
+) -> impl Iterator<Item = &'c str> + use<'c, 'r, R> {
+    cfg.credential_headers
         .iter()
-        .filter(|h| h.as_str() != overwritten && req.header(h).is_some())
+        .filter(move |h| h.as_str() != overwritten && req.has_header(h))
         .map(String::as_str)
-        .collect();
-    let param = cfg
-        .credential_query_param
+}
+
+/// The configured credential query parameter, when the request's query carries it.
+pub fn credential_param_present<'c>(
+    cfg: &'c DecisionConfig,
+    req: &impl RequestView,
+) -> Option<&'c str> {
+    cfg.credential_query_param
         .as_deref()
-        .filter(|p| form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p));
-    (headers, param)
+        .filter(|p| form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p))
 }
 
 /// `path` (a request's `:path`) without every occurrence of the query parameter `param`;

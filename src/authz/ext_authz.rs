@@ -1,5 +1,5 @@
 //! Envoy's `envoy.service.auth.v3.Authorization/Check`: converts the request for
-//! `decide()` and the decision into Envoy's response. No decision logic lives here.
+//! `decide()` and its [`Outcome`] into Envoy's response. No decision logic lives here.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,12 +13,12 @@ use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::decision::{self, Decision, DecisionConfig, MODEL_SERVICE_EXTENSION, RequestView};
+use super::decision::{DecisionConfig, MODEL_SERVICE_EXTENSION, RequestView, decide};
+use super::outcome::{ALL_METADATA, Admit, MetaValue, Outcome, REPLY_CONTENT_TYPE, Refusal};
+use super::record::OutcomeRecorder;
 use crate::crypto::KeyHasher;
 use crate::domain::Timestamp;
-use crate::metrics::METRICS;
-use crate::snapshot::{KeyEntry, SnapshotCell};
-use std::time::Instant;
+use crate::snapshot::SnapshotCell;
 
 /// gRPC codes carried in `CheckResponse.status` (a non-OK status is a denial, not an error).
 const CODE_OK: i32 = 0;
@@ -32,7 +32,7 @@ pub struct ExtAuthzService {
     cell: SnapshotCell,
     hasher: KeyHasher,
     config: Arc<DecisionConfig>,
-    usage: Option<crate::usage::UsageRecorder>,
+    recorder: OutcomeRecorder,
 }
 
 impl ExtAuthzService {
@@ -41,84 +41,67 @@ impl ExtAuthzService {
             cell,
             hasher,
             config: Arc::new(config),
-            usage: None,
+            recorder: OutcomeRecorder::new(None),
         }
     }
 
     /// Also record each allowed key's last use.
     pub fn with_usage(mut self, usage: crate::usage::UsageRecorder) -> Self {
-        self.usage = Some(usage);
+        self.recorder = OutcomeRecorder::new(Some(usage));
         self
     }
 
     /// The whole check, synchronous: what `Check` runs and benchmarks call.
     pub fn check_sync(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
-        let started = Instant::now();
-        let response = self.respond(req, now);
-        METRICS
-            .check_duration
-            .observe(started.elapsed().as_secs_f64());
-        response
+        self.recorder.timed(|| self.respond(req, now))
     }
 
     fn respond(&self, req: &CheckRequest, now: Timestamp) -> CheckResponse {
         let view = CheckView::new(req);
         let guard = self.cell.load_guard();
-        let Some(snap) = guard.as_ref() else {
-            METRICS.denied(decision::DenyReason::NotReady);
-            return denied_response(decision::DenyReason::NotReady, None);
+        let outcome = match guard.as_ref() {
+            None => Outcome::not_ready(),
+            Some(snap) => Outcome::of(
+                decide(snap, &self.config, &view, now, |k| self.hasher.hash(k)),
+                &self.config,
+            ),
         };
-        let d = decision::decide(snap, &self.config, &view, now, |k| self.hasher.hash(k));
-        match d {
-            Decision::Allow(a) => {
-                METRICS.allowed();
-                if let Some(u) = &self.usage {
-                    u.record(a.key, now);
-                }
-                if let Some(c) = a.consumer.usage.counter(&a.service.id, || {
-                    METRICS.consumer_counter(&a.consumer.name, &a.service.name)
-                }) {
-                    c.inc();
-                }
-                let (remove, param) =
-                    decision::credentials_to_remove(&self.config, &view, &a.service.auth_header);
-                let fields = [
-                    ("consumer", a.consumer.name.to_string()),
-                    ("consumer_id", a.consumer.id.to_string()),
-                    ("consumer_key", a.key.name.to_string()),
-                    ("consumer_key_id", a.key.id.to_string()),
-                    ("model_service", a.service.name.to_string()),
-                    ("model_key", a.model_key.name.to_string()),
-                ];
-                CheckResponse {
-                    status: Some(rpc::Status {
-                        code: CODE_OK,
-                        ..Default::default()
-                    }),
-                    dynamic_metadata: Some(metadata(fields)),
-                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                        headers: vec![overwrite_header(
-                            &a.service.auth_header,
-                            a.model_key.header_value.expose(),
-                        )],
-                        headers_to_remove: remove.into_iter().map(str::to_string).collect(),
-                        query_parameters_to_remove: param.into_iter().map(str::to_string).collect(),
-                        ..Default::default()
-                    })),
-                }
+        match outcome {
+            Outcome::Admit(a) => {
+                self.recorder.allowed(&a.allowed, now);
+                allowed_response(&a, &view)
             }
-            Decision::Deny(d) => {
-                METRICS.denied(d.reason);
-                tracing::debug!(
-                    reason = d.reason.as_str(),
-                    consumer_key = d.key.map(|k| &*k.name),
-                    request_id = view.http.map(|h| h.id.as_str()).unwrap_or(""),
-                    x_request_id = view.header("x-request-id").unwrap_or(""),
-                    "check denied"
+            Outcome::Refuse(r) => {
+                self.recorder.refused(
+                    &r,
+                    view.http.map(|h| h.id.as_str()).unwrap_or(""),
+                    view.header("x-request-id").unwrap_or(""),
                 );
-                denied_response(d.reason, d.key)
+                denied_response(&r)
             }
         }
+    }
+}
+
+/// Envoy's OK response: the vendor header, the credentials to remove, the metadata.
+fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>) -> CheckResponse {
+    let (name, value) = a.vendor_header();
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: CODE_OK,
+            ..Default::default()
+        }),
+        dynamic_metadata: Some(metadata(a.metadata(&ALL_METADATA))),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: vec![overwrite_header(name, value)],
+            headers_to_remove: a.headers_to_remove(view).map(str::to_string).collect(),
+            query_parameters_to_remove: a
+                .query_param_to_remove(view)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            ..Default::default()
+        })),
     }
 }
 
@@ -138,7 +121,8 @@ fn overwrite_header(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
-fn metadata(fields: impl IntoIterator<Item = (&'static str, String)>) -> Struct {
+fn metadata<'s>(fields: impl IntoIterator<Item = (&'static str, MetaValue<'s>)>) -> Struct {
+    let mut buf = [0u8; 36];
     Struct {
         fields: fields
             .into_iter()
@@ -146,7 +130,7 @@ fn metadata(fields: impl IntoIterator<Item = (&'static str, String)>) -> Struct 
                 (
                     k.to_string(),
                     Value {
-                        kind: Some(Kind::StringValue(v)),
+                        kind: Some(Kind::StringValue(v.as_str(&mut buf).to_string())),
                     },
                 )
             })
@@ -154,28 +138,25 @@ fn metadata(fields: impl IntoIterator<Item = (&'static str, String)>) -> Struct 
     }
 }
 
-fn denied_response(reason: decision::DenyReason, key: Option<&KeyEntry>) -> CheckResponse {
-    let http = reason.http_status();
-    let code = match http {
+fn denied_response(r: &Refusal<'_>) -> CheckResponse {
+    let code = match r.status() {
         401 => CODE_UNAUTHENTICATED,
         403 => CODE_PERMISSION_DENIED,
         _ => CODE_UNAVAILABLE,
     };
-    let mut fields = vec![("deny_reason", reason.as_str().to_string())];
-    if let Some(k) = key {
-        fields.push(("consumer_key", k.name.to_string()));
-        fields.push(("consumer_key_id", k.id.to_string()));
-    }
+    let (ct_name, ct_value) = REPLY_CONTENT_TYPE;
     CheckResponse {
         status: Some(rpc::Status {
             code,
             ..Default::default()
         }),
-        dynamic_metadata: Some(metadata(fields)),
+        dynamic_metadata: Some(metadata(r.metadata())),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-            status: Some(HttpStatus { code: http as i32 }),
-            headers: vec![overwrite_header("content-type", "application/json")],
-            body: reason.body().to_string(),
+            status: Some(HttpStatus {
+                code: r.status() as i32,
+            }),
+            headers: vec![overwrite_header(ct_name, ct_value)],
+            body: r.body().to_string(),
         })),
     }
 }
