@@ -1,6 +1,6 @@
 //! Secrets and the keys that protect them: the master key and its HKDF sub-keys, consumer-key
 //! hashing (HMAC-SHA256), model-key encryption (AES-256-GCM), key generation, and the
-//! redacting `Secret` type. Depends on nothing else in keygate.
+//! redacting `Secret` type (defined in `domain`, re-exported here). Depends on `domain` only.
 
 use std::fmt;
 use std::io::Write;
@@ -16,6 +16,8 @@ use rand::RngCore;
 use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+pub use crate::domain::Secret;
 
 /// Prefix of keygate-generated consumer keys, so a leaked one is recognisable.
 pub const CONSUMER_KEY_PREFIX: &str = "kg-";
@@ -36,32 +38,6 @@ pub enum CryptoError {
         "model key ciphertext does not decrypt under this master key (wrong key or moved record)"
     )]
     Decrypt,
-}
-
-/// A secret string: zeroised on drop, redacted in `Debug` and `Display`.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Secret(value)
-    }
-    /// The plaintext. Call sites are the only places a secret leaves this type.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
 }
 
 /// The 32-byte master key from which every other key is derived.

@@ -5,8 +5,7 @@
 use ipnet::IpNet;
 
 use super::validate::{self, FieldViolation};
-use super::{GenerationMethod, Limits, RuleError, ScopeInput, SecretRef, Timestamp};
-use crate::crypto::Secret;
+use super::{GenerationMethod, Limits, RuleError, ScopeInput, Secret, SecretRef, Timestamp};
 
 pub const DEFAULT_AUTH_HEADER: &str = "authorization";
 pub const DEFAULT_AUTH_VALUE_TEMPLATE: &str = "Bearer {key}";

@@ -2,7 +2,10 @@
 //! masking. Pure data and functions: no gRPC, no SQL, no I/O.
 
 pub mod input;
+mod secret;
 pub mod validate;
+
+pub use secret::Secret;
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
