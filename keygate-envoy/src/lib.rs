@@ -10,7 +10,6 @@
 #![deny(unsafe_code)]
 
 mod feed;
-#[allow(unsafe_code)]
 mod ffi;
 mod http;
 mod settings;
@@ -31,6 +30,8 @@ use settings::{FilterSettings, RouteSettings};
 
 /// The module: what the FFI hooks dispatch to.
 pub struct Module;
+
+ffi::declare_filter_module!(Module);
 
 /// One filter config (one per listener config; all share the process's feed).
 pub struct FilterConfig {
@@ -77,8 +78,8 @@ impl FilterModule for Module {
             recorder: OutcomeRecorder::new(Some(feed.usage.clone())),
             feed,
             decision,
-            allowed: envoy.define_counter("keygate_allowed", &[]),
-            denied: envoy.define_counter("keygate_denied", &[]),
+            allowed: envoy.define_counter("keygate_allowed"),
+            denied: envoy.define_counter("keygate_denied"),
             snapshot_version: envoy.define_gauge("keygate_snapshot_version"),
             reported_version: AtomicI64::new(-1),
             metadata_fields,

@@ -1,0 +1,334 @@
+//! The bodies of the hooks Envoy calls, generic over the [`FilterModule`] they dispatch to.
+//! `declare_filter_module!` (in `export`) instantiates them for one module and exports them under
+//! Envoy's symbol names. Every one catches unwinding and fails closed: a panic never reaches
+//! Envoy. Depends on `abi`, `config`, `filter`, `log` and `request`.
+
+use std::ffi::{c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+
+use super::abi::{self, EnvoyBuffer, ModuleHttpHeader, envoy_bytes, module_buffer};
+use super::filter::BodyStatus;
+use super::request::PerRouteBox;
+use super::{ConfigEnvoy, FilterModule, HeadersStatus, LogLevel, Request, log};
+
+/// The local reply sent when a stream hook panics.
+pub(crate) const INTERNAL_ERROR_BODY: &str =
+    r#"{"error":{"message":"internal error","type":"internal_error","code":"keygate_internal"}}"#;
+const INTERNAL_ERROR_DETAILS: &str = "keygate_internal_error";
+
+/// Runs `f`, turning a panic into `fallback` (for hooks with nothing to fail closed on).
+fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+/// Routes panic messages to Envoy's log instead of stderr.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        log(LogLevel::Critical, &format!("keygate: {info}"));
+    }));
+}
+
+/// `envoy_dynamic_module_on_program_init`: the ABI version, or null to refuse the load.
+pub fn on_program_init<M: FilterModule>() -> *const c_char {
+    let ok = guard(false, || {
+        install_panic_hook();
+        M::program_init()
+    });
+    if ok {
+        abi::ABI_VERSION.as_ptr()
+    } else {
+        ptr::null()
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_config_new`: a `Box<M::Config>`, or null to reject.
+///
+/// # Safety
+/// Only for Envoy's call: `filter_config_envoy_ptr` is Envoy's live config pointer and `name`
+/// and `config` are buffers Envoy keeps valid for the whole call.
+pub unsafe fn on_http_filter_config_new<M: FilterModule>(
+    filter_config_envoy_ptr: *mut c_void,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    let created = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: (covers the next two blocks) Envoy passes views of the filter name and config
+        // strings it owns for the whole call (filter_config.cc passes string_views of the
+        // config's own members).
+        let name_bytes = unsafe { envoy_bytes(name) };
+        // SAFETY: see above.
+        let config_bytes = unsafe { envoy_bytes(config) };
+        let Ok(name) = std::str::from_utf8(name_bytes) else {
+            log(
+                LogLevel::Error,
+                "keygate: filter_name is not UTF-8; config rejected",
+            );
+            return ptr::null();
+        };
+        let mut envoy = ConfigEnvoy::new(filter_config_envoy_ptr);
+        match M::new_config(name, config_bytes, &mut envoy) {
+            Ok(cfg) => Box::into_raw(Box::new(cfg)).cast_const().cast::<c_void>(),
+            Err(msg) => {
+                log(
+                    LogLevel::Error,
+                    &format!("keygate: filter config rejected: {msg}"),
+                );
+                ptr::null()
+            }
+        }
+    }));
+    created.unwrap_or_else(|_| {
+        log(
+            LogLevel::Error,
+            "keygate: filter config creation panicked; config rejected",
+        );
+        ptr::null()
+    })
+}
+
+/// `envoy_dynamic_module_on_http_filter_config_destroy`.
+///
+/// # Safety
+/// Only for Envoy's call: `filter_config_ptr` is null or a pointer returned by
+/// [`on_http_filter_config_new`] for the same `M`, destroyed once.
+pub unsafe fn on_http_filter_config_destroy<M: FilterModule>(filter_config_ptr: *const c_void) {
+    guard((), || {
+        if !filter_config_ptr.is_null() {
+            // SAFETY: a non-null pointer here is one returned by on_http_filter_config_new
+            // (Box<M::Config>::into_raw); Envoy destroys each config exactly once, after the
+            // last filter holding its shared_ptr is gone (filter.h `config_`).
+            drop(unsafe { Box::from_raw(filter_config_ptr.cast_mut().cast::<M::Config>()) });
+        }
+    });
+}
+
+/// `envoy_dynamic_module_on_http_filter_per_route_config_new`: a `Box<PerRouteBox<M::PerRoute>>`,
+/// or null to reject.
+///
+/// # Safety
+/// Only for Envoy's call: `name` and `config` are buffers Envoy keeps valid for the whole call.
+pub unsafe fn on_http_filter_per_route_config_new<M: FilterModule>(
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    let created = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: (covers the next two blocks) Envoy passes views of strings it owns for the
+        // whole call (filter_config.cc passes string_views of the per-route proto's fields).
+        let name_bytes = unsafe { envoy_bytes(name) };
+        // SAFETY: see above.
+        let config_bytes = unsafe { envoy_bytes(config) };
+        let Ok(name) = std::str::from_utf8(name_bytes) else {
+            log(
+                LogLevel::Error,
+                "keygate: per-route filter_name is not UTF-8; rejected",
+            );
+            return ptr::null();
+        };
+        match M::new_per_route(name, config_bytes) {
+            Ok(value) => Box::into_raw(Box::new(PerRouteBox::new(value)))
+                .cast_const()
+                .cast::<c_void>(),
+            Err(msg) => {
+                log(
+                    LogLevel::Error,
+                    &format!("keygate: per-route config rejected: {msg}"),
+                );
+                ptr::null()
+            }
+        }
+    }));
+    created.unwrap_or_else(|_| {
+        log(
+            LogLevel::Error,
+            "keygate: per-route config creation panicked; rejected",
+        );
+        ptr::null()
+    })
+}
+
+/// `envoy_dynamic_module_on_http_filter_per_route_config_destroy`.
+///
+/// # Safety
+/// Only for Envoy's call: `filter_config_ptr` is null or a pointer returned by
+/// [`on_http_filter_per_route_config_new`] for the same `M`, destroyed once.
+pub unsafe fn on_http_filter_per_route_config_destroy<M: FilterModule>(
+    filter_config_ptr: *const c_void,
+) {
+    guard((), || {
+        if !filter_config_ptr.is_null() {
+            // SAFETY: a non-null pointer here is one returned by
+            // on_http_filter_per_route_config_new (Box<PerRouteBox<M::PerRoute>>::into_raw),
+            // destroyed exactly once by ~DynamicModuleHttpPerRouteFilterConfig.
+            drop(unsafe {
+                Box::from_raw(
+                    filter_config_ptr
+                        .cast_mut()
+                        .cast::<PerRouteBox<M::PerRoute>>(),
+                )
+            });
+        }
+    });
+}
+
+/// `envoy_dynamic_module_on_http_filter_new`. No per-request allocation: the "filter" Envoy keeps
+/// for a stream is the config pointer itself, and `on_http_filter_destroy` is a no-op. Sound
+/// because the C++ DynamicModuleHttpFilter holds a `shared_ptr` to its
+/// DynamicModuleHttpFilterConfig (filter.h `config_`), and the config calls
+/// on_http_filter_config_destroy only in its destructor (filter_config.cc), i.e. after every filter
+/// created from it has called on_http_filter_destroy. (A zero-sized Config still yields a non-null
+/// pointer, so Envoy never mistakes it for a failure.)
+pub fn on_http_filter_new(filter_config_ptr: *const c_void) -> *const c_void {
+    filter_config_ptr
+}
+
+/// Sends the fixed 500 reply without allocating (so it cannot panic itself).
+fn send_internal_error(filter_envoy_ptr: *mut c_void) {
+    const CT_KEY: &str = "content-type";
+    const CT_VALUE: &str = "application/json";
+    let headers = [ModuleHttpHeader {
+        key_ptr: CT_KEY.as_ptr().cast(),
+        key_length: CT_KEY.len(),
+        value_ptr: CT_VALUE.as_ptr().cast(),
+        value_length: CT_VALUE.len(),
+    }];
+    // SAFETY: `filter_envoy_ptr` is the live pointer of the running hook; every buffer points at
+    // 'static data and the header array has exactly one initialized element.
+    unsafe {
+        abi::envoy_dynamic_module_callback_http_send_response(
+            filter_envoy_ptr,
+            500,
+            headers.as_ptr(),
+            headers.len(),
+            module_buffer(INTERNAL_ERROR_BODY.as_bytes()),
+            module_buffer(INTERNAL_ERROR_DETAILS.as_bytes()),
+        );
+    }
+}
+
+/// Runs one of the module's stream hooks on the stream's config (`hook` returns whether to
+/// continue) and fails closed: a hook that replied locally gets `stop` whatever it returned; a
+/// panic sends the internal-error reply (unless the hook had replied already) and gets `stop`.
+///
+/// # Safety
+/// As for the stream hooks below: `filter_envoy_ptr` is the live stream pointer of the running
+/// hook and `filter_module_ptr` what [`on_http_filter_new`] returned for that stream.
+unsafe fn stream_hook<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    hook_name: &str,
+    stop: u32,
+    hook: impl FnOnce(&M::Config, &mut Request<'_, M::PerRoute>) -> bool,
+) -> u32 {
+    let mut req = Request::<M::PerRoute>::new(filter_envoy_ptr);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        if filter_module_ptr.is_null() {
+            panic!("{hook_name} without a filter config");
+        }
+        // SAFETY: filter_module_ptr is what on_http_filter_new returned: the live
+        // Box<M::Config> from on_http_filter_config_new, which outlives this stream (see
+        // on_http_filter_new). It is only ever read (shared `&`), and M::Config is Sync.
+        let config = unsafe { &*filter_module_ptr.cast::<M::Config>() };
+        hook(config, &mut req)
+    }));
+    match outcome {
+        Ok(true) if !req.replied() => abi::STATUS_CONTINUE,
+        Ok(_) => stop,
+        Err(_) => {
+            // Fail closed. If the module had already replied, that reply stands.
+            if !req.replied() {
+                guard((), || send_internal_error(filter_envoy_ptr));
+            }
+            stop
+        }
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_headers`: [`FilterModule::on_request_headers`].
+///
+/// # Safety
+/// Only for Envoy's call: `filter_envoy_ptr` is the live stream pointer and `filter_module_ptr`
+/// what [`on_http_filter_new`] returned for that stream, from a config of the same `M`.
+pub unsafe fn on_http_filter_request_headers<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: the caller's guarantees are stream_hook's.
+    unsafe {
+        stream_hook::<M>(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            "on_http_filter_request_headers",
+            abi::HEADERS_STATUS_STOP_ITERATION,
+            |config, req| {
+                M::on_request_headers(config, req, end_of_stream) == HeadersStatus::Continue
+            },
+        )
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_body`: [`FilterModule::on_request_body`].
+///
+/// # Safety
+/// As for [`on_http_filter_request_headers`].
+pub unsafe fn on_http_filter_request_body<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: the caller's guarantees are stream_hook's.
+    unsafe {
+        stream_hook::<M>(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            "on_http_filter_request_body",
+            abi::BODY_STATUS_STOP_ITERATION_NO_BUFFER,
+            |config, req| M::on_request_body(config, req, end_of_stream) == BodyStatus::Continue,
+        )
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_response_headers`: [`FilterModule::on_response_headers`].
+///
+/// # Safety
+/// As for [`on_http_filter_request_headers`].
+pub unsafe fn on_http_filter_response_headers<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: the caller's guarantees are stream_hook's.
+    unsafe {
+        stream_hook::<M>(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            "on_http_filter_response_headers",
+            abi::HEADERS_STATUS_STOP_ITERATION,
+            |config, req| {
+                M::on_response_headers(config, req, end_of_stream) == HeadersStatus::Continue
+            },
+        )
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_response_body`: [`FilterModule::on_response_body`].
+///
+/// # Safety
+/// As for [`on_http_filter_request_headers`].
+pub unsafe fn on_http_filter_response_body<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    end_of_stream: bool,
+) -> u32 {
+    // SAFETY: the caller's guarantees are stream_hook's.
+    unsafe {
+        stream_hook::<M>(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            "on_http_filter_response_body",
+            abi::BODY_STATUS_STOP_ITERATION_NO_BUFFER,
+            |config, req| M::on_response_body(config, req, end_of_stream) == BodyStatus::Continue,
+        )
+    }
+}
