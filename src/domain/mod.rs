@@ -207,6 +207,23 @@ pub struct SecretRef {
     pub version: String,
 }
 
+/// `provider "file", name "openai-prod", version "2"` (or `latest`): how errors and logs
+/// name a reference. Never a value.
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "provider {:?}, name {:?}, version ",
+            self.provider, self.name
+        )?;
+        if self.version.is_empty() {
+            f.write_str("latest")
+        } else {
+            write!(f, "{:?}", self.version)
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Consumer {
     pub id: String,
