@@ -1,56 +1,24 @@
-//! Protobuf ⇄ domain conversion for the admin API, and the one place gRPC codes are chosen.
+//! Protobuf ⇄ domain conversion for the admin API: selectors, pages, scopes, times, enums,
+//! resources out, and the update-mask rules. Depends on `domain`, `store` and `proto`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost_types::{FieldMask, Timestamp as PbTimestamp};
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::Status;
 
 use crate::domain::{
     self, FieldViolation, GenerationMethod, KeyStatus, Named, ResourceKind, RuleError, Scope,
     ScopeInput, Selector, Timestamp,
 };
 use crate::proto::admin::v1 as pb;
-use crate::store::{PageRequest, StoreError};
+use crate::store::PageRequest;
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
-/// The single mapping from keygate errors to gRPC status codes.
-pub fn status(err: StoreError) -> Status {
-    match err {
-        StoreError::Rule(rule) => rule_status(rule),
-        other => {
-            tracing::error!(error = %other, "admin request failed");
-            Status::internal("internal error; see the keygate log")
-        }
-    }
-}
-
-pub fn rule_status(rule: RuleError) -> Status {
-    let message = rule.to_string();
-    match rule {
-        RuleError::Invalid(violations) => {
-            let v: Vec<tonic_types::FieldViolation> = violations
-                .into_iter()
-                .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
-                .collect();
-            Status::with_error_details(
-                Code::InvalidArgument,
-                message,
-                ErrorDetails::with_bad_request(v),
-            )
-        }
-        RuleError::AlreadyExists { .. } => Status::already_exists(message),
-        RuleError::NotFound { .. } => Status::not_found(message),
-        RuleError::FailedPrecondition(_) => Status::failed_precondition(message),
-        RuleError::ResourceExhausted(_) => Status::resource_exhausted(message),
-        RuleError::Unimplemented(_) => Status::unimplemented(message),
-    }
-}
-
+/// `INVALID_ARGUMENT` on one field.
 pub fn invalid(field: &str, rule: impl Into<String>) -> Status {
-    rule_status(RuleError::invalid(field, rule))
+    RuleError::invalid(field, rule).into()
 }
 
 /// A required `oneof selector { id, name }`.
@@ -372,7 +340,7 @@ impl UpdateMask {
             }
         }
         if !violations.is_empty() {
-            return Err(rule_status(RuleError::Invalid(violations)));
+            return Err(RuleError::Invalid(violations).into());
         }
         Ok(UpdateMask { paths })
     }

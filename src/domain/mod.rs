@@ -63,25 +63,6 @@ pub enum ResourceKind {
 }
 
 impl ResourceKind {
-    pub fn as_i64(self) -> i64 {
-        match self {
-            ResourceKind::Consumer => 1,
-            ResourceKind::ConsumerKey => 2,
-            ResourceKind::ModelService => 3,
-            ResourceKind::ModelKey => 4,
-        }
-    }
-
-    pub fn from_i64(v: i64) -> Option<Self> {
-        Some(match v {
-            1 => ResourceKind::Consumer,
-            2 => ResourceKind::ConsumerKey,
-            3 => ResourceKind::ModelService,
-            4 => ResourceKind::ModelKey,
-            _ => return None,
-        })
-    }
-
     /// Human wording used in error messages ("consumer key \"k1\"").
     pub fn label(self) -> &'static str {
         match self {
@@ -105,45 +86,11 @@ pub enum KeyStatus {
     Disabled,
 }
 
-impl KeyStatus {
-    pub fn as_i64(self) -> i64 {
-        match self {
-            KeyStatus::Enabled => 1,
-            KeyStatus::Disabled => 2,
-        }
-    }
-    pub fn from_i64(v: i64) -> Option<Self> {
-        match v {
-            1 => Some(KeyStatus::Enabled),
-            2 => Some(KeyStatus::Disabled),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GenerationMethod {
     Auto,
     Custom,
     SecretRef,
-}
-
-impl GenerationMethod {
-    pub fn as_i64(self) -> i64 {
-        match self {
-            GenerationMethod::Auto => 1,
-            GenerationMethod::Custom => 2,
-            GenerationMethod::SecretRef => 3,
-        }
-    }
-    pub fn from_i64(v: i64) -> Option<Self> {
-        match v {
-            1 => Some(GenerationMethod::Auto),
-            2 => Some(GenerationMethod::Custom),
-            3 => Some(GenerationMethod::SecretRef),
-            _ => None,
-        }
-    }
 }
 
 /// How a resource selects another: by its immutable id or its (editable) name.
@@ -183,16 +130,6 @@ pub enum Scope {
     Services(Vec<Named>),
 }
 
-impl Scope {
-    pub fn mode(&self) -> i64 {
-        match self {
-            Scope::Unset => 0,
-            Scope::All => 1,
-            Scope::Services(_) => 2,
-        }
-    }
-}
-
 /// A scope as the operator wrote it: names still to be resolved against the store.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum ScopeInput {
@@ -208,6 +145,23 @@ pub struct SecretRef {
     pub provider: String,
     pub name: String,
     pub version: String,
+}
+
+/// `provider "file", name "openai-prod", version "2"` (or `latest`): how errors and logs
+/// name a reference. Never a value.
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "provider {:?}, name {:?}, version ",
+            self.provider, self.name
+        )?;
+        if self.version.is_empty() {
+            f.write_str("latest")
+        } else {
+            write!(f, "{:?}", self.version)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

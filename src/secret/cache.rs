@@ -81,18 +81,9 @@ fn version_of(r: &SecretRef) -> Option<&str> {
     (!r.version.is_empty()).then_some(r.version.as_str())
 }
 
-/// `provider "file", name "openai-prod", version "2"` (or `latest`): how errors and logs
-/// name a reference. Never a value.
+/// How errors and logs name a reference: its `Display` (kept for callers not yet using it).
 pub fn describe(r: &SecretRef) -> String {
-    let version = if r.version.is_empty() {
-        "latest".to_string()
-    } else {
-        format!("{:?}", r.version)
-    };
-    format!(
-        "provider {:?}, name {:?}, version {version}",
-        r.provider, r.name
-    )
+    r.to_string()
 }
 
 impl SecretError {
@@ -104,10 +95,9 @@ impl SecretError {
             SecretError::Invalid { field: part, why } => {
                 RuleError::invalid(&format!("{field}.{part}"), why.clone())
             }
-            other => RuleError::FailedPrecondition(format!(
-                "{field} ({}) cannot be resolved: {other}",
-                describe(r)
-            )),
+            other => {
+                RuleError::FailedPrecondition(format!("{field} ({r}) cannot be resolved: {other}"))
+            }
         }
     }
 }

@@ -118,7 +118,7 @@ async fn resolve_secret_keys(
                 if served {
                     tracing::error!(
                         model_key = %k.name,
-                        reference = %crate::secret::describe(r),
+                        reference = %r,
                         "model key left out of the snapshot: its secret has never resolved here"
                     );
                 }
