@@ -329,3 +329,58 @@ async fn serve_distribution(
     serve(router, listener, health, "distribution", shutdown);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    #[tokio::test]
+    async fn the_dedicated_distribution_listener_turns_not_serving_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("subscriber.token");
+        std::fs::write(&token, "subscriber-token-0123456789abcdef\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "control-plane",
+            "--data-dir",
+            &dir.path().join("data").display().to_string(),
+            "--admin-addr=127.0.0.1:0",
+            "--distribution-addr=127.0.0.1:0",
+            "--metrics-addr=127.0.0.1:0",
+            "--shutdown-grace=1s",
+            "--subscriber-token-file",
+            &token.display().to_string(),
+        ])
+        .unwrap();
+        let Command::ControlPlane(args) = cli.command else {
+            unreachable!()
+        };
+        let running = start_control_plane(&args, None).await.unwrap();
+        let Role::ControlPlane(cp) = &running.role else {
+            panic!("a control plane")
+        };
+        let addr = cp.distribution_addr.expect("its own listener");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let watch = HealthCheckRequest {
+            service: DISTRIBUTION_SERVICE.into(),
+        };
+        let mut updates = health.watch(watch).await.unwrap().into_inner();
+        let first = updates.message().await.unwrap().unwrap();
+        assert_eq!(first.status, Status::Serving as i32);
+        let stopping = tokio::spawn(running.stop());
+        let next = updates.message().await.unwrap().unwrap();
+        assert_eq!(next.status, Status::NotServing as i32);
+        stopping.await.unwrap();
+    }
+}
