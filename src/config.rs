@@ -185,12 +185,13 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KEYGATE_SUBSCRIBER_TOKEN_FILE")]
     pub subscriber_token_file: Option<PathBuf>,
 
+    // Both limits default to `Limits::default()` (the SPEC's), written once in `domain`.
     /// Most consumer keys one consumer may hold.
-    #[arg(long, env = "KEYGATE_MAX_KEYS_PER_CONSUMER", default_value_t = 50)]
+    #[arg(long, env = "KEYGATE_MAX_KEYS_PER_CONSUMER", default_value_t = Limits::default().max_keys_per_consumer)]
     pub max_keys_per_consumer: usize,
 
     /// Most entries one IP allowlist may hold.
-    #[arg(long, env = "KEYGATE_MAX_IP_ALLOWLIST", default_value_t = 50)]
+    #[arg(long, env = "KEYGATE_MAX_IP_ALLOWLIST", default_value_t = Limits::default().max_ip_allowlist)]
     pub max_ip_allowlist: usize,
 
     /// Grace period for in-flight requests at shutdown, e.g. 10s.

@@ -39,22 +39,13 @@ fn main() {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => {
-                keygate::server::run(args, keygate::server::shutdown_signal()).await
-            }
-            Command::ControlPlane(args) => match keygate::server::start_control_plane(&args, None)
-                .await
-            {
-                Ok(r) => keygate::server::run_until(r, keygate::server::shutdown_signal()).await,
-                Err(e) => Err(e),
-            },
-            Command::Authz(args) => match keygate::server::start_authz(args).await {
-                Ok(r) => keygate::server::run_until(r, keygate::server::shutdown_signal()).await,
-                Err(e) => Err(e),
-            },
-            Command::Bench(cmd) => keygate::bench::run(cmd).await,
-        }
+        let started = match cli.command {
+            Command::Serve(args) => keygate::server::start(args).await,
+            Command::ControlPlane(args) => keygate::server::start_control_plane(&args, None).await,
+            Command::Authz(args) => keygate::server::start_authz(args).await,
+            Command::Bench(cmd) => return keygate::bench::run(cmd).await,
+        };
+        keygate::server::run_until(started?, keygate::server::shutdown_signal()).await
     });
     if let Err(e) = result {
         tracing::error!(error = %e, "keygate failed to start");

@@ -1,8 +1,9 @@
 //! The snapshot feed: one subscription to the control plane per Envoy process (not per
 //! worker, not per filter config), on a thread the module owns. It is `keygate authz`'s own
-//! subscriber: the encrypted last-good cache in `data_dir` is served from the first request,
-//! updates are applied in order and published with an atomic swap that workers read without
-//! a lock, and the last good snapshot stays when the control plane is away.
+//! subscriber, started by the same bootstrap (token, private data dir, master key): the
+//! encrypted last-good cache in `data_dir` is served from the first request, updates are
+//! applied in order and published with an atomic swap that workers read without a lock, and
+//! the last good snapshot stays when the control plane is away.
 //!
 //! Configs with the same feed settings share one feed (Envoy creates a new filter config on
 //! every listener update); the feed stops when the last config using it is destroyed.
@@ -11,11 +12,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use keygate::crypto::{KeyHasher, MasterKey, Secret};
-use keygate::distribution::subscriber::{
-    ClientTls, EndpointFields, Subscriber, SubscriberConfig, SubscriberStatus,
-    control_plane_endpoint, usage_sink,
+use keygate::crypto::KeyHasher;
+use keygate::distribution::bootstrap::{
+    DataPlaneFeed, DataPlaneSettings, SettingNames, TokenPrecedence, bootstrap,
 };
+use keygate::distribution::subscriber::{ClientTls, EndpointFields, hostname};
 use keygate::health::HealthSources;
 use keygate::snapshot::SnapshotCell;
 use keygate::usage::UsageRecorder;
@@ -80,64 +81,34 @@ pub fn feed_for(settings: &FilterSettings) -> Result<Arc<Feed>, String> {
     Ok(feed)
 }
 
-fn read_token(file: &Option<PathBuf>) -> Result<Secret, String> {
-    let raw = match file {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| {
-            format!(
-                "keygate filter_config: subscriber_token_file {}: {e}",
-                p.display()
-            )
-        })?,
-        None => std::env::var("KEYGATE_SUBSCRIBER_TOKEN").map_err(|_| {
-            "keygate filter_config: subscriber_token_file is required (or KEYGATE_SUBSCRIBER_TOKEN in Envoy's environment)".to_string()
-        })?,
-    };
-    let t = Secret::new(raw.trim().to_string());
-    if t.expose().is_empty() {
-        return Err("keygate filter_config: the subscriber token is empty".into());
-    }
-    Ok(t)
-}
-
-/// The data dir, created private (0700) when missing.
-fn ensure_data_dir(dir: &PathBuf) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let bad = |e: std::io::Error| format!("keygate filter_config: data_dir {}: {e}", dir.display());
-    keygate::crypto::create_private_dir(dir).map_err(bad)?;
-    let meta = std::fs::metadata(dir).map_err(bad)?;
-    if !meta.is_dir() {
-        return Err(format!(
-            "keygate filter_config: data_dir {} is not a directory",
-            dir.display()
-        ));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(bad)?;
-    }
-    Ok(())
-}
+/// How the module's errors name its settings (its `filter_config` keys).
+const NAMES: SettingNames = SettingNames {
+    endpoint: EndpointFields {
+        url: "control_plane",
+        ca: "control_plane_ca",
+        cert: "client_cert",
+        key: "client_key",
+    },
+    token_file: "subscriber_token_file",
+    data_dir: "data_dir",
+    master_key_file: "master_key_file",
+};
 
 fn start(key: FeedKey) -> Result<Feed, String> {
-    let token = read_token(&key.subscriber_token_file)?;
-    ensure_data_dir(&key.data_dir)?;
-    let master = MasterKey::load(&key.master_key_file)
-        .map_err(|e| format!("keygate filter_config: master_key_file: {e}"))?;
-    let keys = master.keys();
-    let fingerprint = master.fingerprint();
-    drop(master);
-    let endpoint = control_plane_endpoint(
-        &key.control_plane,
-        &key.tls,
-        &EndpointFields {
-            url: "keygate filter_config: control_plane",
-            ca: "control_plane_ca",
-            cert: "client_cert",
-            key: "client_key",
-        },
-    )?;
-
-    let cell = SnapshotCell::new();
-    let status = Arc::new(SubscriberStatus::default());
+    let boot = bootstrap(&DataPlaneSettings {
+        control_plane: &key.control_plane,
+        tls: &key.tls,
+        master_key_file: &key.master_key_file,
+        data_dir: &key.data_dir,
+        token_file: key.subscriber_token_file.as_deref(),
+        token_precedence: TokenPrecedence::FileFirst,
+        name: format!(
+            "envoy-module@{}",
+            hostname().unwrap_or_else(|| "envoy".into())
+        ),
+        names: &NAMES,
+    })
+    .map_err(|e| format!("keygate filter_config: {e}"))?;
     let metrics_listener = match key.metrics_addr {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -145,28 +116,10 @@ fn start(key: FeedKey) -> Result<Feed, String> {
         ),
         None => None,
     };
-    let health = HealthSources::new(cell.clone(), Some(status.clone()), None);
-    let make_subscriber = {
-        let cfg = SubscriberConfig {
-            endpoint: endpoint.clone(),
-            token: Arc::new(token.clone()),
-            data_dir: key.data_dir.clone(),
-            name: format!(
-                "envoy-module@{}",
-                keygate::distribution::subscriber::hostname().unwrap_or_else(|| "envoy".into())
-            ),
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
-        };
-        let (cell, keys, status) = (cell.clone(), keys.clone(), status.clone());
-        move || {
-            Subscriber::new(cfg.clone(), cell.clone(), keys.clone(), fingerprint.clone())
-                .with_status(status.clone())
-        }
-    };
+    let health = HealthSources::new(boot.cell.clone(), Some(boot.status.clone()), None);
     // The cache is read before Envoy takes traffic on this config: after a restart with the
     // control plane down, the first request is already decided from the last good snapshot.
-    if let Some(v) = make_subscriber().load_cache() {
+    if let Some(v) = boot.load_cache() {
         crate::ffi::log(
             crate::ffi::LogLevel::Info,
             &format!(
@@ -174,85 +127,12 @@ fn start(key: FeedKey) -> Result<Feed, String> {
             ),
         );
     }
-
+    let (cell, hasher) = (boot.cell.clone(), boot.keys.hasher.clone());
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<UsageRecorder>(1);
     std::thread::Builder::new()
         .name("keygate-feed".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    crate::ffi::log(
-                        crate::ffi::LogLevel::Critical,
-                        &format!("keygate: no runtime for the snapshot feed: {e}"),
-                    );
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let stopped = move || {
-                    let mut rx = stop_rx.clone();
-                    async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    }
-                };
-                let (recorder, flusher) = keygate::usage::start(
-                    usage_sink(&endpoint, &token),
-                    Duration::from_secs(1),
-                    stopped(),
-                );
-                let _ = ready_tx.send(recorder);
-                let flusher = tokio::spawn(flusher);
-                if let Some(l) = metrics_listener {
-                    match l
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::TcpListener::from_std(l))
-                    {
-                        Ok(l) => {
-                            tokio::spawn(crate::http::serve(l, health, stopped()));
-                        }
-                        Err(e) => crate::ffi::log(
-                            crate::ffi::LogLevel::Error,
-                            &format!("keygate: metrics listener unusable: {e}"),
-                        ),
-                    }
-                }
-                loop {
-                    // On its own task, so a panic in it is caught here (the served snapshot
-                    // stays) and the subscription starts over instead of freezing for good.
-                    match tokio::spawn(make_subscriber().run(stopped())).await {
-                        Ok(Ok(())) => break, // stopped
-                        Ok(Err(e)) => {
-                            // A different master key: keep serving what we have, never
-                            // anything else.
-                            crate::ffi::log(
-                                crate::ffi::LogLevel::Critical,
-                                &format!("keygate: snapshot feed stopped: {e}"),
-                            );
-                            stopped().await;
-                            break;
-                        }
-                        Err(e) => {
-                            crate::ffi::log(
-                                crate::ffi::LogLevel::Critical,
-                                &format!(
-                                    "keygate: snapshot feed failed ({e}); restarting it in 1 s"
-                                ),
-                            );
-                            tokio::select! {
-                                _ = stopped() => break,
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            }
-                        }
-                    }
-                }
-                let _ = flusher.await;
-            });
-        })
+        .spawn(move || run_thread(boot, metrics_listener, health, stop_rx, ready_tx))
         .map_err(|e| format!("keygate: cannot start the snapshot feed thread: {e}"))?;
     let usage = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -260,8 +140,92 @@ fn start(key: FeedKey) -> Result<Feed, String> {
     Ok(Feed {
         key,
         cell,
-        hasher: keys.hasher.clone(),
+        hasher,
         usage,
         stop,
     })
+}
+
+/// The feed thread: its own runtime, the usage flusher (its recorder goes back on `ready`),
+/// the metrics listener, and the subscription, until `stop` turns true.
+fn run_thread(
+    boot: DataPlaneFeed,
+    metrics_listener: Option<std::net::TcpListener>,
+    health: HealthSources,
+    stop: tokio::sync::watch::Receiver<bool>,
+    ready: std::sync::mpsc::SyncSender<UsageRecorder>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            crate::ffi::log(
+                crate::ffi::LogLevel::Critical,
+                &format!("keygate: no runtime for the snapshot feed: {e}"),
+            );
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let stopped = move || {
+            let mut rx = stop.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let (recorder, flusher) =
+            keygate::usage::start(boot.usage_sink(), Duration::from_secs(1), stopped());
+        let _ = ready.send(recorder);
+        let flusher = tokio::spawn(flusher);
+        if let Some(l) = metrics_listener {
+            match l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(l))
+            {
+                Ok(l) => {
+                    tokio::spawn(crate::http::serve(l, health, stopped()));
+                }
+                Err(e) => crate::ffi::log(
+                    crate::ffi::LogLevel::Error,
+                    &format!("keygate: metrics listener unusable: {e}"),
+                ),
+            }
+        }
+        supervise(&boot, stopped).await;
+        let _ = flusher.await;
+    });
+}
+
+/// Runs the subscription until `stopped` resolves. It runs on its own task, so a panic in
+/// it is caught here (the served snapshot stays) and it starts over instead of freezing.
+async fn supervise<F>(boot: &DataPlaneFeed, stopped: impl Fn() -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(boot.subscriber().run(stopped())).await {
+            Ok(Ok(())) => return, // stopped
+            Ok(Err(e)) => {
+                // A different master key: keep serving what we have, never anything else.
+                crate::ffi::log(
+                    crate::ffi::LogLevel::Critical,
+                    &format!("keygate: snapshot feed stopped: {e}"),
+                );
+                stopped().await;
+                return;
+            }
+            Err(e) => {
+                crate::ffi::log(
+                    crate::ffi::LogLevel::Critical,
+                    &format!("keygate: snapshot feed failed ({e}); restarting it in 1 s"),
+                );
+                tokio::select! {
+                    _ = stopped() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
 }

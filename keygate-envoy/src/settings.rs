@@ -17,9 +17,10 @@ pub struct FilterSettings {
     pub control_plane: String,
     /// The control plane's master key (decrypts model keys and the cache).
     pub master_key_file: PathBuf,
-    /// Where the encrypted last-good snapshot is kept.
+    /// Where the encrypted last-good snapshot is kept (created, or tightened, to mode 0700).
     pub data_dir: PathBuf,
-    /// The subscriber token; `KEYGATE_SUBSCRIBER_TOKEN` in Envoy's environment otherwise.
+    /// The subscriber token (at least 16 characters, as for `keygate authz`);
+    /// `KEYGATE_SUBSCRIBER_TOKEN` in Envoy's environment otherwise.
     #[serde(default)]
     pub subscriber_token_file: Option<PathBuf>,
     /// Headers carrying the consumer key, in order (default authorization, x-api-key, api-key).

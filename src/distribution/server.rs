@@ -10,14 +10,13 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::Published;
 use super::wire;
 use crate::crypto::{Secret, credentials_equal};
 use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
 };
-use crate::snapshot::SnapshotCell;
+use crate::snapshot::{Published, Snapshot, SnapshotCell};
 
 const HISTORY: usize = 1024;
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -161,6 +160,147 @@ impl Drop for Gauge {
 
 type Stream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SnapshotMessage, Status>> + Send>>;
 
+/// What a change means for one subscriber.
+enum Next {
+    /// Nothing to send (it has this version already).
+    Skip,
+    Send(Vec<pb::SnapshotMessage>),
+    /// The builder is gone.
+    End,
+}
+
+impl DistributionService {
+    /// One subscriber's stream: its initial state, then every change and heartbeats, until it
+    /// goes away. The first message carries the master key's fingerprint.
+    async fn feed(
+        self,
+        r: pb::SubscribeRequest,
+        snap: Arc<Snapshot>,
+        mut rx: broadcast::Receiver<Published>,
+        tx: mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
+        _gauge: Gauge,
+    ) {
+        let mut first = true;
+        let (initial, mut sent) = self.initial(&r, &snap);
+        let mut store = snap.store_id.clone();
+        drop(snap);
+        if !self.send_all(&tx, initial, &mut first).await {
+            return;
+        }
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.tick().await;
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                _ = beat.tick() => Next::Send(vec![pb::SnapshotMessage {
+                    store_id: store.clone(),
+                    version: sent,
+                    heartbeat: true,
+                    ..Default::default()
+                }]),
+                p = rx.recv() => self.on_published(p, &mut store, &mut sent),
+            };
+            let msgs = match next {
+                Next::Skip => continue,
+                Next::Send(msgs) => msgs,
+                Next::End => return,
+            };
+            if !self.send_all(&tx, msgs, &mut first).await {
+                return;
+            }
+        }
+    }
+
+    /// The initial state for a subscriber at `r`'s version: nothing (a heartbeat), the missed
+    /// changes, or everything; and the version it then has.
+    fn initial(
+        &self,
+        r: &pb::SubscribeRequest,
+        snap: &Snapshot,
+    ) -> (Vec<pb::SnapshotMessage>, i64) {
+        if r.store_id == snap.store_id && r.version == snap.version {
+            let beat = pb::SnapshotMessage {
+                store_id: snap.store_id.clone(),
+                version: snap.version,
+                heartbeat: true,
+                ..Default::default()
+            };
+            return (vec![beat], snap.version);
+        }
+        let chain = if r.store_id == snap.store_id && r.version < snap.version {
+            self.chain_from(&r.store_id, r.version)
+        } else {
+            vec![]
+        };
+        if chain.is_empty() {
+            let full = wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK);
+            return (full, snap.version);
+        }
+        let sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
+        let msgs = chain
+            .iter()
+            .flat_map(|p| {
+                wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
+            })
+            .collect();
+        (msgs, sent)
+    }
+
+    /// What an update from the builder means for a subscriber at `(store, sent)`.
+    fn on_published(
+        &self,
+        p: Result<Published, broadcast::error::RecvError>,
+        store: &mut String,
+        sent: &mut i64,
+    ) -> Next {
+        match p {
+            Ok(p) if p.update.store_id == *store && p.update.version <= *sent => Next::Skip,
+            Ok(p)
+                if !p.update.full
+                    && p.base_version == Some(*sent)
+                    && p.update.store_id == *store =>
+            {
+                *sent = p.update.version;
+                Next::Send(wire::encode(
+                    &p.update,
+                    p.base_version.unwrap_or(0),
+                    wire::KEYS_PER_CHUNK,
+                ))
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                // A full rebuild, or a gap: send the published snapshot.
+                let Some(s) = self.cell.load() else {
+                    return Next::Skip;
+                };
+                *sent = s.version;
+                *store = s.store_id.clone();
+                Next::Send(wire::encode(&s.to_full_update(), 0, wire::KEYS_PER_CHUNK))
+            }
+            Err(broadcast::error::RecvError::Closed) => Next::End,
+        }
+    }
+
+    /// Sends `msgs` (the very first one stamped with the fingerprint); false when the
+    /// subscriber is gone.
+    async fn send_all(
+        &self,
+        tx: &mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
+        mut msgs: Vec<pb::SnapshotMessage>,
+        first: &mut bool,
+    ) -> bool {
+        if *first && let Some(m) = msgs.first_mut() {
+            m.master_key_fingerprint = self.fingerprint.clone();
+            *first = false;
+        }
+        for m in msgs {
+            if tx.send(Ok(m)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 #[tonic::async_trait]
 impl SnapshotDistribution for DistributionService {
     type SubscribeStream = Stream;
@@ -170,99 +310,16 @@ impl SnapshotDistribution for DistributionService {
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Stream>, Status> {
         let r = req.into_inner();
-        let mut rx = self.updates.subscribe();
+        let rx = self.updates.subscribe();
         let Some(snap) = self.cell.load() else {
             return Err(Status::unavailable("the control plane has no snapshot yet"));
         };
         let (tx, out) = mpsc::channel::<Result<pb::SnapshotMessage, Status>>(8);
-        let this = self.clone();
         self.subscribers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let gauge = Gauge(self.subscribers.clone());
         tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
-        tokio::spawn(async move {
-            let _gauge = gauge;
-            let mut first = true;
-            let send = |mut msgs: Vec<pb::SnapshotMessage>, first: &mut bool| {
-                if *first && let Some(m) = msgs.first_mut() {
-                    m.master_key_fingerprint = this.fingerprint.clone();
-                    *first = false;
-                }
-                msgs
-            };
-            // Initial state: nothing, the missed changes, or everything.
-            let mut sent = snap.version;
-            let mut store = snap.store_id.clone();
-            let initial: Vec<pb::SnapshotMessage> =
-                if r.store_id == snap.store_id && r.version == snap.version {
-                    vec![pb::SnapshotMessage {
-                        store_id: snap.store_id.clone(),
-                        version: snap.version,
-                        heartbeat: true,
-                        ..Default::default()
-                    }]
-                } else {
-                    let chain = if r.store_id == snap.store_id && r.version < snap.version {
-                        this.chain_from(&r.store_id, r.version)
-                    } else {
-                        vec![]
-                    };
-                    if chain.is_empty() {
-                        wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK)
-                    } else {
-                        sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
-                        chain
-                            .iter()
-                            .flat_map(|p| {
-                                wire::encode(
-                                    &p.update,
-                                    p.base_version.unwrap_or(0),
-                                    wire::KEYS_PER_CHUNK,
-                                )
-                            })
-                            .collect()
-                    }
-                };
-            drop(snap);
-            for m in send(initial, &mut first) {
-                if tx.send(Ok(m)).await.is_err() {
-                    return;
-                }
-            }
-            let mut beat = tokio::time::interval(HEARTBEAT);
-            beat.tick().await;
-            loop {
-                let msgs = tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = beat.tick() => vec![pb::SnapshotMessage {
-                        store_id: store.clone(),
-                        version: sent,
-                        heartbeat: true,
-                        ..Default::default()
-                    }],
-                    p = rx.recv() => match p {
-                        Ok(p) if p.update.store_id == store && p.update.version <= sent => continue,
-                        Ok(p) if !p.update.full && p.base_version == Some(sent) && p.update.store_id == store => {
-                            sent = p.update.version;
-                            wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
-                        }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // A full rebuild, or a gap: send the published snapshot.
-                            let Some(s) = this.cell.load() else { continue };
-                            sent = s.version;
-                            store = s.store_id.clone();
-                            wire::encode(&s.to_full_update(), 0, wire::KEYS_PER_CHUNK)
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                };
-                for m in send(msgs, &mut first) {
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        tokio::spawn(self.clone().feed(r, snap, rx, tx, gauge));
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 

@@ -318,45 +318,8 @@ impl Subscriber {
         persist: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
         backoff: &mut Duration,
     ) -> Result<(), SubscriberError> {
-        let channel = match self.cfg.endpoint.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(control_plane = %self.cfg.endpoint.uri(), error = %e, "control plane unreachable; serving the last snapshot");
-                return Ok(());
-            }
-        };
-        let token: tonic::metadata::MetadataValue<_> =
-            match format!("Bearer {}", self.cfg.token.expose()).parse() {
-                Ok(t) => t,
-                Err(_) => {
-                    tracing::error!("subscriber token is not a valid header value");
-                    return Ok(());
-                }
-            };
-        let mut client = SnapshotDistributionClient::with_interceptor(
-            channel,
-            move |mut r: tonic::Request<()>| {
-                r.metadata_mut().insert("authorization", token.clone());
-                Ok(r)
-            },
-        )
-        .max_decoding_message_size(64 * 1024 * 1024);
-        let current = self.cell.load();
-        let req = pb::SubscribeRequest {
-            store_id: current
-                .as_ref()
-                .map(|s| s.store_id.clone())
-                .unwrap_or_default(),
-            version: current.as_ref().map(|s| s.version).unwrap_or(0),
-            subscriber: self.cfg.name.clone(),
-        };
-        drop(current);
-        let mut stream = match client.subscribe(req).await {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
-                tracing::warn!(code = ?e.code(), message = e.message(), "subscription refused; serving the last snapshot");
-                return Ok(());
-            }
+        let Some(mut stream) = self.subscribe().await else {
+            return Ok(());
         };
         self.status.connected.store(true, Ordering::Relaxed);
         let mut assembler = wire::Assembler::default();
@@ -384,43 +347,103 @@ impl Subscriber {
                     });
                 }
             }
-            let applied = assembler.push(msg).and_then(|u| match u {
-                Some((base, update)) => {
-                    let started = Instant::now();
-                    self.apply(base, update).map(|a| (a, started.elapsed()))
-                }
-                None => Ok((Applied::Nothing, Duration::ZERO)),
-            });
-            match applied {
-                Ok((Applied::Swapped { version }, took)) => {
-                    tracing::debug!(
-                        version,
-                        apply_ms = took.as_secs_f64() * 1000.0,
-                        "snapshot updated from the control plane"
-                    );
-                    let _ = persist.send(self.cell.load());
-                }
-                Ok((Applied::Nothing, _)) => {}
-                Err(ApplyError::Stale { current, update }) => {
-                    self.status
-                        .rejected_messages
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        current,
-                        update,
-                        "ignored a snapshot update older than the one served"
-                    );
-                }
-                Err(e) => {
-                    self.status
-                        .rejected_messages
-                        .fetch_add(1, Ordering::Relaxed);
-                    let served = self.cell.load().map(|s| s.version);
-                    tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
-                    return Ok(());
-                }
+            if !self.take(&mut assembler, msg, persist) {
+                return Ok(());
             }
         }
+    }
+
+    /// Connects and subscribes from the served version; `None` (logged) when the control
+    /// plane cannot be reached or refuses.
+    async fn subscribe(&self) -> Option<tonic::Streaming<pb::SnapshotMessage>> {
+        let channel = match self.cfg.endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(control_plane = %self.cfg.endpoint.uri(), error = %e, "control plane unreachable; serving the last snapshot");
+                return None;
+            }
+        };
+        let token: tonic::metadata::MetadataValue<_> =
+            match format!("Bearer {}", self.cfg.token.expose()).parse() {
+                Ok(t) => t,
+                Err(_) => {
+                    tracing::error!("subscriber token is not a valid header value");
+                    return None;
+                }
+            };
+        let mut client = SnapshotDistributionClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", token.clone());
+                Ok(r)
+            },
+        )
+        .max_decoding_message_size(64 * 1024 * 1024);
+        let current = self.cell.load();
+        let req = pb::SubscribeRequest {
+            store_id: current
+                .as_ref()
+                .map(|s| s.store_id.clone())
+                .unwrap_or_default(),
+            version: current.as_ref().map(|s| s.version).unwrap_or(0),
+            subscriber: self.cfg.name.clone(),
+        };
+        drop(current);
+        match client.subscribe(req).await {
+            Ok(s) => Some(s.into_inner()),
+            Err(e) => {
+                tracing::warn!(code = ?e.code(), message = e.message(), "subscription refused; serving the last snapshot");
+                None
+            }
+        }
+    }
+
+    /// Takes one message: applies it once its update is complete and hands a swapped-in
+    /// snapshot to the cache writer. False when the stream must start over (a message
+    /// that does not apply).
+    fn take(
+        &self,
+        assembler: &mut wire::Assembler,
+        msg: pb::SnapshotMessage,
+        persist: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+    ) -> bool {
+        let applied = assembler.push(msg).and_then(|u| match u {
+            Some((base, update)) => {
+                let started = Instant::now();
+                self.apply(base, update).map(|a| (a, started.elapsed()))
+            }
+            None => Ok((Applied::Nothing, Duration::ZERO)),
+        });
+        match applied {
+            Ok((Applied::Swapped { version }, took)) => {
+                tracing::debug!(
+                    version,
+                    apply_ms = took.as_secs_f64() * 1000.0,
+                    "snapshot updated from the control plane"
+                );
+                let _ = persist.send(self.cell.load());
+            }
+            Ok((Applied::Nothing, _)) => {}
+            Err(ApplyError::Stale { current, update }) => {
+                self.status
+                    .rejected_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    current,
+                    update,
+                    "ignored a snapshot update older than the one served"
+                );
+            }
+            Err(e) => {
+                self.status
+                    .rejected_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                let served = self.cell.load().map(|s| s.version);
+                tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
+                return false;
+            }
+        }
+        true
     }
 }
 

@@ -81,11 +81,6 @@ fn version_of(r: &SecretRef) -> Option<&str> {
     (!r.version.is_empty()).then_some(r.version.as_str())
 }
 
-/// How errors and logs name a reference: its `Display` (kept for callers not yet using it).
-pub fn describe(r: &SecretRef) -> String {
-    r.to_string()
-}
-
 impl SecretError {
     /// The admin API's refusal: a malformed reference is `INVALID_ARGUMENT` on
     /// `<field>.<part>`; anything that does not resolve is `FAILED_PRECONDITION` naming the

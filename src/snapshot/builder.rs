@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, SnapshotCell,
-    Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, Published, ScopeSet, ServiceRecord, Snapshot,
+    SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -253,7 +253,7 @@ pub struct SnapshotBuilder {
     secrets: Option<Secrets>,
     poll_interval: Duration,
     /// Applied updates are also sent here (distribution to data planes).
-    updates: Option<tokio::sync::broadcast::Sender<crate::distribution::Published>>,
+    updates: Option<tokio::sync::broadcast::Sender<Published>>,
 }
 
 impl SnapshotBuilder {
@@ -276,10 +276,7 @@ impl SnapshotBuilder {
     }
 
     /// Also publish every applied update on `tx`.
-    pub fn with_updates(
-        mut self,
-        tx: tokio::sync::broadcast::Sender<crate::distribution::Published>,
-    ) -> Self {
+    pub fn with_updates(mut self, tx: tokio::sync::broadcast::Sender<Published>) -> Self {
         self.updates = Some(tx);
         self
     }
@@ -344,7 +341,7 @@ impl SnapshotBuilder {
                     .as_ref()
                     .filter(|c| c.store_id == shared.store_id && !shared.full)
                     .map(|c| c.version);
-                let _ = tx.send(crate::distribution::Published {
+                let _ = tx.send(Published {
                     base_version,
                     update: shared,
                 });

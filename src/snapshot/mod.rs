@@ -316,3 +316,12 @@ impl SnapshotCell {
             .await;
     }
 }
+
+/// An applied update as the builder published it: `base_version` is the version it applied
+/// on top of (`None` for a first or full build). A full update is only a marker (store and
+/// version): subscribers are sent the published snapshot itself.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub base_version: Option<i64>,
+    pub update: Arc<Update>,
+}

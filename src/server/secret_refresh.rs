@@ -2,14 +2,17 @@
 //! shortly before its TTL runs out; a changed value becomes a store change (audited as
 //! `RefreshSecret`), so every replica and every data plane takes it as a new snapshot
 //! version. A failed read keeps the last good value (see `Secrets::record_failure`).
+//! A control-plane task beside the snapshot builder: it reads secrets and writes the store, so
+//! it sits above both. Depends on `domain`, `secret` and `store`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Secrets;
+use crate::crypto::Secret;
 use crate::domain::{ResourceKind, SecretRef};
+use crate::secret::Secrets;
 use crate::store::{Refreshed, SecretKey, Store};
 
 /// How often references are checked: a fifth of the TTL, between 100 ms and 30 s. A value is
@@ -70,51 +73,7 @@ pub async fn refresh_once(
         if !secrets.differs_from_applied(&r, &value) {
             continue;
         }
-        let hash = store.keys().hasher.hash(value.expose().as_bytes());
-        let mut applied = true;
-        for k in keys {
-            let stale = match k.kind {
-                // The store holds the HMAC: compare with it.
-                ResourceKind::ConsumerKey => k.key_hash != Some(hash),
-                // The builder resolves model keys afresh on any change of a model key.
-                _ => true,
-            };
-            if !stale {
-                continue;
-            }
-            match store
-                .secret_value_changed(k.kind, &k.id, &r, &value, k.key_hash)
-                .await
-            {
-                Ok(Refreshed::Applied) => tracing::info!(
-                    kind = %k.kind,
-                    key = %k.name,
-                    reference = %super::describe(&r),
-                    "secret value changed; the key follows in the next snapshot"
-                ),
-                Ok(Refreshed::Skipped) => applied = false, // changed meanwhile: next round
-                Ok(Refreshed::Collision) => {
-                    applied = false;
-                    secrets.record_apply_failure(
-                        &r,
-                        format!(
-                            "consumer key {:?}: the new value is already used by another consumer key; this key authorizes nothing until its secret changes",
-                            k.name
-                        ),
-                    );
-                }
-                Err(e) => {
-                    applied = false;
-                    // The store's error stays in the log; the key shows only that it failed.
-                    tracing::warn!(key = %k.name, error = %e, "secret value not applied");
-                    secrets.record_apply_failure(
-                        &r,
-                        "the new value could not be applied (store error; see the control plane log)"
-                            .into(),
-                    );
-                }
-            }
-        }
+        let applied = apply_value(store, secrets, &r, &value, keys).await;
         // Every key now holds the value, or has a change committed that makes the builder
         // resolve it afresh: the next round compares with this value.
         if applied {
@@ -122,4 +81,61 @@ pub async fn refresh_once(
         }
     }
     Ok(())
+}
+
+/// Commits `value` for each of `keys` that does not hold it yet. True when every key now
+/// holds it (or has a committed change that makes the builder resolve it afresh).
+async fn apply_value(
+    store: &Store,
+    secrets: &Secrets,
+    r: &SecretRef,
+    value: &Secret,
+    keys: Vec<SecretKey>,
+) -> bool {
+    let hash = store.keys().hasher.hash(value.expose().as_bytes());
+    let mut applied = true;
+    for k in keys {
+        let stale = match k.kind {
+            // The store holds the HMAC: compare with it.
+            ResourceKind::ConsumerKey => k.key_hash != Some(hash),
+            // The builder resolves model keys afresh on any change of a model key.
+            _ => true,
+        };
+        if !stale {
+            continue;
+        }
+        match store
+            .secret_value_changed(k.kind, &k.id, r, value, k.key_hash)
+            .await
+        {
+            Ok(Refreshed::Applied) => tracing::info!(
+                kind = %k.kind,
+                key = %k.name,
+                reference = %r,
+                "secret value changed; the key follows in the next snapshot"
+            ),
+            Ok(Refreshed::Skipped) => applied = false, // changed meanwhile: next round
+            Ok(Refreshed::Collision) => {
+                applied = false;
+                secrets.record_apply_failure(
+                    r,
+                    format!(
+                        "consumer key {:?}: the new value is already used by another consumer key; this key authorizes nothing until its secret changes",
+                        k.name
+                    ),
+                );
+            }
+            Err(e) => {
+                applied = false;
+                // The store's error stays in the log; the key shows only that it failed.
+                tracing::warn!(key = %k.name, error = %e, "secret value not applied");
+                secrets.record_apply_failure(
+                    r,
+                    "the new value could not be applied (store error; see the control plane log)"
+                        .into(),
+                );
+            }
+        }
+    }
+    applied
 }

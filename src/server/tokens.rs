@@ -1,0 +1,69 @@
+//! The control plane's two credentials: the admin token (`KEYGATE_ADMIN_TOKEN`, else
+//! `--admin-token-file`, else `<data-dir>/admin.token`, generated on first start) and the
+//! subscriber token data planes present (`KEYGATE_SUBSCRIBER_TOKEN`, else
+//! `--subscriber-token-file`; optional here). Both are read by the one loader in
+//! `distribution::token` (trimmed, at least 16 characters), and they must differ.
+//! Depends on `config`, `crypto` and `distribution`.
+
+use std::path::Path;
+
+use super::StartError;
+use crate::config::ControlPlaneArgs;
+use crate::crypto::{self, Secret, credentials_equal};
+use crate::distribution::token::{SUBSCRIBER_TOKEN_ENV, TokenSource, load_token};
+
+/// Supplies the admin token directly; wins over every file.
+pub const ADMIN_TOKEN_ENV: &str = "KEYGATE_ADMIN_TOKEN";
+
+/// The subscriber token data planes must present, if the control plane has one.
+pub(super) fn subscriber_token(file: Option<&Path>) -> Result<Option<Secret>, StartError> {
+    Ok(load_token(&[
+        TokenSource::Env(SUBSCRIBER_TOKEN_ENV),
+        TokenSource::File {
+            path: file,
+            setting: "--subscriber-token-file",
+        },
+    ])?)
+}
+
+/// The admin token, generated into `<data-dir>/admin.token` when none is given (the data dir
+/// exists by now: the store opened there).
+pub(super) fn admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
+    let generated = args.store.data_dir.join("admin.token");
+    let given = load_token(&[
+        TokenSource::Env(ADMIN_TOKEN_ENV),
+        TokenSource::File {
+            path: args.admin_token_file.as_deref(),
+            setting: "--admin-token-file",
+        },
+        TokenSource::File {
+            path: generated.exists().then_some(generated.as_path()),
+            setting: "admin token file",
+        },
+    ])?;
+    if let Some(token) = given {
+        return Ok(token);
+    }
+    let token = Secret::new(format!("kgadm-{}", crypto::random_token()));
+    crypto::write_private_file(&generated, format!("{}\n", token.expose()).as_bytes()).map_err(
+        |source| StartError::Io {
+            context: format!("writing admin token file {}", generated.display()),
+            source,
+        },
+    )?;
+    tracing::info!(path = %generated.display(), "generated an admin token; grpcurl needs it as \"authorization: Bearer $(cat <path>)\"");
+    Ok(token)
+}
+
+/// Refuses a subscriber token equal to the admin token: each must open only its own API.
+pub(super) fn check_distinct(
+    admin: &Secret,
+    subscriber: Option<&Secret>,
+) -> Result<(), StartError> {
+    match subscriber {
+        Some(s) if credentials_equal(s.expose().as_bytes(), admin.expose().as_bytes()) => Err(
+            StartError::Config("the subscriber token must differ from the admin token".into()),
+        ),
+        _ => Ok(()),
+    }
+}
