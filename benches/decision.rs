@@ -17,6 +17,7 @@ use uuid::Uuid;
 use keygate::authz::{Decision, DecisionConfig, RequestView, decide};
 use keygate::crypto::{KeyHasher, Keys, MasterKey, Secret};
 use keygate::domain::Timestamp;
+use keygate::snapshot::fixtures::key_entry;
 use keygate::snapshot::{
     ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, Update,
 };
@@ -92,16 +93,11 @@ struct Fixture {
 }
 
 fn record(hash: [u8; 32], n: u128) -> ([u8; 32], KeyEntry) {
-    let entry = KeyEntry {
-        id: Uuid::from_u128(0x1_0000_0000 + n),
-        consumer: Some(Uuid::from_u128(0x1000 + n % CONSUMERS)),
-        enabled: true,
-        expire_time: None,
-        name: format!("key-{n}").into(),
-        scope: ScopeSet::All,
-        ip_allowlist: Box::new([]),
-        usage: Default::default(),
-    };
+    let entry = key_entry(
+        Uuid::from_u128(0x1_0000_0000 + n),
+        Some(Uuid::from_u128(0x1000 + n % CONSUMERS)),
+        format!("key-{n}"),
+    );
     (hash, entry)
 }
 

@@ -6,8 +6,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group};
-use keygate::bench::synthetic_update;
 use keygate::crypto::MasterKey;
+use keygate::snapshot::fixtures::synthetic_update;
 use keygate::snapshot::{Snapshot, Update};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 

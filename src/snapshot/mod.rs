@@ -6,6 +6,9 @@
 
 #[cfg(feature = "server")]
 mod builder;
+#[cfg(any(test, feature = "server"))]
+#[doc(hidden)]
+pub mod fixtures;
 mod index;
 mod update;
 

@@ -154,11 +154,7 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        super::header_values(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
@@ -691,9 +687,6 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
     }
 }

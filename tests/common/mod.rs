@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod envoy;
+pub mod postgres;
 pub mod secrets;
 pub mod split;
 
@@ -19,6 +20,8 @@ use keygate::proto::admin::v1::key_admin_client::KeyAdminClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+pub use postgres::postgres_for;
 
 pub type Admin = KeyAdminClient<InterceptedService<Channel, BearerToken>>;
 
@@ -377,32 +380,6 @@ fn ready_addrs(line: &str) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
     Some((addr("authz_addr"), addr("admin_addr")))
 }
 
-/// With `KEYGATE_TEST_STORE=postgres` (./scripts/test runs the admin suite that way too), the
-/// same suites run on PostgreSQL: one database per data dir (so a restart on the same data dir
-/// finds its store), created on the server named by `KEYGATE_TEST_POSTGRES`.
-pub async fn postgres_for(data_dir: &Path) -> String {
-    use sha2::Digest;
-    use sqlx::Connection;
-    let base = std::env::var("KEYGATE_TEST_POSTGRES")
-        .expect("KEYGATE_TEST_STORE=postgres needs KEYGATE_TEST_POSTGRES (./scripts/test sets it)");
-    let digest = sha2::Sha256::digest(data_dir.display().to_string().as_bytes());
-    let db = format!("kg_suite_{}", hex::encode(&digest[..8]));
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("connect to PostgreSQL");
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-        .bind(&db)
-        .fetch_optional(&mut admin)
-        .await
-        .unwrap();
-    if exists.is_none() {
-        sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {db}").as_str())
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
-    }
-    format!("{base}/{db}")
-}
-
 /// Every byte of every file under `dir`, for "no plaintext secret on disk" checks.
 pub fn all_file_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -478,6 +455,15 @@ where
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The values of header `name` (any case) among `headers`, in order.
+pub fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
 
 /// The last `n` lines of `s` (for panic messages).

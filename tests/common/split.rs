@@ -1,6 +1,6 @@
 //! The split deployment (SPEC §5) as real processes: `keygate control-plane` and
 //! `keygate authz`, started through [`Proc`], plus gRPC clients for a data plane's ext_authz
-//! and health services and a fresh PostgreSQL database per test.
+//! and health services (a fresh PostgreSQL database per test: `postgres`, re-exported here).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,10 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-use super::{Admin, Proc, admin_client, read_admin_token};
+// Where the split suites import them from (not every test crate does: hence the allow).
+#[allow(unused_imports)]
+pub use super::postgres::{drop_postgres_database, fresh_postgres_database};
+use super::{Admin, Proc, admin_client, header_values, read_admin_token};
 
 /// The gRPC service name Envoy health-checks on a data plane.
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -420,55 +423,6 @@ impl Verdict {
     }
 
     pub fn header(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// PostgreSQL
-
-/// The server named by `KEYGATE_TEST_POSTGRES` (e.g. `postgres://postgres@127.0.0.1:5432`).
-/// Required: tests that need it fail rather than skip.
-pub fn pg_base() -> String {
-    std::env::var("KEYGATE_TEST_POSTGRES").unwrap_or_else(|_| {
-        panic!(
-            "KEYGATE_TEST_POSTGRES is not set: run ./scripts/test (PostgreSQL at 127.0.0.1:5432)"
-        )
-    })
-}
-
-/// A fresh database `<prefix>_<uuid>` on that server; returns its URL.
-pub async fn fresh_postgres_database(prefix: &str) -> String {
-    use sqlx::Connection;
-    let base = pg_base();
-    let db = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {base}/postgres: {e}"));
-    sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {db}").as_str())
-        .await
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
-    let _ = admin.close().await;
-    format!("{base}/{db}")
-}
-
-/// Drops a database made by [`fresh_postgres_database`] (best effort, for tidy servers).
-pub async fn drop_postgres_database(url: &str) {
-    use sqlx::Connection;
-    let base = pg_base();
-    let Some(db) = url.rsplit('/').next() else {
-        return;
-    };
-    if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{base}/postgres")).await {
-        let _ = sqlx::Executor::execute(
-            &mut admin,
-            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str(),
-        )
-        .await;
-        let _ = admin.close().await;
+        header_values(&self.headers, name)
     }
 }

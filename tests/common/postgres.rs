@@ -1,0 +1,74 @@
+//! PostgreSQL for the suites: the server named by `KEYGATE_TEST_POSTGRES` and databases on it
+//! (one per data dir for `KEYGATE_TEST_STORE=postgres`, or a fresh one per test).
+
+use std::path::Path;
+
+use sqlx::{Connection, Executor, PgConnection};
+
+/// The server named by `KEYGATE_TEST_POSTGRES` (e.g. `postgres://postgres@127.0.0.1:5432`).
+/// Required: tests that need it fail rather than skip.
+pub fn pg_base() -> String {
+    std::env::var("KEYGATE_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "KEYGATE_TEST_POSTGRES is not set: run ./scripts/test (PostgreSQL at 127.0.0.1:5432)"
+        )
+    })
+}
+
+/// A connection to the server's `postgres` database, to create and drop others.
+async fn maintenance_connection(base: &str) -> PgConnection {
+    PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {base}/postgres: {e}"))
+}
+
+async fn create_database(admin: &mut PgConnection, db: &str) {
+    admin
+        .execute(format!("CREATE DATABASE {db}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+}
+
+/// With `KEYGATE_TEST_STORE=postgres` (./scripts/test runs the admin suite that way too), the
+/// same suites run on PostgreSQL: one database per data dir (so a restart on the same data dir
+/// finds its store), created on the server named by `KEYGATE_TEST_POSTGRES`.
+pub async fn postgres_for(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let base = pg_base();
+    let digest = sha2::Sha256::digest(data_dir.display().to_string().as_bytes());
+    let db = format!("kg_suite_{}", hex::encode(&digest[..8]));
+    let mut admin = maintenance_connection(&base).await;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&db)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+    if exists.is_none() {
+        create_database(&mut admin, &db).await;
+    }
+    format!("{base}/{db}")
+}
+
+/// A fresh database `<prefix>_<uuid>` on that server; returns its URL.
+pub async fn fresh_postgres_database(prefix: &str) -> String {
+    let base = pg_base();
+    let db = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = maintenance_connection(&base).await;
+    create_database(&mut admin, &db).await;
+    let _ = admin.close().await;
+    format!("{base}/{db}")
+}
+
+/// Drops a database made by [`fresh_postgres_database`] (best effort, for tidy servers).
+pub async fn drop_postgres_database(url: &str) {
+    let base = pg_base();
+    let Some(db) = url.rsplit('/').next() else {
+        return;
+    };
+    if let Ok(mut admin) = PgConnection::connect(&format!("{base}/postgres")).await {
+        let _ = admin
+            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+            .await;
+        let _ = admin.close().await;
+    }
+}
