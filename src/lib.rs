@@ -12,12 +12,6 @@ pub mod admin;
 pub mod authz;
 #[cfg(feature = "server")]
 pub mod bench;
-// Until distribution's unit tests name `snapshot::fixtures` (they say `crate::bench::…`), so
-// that the core's tests build without `server`. Remove once they do.
-#[cfg(all(test, not(feature = "server")))]
-mod bench {
-    pub use crate::snapshot::fixtures::synthetic_update;
-}
 #[cfg(feature = "server")]
 pub mod config;
 pub mod crypto;

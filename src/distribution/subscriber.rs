@@ -498,7 +498,7 @@ mod tests {
     }
 
     fn full(version: i64) -> Update {
-        let mut u = crate::bench::synthetic_update(3);
+        let mut u = crate::snapshot::fixtures::synthetic_update(3);
         u.version = version;
         u
     }

@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn full_updates_round_trip_in_chunks() {
-        let mut u = crate::bench::synthetic_update(45);
+        let mut u = crate::snapshot::fixtures::synthetic_update(45);
         u.keys[3].1.scope = ScopeSet::Only(vec![Uuid::from_u128(2)].into());
         u.keys[4].1.ip_allowlist = vec![
             "10.0.0.0/8".parse().unwrap(),
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_chunk_from_another_version_is_malformed() {
-        let u = crate::bench::synthetic_update(30);
+        let u = crate::snapshot::fixtures::synthetic_update(30);
         let mut msgs = encode(&u, 0, 10);
         msgs[1].version += 1;
         let mut a = Assembler::default();
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn bad_hashes_and_ids_are_malformed() {
-        let u = crate::bench::synthetic_update(2);
+        let u = crate::snapshot::fixtures::synthetic_update(2);
         let mut msgs = encode(&u, 0, 10);
         msgs[0].keys[0].hash.truncate(5);
         assert!(matches!(
