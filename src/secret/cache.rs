@@ -267,10 +267,12 @@ impl Secrets {
         }
     }
 
-    /// Forgets references no key uses any more (their values are zeroised on drop).
-    pub fn retain(&self, live: &HashSet<SecretRef>) {
+    /// Forgets references no key uses any more (their values are zeroised on drop). `live` was
+    /// read from the store at `listed`: an entry read since then is kept, since it may belong to
+    /// a key an admin request is creating right now (not yet committed when `live` was read).
+    pub fn retain(&self, live: &HashSet<SecretRef>, listed: Instant) {
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
-        entries.retain(|r, _| live.contains(r));
+        entries.retain(|r, e| live.contains(r) || e.attempted >= listed);
     }
 
     /// A fresh read for the snapshot builder: on success the new value (and the cache
@@ -366,7 +368,15 @@ mod tests {
         assert!(!secrets.differs_from_applied(&r, &v));
         assert_eq!(secrets.status(&r).unwrap().last_error, "");
 
-        secrets.retain(&HashSet::new());
+        // An entry read after the store was listed is kept (a key being created right now).
+        let listed = Instant::now();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        secrets.record_success(&r, &v);
+        secrets.retain(&HashSet::new(), listed);
+        assert_eq!(secrets.status(&r).unwrap().last_error, "");
+        // Once no key uses it and a later listing still does not name it, it is forgotten.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        secrets.retain(&HashSet::new(), Instant::now());
         assert!(secrets.cached(&r).is_none() && secrets.status(&r).is_none());
     }
 
