@@ -1255,6 +1255,78 @@ async fn names_in_any_script_up_to_60_characters_are_accepted() {
 }
 
 #[tokio::test]
+async fn names_are_nfc_normalised_and_invisible_characters_refused() {
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+    // The same Korean name typed decomposed (conjoining jamo) and precomposed is one name.
+    let decomposed = "\u{1112}\u{1161}\u{11AB}-app";
+    let precomposed = "\u{D55C}-app";
+    let c = create_consumer(&mut admin, decomposed).await;
+    assert_eq!(c.name, precomposed, "stored in NFC");
+    assert_eq!(
+        get_consumer(&mut admin, precomposed).await.unwrap().id,
+        c.id
+    );
+    assert_eq!(get_consumer(&mut admin, decomposed).await.unwrap().id, c.id);
+    let dup = refused(
+        admin
+            .create_consumer(pb::CreateConsumerRequest {
+                name: precomposed.into(),
+                ..Default::default()
+            })
+            .await,
+        "NFC twin",
+    );
+    assert_code(&dup, Code::AlreadyExists, "NFC twin");
+    // Scope lists and bind references resolve the other spelling too.
+    create_service(&mut admin, "\u{D55C}-svc").await;
+    let scoped = admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "scoped".into(),
+            scope: Some(pb::Scope {
+                all: false,
+                model_services: vec!["\u{1112}\u{1161}\u{11AB}-svc".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scoped.scope.unwrap().model_services, vec!["\u{D55C}-svc"]);
+
+    // Invisible characters are refused, even where they are letters (Hangul filler U+3164).
+    for (name, what) in [
+        ("ops\u{3164}team", "Hangul filler"),
+        ("\u{3164}", "a lone Hangul filler"),
+        ("ops\u{200B}team", "zero-width space"),
+        ("ops\u{200D}team", "zero-width joiner"),
+        ("ops\u{202E}team", "bidi override"),
+        ("ops\u{FE0F}team", "variation selector"),
+    ] {
+        let s = refused(
+            admin
+                .create_consumer(pb::CreateConsumerRequest {
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await,
+            what,
+        );
+        let rule = assert_field_violation(&s, "name", what);
+        assert!(
+            rule.contains("invisible or format characters"),
+            "{what}: {rule}"
+        );
+    }
+    let list = admin
+        .list_consumers(pb::ListConsumersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.items.len(), 2, "nothing was written by the refusals");
+}
+
+#[tokio::test]
 async fn consumer_key_fields_are_validated_with_field_violations() {
     let kg = Keygate::start().await;
     let mut admin = kg.admin().await;

@@ -6,12 +6,13 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, page, page_token, reference, scope_input, selector, status_filter,
-    ts_in,
+    OUTPUT_ONLY, UpdateMask, optional_reference, page, page_token, reference, scope_input,
+    selector, status_filter, ts_in,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
 use crate::domain::input::{ConsumerKeyPatch, NewConsumerKey};
+use crate::domain::text::nfc_owned;
 use crate::domain::{KeyStatus, Selector, Timestamp};
 use crate::proto::admin::v1 as pb;
 use crate::store::ConsumerKeyFilter;
@@ -45,10 +46,10 @@ pub(super) async fn create(
     let r = req.into_inner();
     let source = key_source(r.generation_method, r.value, r.secret_ref, true)?;
     let mut new = NewConsumerKey {
-        name: r.name,
+        name: nfc_owned(r.name),
         description: r.description,
         source,
-        consumer: (!r.consumer.is_empty()).then_some(r.consumer),
+        consumer: optional_reference(r.consumer),
         scope: scope_input("scope", r.scope)?,
         ip_allowlist: r.ip_allowlist,
         expire_time: r
@@ -85,7 +86,7 @@ pub(super) async fn list(
 ) -> R<pb::ListConsumerKeysResponse> {
     let r = req.into_inner();
     let filter = ConsumerKeyFilter {
-        consumer: (!r.consumer.is_empty()).then_some(r.consumer),
+        consumer: optional_reference(r.consumer),
         status: status_filter(r.status)?,
     };
     let p = svc
@@ -144,7 +145,7 @@ pub(super) async fn update(
         None
     };
     let patch = ConsumerKeyPatch {
-        name: mask.has("name").then(|| k.name.clone()),
+        name: mask.has("name").then(|| nfc_owned(k.name.clone())),
         description: mask.has("description").then(|| k.description.clone()),
         scope: if mask.has("scope") {
             Some(scope_input("consumer_key.scope", k.scope.clone())?)

@@ -10,6 +10,7 @@ use super::convert::{
 use super::{AdminService, R, ok};
 use crate::domain::Selector;
 use crate::domain::input::{ConsumerPatch, NewConsumer};
+use crate::domain::text::nfc_owned;
 use crate::proto::admin::v1 as pb;
 
 /// Fields of a consumer that UpdateConsumer does not change, and why.
@@ -30,7 +31,7 @@ pub(super) async fn create(
     let actor = actor(&req)?;
     let r = req.into_inner();
     let new = NewConsumer {
-        name: r.name,
+        name: nfc_owned(r.name),
         description: r.description,
         scope: scope_input("scope", r.scope)?,
     };
@@ -79,7 +80,7 @@ pub(super) async fn update(
         ELSEWHERE,
     )?;
     let patch = ConsumerPatch {
-        name: mask.has("name").then(|| c.name.clone()),
+        name: mask.has("name").then(|| nfc_owned(c.name.clone())),
         description: mask.has("description").then(|| c.description.clone()),
         scope: if mask.has("scope") {
             Some(scope_input("consumer.scope", c.scope.clone())?)

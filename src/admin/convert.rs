@@ -6,6 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost_types::{FieldMask, Timestamp as PbTimestamp};
 use tonic::Status;
 
+use crate::domain::text::{nfc, nfc_owned};
 use crate::domain::{
     self, FieldViolation, GenerationMethod, KeyStatus, Named, ResourceKind, RuleError, Scope,
     ScopeInput, Selector, Timestamp,
@@ -22,10 +23,13 @@ pub fn invalid(field: &str, rule: impl Into<String>) -> Status {
 }
 
 /// A required `oneof selector { id, name }`.
+/// A name given by the caller is taken in NFC, as names are stored.
 pub fn selector<T>(sel: Option<T>, to: impl FnOnce(T) -> Selector) -> Result<Selector, Status> {
     match sel.map(to) {
         Some(Selector::Id(v)) if v.is_empty() => Err(invalid("id", "must not be empty")),
         Some(Selector::Name(v)) if v.is_empty() => Err(invalid("name", "must not be empty")),
+        Some(Selector::Name(v)) => Ok(Selector::Name(nfc_owned(v))),
+        Some(Selector::IdOrName(v)) => Ok(Selector::IdOrName(nfc_owned(v))),
         Some(s) => Ok(s),
         None => Err(invalid("selector", "set either \"id\" or \"name\"")),
     }
@@ -64,13 +68,23 @@ selector_from!(
     get_key_references_request,
 );
 
-/// A required name-or-id reference field (bind requests).
+/// A required name-or-id reference field (bind requests), in NFC.
 pub fn reference(field: &str, v: &str) -> Result<String, Status> {
     if v.is_empty() {
         Err(invalid(field, "is required (a name or an id)"))
     } else {
-        Ok(v.to_string())
+        Ok(nfc(v).into_owned())
     }
+}
+
+/// An optional name-or-id filter or reference (empty: none), in NFC.
+pub fn optional_reference(v: String) -> Option<String> {
+    (!v.is_empty()).then(|| nfc_owned(v))
+}
+
+/// Names the caller gives, in NFC (the form names are stored and compared in).
+pub fn names_in(list: Vec<String>) -> Vec<String> {
+    list.into_iter().map(nfc_owned).collect()
 }
 
 pub fn page(field_size: i32, token: &str) -> Result<PageRequest, Status> {
@@ -107,7 +121,7 @@ pub fn scope_input(field: &str, scope: Option<pb::Scope>) -> Result<ScopeInput, 
             "\"all\": true cannot be combined with a list of model_services",
         )),
         (true, true) => Ok(ScopeInput::All),
-        (false, false) => Ok(ScopeInput::Services(s.model_services)),
+        (false, false) => Ok(ScopeInput::Services(names_in(s.model_services))),
         (false, true) => Ok(ScopeInput::Unset),
     }
 }

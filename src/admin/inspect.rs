@@ -40,7 +40,7 @@ pub(super) async fn audit_events(
     let size = page(r.page_size, "")?.size;
     let filter = AuditFilter {
         kind: kind_in("kind", r.kind, false)?,
-        name: (!r.name.is_empty()).then_some(r.name),
+        name: super::convert::optional_reference(r.name),
         start: r
             .start_time
             .as_ref()

@@ -6,11 +6,13 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, page, page_token, reference, selector, status_filter,
+    OUTPUT_ONLY, UpdateMask, names_in, optional_reference, page, page_token, reference, selector,
+    status_filter,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
 use crate::domain::input::{ModelKeyPatch, NewModelKey};
+use crate::domain::text::nfc_owned;
 use crate::domain::{KeyStatus, Selector};
 use crate::proto::admin::v1 as pb;
 use crate::store::{Actor, ModelKeyFilter};
@@ -41,10 +43,10 @@ pub(super) async fn create(
     let r = req.into_inner();
     let source = key_source(r.generation_method, r.value, r.secret_ref, false)?;
     let mut new = NewModelKey {
-        name: r.name,
+        name: nfc_owned(r.name),
         description: r.description,
         source,
-        model_services: r.model_services,
+        model_services: names_in(r.model_services),
     };
     new.validate()?;
     new.source = svc.resolve_source(new.source).await?;
@@ -65,7 +67,7 @@ pub(super) async fn list(
 ) -> R<pb::ListModelKeysResponse> {
     let r = req.into_inner();
     let filter = ModelKeyFilter {
-        model_service: (!r.model_service.is_empty()).then_some(r.model_service),
+        model_service: optional_reference(r.model_service),
         status: status_filter(r.status)?,
     };
     let p = svc
@@ -109,7 +111,7 @@ pub(super) async fn update(
         None
     };
     let patch = ModelKeyPatch {
-        name: mask.has("name").then(|| k.name.clone()),
+        name: mask.has("name").then(|| nfc_owned(k.name.clone())),
         description: mask.has("description").then(|| k.description.clone()),
         secret_ref,
     };

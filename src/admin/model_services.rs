@@ -10,6 +10,7 @@ use crate::domain::Selector;
 use crate::domain::input::{
     DEFAULT_AUTH_HEADER, DEFAULT_AUTH_VALUE_TEMPLATE, ModelServicePatch, NewModelService,
 };
+use crate::domain::text::nfc_owned;
 use crate::proto::admin::v1 as pb;
 
 /// Fields of a model service that UpdateModelService does not change, and why.
@@ -27,7 +28,7 @@ pub(super) async fn create(
     let actor = actor(&req)?;
     let r = req.into_inner();
     let new = NewModelService {
-        name: r.name,
+        name: nfc_owned(r.name),
         description: r.description,
         provider: r.provider,
         auth_header: r.auth_header,
@@ -93,7 +94,7 @@ pub(super) async fn update(
     // An empty header or template in the mask restores the default.
     let or_default = |v: &str, default: &str| if v.is_empty() { default } else { v }.to_string();
     let patch = ModelServicePatch {
-        name: mask.has("name").then(|| s.name.clone()),
+        name: mask.has("name").then(|| nfc_owned(s.name.clone())),
         description: mask.has("description").then(|| s.description.clone()),
         provider: mask.has("provider").then(|| s.provider.clone()),
         auth_header: mask

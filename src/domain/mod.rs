@@ -3,6 +3,7 @@
 
 pub mod input;
 mod secret;
+pub mod text;
 pub mod validate;
 
 pub use secret::Secret;

@@ -31,7 +31,8 @@ fn is_separator(c: char) -> bool {
 }
 
 /// Names: 1–60 characters of letters (any script), ASCII digits, `-` and `_`; not starting with
-/// a digit or a separator, not ending with a separator.
+/// a digit or a separator, not ending with a separator; no invisible or format characters (a
+/// Hangul filler is a letter, yet shows nothing). Callers pass the NFC form (`text::nfc`).
 pub fn name(field: &str, value: &str) -> Result<(), FieldViolation> {
     let count = value.chars().count();
     if count == 0 {
@@ -44,6 +45,15 @@ pub fn name(field: &str, value: &str) -> Result<(), FieldViolation> {
         return Err(FieldViolation::new(
             field,
             format!("must be at most {NAME_MAX_CHARS} characters (got {count})"),
+        ));
+    }
+    if let Some(bad) = value.chars().find(|&c| super::text::is_invisible(c)) {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "must not contain invisible or format characters (found U+{:04X})",
+                bad as u32
+            ),
         ));
     }
     if let Some(bad) = value
@@ -337,6 +347,8 @@ mod tests {
             Just('-'),
             Just('_'),
             proptest::char::range('\u{4e00}', '\u{9fa5}'),
+            Just('\u{3164}'),
+            Just('\u{200D}'),
             any::<char>(),
         ]
     }
@@ -346,9 +358,10 @@ mod tests {
         let cs: Vec<char> = s.chars().collect();
         !cs.is_empty()
             && cs.len() <= 60
-            && cs
-                .iter()
-                .all(|c| c.is_alphabetic() || c.is_ascii_digit() || *c == '-' || *c == '_')
+            && cs.iter().all(|c| {
+                (c.is_alphabetic() || c.is_ascii_digit() || *c == '-' || *c == '_')
+                    && !super::super::text::is_invisible(*c)
+            })
             && !(cs[0].is_ascii_digit() || cs[0] == '-' || cs[0] == '_')
             && !(cs[cs.len() - 1] == '-' || cs[cs.len() - 1] == '_')
     }
