@@ -100,10 +100,21 @@ async fn the_module_loads_with_a_matched_abi_and_counts_its_decisions() {
     let envoy = Envoy::start_module(&setup.files, upstream.addr, &EnvoyRun::module()).await;
     wait_status(&envoy, &key, 200, "the key to be allowed").await;
 
+    // Envoy's stderr is read by a thread of its own: wait (bounded) for the line to arrive.
+    let matched = poll_until(
+        Duration::from_secs(10),
+        "Envoy's ABI handshake line",
+        || {
+            let text = envoy.stderr();
+            async move {
+                text.contains("Dynamic module ABI version")
+                    .then(|| text.contains("Dynamic module ABI version v0.2.0 matched"))
+            }
+        },
+    )
+    .await;
     assert!(
-        envoy
-            .stderr()
-            .contains("Dynamic module ABI version v0.2.0 matched"),
+        matched,
         "Envoy must log the ABI handshake as matched:\n{}",
         tail(&envoy.stderr(), 30)
     );
