@@ -8,6 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::postgres::{drop_postgres_database, fresh_postgres_database};
 use common::{Keygate, Options, Proc, grpcurl_bin, poll_until, postgres_for};
 use keygate::admin::AdminAuth;
 use keygate::crypto::MasterKey;
@@ -369,4 +370,64 @@ async fn no_bootstrap_token_needs_a_named_admin_and_then_turns_the_bootstrap_tok
     );
     let trail = actors(&kg, &root);
     assert_eq!(trail[0], ("CreateConsumer".to_string(), "root".to_string()));
+}
+
+/// Two control planes on one PostgreSQL store: a token revoked through one stops working on
+/// the other although the other had it cached, well within the cache's 30 s bound (the
+/// revision change delivered by LISTEN empties the cache).
+#[tokio::test]
+async fn a_revoke_through_one_replica_reaches_another_replicas_cache() {
+    let url = fresh_postgres_database("kg_identities").await;
+    let master = MasterKey::generate();
+    let fingerprint = master.fingerprint();
+    let open = || Store::open(&url, &fingerprint, master.keys(), Limits::default());
+    let (a, b) = (open().await.unwrap(), open().await.unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(b.clone().listen_for_changes(async move {
+        let _ = stopped.await;
+    }));
+    let boot = Actor("bootstrap".into());
+    let new = |name: &str| NewAdminToken {
+        name: name.into(),
+        role: Role::Viewer,
+        expire_time: None,
+    };
+    // B hears A's commits (LISTEN is up) before the token under test is cached.
+    let mut commits = b.subscribe_commits();
+    let (_, _) = a.create_admin_token(&boot, new("probe")).await.unwrap();
+    let heard = a.revision().await.unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "replica B to hear A's commit",
+        || {
+            let seen = *commits.borrow_and_update();
+            async move { (seen >= heard).then_some(()) }
+        },
+    )
+    .await;
+    let (_, value) = a.create_admin_token(&boot, new("shared")).await.unwrap();
+    let auth_b = AdminAuth::new(b.clone(), None);
+    let who = poll_until(Duration::from_secs(10), "B to know the token", || async {
+        auth_b.identify(value.expose(), Timestamp::now()).await.ok()
+    })
+    .await;
+    assert_eq!(who.name, "shared");
+    a.revoke_admin_token(&boot, &keygate::domain::Selector::Name("shared".into()))
+        .await
+        .unwrap();
+    let refused = poll_until(
+        Duration::from_secs(10),
+        "B to refuse the revoked token",
+        || {
+            let auth = auth_b.clone();
+            let value = value.expose().to_string();
+            async move { auth.identify(&value, Timestamp::now()).await.err() }
+        },
+    )
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let _ = stop.send(());
+    a.close().await;
+    b.close().await;
+    drop_postgres_database(&url).await;
 }

@@ -27,8 +27,8 @@ impl Store {
         actor: &Actor,
         req: NewAdminToken,
     ) -> Result<(AdminToken, Secret)> {
+        req.validate(Timestamp::now())?;
         let mut m = self.begin(actor).await?;
-        req.validate(m.now)?;
         ensure_unique_name(&mut m.tx, KIND, &req.name, None).await?;
         let value = Secret::new(format!("{ADMIN_TOKEN_PREFIX}{}", crypto::random_token()));
         let id = new_id();
