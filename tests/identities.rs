@@ -307,7 +307,7 @@ async fn expiry_is_decided_by_the_time_given() {
         .create_admin_token(&Actor("bootstrap".into()), new)
         .await
         .unwrap();
-    let auth = AdminAuth::new(store.clone(), None);
+    let auth = AdminAuth::new(store.clone(), None, None);
     let before = auth
         .identify(value.expose(), Timestamp(expire.0 - 1))
         .await
@@ -392,21 +392,26 @@ async fn a_revoke_through_one_replica_reaches_another_replicas_cache() {
         role: Role::Viewer,
         expire_time: None,
     };
-    // B hears A's commits (LISTEN is up) before the token under test is cached.
-    let mut commits = b.subscribe_commits();
-    let (_, _) = a.create_admin_token(&boot, new("probe")).await.unwrap();
-    let heard = a.revision().await.unwrap();
+    // B hears A's commits (LISTEN is up) before the token under test is cached: A commits a
+    // probe until B has seen one (LISTEN may start after the first).
+    let commits = b.subscribe_commits();
+    let probes = std::sync::atomic::AtomicUsize::new(0);
     poll_until(
-        Duration::from_secs(10),
-        "replica B to hear A's commit",
-        || {
-            let seen = *commits.borrow_and_update();
-            async move { (seen >= heard).then_some(()) }
+        Duration::from_secs(30),
+        "replica B to hear A's commits",
+        || async {
+            let n = probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n > 0 && *commits.borrow() > 0 {
+                return Some(());
+            }
+            let probe = new(&format!("probe-{n}"));
+            a.create_admin_token(&boot, probe).await.unwrap();
+            None
         },
     )
     .await;
     let (_, value) = a.create_admin_token(&boot, new("shared")).await.unwrap();
-    let auth_b = AdminAuth::new(b.clone(), None);
+    let auth_b = AdminAuth::new(b.clone(), None, None);
     let who = poll_until(Duration::from_secs(10), "B to know the token", || async {
         auth_b.identify(value.expose(), Timestamp::now()).await.ok()
     })
@@ -430,4 +435,125 @@ async fn a_revoke_through_one_replica_reaches_another_replicas_cache() {
     a.close().await;
     b.close().await;
     drop_postgres_database(&url).await;
+}
+
+/// The real grpcurl over mTLS, presenting `<cert>.pem` and, when given, a token.
+fn call_tls(
+    kg: &Keygate,
+    dir: &std::path::Path,
+    cert: &str,
+    token: Option<&str>,
+    method: &str,
+    body: Value,
+) -> Result<Value, String> {
+    let p = |f: String| dir.join(f).display().to_string();
+    let mut cmd = Command::new(grpcurl_bin());
+    cmd.args(["-cacert", &p("ca.pem".into()), "-servername", "localhost"])
+        .args([
+            "-cert",
+            &p(format!("{cert}.pem")),
+            "-key",
+            &p(format!("{cert}.key")),
+        ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+    }
+    let out = cmd
+        .args(["-d", &body.to_string(), &kg.admin_addr.to_string()])
+        .arg(format!("keygate.admin.v1.KeyAdmin/{method}"))
+        .output()
+        .expect("run grpcurl");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("grpcurl prints JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A CA and, signed by it, the server's certificate and three client certificates: one
+/// mapped by SAN, one by subject CN, one not mapped.
+fn mtls_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, cn, san) in [
+        ("server", "keygate", "localhost"),
+        ("ops", "someone", "ops.example"),
+        ("viewer", "vee.person", "unmapped.example"),
+        ("stranger", "stranger", "stranger.example"),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn admin_identities_map_client_certificates_to_names_and_roles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    mtls_pki(dir);
+    let ids = dir.join("admin-identities");
+    std::fs::write(
+        &ids,
+        "# match            name      role\nsan:ops.example    ops-cert  OPERATOR\ncn:vee.person      vee       VIEWER\n",
+    )
+    .unwrap();
+    let f = |n: &str| dir.join(n).display().to_string();
+    let tls: Vec<String> = vec![
+        "--tls-cert".into(),
+        f("server.pem"),
+        "--tls-key".into(),
+        f("server.key"),
+        "--tls-client-ca".into(),
+        f("ca.pem"),
+        "--admin-identities".into(),
+        f("admin-identities"),
+    ];
+    let kg = Keygate::start_with(Options {
+        args: tls.clone(),
+        ..Default::default()
+    })
+    .await;
+    let call = |cert: &str, token: Option<&str>, method: &str, body: Value| {
+        call_tls(&kg, dir, cert, token, method, body)
+    };
+    // Mapped by SAN: an OPERATOR, no token needed; the audit actor is the mapped name.
+    call("ops", None, "CreateConsumer", json!({"name": "by-cert"})).unwrap();
+    // Mapped by CN: a VIEWER reads and may not write.
+    let listed = call("viewer", None, "ListConsumers", json!({})).unwrap();
+    assert_eq!(listed["items"][0]["name"], "by-cert");
+    let e = call("viewer", None, "CreateConsumer", json!({"name": "x"})).unwrap_err();
+    assert!(
+        e.contains("Code: PermissionDenied") && e.contains("OPERATOR"),
+        "{e}"
+    );
+    // Not mapped: a token is still needed, and still works.
+    let e = call("stranger", None, "ListConsumers", json!({})).unwrap_err();
+    assert!(e.contains("Code: Unauthenticated"), "{e}");
+    let boot = kg.admin_token();
+    let trail = call("stranger", Some(&boot), "ListAuditEvents", json!({})).unwrap();
+    assert_eq!(trail["items"][0]["actor"], "ops-cert", "{trail}");
+
+    // The mapping without verified client certificates means nothing: refused at start.
+    let data_dir = dir.join("no-ca");
+    let mut args: Vec<String> = ["serve", "--data-dir", &data_dir.display().to_string()]
+        .map(String::from)
+        .into();
+    args.extend(["--authz-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"].map(String::from));
+    args.extend(["--admin-identities".to_string(), f("admin-identities")]);
+    let mut refused_start = Proc::spawn("keygate", &args, &[]);
+    let code = refused_start.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(64), "{}", refused_start.logs());
+    assert!(
+        refused_start.logs().contains("--tls-client-ca"),
+        "{}",
+        refused_start.logs()
+    );
 }

@@ -2,7 +2,9 @@
 //! `authorization: Bearer <token>`: the bootstrap token (an ADMIN named `bootstrap`, compared
 //! in constant time) or a named admin token, looked up by its HMAC. The credential's name is
 //! the audit actor; its role decides which RPCs it may call (`PERMISSION_DENIED` names the
-//! role needed); an unknown, revoked or expired token is `UNAUTHENTICATED`.
+//! role needed); an unknown, revoked or expired token is `UNAUTHENTICATED`. With
+//! `--admin-identities` (mTLS), a request without a token may instead present a client
+//! certificate the file maps to a name and role (`cert_identities`).
 //!
 //! Named tokens are cached in memory so an RPC does not read the store each time. The cache
 //! is emptied whenever the store revision moves (this process's commits and, on PostgreSQL,
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
+use super::cert_identities::CertIdentities;
 use crate::crypto::{KeyHash, Secret, credentials_equal};
 use crate::domain::{AdminToken, BOOTSTRAP_NAME, Role, Timestamp};
 use crate::store::{Actor, Store};
@@ -36,9 +39,13 @@ pub struct Identity {
     pub role: Role,
 }
 
-/// The bearer token a request presented, taken from its metadata by the interceptor.
+/// What a request presented, as the interceptor found it: a bearer token, or a client
+/// certificate `--admin-identities` maps to an identity.
 #[derive(Clone)]
-struct Presented(Arc<Secret>);
+enum Presented {
+    Token(Arc<Secret>),
+    Certificate(Identity),
+}
 
 /// Authenticates and authorises admin calls.
 #[derive(Clone)]
@@ -50,6 +57,8 @@ struct Inner {
     store: Store,
     /// The bootstrap token, unless `--no-bootstrap-token` turned it off.
     bootstrap: Option<Secret>,
+    /// `--admin-identities`: client certificates that stand for an identity.
+    certificates: Option<CertIdentities>,
     cache: Mutex<Cache>,
 }
 
@@ -74,8 +83,13 @@ impl std::fmt::Debug for AdminAuth {
 }
 
 impl AdminAuth {
-    /// `bootstrap`: the bootstrap token, or `None` when it is turned off.
-    pub fn new(store: Store, bootstrap: Option<Secret>) -> Self {
+    /// `bootstrap`: the bootstrap token, or `None` when it is turned off; `certificates`: the
+    /// `--admin-identities` mapping, if any (only meaningful behind `--tls-client-ca`).
+    pub fn new(
+        store: Store,
+        bootstrap: Option<Secret>,
+        certificates: Option<CertIdentities>,
+    ) -> Self {
         let cache = Cache {
             commits: store.subscribe_commits(),
             generation: 0,
@@ -85,13 +99,15 @@ impl AdminAuth {
             inner: Arc::new(Inner {
                 store,
                 bootstrap,
+                certificates,
                 cache: Mutex::new(cache),
             }),
         }
     }
 
-    /// The interceptor: a request without `authorization: Bearer <token>` is refused before
-    /// its body is read; the token rides along for `allow`.
+    /// The interceptor: a request without `authorization: Bearer <token>` (or, under
+    /// `--admin-identities`, a mapped client certificate) is refused before its body is read;
+    /// what it presented rides along for `allow`. A token wins over a certificate.
     #[allow(clippy::result_large_err)]
     pub fn check(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let presented = req
@@ -104,7 +120,16 @@ impl AdminAuth {
         match presented {
             Some(t) => {
                 req.extensions_mut()
-                    .insert(Presented(Arc::new(Secret::new(t))));
+                    .insert(Presented::Token(Arc::new(Secret::new(t))));
+                Ok(req)
+            }
+            None if self.inner.certificates.is_some() => {
+                let who = self.certificate_identity(&req).ok_or_else(|| {
+                    Status::unauthenticated(
+                        "no admin token, and the client certificate maps to no admin identity",
+                    )
+                })?;
+                req.extensions_mut().insert(Presented::Certificate(who));
                 Ok(req)
             }
             None => Err(Status::unauthenticated(
@@ -122,9 +147,10 @@ impl AdminAuth {
             .get::<Presented>()
             .cloned()
             .ok_or_else(|| Status::unauthenticated("missing admin token"))?;
-        let who = self
-            .identify(presented.0.expose(), Timestamp::now())
-            .await?;
+        let who = match presented {
+            Presented::Token(t) => self.identify(t.expose(), Timestamp::now()).await?,
+            Presented::Certificate(who) => who,
+        };
         if !who.role.allows(needed) {
             return Err(Status::permission_denied(format!(
                 "admin credential {:?} has role {}; this call needs role {needed}",
@@ -133,6 +159,12 @@ impl AdminAuth {
         }
         req.extensions_mut().insert(Actor(who.name));
         Ok(req)
+    }
+
+    /// The identity `--admin-identities` gives the peer's (leaf) client certificate.
+    fn certificate_identity(&self, req: &Request<()>) -> Option<Identity> {
+        let certs = req.peer_certs()?;
+        self.inner.certificates.as_ref()?.identify(certs.first()?)
     }
 
     /// Who `token` is at `now`: the bootstrap token, or a named token that exists and has not

@@ -9,6 +9,7 @@
 
 mod admin_tokens;
 mod auth;
+mod cert_identities;
 mod consumer_keys;
 mod consumers;
 pub mod convert;
@@ -28,6 +29,7 @@ use crate::snapshot::SnapshotCell;
 use crate::store::Store;
 
 pub use auth::{AdminAuth, Identity};
+pub use cert_identities::CertIdentities;
 
 /// The KeyAdmin implementation.
 #[derive(Clone, Debug)]

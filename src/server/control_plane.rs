@@ -39,6 +39,7 @@ pub async fn start_control_plane(
 ) -> Result<Running, StartError> {
     let limits = args.limits().map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
+    let identities = tokens::admin_identities(args)?;
     let Opened {
         store,
         admin_token,
@@ -78,7 +79,7 @@ pub async fn start_control_plane(
         distribution.as_ref().map(|(svc, _)| svc),
         &mut shutdown,
     );
-    let auth = AdminAuth::new(store.clone(), admin_token);
+    let auth = AdminAuth::new(store.clone(), admin_token, identities);
     let admin = AdminService::new(
         store.clone(),
         snapshots.cell.clone(),

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use super::StartError;
+use crate::admin::CertIdentities;
 use crate::config::ControlPlaneArgs;
 use crate::crypto::{self, Secret, credentials_equal};
 use crate::distribution::token::{SUBSCRIBER_TOKEN_ENV, TokenSource, load_token};
@@ -52,6 +53,28 @@ pub(super) async fn bootstrap_token(
     }
     tracing::info!("bootstrap admin token turned off: only named admin tokens open the admin API");
     Ok(None)
+}
+
+/// `--admin-identities`: client certificates mapped to admin identities. Needs
+/// `--tls-client-ca` (without verified client certificates the mapping would mean nothing).
+pub(super) fn admin_identities(
+    args: &ControlPlaneArgs,
+) -> Result<Option<CertIdentities>, StartError> {
+    let Some(path) = &args.admin_identities else {
+        return Ok(None);
+    };
+    if args.tls.tls_client_ca.is_none() {
+        return Err(StartError::Config(
+            "--admin-identities needs --tls-client-ca: only verified client certificates can stand for an identity".into(),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::Io {
+        context: format!("reading --admin-identities {}", path.display()),
+        source,
+    })?;
+    let ids = CertIdentities::parse(&text)
+        .map_err(|e| StartError::Config(format!("--admin-identities {}: {e}", path.display())))?;
+    Ok(Some(ids))
 }
 
 /// The admin token, generated into `<data-dir>/admin.token` when none is given (the data dir
