@@ -180,6 +180,17 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// Turn the bootstrap admin token off (admin.token / KEYGATE_ADMIN_TOKEN): only named
+    /// admin tokens open the admin API. Refused at start unless a named ADMIN token exists.
+    #[arg(long, env = "KEYGATE_NO_BOOTSTRAP_TOKEN")]
+    pub no_bootstrap_token: bool,
+
+    /// With --tls-client-ca: a file mapping client certificates (subject CN or a SAN) to an
+    /// admin name and role, one "cn:VALUE NAME ROLE" or "san:VALUE NAME ROLE" a line; such a
+    /// caller needs no token.
+    #[arg(long, env = "KEYGATE_ADMIN_IDENTITIES")]
+    pub admin_identities: Option<PathBuf>,
+
     /// File holding the subscriber token data planes present (KEYGATE_SUBSCRIBER_TOKEN
     /// supplies it directly). Without one, no data plane can subscribe.
     #[arg(long, env = "KEYGATE_SUBSCRIBER_TOKEN_FILE")]

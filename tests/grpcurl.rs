@@ -193,7 +193,10 @@ async fn readme_walkthrough_runs_verbatim() {
     );
     let token = kg.admin_token();
     for e in &events {
-        assert!(e.actor.starts_with("admin-token:"), "{e:?}");
+        assert_eq!(
+            e.actor, "bootstrap",
+            "the bootstrap token acts as \"bootstrap\": {e:?}"
+        );
         assert!(e.time.is_some() && !e.resource_id.is_empty() && !e.resource_name.is_empty());
         let dump = format!("{e:?}");
         for secret in [

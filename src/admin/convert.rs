@@ -197,6 +197,7 @@ pub fn kind_in(field: &str, v: i32, required: bool) -> Result<Option<ResourceKin
         Ok(pb::ResourceKind::ConsumerKey) => Ok(Some(ResourceKind::ConsumerKey)),
         Ok(pb::ResourceKind::ModelService) => Ok(Some(ResourceKind::ModelService)),
         Ok(pb::ResourceKind::ModelKey) => Ok(Some(ResourceKind::ModelKey)),
+        Ok(pb::ResourceKind::AdminToken) => Ok(Some(ResourceKind::AdminToken)),
         Err(_) => Err(invalid(field, "is not a known resource kind")),
     }
 }
@@ -207,6 +208,7 @@ pub fn kind_out(k: ResourceKind) -> i32 {
         ResourceKind::ConsumerKey => pb::ResourceKind::ConsumerKey,
         ResourceKind::ModelService => pb::ResourceKind::ModelService,
         ResourceKind::ModelKey => pb::ResourceKind::ModelKey,
+        ResourceKind::AdminToken => pb::ResourceKind::AdminToken,
     }) as i32
 }
 

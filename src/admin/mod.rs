@@ -7,7 +7,9 @@
 //! token, `secret_refs` reads references and key sources, `convert` translates messages and
 //! `status` maps every error to its gRPC status.
 
+mod admin_tokens;
 mod auth;
+mod cert_identities;
 mod consumer_keys;
 mod consumers;
 pub mod convert;
@@ -19,14 +21,15 @@ mod status;
 
 use tonic::{Request, Response, Status};
 
-use crate::domain::{KeyStatus, Selector};
+use crate::domain::{KeyStatus, Role, Selector};
 use crate::proto::admin::v1 as pb;
 use crate::proto::admin::v1::key_admin_server::{KeyAdmin, KeyAdminServer};
 use crate::secret::Secrets;
 use crate::snapshot::SnapshotCell;
 use crate::store::Store;
 
-pub use auth::AdminAuth;
+pub use auth::{AdminAuth, Identity};
+pub use cert_identities::CertIdentities;
 
 /// The KeyAdmin implementation.
 #[derive(Clone, Debug)]
@@ -34,25 +37,28 @@ pub struct AdminService {
     store: Store,
     snapshots: SnapshotCell,
     secrets: Secrets,
+    auth: AdminAuth,
 }
 
 impl AdminService {
-    pub fn new(store: Store, snapshots: SnapshotCell, secrets: Secrets) -> Self {
+    pub fn new(store: Store, snapshots: SnapshotCell, secrets: Secrets, auth: AdminAuth) -> Self {
         AdminService {
             store,
             snapshots,
             secrets,
+            auth,
         }
     }
 
-    /// The gRPC service with the admin-token interceptor in front.
+    /// The gRPC service with the admin-token interceptor in front; each RPC then checks its
+    /// caller's role (`AdminAuth::allow`) before it reads the request.
     pub fn into_server(
         self,
-        auth: AdminAuth,
     ) -> tonic::service::interceptor::InterceptedService<
         KeyAdminServer<Self>,
         impl tonic::service::Interceptor + Clone,
     > {
+        let auth = self.auth.clone();
         KeyAdminServer::with_interceptor(self, move |req| auth.check(req))
     }
 }
@@ -66,10 +72,12 @@ fn ok<T>(v: T) -> R<T> {
 #[tonic::async_trait]
 impl KeyAdmin for AdminService {
     async fn create_consumer(&self, req: Request<pb::CreateConsumerRequest>) -> R<pb::Consumer> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumers::create(self, req).await
     }
 
     async fn get_consumer(&self, req: Request<pb::GetConsumerRequest>) -> R<pb::Consumer> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         consumers::get(self, req).await
     }
 
@@ -77,10 +85,12 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::ListConsumersRequest>,
     ) -> R<pb::ListConsumersResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         consumers::list(self, req).await
     }
 
     async fn update_consumer(&self, req: Request<pb::UpdateConsumerRequest>) -> R<pb::Consumer> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumers::update(self, req).await
     }
 
@@ -88,6 +98,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::DeleteConsumerRequest>,
     ) -> R<pb::DeleteResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumers::delete(self, req).await
     }
 
@@ -95,6 +106,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::CreateModelServiceRequest>,
     ) -> R<pb::ModelService> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_services::create(self, req).await
     }
 
@@ -102,6 +114,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::GetModelServiceRequest>,
     ) -> R<pb::ModelService> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         model_services::get(self, req).await
     }
 
@@ -109,6 +122,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::ListModelServicesRequest>,
     ) -> R<pb::ListModelServicesResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         model_services::list(self, req).await
     }
 
@@ -116,6 +130,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::UpdateModelServiceRequest>,
     ) -> R<pb::ModelService> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_services::update(self, req).await
     }
 
@@ -123,6 +138,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::DeleteModelServiceRequest>,
     ) -> R<pb::DeleteResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_services::delete(self, req).await
     }
 
@@ -130,6 +146,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::CreateConsumerKeyRequest>,
     ) -> R<pb::CreateConsumerKeyResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumer_keys::create(self, req).await
     }
 
@@ -137,6 +154,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::GetConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         consumer_keys::get(self, req).await
     }
 
@@ -144,6 +162,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::ListConsumerKeysRequest>,
     ) -> R<pb::ListConsumerKeysResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         consumer_keys::list(self, req).await
     }
 
@@ -151,6 +170,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::UpdateConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumer_keys::update(self, req).await
     }
 
@@ -158,6 +178,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::EnableConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         let sel = |r: pb::EnableConsumerKeyRequest| r.selector.map(Selector::from);
         consumer_keys::set_status(self, req, sel, KeyStatus::Enabled).await
     }
@@ -166,6 +187,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::DisableConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         let sel = |r: pb::DisableConsumerKeyRequest| r.selector.map(Selector::from);
         consumer_keys::set_status(self, req, sel, KeyStatus::Disabled).await
     }
@@ -174,6 +196,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::BindConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumer_keys::bind(self, req).await
     }
 
@@ -181,6 +204,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::UnbindConsumerKeyRequest>,
     ) -> R<pb::ConsumerKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumer_keys::unbind(self, req).await
     }
 
@@ -188,14 +212,17 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::DeleteConsumerKeyRequest>,
     ) -> R<pb::DeleteResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         consumer_keys::delete(self, req).await
     }
 
     async fn create_model_key(&self, req: Request<pb::CreateModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::create(self, req).await
     }
 
     async fn get_model_key(&self, req: Request<pb::GetModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         model_keys::get(self, req).await
     }
 
@@ -203,28 +230,34 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::ListModelKeysRequest>,
     ) -> R<pb::ListModelKeysResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         model_keys::list(self, req).await
     }
 
     async fn update_model_key(&self, req: Request<pb::UpdateModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::update(self, req).await
     }
 
     async fn enable_model_key(&self, req: Request<pb::EnableModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         let sel = |r: pb::EnableModelKeyRequest| r.selector.map(Selector::from);
         model_keys::set_status(self, req, sel, KeyStatus::Enabled).await
     }
 
     async fn disable_model_key(&self, req: Request<pb::DisableModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         let sel = |r: pb::DisableModelKeyRequest| r.selector.map(Selector::from);
         model_keys::set_status(self, req, sel, KeyStatus::Disabled).await
     }
 
     async fn bind_model_key(&self, req: Request<pb::BindModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::bind(self, req).await
     }
 
     async fn unbind_model_key(&self, req: Request<pb::UnbindModelKeyRequest>) -> R<pb::ModelKey> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::unbind(self, req).await
     }
 
@@ -232,6 +265,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::DeleteModelKeyRequest>,
     ) -> R<pb::DeleteResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::delete(self, req).await
     }
 
@@ -239,6 +273,7 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::GetKeyReferencesRequest>,
     ) -> R<pb::GetKeyReferencesResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         inspect::references(self, req).await
     }
 
@@ -246,13 +281,40 @@ impl KeyAdmin for AdminService {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> R<pb::ListAuditEventsResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
         inspect::audit_events(self, req).await
     }
 
     async fn get_snapshot_status(
         &self,
-        _req: Request<pb::GetSnapshotStatusRequest>,
+        req: Request<pb::GetSnapshotStatusRequest>,
     ) -> R<pb::GetSnapshotStatusResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
+        drop(req);
         inspect::snapshot_status(self).await
+    }
+
+    async fn create_admin_token(
+        &self,
+        req: Request<pb::CreateAdminTokenRequest>,
+    ) -> R<pb::CreateAdminTokenResponse> {
+        let req = self.auth.allow(req, Role::Admin).await?;
+        admin_tokens::create(self, req).await
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        req: Request<pb::ListAdminTokensRequest>,
+    ) -> R<pb::ListAdminTokensResponse> {
+        let req = self.auth.allow(req, Role::Admin).await?;
+        admin_tokens::list(self, req).await
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        req: Request<pb::RevokeAdminTokenRequest>,
+    ) -> R<pb::DeleteResponse> {
+        let req = self.auth.allow(req, Role::Admin).await?;
+        admin_tokens::revoke(self, req).await
     }
 }

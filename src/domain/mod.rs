@@ -1,11 +1,13 @@
 //! The resources keygate manages and the rules they obey (SPEC §1): validation, lifecycle,
 //! masking. Pure data and functions: no gRPC, no SQL, no I/O.
 
+mod admin_token;
 pub mod input;
 mod secret;
 pub mod text;
 pub mod validate;
 
+pub use admin_token::{ADMIN_TOKEN_PREFIX, AdminToken, BOOTSTRAP_NAME, NewAdminToken, Role};
 pub use secret::Secret;
 
 use std::fmt;
@@ -61,6 +63,8 @@ pub enum ResourceKind {
     ConsumerKey,
     ModelService,
     ModelKey,
+    /// A named admin credential (§9); appears only in audit events, never in snapshots.
+    AdminToken,
 }
 
 impl ResourceKind {
@@ -71,6 +75,7 @@ impl ResourceKind {
             ResourceKind::ConsumerKey => "consumer key",
             ResourceKind::ModelService => "model service",
             ResourceKind::ModelKey => "model key",
+            ResourceKind::AdminToken => "admin token",
         }
     }
 }

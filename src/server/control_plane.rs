@@ -39,6 +39,7 @@ pub async fn start_control_plane(
 ) -> Result<Running, StartError> {
     let limits = args.limits().map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
+    let identities = tokens::admin_identities(args)?;
     let Opened {
         store,
         admin_token,
@@ -78,8 +79,13 @@ pub async fn start_control_plane(
         distribution.as_ref().map(|(svc, _)| svc),
         &mut shutdown,
     );
-    let admin = AdminService::new(store.clone(), snapshots.cell.clone(), snapshots.secrets);
-    let admin = (admin, AdminAuth::new(admin_token, &keys));
+    let auth = AdminAuth::new(store.clone(), admin_token, identities);
+    let admin = AdminService::new(
+        store.clone(),
+        snapshots.cell.clone(),
+        snapshots.secrets,
+        auth,
+    );
     serve_admin(
         listeners.admin,
         admin,
@@ -96,7 +102,8 @@ pub async fn start_control_plane(
 /// The store and the control plane's credentials.
 struct Opened {
     store: Store,
-    admin_token: Secret,
+    /// The bootstrap admin token; `None` under `--no-bootstrap-token`.
+    admin_token: Option<Secret>,
     subscriber_token: Option<Secret>,
     /// The master key's (sent to data planes, which refuse a different key).
     fingerprint: String,
@@ -107,8 +114,10 @@ struct Opened {
 async fn open(args: &ControlPlaneArgs, limits: Limits) -> Result<Opened, StartError> {
     let subscriber_token = tokens::subscriber_token(args.subscriber_token_file.as_deref())?;
     let (store, master) = open_store(&args.store, limits).await?;
-    let admin_token = tokens::admin_token(args)?;
-    tokens::check_distinct(&admin_token, subscriber_token.as_ref())?;
+    let admin_token = tokens::bootstrap_token(args, &store).await?;
+    if let Some(admin) = &admin_token {
+        tokens::check_distinct(admin, subscriber_token.as_ref())?;
+    }
     let fingerprint = master.fingerprint();
     drop(master);
     tracing::info!(backend = ?store.backend(), store_id = store.store_id(), "store open");
@@ -276,7 +285,7 @@ fn serve_metrics(
 /// snapshot stream unless it has a listener of its own.
 async fn serve_admin(
     listener: TcpListener,
-    (admin, auth): (AdminService, AdminAuth),
+    admin: AdminService,
     distribution: Option<(DistributionService, SubscriberAuth)>,
     distribution_listener: Option<TcpListener>,
     tls: &Option<ServerTlsConfig>,
@@ -292,7 +301,7 @@ async fn serve_admin(
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(admin.into_server(auth));
+        .add_service(admin.into_server());
     match (distribution, distribution_listener) {
         (Some((svc, auth)), Some(own)) => {
             serve_distribution(own, svc, auth, tls, shutdown).await?;

@@ -1,4 +1,5 @@
-//! The control plane's two credentials: the admin token (`KEYGATE_ADMIN_TOKEN`, else
+//! The control plane's two credentials: the bootstrap admin token (SPEC §9: an ADMIN named
+//! `bootstrap`, off under `--no-bootstrap-token`) (`KEYGATE_ADMIN_TOKEN`, else
 //! `--admin-token-file`, else `<data-dir>/admin.token`, generated on first start) and the
 //! subscriber token data planes present (`KEYGATE_SUBSCRIBER_TOKEN`, else
 //! `--subscriber-token-file`; optional here). Both are read by the one loader in
@@ -8,9 +9,12 @@
 use std::path::Path;
 
 use super::StartError;
+use crate::admin::CertIdentities;
 use crate::config::ControlPlaneArgs;
 use crate::crypto::{self, Secret, credentials_equal};
 use crate::distribution::token::{SUBSCRIBER_TOKEN_ENV, TokenSource, load_token};
+use crate::domain::Timestamp;
+use crate::store::Store;
 
 /// Supplies the admin token directly; wins over every file.
 pub const ADMIN_TOKEN_ENV: &str = "KEYGATE_ADMIN_TOKEN";
@@ -26,9 +30,56 @@ pub(super) fn subscriber_token(file: Option<&Path>) -> Result<Option<Secret>, St
     ])?)
 }
 
+/// The bootstrap admin token (an ADMIN named `bootstrap`), or `None` under
+/// `--no-bootstrap-token`, which is refused unless a named ADMIN token exists in the store
+/// (otherwise nobody could manage admin tokens any more).
+pub(super) async fn bootstrap_token(
+    args: &ControlPlaneArgs,
+    store: &Store,
+) -> Result<Option<Secret>, StartError> {
+    if !args.no_bootstrap_token {
+        return admin_token(args).map(Some);
+    }
+    if !store
+        .has_named_admin(Timestamp::now())
+        .await
+        .map_err(StartError::Store)?
+    {
+        return Err(StartError::Config(
+            "--no-bootstrap-token: the store holds no named ADMIN token that has not expired; \
+             create one first (CreateAdminToken with role ADMIN), then restart with the flag"
+                .into(),
+        ));
+    }
+    tracing::info!("bootstrap admin token turned off: only named admin tokens open the admin API");
+    Ok(None)
+}
+
+/// `--admin-identities`: client certificates mapped to admin identities. Needs
+/// `--tls-client-ca` (without verified client certificates the mapping would mean nothing).
+pub(super) fn admin_identities(
+    args: &ControlPlaneArgs,
+) -> Result<Option<CertIdentities>, StartError> {
+    let Some(path) = &args.admin_identities else {
+        return Ok(None);
+    };
+    if args.tls.tls_client_ca.is_none() {
+        return Err(StartError::Config(
+            "--admin-identities needs --tls-client-ca: only verified client certificates can stand for an identity".into(),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::Io {
+        context: format!("reading --admin-identities {}", path.display()),
+        source,
+    })?;
+    let ids = CertIdentities::parse(&text)
+        .map_err(|e| StartError::Config(format!("--admin-identities {}: {e}", path.display())))?;
+    Ok(Some(ids))
+}
+
 /// The admin token, generated into `<data-dir>/admin.token` when none is given (the data dir
 /// exists by now: the store opened there).
-pub(super) fn admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
+fn admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
     let generated = args.store.data_dir.join("admin.token");
     let given = load_token(&[
         TokenSource::Env(ADMIN_TOKEN_ENV),

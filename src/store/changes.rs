@@ -102,6 +102,8 @@ impl Touched {
                 },
                 ResourceKind::Consumer => t.consumer_ids.push(id),
                 ResourceKind::ModelService | ResourceKind::ModelKey => t.services = true,
+                // Admin credentials are not in snapshots.
+                ResourceKind::AdminToken => {}
             }
         }
         t.key_ids.sort();

@@ -150,6 +150,9 @@ impl Store {
                 let service = find(&mut conn, kind, sel).await?;
                 (service_references(&mut conn, &service.id).await?, None)
             }
+            ResourceKind::AdminToken => {
+                return Err(RuleError::invalid("kind", "admin tokens have no references").into());
+            }
         })
     }
 }

@@ -9,8 +9,10 @@
 //! `secret_values` (SECRET_REF values and their rotation), `import` (bulk consumer keys),
 //! `mutation` (begin/commit), `audit`, `changes` and `contents` (what the snapshot builder
 //! reads), `lookup` and `scopes` (resolving names), `rows` (SQL codes and row decoding),
-//! `listen` (commit notifications), `schema` (migrations).
+//! `listen` (commit notifications), `schema` (migrations), `admin_tokens` (named admin
+//! credentials, SPEC §9).
 
+mod admin_tokens;
 mod audit;
 mod changes;
 mod consumer_keys;
@@ -74,7 +76,7 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Who made a change: a non-secret fingerprint of the credential.
+/// Who made a change: the name of the admin credential (SPEC §9), never its value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Actor(pub String);
 

@@ -28,6 +28,7 @@ impl SqlCode for ResourceKind {
             ResourceKind::ConsumerKey => 2,
             ResourceKind::ModelService => 3,
             ResourceKind::ModelKey => 4,
+            ResourceKind::AdminToken => 5,
         }
     }
 
@@ -37,6 +38,7 @@ impl SqlCode for ResourceKind {
             2 => ResourceKind::ConsumerKey,
             3 => ResourceKind::ModelService,
             4 => ResourceKind::ModelKey,
+            5 => ResourceKind::AdminToken,
             _ => return None,
         })
     }
@@ -108,6 +110,7 @@ pub(super) fn table_of(kind: ResourceKind) -> &'static str {
         ResourceKind::ConsumerKey => "consumer_keys",
         ResourceKind::ModelService => "model_services",
         ResourceKind::ModelKey => "model_keys",
+        ResourceKind::AdminToken => "admin_tokens",
     }
 }
 

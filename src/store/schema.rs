@@ -114,19 +114,38 @@ CREATE TABLE changes (
 CREATE INDEX changes_revision ON changes (revision);
 "#;
 
+/// SPEC §9 operator identities: named admin credentials, kept as HMACs of their values.
+const V2: &str = r#"
+CREATE TABLE admin_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role BIGINT NOT NULL,
+    token_hash {BLOB} NOT NULL UNIQUE,
+    masked_value TEXT NOT NULL,
+    expire_time BIGINT,
+    create_time BIGINT NOT NULL,
+    last_used_time BIGINT
+);
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
         Backend::Sqlite => "BLOB",
         Backend::Postgres => "BYTEA",
     };
-    let migrations = vec![Migration::new(
-        1,
-        Cow::Borrowed("initial schema"),
-        MigrationType::Simple,
-        Cow::Owned(V1.replace("{BLOB}", blob)),
-        false,
-    )];
+    let migrations = [(1, "initial schema", V1), (2, "admin tokens", V2)]
+        .into_iter()
+        .map(|(version, description, sql)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Owned(sql.replace("{BLOB}", blob)),
+                false,
+            )
+        })
+        .collect();
     Migrator {
         migrations: Cow::Owned(migrations),
         ignore_missing: false,
