@@ -227,6 +227,10 @@ impl Subscriber {
                 }
             },
             Ok(None) => None,
+            Err(e @ (cache::CacheError::RolledBack { .. } | cache::CacheError::NoMark(_))) => {
+                tracing::error!(error = %e, "snapshot cache refused: below its high-water mark; ignoring it");
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "snapshot cache unreadable; ignoring it");
                 None
