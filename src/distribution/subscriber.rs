@@ -165,8 +165,6 @@ pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSin
     })
 }
 
-const CACHE_EVERY: Duration = Duration::from_secs(5);
-
 /// How far ahead of the served version (same store) an update may jump: 2^40 revisions,
 /// decades of a busy store's writes, yet far below the 2^63 a forged version would pin a
 /// data plane at (refusing every real update after it). Further is refused as malformed.
@@ -300,7 +298,7 @@ impl Subscriber {
     ) -> Result<(), SubscriberError> {
         tokio::pin!(shutdown);
         let (persist_tx, persist_rx) = tokio::sync::watch::channel::<Option<Arc<Snapshot>>>(None);
-        let persister = tokio::spawn(persist_loop(
+        let persister = tokio::spawn(cache::persist_loop(
             self.cfg.data_dir.clone(),
             self.keys.clone(),
             persist_rx,
@@ -473,35 +471,6 @@ impl Subscriber {
             }
         }
         true
-    }
-}
-
-/// Writes the latest snapshot to the cache: at once for the first, then at most every
-/// `CACHE_EVERY` (a full write of a 1M-key snapshot costs ~0.5 s of CPU; a data plane killed in
-/// between restarts from a slightly older cache and catches up on reconnect).
-async fn persist_loop(
-    data_dir: PathBuf,
-    keys: Keys,
-    mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
-) {
-    while rx.changed().await.is_ok() {
-        let snap = rx.borrow_and_update().clone();
-        if let Some(s) = snap {
-            let dir = data_dir.clone();
-            let keys = keys.clone();
-            let v = s.version;
-            match tokio::task::spawn_blocking(move || cache::store(&dir, &s, &keys)).await {
-                Ok(Ok(())) => tracing::debug!(version = v, "snapshot cache written"),
-                Ok(Err(e)) => tracing::error!(error = %e, "snapshot cache not written"),
-                Err(e) => tracing::error!(error = %e, "snapshot cache writer failed"),
-            }
-        }
-        // Coalesce bursts: whatever arrived meanwhile is written by the next round.
-        tokio::time::sleep(CACHE_EVERY).await;
-    }
-    // Final state on shutdown.
-    if let Some(s) = rx.borrow().clone() {
-        let _ = cache::store(&data_dir, &s, &keys);
     }
 }
 
