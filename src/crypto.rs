@@ -127,6 +127,7 @@ impl MasterKey {
             cipher: ModelKeyCipher::new(&self.derive(b"model-key-aes-256-gcm")),
             cache: ModelKeyCipher::new(&self.derive(b"snapshot-cache-aes-256-gcm")),
             actor: KeyHasher::new(&self.derive(b"admin-actor-fingerprint")),
+            stream: KeyHasher::new(&self.derive(b"snapshot-stream-hmac")),
         }
     }
 }
@@ -170,6 +171,8 @@ pub struct Keys {
     /// Encrypts a data plane's on-disk snapshot cache.
     pub cache: ModelKeyCipher,
     actor: KeyHasher,
+    /// Authenticates the snapshot stream, control plane → data plane (`distribution::seal`).
+    pub stream: KeyHasher,
 }
 
 impl fmt::Debug for Keys {
@@ -214,6 +217,16 @@ impl KeyHasher {
     pub fn hash(&self, value: &[u8]) -> KeyHash {
         let mut mac = self.keyed.clone();
         mac.update(value);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The HMAC of `parts`, each prefixed with its length (so no two lists collide).
+    pub fn hash_parts(&self, parts: &[&[u8]]) -> KeyHash {
+        let mut mac = self.keyed.clone();
+        for p in parts {
+            mac.update(&(p.len() as u64).to_be_bytes());
+            mac.update(p);
+        }
         mac.finalize().into_bytes().into()
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod bootstrap;
 pub mod cache;
+pub mod seal;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod subscriber;

@@ -10,8 +10,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::wire;
-use crate::crypto::{Secret, credentials_equal};
+use super::{seal, wire};
+use crate::crypto::{KeyHasher, Secret, credentials_equal};
 use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
@@ -63,17 +63,21 @@ pub struct DistributionService {
     updates: broadcast::Sender<Published>,
     history: Arc<Mutex<VecDeque<Published>>>,
     fingerprint: String,
+    /// MACs every message of every stream (`seal`).
+    stream_key: KeyHasher,
     subscribers: Arc<std::sync::atomic::AtomicI64>,
     /// Where data planes' last-used reports are written.
     usage: Option<crate::usage::UsageSink>,
 }
 
 impl DistributionService {
-    /// `updates` is the builder's channel; `fingerprint` the master key's.
+    /// `updates` is the builder's channel; `fingerprint` the master key's, `stream_key` its
+    /// derived stream MAC key (`Keys::stream`).
     pub fn new(
         cell: SnapshotCell,
         updates: broadcast::Sender<Published>,
         fingerprint: String,
+        stream_key: KeyHasher,
     ) -> Self {
         let history: Arc<Mutex<VecDeque<Published>>> = Arc::default();
         let mut rx = updates.subscribe();
@@ -103,6 +107,7 @@ impl DistributionService {
             updates,
             history,
             fingerprint,
+            stream_key,
             subscribers: Arc::default(),
             usage: None,
         }
@@ -180,11 +185,11 @@ impl DistributionService {
         tx: mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
         _gauge: Gauge,
     ) {
-        let mut first = true;
+        let mut sealer = seal::Sealer::new(&self.stream_key, &r.nonce, self.fingerprint.clone());
         let (initial, mut sent) = self.initial(&r, &snap);
         let mut store = snap.store_id.clone();
         drop(snap);
-        if !self.send_all(&tx, initial, &mut first).await {
+        if !self.send_all(&tx, initial, &mut sealer).await {
             return;
         }
         let mut beat = tokio::time::interval(HEARTBEAT);
@@ -205,7 +210,7 @@ impl DistributionService {
                 Next::Send(msgs) => msgs,
                 Next::End => return,
             };
-            if !self.send_all(&tx, msgs, &mut first).await {
+            if !self.send_all(&tx, msgs, &mut sealer).await {
                 return;
             }
         }
@@ -280,19 +285,16 @@ impl DistributionService {
         }
     }
 
-    /// Sends `msgs` (the very first one stamped with the fingerprint); false when the
-    /// subscriber is gone.
+    /// Sends `msgs`, each sealed (the very first one also stamped with the fingerprint);
+    /// false when the subscriber is gone.
     async fn send_all(
         &self,
         tx: &mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
-        mut msgs: Vec<pb::SnapshotMessage>,
-        first: &mut bool,
+        msgs: Vec<pb::SnapshotMessage>,
+        sealer: &mut seal::Sealer,
     ) -> bool {
-        if *first && let Some(m) = msgs.first_mut() {
-            m.master_key_fingerprint = self.fingerprint.clone();
-            *first = false;
-        }
-        for m in msgs {
+        for mut m in msgs {
+            sealer.seal(&mut m);
             if tx.send(Ok(m)).await.is_err() {
                 return false;
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::Rng;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::{cache, wire};
+use super::{cache, seal, wire};
 use crate::crypto::{Keys, Secret};
 use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient;
@@ -165,7 +165,10 @@ pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSin
     })
 }
 
-const CACHE_EVERY: Duration = Duration::from_secs(5);
+/// How far ahead of the served version (same store) an update may jump: 2^40 revisions,
+/// decades of a busy store's writes, yet far below the 2^63 a forged version would pin a
+/// data plane at (refusing every real update after it). Further is refused as malformed.
+pub const MAX_VERSION_JUMP: i64 = 1 << 40;
 
 pub struct Subscriber {
     cfg: SubscriberConfig,
@@ -222,6 +225,10 @@ impl Subscriber {
                 }
             },
             Ok(None) => None,
+            Err(e @ (cache::CacheError::RolledBack { .. } | cache::CacheError::NoMark(_))) => {
+                tracing::error!(error = %e, "snapshot cache refused: below its high-water mark; ignoring it");
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "snapshot cache unreadable; ignoring it");
                 None
@@ -233,6 +240,15 @@ impl Subscriber {
     /// old snapshot) an update that is older, from a gap, or malformed.
     pub fn apply(&self, base: i64, update: Update) -> Result<Applied, ApplyError> {
         let current = self.cell.load();
+        if let Some(c) = &current
+            && c.store_id == update.store_id
+            && update.version.saturating_sub(c.version) > MAX_VERSION_JUMP
+        {
+            return Err(ApplyError::Malformed(format!(
+                "version {} jumps implausibly far ahead of the served {}",
+                update.version, c.version
+            )));
+        }
         let next = match (&current, update.full) {
             (_, true) => match &current {
                 Some(c) if c.store_id == update.store_id && update.version < c.version => {
@@ -282,7 +298,7 @@ impl Subscriber {
     ) -> Result<(), SubscriberError> {
         tokio::pin!(shutdown);
         let (persist_tx, persist_rx) = tokio::sync::watch::channel::<Option<Arc<Snapshot>>>(None);
-        let persister = tokio::spawn(persist_loop(
+        let persister = tokio::spawn(cache::persist_loop(
             self.cfg.data_dir.clone(),
             self.keys.clone(),
             persist_rx,
@@ -318,14 +334,15 @@ impl Subscriber {
         persist: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
         backoff: &mut Duration,
     ) -> Result<(), SubscriberError> {
-        let Some(mut stream) = self.subscribe().await else {
+        let nonce: [u8; seal::NONCE_LEN] = rand::random();
+        let Some(mut stream) = self.subscribe(&nonce).await else {
             return Ok(());
         };
         self.status.connected.store(true, Ordering::Relaxed);
         let mut assembler = wire::Assembler::default();
-        let mut checked_key = false;
+        let mut opener = seal::Opener::new(&self.keys.stream, &nonce, self.fingerprint.clone());
         loop {
-            let msg = match stream.message().await {
+            let mut msg = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     tracing::warn!("control plane closed the snapshot stream");
@@ -336,17 +353,26 @@ impl Subscriber {
                     return Ok(());
                 }
             };
-            self.status.last_heard_ms.store(now_ms(), Ordering::Relaxed);
-            *backoff = self.cfg.min_backoff;
-            if !checked_key && !msg.master_key_fingerprint.is_empty() {
-                checked_key = true;
-                if msg.master_key_fingerprint != self.fingerprint {
+            match opener.open(&mut msg) {
+                Ok(()) => {}
+                Err(seal::SealError::OtherKey { remote }) => {
                     return Err(SubscriberError::MasterKeyMismatch {
-                        remote: msg.master_key_fingerprint,
+                        remote,
                         local: self.fingerprint.clone(),
                     });
                 }
+                Err(e) => {
+                    // Not heard from (staleness keeps growing) and the backoff keeps growing.
+                    self.status
+                        .rejected_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    let served = self.cell.load().map(|s| s.version);
+                    tracing::error!(error = %e, served_version = ?served, "refused an unauthenticated snapshot message; keeping the served snapshot and resubscribing");
+                    return Ok(());
+                }
             }
+            self.status.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+            *backoff = self.cfg.min_backoff;
             if !self.take(&mut assembler, msg, persist) {
                 return Ok(());
             }
@@ -355,7 +381,7 @@ impl Subscriber {
 
     /// Connects and subscribes from the served version; `None` (logged) when the control
     /// plane cannot be reached or refuses.
-    async fn subscribe(&self) -> Option<tonic::Streaming<pb::SnapshotMessage>> {
+    async fn subscribe(&self, nonce: &[u8]) -> Option<tonic::Streaming<pb::SnapshotMessage>> {
         let channel = match self.cfg.endpoint.connect().await {
             Ok(c) => c,
             Err(e) => {
@@ -387,6 +413,7 @@ impl Subscriber {
                 .unwrap_or_default(),
             version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
+            nonce: nonce.to_vec(),
         };
         drop(current);
         match client.subscribe(req).await {
@@ -444,35 +471,6 @@ impl Subscriber {
             }
         }
         true
-    }
-}
-
-/// Writes the latest snapshot to the cache: at once for the first, then at most every
-/// `CACHE_EVERY` (a full write of a 1M-key snapshot costs ~0.5 s of CPU; a data plane killed in
-/// between restarts from a slightly older cache and catches up on reconnect).
-async fn persist_loop(
-    data_dir: PathBuf,
-    keys: Keys,
-    mut rx: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
-) {
-    while rx.changed().await.is_ok() {
-        let snap = rx.borrow_and_update().clone();
-        if let Some(s) = snap {
-            let dir = data_dir.clone();
-            let keys = keys.clone();
-            let v = s.version;
-            match tokio::task::spawn_blocking(move || cache::store(&dir, &s, &keys)).await {
-                Ok(Ok(())) => tracing::debug!(version = v, "snapshot cache written"),
-                Ok(Err(e)) => tracing::error!(error = %e, "snapshot cache not written"),
-                Err(e) => tracing::error!(error = %e, "snapshot cache writer failed"),
-            }
-        }
-        // Coalesce bursts: whatever arrived meanwhile is written by the next round.
-        tokio::time::sleep(CACHE_EVERY).await;
-    }
-    // Final state on shutdown.
-    if let Some(s) = rx.borrow().clone() {
-        let _ = cache::store(&data_dir, &s, &keys);
     }
 }
 
@@ -559,6 +557,27 @@ mod tests {
         };
         assert_eq!(s.apply(5, next).unwrap(), Applied::Swapped { version: 6 });
         assert_eq!(s.cell.load().unwrap().counts().consumer_keys, 2);
+    }
+
+    #[test]
+    fn a_version_implausibly_far_ahead_is_refused() {
+        let keys = MasterKey::generate().keys();
+        let s = subscriber(&keys);
+        s.apply(0, full(5)).unwrap();
+        let pinned = Update {
+            store_id: "bench".into(),
+            version: i64::MAX,
+            ..Default::default()
+        };
+        assert!(matches!(s.apply(5, pinned), Err(ApplyError::Malformed(_))));
+        let far = full(5 + MAX_VERSION_JUMP + 1);
+        assert!(matches!(s.apply(0, far), Err(ApplyError::Malformed(_))));
+        assert_eq!(s.cell.load().unwrap().version, 5);
+        let v = 5 + MAX_VERSION_JUMP;
+        assert_eq!(
+            s.apply(0, full(v)).unwrap(),
+            Applied::Swapped { version: v }
+        );
     }
 
     #[test]

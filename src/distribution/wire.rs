@@ -181,6 +181,7 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
         model_key_count: update.model_key_count,
         heartbeat: false,
         master_key_fingerprint: String::new(),
+        mac: vec![],
     };
     let chunks: Vec<&[(KeyHash, KeyEntry)]> = if update.keys.is_empty() {
         vec![&[]]

@@ -69,8 +69,13 @@ pub async fn start_control_plane(
         serve_authz(listener, svc, snapshots.cell.clone(), &tls, &mut shutdown).await?;
     }
     let distribution = subscriber_token.map(|token| {
-        let svc = DistributionService::new(snapshots.cell.clone(), snapshots.updates, fingerprint)
-            .with_usage(usage);
+        let svc = DistributionService::new(
+            snapshots.cell.clone(),
+            snapshots.updates,
+            fingerprint,
+            keys.stream.clone(),
+        )
+        .with_usage(usage);
         (svc, SubscriberAuth::new(token))
     });
     serve_metrics(

@@ -1,0 +1,101 @@
+//! State that goes back in time, with real processes. A data plane's encrypted snapshot cache
+//! replaced by an older copy of itself must not bring back what it had already moved past: a
+//! data plane restarting while its control plane is away refuses a cache below its high-water
+//! mark (and waits for the control plane) rather than serve a key that was disabled since.
+//!
+//! Every test has its own processes, ports and data dirs. Nothing sleeps to wait for a state.
+
+mod common;
+
+use std::time::Duration;
+
+use keygate::proto::admin::v1 as pb;
+
+use common::admin::{
+    create_bound_key, create_consumer, create_model_key, create_service, disable_consumer_key,
+};
+use common::split::{
+    ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, subscriber_token,
+};
+use common::{poll_until, tail};
+
+const SETTLE: Duration = Duration::from_secs(15);
+const MODEL_KEY: &str = "sk-proj-restoreRollback00000000000000000001";
+const REFUSED: &str = "snapshot cache refused: below its high-water mark; ignoring it";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_of_the_cache_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let mut cp =
+        ControlPlane::start(&ControlPlaneOptions::new(&dir.path().join("cp"), &token)).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let opts = DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dir.path().join("dp"),
+        &cp.master_key_file(),
+        &token,
+    );
+    let mut dp = DataPlane::start(&opts).await;
+    dp.wait_serving(SETTLE).await;
+    let version = |admin: &mut common::Admin| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_snapshot_status(pb::GetSnapshotStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .version as u64
+        }
+    };
+    poll_until(SETTLE, "the data plane to allow the key", || async {
+        dp.verdict(&leaked, "openai").await.allowed().then_some(())
+    })
+    .await;
+    dp.wait_cache_written(version(&mut admin).await, SETTLE)
+        .await;
+    let old_copy = std::fs::read(dp.cache_file()).unwrap();
+
+    // The key leaks and is disabled; the data plane takes it and caches the new state.
+    disable_consumer_key(&mut admin, "leaked").await;
+    poll_until(
+        SETTLE,
+        "the data plane to refuse the disabled key",
+        || async { (!dp.verdict(&leaked, "openai").await.allowed()).then_some(()) },
+    )
+    .await;
+    dp.wait_cache_written(version(&mut admin).await, SETTLE)
+        .await;
+
+    // The older copy put back while the data plane is down, and no control plane to ask.
+    dp.proc.kill();
+    cp.kill();
+    std::fs::write(dp.cache_file(), &old_copy).unwrap();
+    let dp = DataPlane::start(&opts).await;
+    poll_until(SETTLE, "the data plane to deal with its cache", || async {
+        (dp.verdict(&leaked, "openai").await.allowed() || !dp.proc.log_messages(REFUSED).is_empty())
+            .then_some(())
+    })
+    .await;
+    let v = dp.verdict(&leaked, "openai").await;
+    assert!(
+        !v.allowed(),
+        "the disabled key is allowed again from an older copy of the cache\n{}",
+        tail(&dp.logs(), 20)
+    );
+    assert_eq!(v.error_code(), "keygate_not_ready", "{v:?}");
+    let refused = dp.proc.log_messages(REFUSED);
+    let line = refused.first().expect("the refusal is logged");
+    assert!(
+        line["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("high-water mark")),
+        "{line}"
+    );
+}
