@@ -1,7 +1,8 @@
 //! Health and readiness of a keygate process: the gauges refreshed at scrape time from the
 //! live snapshot (and, on a data plane, its subscription), `/readyz`'s answer, and the HTTP
 //! listener for `/metrics`, `/healthz` and `/readyz`. Depends on `metrics`, `snapshot` and
-//! `distribution` (a data plane's staleness).
+//! `distribution` (a data plane's staleness) and `secret` (failing references, on a control
+//! plane).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,6 +11,7 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::distribution::SubscriberStatus;
 use crate::metrics::METRICS;
+use crate::secret::Secrets;
 use crate::snapshot::SnapshotCell;
 
 /// What `/readyz` and the gauges read at scrape time.
@@ -18,6 +20,8 @@ pub struct HealthSources {
     pub cell: SnapshotCell,
     pub subscriber: Option<Arc<SubscriberStatus>>,
     pub subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
+    /// A control plane's secret references: failing ones are named in `/readyz`'s detail.
+    pub secrets: Option<Secrets>,
 }
 
 impl HealthSources {
@@ -38,7 +42,27 @@ impl HealthSources {
             cell,
             subscriber,
             subscribers,
+            secrets: None,
         }
+    }
+
+    /// Name failing secret references in `/readyz`'s detail.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// One line per failing secret reference (readiness is unchanged: each keeps its last
+    /// good value, or its key is left out).
+    fn secret_detail(&self) -> String {
+        let Some(secrets) = &self.secrets else {
+            return String::new();
+        };
+        secrets
+            .failing()
+            .into_iter()
+            .map(|(r, why)| format!("secret_ref ({r}) failing: {why}\n"))
+            .collect()
     }
 
     pub fn refresh_gauges(&self) {
@@ -96,7 +120,11 @@ impl HealthSources {
                     .and_then(|st| st.staleness())
                     .map(|s| format!(" staleness_seconds={s:.1}"))
                     .unwrap_or_default();
-                Ok(format!("ready version={}{staleness}\n", s.version))
+                Ok(format!(
+                    "ready version={}{staleness}\n{}",
+                    s.version,
+                    self.secret_detail()
+                ))
             }
             None => Err(
                 "not ready: no snapshot yet (waiting for the store or the control plane)\n".into(),
