@@ -50,6 +50,9 @@ pub enum Read {
     Same,
 }
 
+/// How long an entry no key uses is kept after its last attempt (see `Secrets::retain`).
+const RETAIN_GRACE: Duration = Duration::from_secs(60);
+
 /// How long one read may take before the reference is reported stuck. The blocked read
 /// keeps its thread until it returns, and no second read of that reference starts meanwhile.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
@@ -322,10 +325,13 @@ impl Secrets {
         }
     }
 
-    /// Forgets references no key uses any more (their values are zeroised on drop).
-    pub fn retain(&self, live: &HashSet<SecretRef>) {
+    /// Forgets references no key uses any more (their values are zeroised on drop). `live`
+    /// was read at `listed`; an entry attempted less than `RETAIN_GRACE` before that is kept:
+    /// an admin request resolves a reference before the key that uses it is committed, so the
+    /// list may predate its key.
+    pub fn retain(&self, live: &HashSet<SecretRef>, listed: Instant) {
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
-        entries.retain(|r, _| live.contains(r));
+        entries.retain(|r, e| live.contains(r) || e.attempted + RETAIN_GRACE >= listed);
     }
 
     /// The value the snapshot builder uses: the last good one, without any I/O. `None` when
@@ -499,7 +505,10 @@ mod tests {
         assert!(!secrets.differs_from_applied(&r, &v));
         assert_eq!(secrets.status(&r).unwrap().last_error, "");
 
-        secrets.retain(&HashSet::new());
+        secrets.retain(&HashSet::new(), Instant::now());
+        assert!(secrets.cached(&r).is_some(), "just resolved: kept");
+        tokio::time::advance(RETAIN_GRACE + Duration::from_millis(1)).await;
+        secrets.retain(&HashSet::new(), Instant::now());
         assert!(secrets.cached(&r).is_none() && secrets.status(&r).is_none());
     }
 

@@ -77,12 +77,13 @@ pub async fn refresh_once(
     secrets: &Secrets,
     period: Duration,
 ) -> Result<(), crate::store::StoreError> {
+    let listed = Instant::now();
     let keys = store.secret_keys().await?;
     let mut by_ref: HashMap<SecretRef, Vec<SecretKey>> = HashMap::new();
     for k in keys {
         by_ref.entry(k.reference.clone()).or_default().push(k);
     }
-    secrets.retain(&by_ref.keys().cloned().collect::<HashSet<_>>());
+    secrets.retain(&by_ref.keys().cloned().collect::<HashSet<_>>(), listed);
     let now = Instant::now();
     for (r, keys) in by_ref {
         if !secrets.due(&r, now, period, period) {
