@@ -13,6 +13,7 @@ use tonic::Code;
 use common::admin::{create_bound_key, create_consumer, create_service, disable_consumer_key};
 use common::envoy::http_get;
 use common::secrets::{create_secret_model_key, file_ref, get_model_key};
+use common::split;
 use common::{Keygate, Options, metrics_addr, poll_until};
 
 const V1: &str = "sk-proj-boundsVersionOne0000000000000001";
@@ -157,4 +158,130 @@ async fn a_symlink_to_dev_zero_is_refused_and_the_last_good_value_stays() {
         (check_code(kg.authz_addr, &key, "openai").await != 0).then_some(())
     })
     .await;
+}
+
+/// The resident set of process `pid` in bytes (`VmRSS` in /proc/<pid>/status).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    kb * 1024
+}
+
+type SnapshotClient =
+    keygate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            common::BearerToken,
+        >,
+    >;
+
+/// A Subscribe on a connection of its own, from scratch (a full snapshot is due).
+async fn subscribe(
+    url: &str,
+    token: &str,
+    name: &str,
+) -> Result<tonic::Streaming<keygate::proto::snapshot::v1::SnapshotMessage>, tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client: SnapshotClient =
+        keygate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient::with_interceptor(
+            channel,
+            common::BearerToken(Some(token.to_string())),
+        );
+    client
+        .subscribe(keygate::proto::snapshot::v1::SubscribeRequest {
+            subscriber: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn subscribers_that_never_read_cost_bounded_memory_and_the_cap_refuses_more() {
+    const KEYS: u64 = 100_000;
+    const STALLED: usize = 40;
+    const BOUND: u64 = 300 * 1024 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cp");
+    let seeded = std::process::Command::new(common::keygate_bin())
+        .args(["bench", "seed", "--keys", &KEYS.to_string(), "--data-dir"])
+        .arg(&data)
+        .env("KEYGATE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        seeded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seeded.stderr)
+    );
+    let token = split::subscriber_token();
+    let mut opts = split::ControlPlaneOptions::new(&data, &token);
+    // The stalled subscribers and one data plane.
+    opts.args = vec!["--max-subscribers".into(), (STALLED + 1).to_string()];
+    let cp = split::ControlPlane::start(&opts).await;
+    let pid = cp.proc.pid().unwrap();
+    let before = rss_bytes(pid);
+
+    // Subscriptions that never read a byte, each on its own connection.
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        stalled.push(
+            subscribe(&cp.url(), &token, &format!("stalled-{i}"))
+                .await
+                .unwrap_or_else(|e| panic!("stalled subscription {i}: {e:?}")),
+        );
+    }
+
+    // A normal data plane still syncs, and takes changes.
+    let dp_dir = tmp.path().join("dp");
+    let dp = split::DataPlane::start(&split::DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dp_dir,
+        &cp.master_key_file(),
+        &token,
+    ))
+    .await;
+    let key = keygate::bench::seeded_key(7);
+    poll_until(
+        Duration::from_secs(60),
+        "the data plane allows a seeded key",
+        || async { dp.verdict(&key, "bench").await.allowed().then_some(()) },
+    )
+    .await;
+    let mut admin = cp.admin().await;
+    disable_consumer_key(&mut admin, "bench-7").await;
+    poll_until(
+        PROPAGATION,
+        "the data plane refuses the disabled key",
+        || async { (!dp.verdict(&key, "bench").await.allowed()).then_some(()) },
+    )
+    .await;
+
+    // Every subscriber has been served its first chunks by now; the control plane holds no
+    // copy of the snapshot per subscriber.
+    let after = rss_bytes(pid);
+    assert!(
+        after < before + BOUND,
+        "{STALLED} stalled subscribers took the control plane from {} MB to {} MB",
+        before / (1024 * 1024),
+        after / (1024 * 1024)
+    );
+
+    // The cap: one more is refused, and says why.
+    let e = subscribe(&cp.url(), &token, "one-too-many")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-subscribers"), "{e:?}");
+    drop(stalled);
 }

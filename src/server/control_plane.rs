@@ -69,6 +69,7 @@ pub async fn start_control_plane(
     }
     let distribution = subscriber_token.map(|token| {
         let svc = DistributionService::new(snapshots.cell.clone(), snapshots.updates, fingerprint)
+            .with_max_subscribers(args.max_subscribers as usize)
             .with_usage(usage);
         (svc, SubscriberAuth::new(token))
     });
