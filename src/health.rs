@@ -1,8 +1,8 @@
 //! Health and readiness of a keygate process: the gauges refreshed at scrape time from the
 //! live snapshot (and, on a data plane, its subscription), `/readyz`'s answer, and the HTTP
 //! listener for `/metrics`, `/healthz` and `/readyz`. Depends on `metrics`, `snapshot` and
-//! `distribution` (a data plane's staleness) and `secret` (failing references, on a control
-//! plane).
+//! `distribution` (a data plane's staleness); a control plane passes in its failing secret
+//! references.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -11,8 +11,10 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::distribution::SubscriberStatus;
 use crate::metrics::METRICS;
-use crate::secret::Secrets;
 use crate::snapshot::SnapshotCell;
+
+/// Lists failing secret references as `(reference, why)`.
+pub type SecretFailures = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
 
 /// What `/readyz` and the gauges read at scrape time.
 #[derive(Clone, Default)]
@@ -20,8 +22,8 @@ pub struct HealthSources {
     pub cell: SnapshotCell,
     pub subscriber: Option<Arc<SubscriberStatus>>,
     pub subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
-    /// A control plane's secret references: failing ones are named in `/readyz`'s detail.
-    pub secrets: Option<Secrets>,
+    /// A control plane's failing secret references `(reference, why)`, named in `/readyz`.
+    pub secret_failures: Option<SecretFailures>,
 }
 
 impl HealthSources {
@@ -42,24 +44,23 @@ impl HealthSources {
             cell,
             subscriber,
             subscribers,
-            secrets: None,
+            secret_failures: None,
         }
     }
 
     /// Name failing secret references in `/readyz`'s detail.
-    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
-        self.secrets = Some(secrets);
+    pub fn with_secret_failures(mut self, failures: SecretFailures) -> Self {
+        self.secret_failures = Some(failures);
         self
     }
 
     /// One line per failing secret reference (readiness is unchanged: each keeps its last
     /// good value, or its key is left out).
     fn secret_detail(&self) -> String {
-        let Some(secrets) = &self.secrets else {
+        let Some(failures) = &self.secret_failures else {
             return String::new();
         };
-        secrets
-            .failing()
+        failures()
             .into_iter()
             .map(|(r, why)| format!("secret_ref ({r}) failing: {why}\n"))
             .collect()

@@ -274,7 +274,9 @@ fn serve_metrics(
         let svc = svc.clone();
         Arc::new(move || svc.subscriber_count()) as Arc<dyn Fn() -> i64 + Send + Sync>
     });
-    let sources = crate::health::HealthSources::new(cell, None, count).with_secrets(secrets);
+    let failures: crate::health::SecretFailures = Arc::new(move || secrets.failing());
+    let sources =
+        crate::health::HealthSources::new(cell, None, count).with_secret_failures(failures);
     shutdown.spawn(crate::health::serve(listener, sources, shutdown.recv()));
 }
 
