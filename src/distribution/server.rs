@@ -216,8 +216,26 @@ struct Outbox {
     fingerprint: String,
     deadline: Duration,
     subscriber: String,
+}
+
+/// The response stream: it holds the subscription's slot and gauge until tonic drops it (the
+/// client went away), so the cap bounds what stalled clients can hold, even after the send
+/// deadline ended their feed (what is left then is one queued message and HTTP/2's buffers).
+struct Held {
+    inner: ReceiverStream<Result<pb::SnapshotMessage, Status>>,
     _slot: OwnedSemaphorePermit,
     _gauge: Gauge,
+}
+
+impl tokio_stream::Stream for Held {
+    type Item = Result<pb::SnapshotMessage, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
 }
 
 impl Outbox {
@@ -361,17 +379,17 @@ impl DistributionService {
     /// Everything but the keys of `snap`'s full update: computed once per snapshot version
     /// and shared by every subscriber sent that version in full.
     fn head(&self, snap: &Snapshot) -> Arc<Update> {
-        let mut cached = self.head.lock().expect("head lock");
-        if let Some(h) = cached.as_ref()
-            && h.store_id == snap.store_id
-            && h.version == snap.version
+        let same = |h: &Update| h.store_id == snap.store_id && h.version == snap.version;
+        if let Some(h) = self.head.lock().expect("head lock").as_ref()
+            && same(h)
         {
             return h.clone();
         }
+        // Built outside the lock (it copies the keys once, then drops the copy).
         let mut head = snap.to_full_update();
         head.keys = Vec::new();
         let head = Arc::new(head);
-        *cached = Some(head.clone());
+        *self.head.lock().expect("head lock") = Some(head.clone());
         head
     }
 
@@ -461,12 +479,15 @@ impl SnapshotDistribution for DistributionService {
             fingerprint: self.fingerprint.clone(),
             deadline: self.send_deadline,
             subscriber: r.subscriber.clone(),
+        };
+        let stream = Held {
+            inner: ReceiverStream::new(stream),
             _slot: slot,
             _gauge: Gauge(self.subscribers.clone()),
         };
         tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
         tokio::spawn(self.clone().feed(r, snap, rx, out));
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_usage(
@@ -551,20 +572,22 @@ mod tests {
         let e = svc.subscribe(from_scratch()).await.err().unwrap();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("--max-subscribers"), "{e:?}");
-        // It takes the first chunk and nothing more: dropped after the deadline (paused clock).
-        for _ in 0..100 {
-            if svc.subscriber_count() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // It takes nothing: its feed ends after the deadline (paused clock), so reading now
+        // yields what was queued and then the end of the stream.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut stalled = stalled.into_inner();
+        let mut queued = 0;
+        while let Some(m) = stalled.next().await {
+            m.unwrap();
+            queued += 1;
         }
-        assert_eq!(
-            svc.subscriber_count(),
-            0,
-            "the stalled subscriber is dropped"
-        );
-        // Its slot is free again.
+        assert!(queued <= QUEUE + 1, "{queued} messages were queued");
+        // Its slot is held until the stream is dropped (the client went away), then free.
+        assert_eq!(svc.subscriber_count(), 1);
+        assert!(svc.subscribe(from_scratch()).await.is_err());
+        drop(stalled);
+        assert_eq!(svc.subscriber_count(), 0);
         let again = svc.subscribe(from_scratch()).await.unwrap();
-        drop((stalled, again));
+        drop(again);
     }
 }
