@@ -171,6 +171,12 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "KEYGATE_DISTRIBUTION_ADDR")]
     pub distribution_addr: Option<SocketAddr>,
 
+    /// Most concurrent snapshot subscriptions (data planes); more are refused with
+    /// RESOURCE_EXHAUSTED (`distribution::DEFAULT_MAX_SUBSCRIBERS`).
+    #[arg(long, env = "KEYGATE_MAX_SUBSCRIBERS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscribers: u32,
+
     /// HTTP listener for /metrics (Prometheus), /healthz and /readyz.
     #[arg(long, env = "KEYGATE_METRICS_ADDR", default_value = "127.0.0.1:9003")]
     pub metrics_addr: SocketAddr,

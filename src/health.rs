@@ -1,7 +1,8 @@
 //! Health and readiness of a keygate process: the gauges refreshed at scrape time from the
 //! live snapshot (and, on a data plane, its subscription), `/readyz`'s answer, and the HTTP
 //! listener for `/metrics`, `/healthz` and `/readyz`. Depends on `metrics`, `snapshot` and
-//! `distribution` (a data plane's staleness).
+//! `distribution` (a data plane's staleness); a control plane passes in its failing secret
+//! references.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,12 +13,17 @@ use crate::distribution::SubscriberStatus;
 use crate::metrics::METRICS;
 use crate::snapshot::SnapshotCell;
 
+/// Lists failing secret references as `(reference, why)`.
+pub type SecretFailures = Arc<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
+
 /// What `/readyz` and the gauges read at scrape time.
 #[derive(Clone, Default)]
 pub struct HealthSources {
     pub cell: SnapshotCell,
     pub subscriber: Option<Arc<SubscriberStatus>>,
     pub subscribers: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
+    /// A control plane's failing secret references `(reference, why)`, named in `/readyz`.
+    pub secret_failures: Option<SecretFailures>,
 }
 
 impl HealthSources {
@@ -38,7 +44,26 @@ impl HealthSources {
             cell,
             subscriber,
             subscribers,
+            secret_failures: None,
         }
+    }
+
+    /// Name failing secret references in `/readyz`'s detail.
+    pub fn with_secret_failures(mut self, failures: SecretFailures) -> Self {
+        self.secret_failures = Some(failures);
+        self
+    }
+
+    /// One line per failing secret reference (readiness is unchanged: each keeps its last
+    /// good value, or its key is left out).
+    fn secret_detail(&self) -> String {
+        let Some(failures) = &self.secret_failures else {
+            return String::new();
+        };
+        failures()
+            .into_iter()
+            .map(|(r, why)| format!("secret_ref ({r}) failing: {why}\n"))
+            .collect()
     }
 
     pub fn refresh_gauges(&self) {
@@ -96,7 +121,11 @@ impl HealthSources {
                     .and_then(|st| st.staleness())
                     .map(|s| format!(" staleness_seconds={s:.1}"))
                     .unwrap_or_default();
-                Ok(format!("ready version={}{staleness}\n", s.version))
+                Ok(format!(
+                    "ready version={}{staleness}\n{}",
+                    s.version,
+                    self.secret_detail()
+                ))
             }
             None => Err(
                 "not ready: no snapshot yet (waiting for the store or the control plane)\n".into(),

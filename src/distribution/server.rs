@@ -1,12 +1,16 @@
 //! The `SnapshotDistribution/Subscribe` stream: a full snapshot (or the missed changes) on
-//! connect, then every change as the snapshot builder applies it, and heartbeats.
+//! connect, then every change as the snapshot builder applies it, and heartbeats. A full
+//! snapshot is encoded one chunk at a time, as the subscriber reads, from the shared immutable
+//! snapshot: a subscriber costs a chunk or two, not a copy of every key. Concurrent
+//! subscriptions are capped (`RESOURCE_EXHAUSTED` beyond), and a subscriber that reads nothing
+//! for `SEND_DEADLINE` is dropped (it reconnects and catches up).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -16,10 +20,19 @@ use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
 };
-use crate::snapshot::{Published, Snapshot, SnapshotCell};
+use crate::snapshot::{Published, Snapshot, SnapshotCell, Update};
 
 const HISTORY: usize = 1024;
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Keys per message of a streamed full snapshot (~100 bytes each): small, since each
+/// subscriber holds at most a couple of encoded chunks.
+const STREAM_CHUNK: usize = 2_000;
+/// Encoded messages queued per subscriber before its stream waits for the client to read.
+const QUEUE: usize = 1;
+/// Concurrent subscriptions a control plane accepts by default (`--max-subscribers`).
+pub const DEFAULT_MAX_SUBSCRIBERS: usize = 256;
+/// A subscriber whose stream does not take a message within this long is dropped.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The subscriber token check (a credential separate from the admin token).
 #[derive(Clone)]
@@ -66,6 +79,13 @@ pub struct DistributionService {
     /// MACs every message of every stream (`seal`).
     stream_key: KeyHasher,
     subscribers: Arc<std::sync::atomic::AtomicI64>,
+    /// One permit per open subscription.
+    slots: Arc<Semaphore>,
+    max_subscribers: usize,
+    send_deadline: Duration,
+    /// The head (everything but the keys) of the full update of the newest snapshot a
+    /// subscriber was sent in full, shared by every subscriber of that version.
+    head: Arc<Mutex<Option<Arc<Update>>>>,
     /// Where data planes' last-used reports are written.
     usage: Option<crate::usage::UsageSink>,
 }
@@ -109,8 +129,25 @@ impl DistributionService {
             fingerprint,
             stream_key,
             subscribers: Arc::default(),
+            slots: Arc::new(Semaphore::new(DEFAULT_MAX_SUBSCRIBERS)),
+            max_subscribers: DEFAULT_MAX_SUBSCRIBERS,
+            send_deadline: SEND_DEADLINE,
+            head: Arc::default(),
             usage: None,
         }
+    }
+
+    /// At most `max` concurrent subscriptions (`--max-subscribers`).
+    pub fn with_max_subscribers(mut self, max: usize) -> Self {
+        self.slots = Arc::new(Semaphore::new(max));
+        self.max_subscribers = max;
+        self
+    }
+
+    /// Drop a subscriber that does not take a message within `deadline` (`SEND_DEADLINE`).
+    pub fn with_send_deadline(mut self, deadline: Duration) -> Self {
+        self.send_deadline = deadline;
+        self
     }
 
     /// Accept data planes' last-used reports into `sink`.
@@ -170,8 +207,58 @@ enum Next {
     /// Nothing to send (it has this version already).
     Skip,
     Send(Vec<pb::SnapshotMessage>),
+    /// Everything in this snapshot, encoded as it is read.
+    Full(Arc<Snapshot>),
     /// The builder is gone.
     End,
+}
+
+/// One subscriber's sending end: the first message is stamped with the fingerprint; a send
+/// that the client does not take within the deadline ends the stream.
+struct Outbox {
+    tx: mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
+    /// MACs every message and stamps the fingerprint on the first (`seal`).
+    sealer: seal::Sealer,
+    deadline: Duration,
+    subscriber: String,
+}
+
+/// The response stream: it holds the subscription's slot and gauge until tonic drops it (the
+/// client went away), so the cap bounds what stalled clients can hold, even after the send
+/// deadline ended their feed (what is left then is one queued message and HTTP/2's buffers).
+struct Held {
+    inner: ReceiverStream<Result<pb::SnapshotMessage, Status>>,
+    _slot: OwnedSemaphorePermit,
+    _gauge: Gauge,
+}
+
+impl tokio_stream::Stream for Held {
+    type Item = Result<pb::SnapshotMessage, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Outbox {
+    /// False when the subscriber is gone or did not read in time (then it is dropped).
+    async fn send(&mut self, mut m: pb::SnapshotMessage) -> bool {
+        self.sealer.seal(&mut m);
+        match tokio::time::timeout(self.deadline, self.tx.send(Ok(m))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    subscriber = %self.subscriber.escape_debug(),
+                    deadline_s = self.deadline.as_secs_f64(),
+                    "data plane dropped: it read nothing within the send deadline (it reconnects and catches up)"
+                );
+                false
+            }
+        }
+    }
 }
 
 impl DistributionService {
@@ -182,21 +269,19 @@ impl DistributionService {
         r: pb::SubscribeRequest,
         snap: Arc<Snapshot>,
         mut rx: broadcast::Receiver<Published>,
-        tx: mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
-        _gauge: Gauge,
+        mut out: Outbox,
     ) {
-        let mut sealer = seal::Sealer::new(&self.stream_key, &r.nonce, self.fingerprint.clone());
-        let (initial, mut sent) = self.initial(&r, &snap);
+        let (initial, mut sent) = self.initial(&r, snap.clone());
         let mut store = snap.store_id.clone();
         drop(snap);
-        if !self.send_all(&tx, initial, &mut sealer).await {
+        if !self.deliver(&mut out, initial).await {
             return;
         }
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.tick().await;
         loop {
             let next = tokio::select! {
-                _ = tx.closed() => return,
+                _ = out.tx.closed() => return,
                 _ = beat.tick() => Next::Send(vec![pb::SnapshotMessage {
                     store_id: store.clone(),
                     version: sent,
@@ -205,24 +290,32 @@ impl DistributionService {
                 }]),
                 p = rx.recv() => self.on_published(p, &mut store, &mut sent),
             };
-            let msgs = match next {
-                Next::Skip => continue,
-                Next::Send(msgs) => msgs,
-                Next::End => return,
-            };
-            if !self.send_all(&tx, msgs, &mut sealer).await {
+            if !self.deliver(&mut out, next).await {
                 return;
             }
         }
     }
 
+    /// Sends what `next` says; false when the stream is over.
+    async fn deliver(&self, out: &mut Outbox, next: Next) -> bool {
+        match next {
+            Next::Skip => true,
+            Next::End => false,
+            Next::Send(msgs) => {
+                for m in msgs {
+                    if !out.send(m).await {
+                        return false;
+                    }
+                }
+                true
+            }
+            Next::Full(snap) => self.send_full(out, &snap).await,
+        }
+    }
+
     /// The initial state for a subscriber at `r`'s version: nothing (a heartbeat), the missed
     /// changes, or everything; and the version it then has.
-    fn initial(
-        &self,
-        r: &pb::SubscribeRequest,
-        snap: &Snapshot,
-    ) -> (Vec<pb::SnapshotMessage>, i64) {
+    fn initial(&self, r: &pb::SubscribeRequest, snap: Arc<Snapshot>) -> (Next, i64) {
         if r.store_id == snap.store_id && r.version == snap.version {
             let beat = pb::SnapshotMessage {
                 store_id: snap.store_id.clone(),
@@ -230,7 +323,7 @@ impl DistributionService {
                 heartbeat: true,
                 ..Default::default()
             };
-            return (vec![beat], snap.version);
+            return (Next::Send(vec![beat]), snap.version);
         }
         let chain = if r.store_id == snap.store_id && r.version < snap.version {
             self.chain_from(&r.store_id, r.version)
@@ -238,8 +331,8 @@ impl DistributionService {
             vec![]
         };
         if chain.is_empty() {
-            let full = wire::encode(&snap.to_full_update(), 0, wire::KEYS_PER_CHUNK);
-            return (full, snap.version);
+            let version = snap.version;
+            return (Next::Full(snap), version);
         }
         let sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
         let msgs = chain
@@ -248,7 +341,7 @@ impl DistributionService {
                 wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
             })
             .collect();
-        (msgs, sent)
+        (Next::Send(msgs), sent)
     }
 
     /// What an update from the builder means for a subscriber at `(store, sent)`.
@@ -279,28 +372,85 @@ impl DistributionService {
                 };
                 *sent = s.version;
                 *store = s.store_id.clone();
-                Next::Send(wire::encode(&s.to_full_update(), 0, wire::KEYS_PER_CHUNK))
+                Next::Full(s)
             }
             Err(broadcast::error::RecvError::Closed) => Next::End,
         }
     }
 
-    /// Sends `msgs`, each sealed (the very first one also stamped with the fingerprint);
-    /// false when the subscriber is gone.
-    async fn send_all(
-        &self,
-        tx: &mpsc::Sender<Result<pb::SnapshotMessage, Status>>,
-        msgs: Vec<pb::SnapshotMessage>,
-        sealer: &mut seal::Sealer,
-    ) -> bool {
-        for mut m in msgs {
-            sealer.seal(&mut m);
-            if tx.send(Ok(m)).await.is_err() {
+    /// Everything but the keys of `snap`'s full update: computed once per snapshot version
+    /// and shared by every subscriber sent that version in full.
+    fn head(&self, snap: &Snapshot) -> Arc<Update> {
+        let same = |h: &Update| h.store_id == snap.store_id && h.version == snap.version;
+        if let Some(h) = self.head.lock().expect("head lock").as_ref()
+            && same(h)
+        {
+            return h.clone();
+        }
+        // Built outside the lock (it copies the keys once, then drops the copy).
+        let mut head = snap.to_full_update();
+        head.keys = Vec::new();
+        let head = Arc::new(head);
+        *self.head.lock().expect("head lock") = Some(head.clone());
+        head
+    }
+
+    /// Sends `snap` as a full update, `STREAM_CHUNK` keys a message, each chunk encoded only
+    /// when the one before has been taken; false when the stream is over.
+    async fn send_full(&self, out: &mut Outbox, snap: &Snapshot) -> bool {
+        let head = self.head(snap);
+        let mut keys = snap.key_index().iter().peekable();
+        let mut first = true;
+        loop {
+            let part: Vec<_> = keys
+                .by_ref()
+                .take(STREAM_CHUNK)
+                .map(|(h, e)| (*h, e.clone()))
+                .collect();
+            let last = keys.peek().is_none();
+            let m = encode_chunk(&head, part, first, last);
+            if !out.send(m).await {
                 return false;
             }
+            if last {
+                return true;
+            }
+            first = false;
         }
-        true
     }
+}
+
+/// One message of a full update: the first carries `head` (consumers, services, counts),
+/// later ones only their keys, the last is marked `last_chunk` — the messages
+/// `wire::encode` makes of the whole update, made one at a time.
+fn encode_chunk(
+    head: &Update,
+    keys: Vec<(crate::crypto::KeyHash, crate::snapshot::KeyEntry)>,
+    first: bool,
+    last: bool,
+) -> pb::SnapshotMessage {
+    let part = if first {
+        Update {
+            keys,
+            ..head.clone()
+        }
+    } else {
+        Update {
+            store_id: head.store_id.clone(),
+            version: head.version,
+            full: true,
+            keys,
+            ..Default::default()
+        }
+    };
+    let mut m = wire::encode(&part, 0, usize::MAX)
+        .pop()
+        .expect("an update is at least one message");
+    m.last_chunk = last;
+    if !first {
+        m.model_key_count = 0;
+    }
+    m
 }
 
 #[tonic::async_trait]
@@ -316,13 +466,29 @@ impl SnapshotDistribution for DistributionService {
         let Some(snap) = self.cell.load() else {
             return Err(Status::unavailable("the control plane has no snapshot yet"));
         };
-        let (tx, out) = mpsc::channel::<Result<pb::SnapshotMessage, Status>>(8);
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this control plane already serves {} subscriptions (--max-subscribers); retry later",
+                self.max_subscribers
+            ))
+        })?;
+        let (tx, stream) = mpsc::channel::<Result<pb::SnapshotMessage, Status>>(QUEUE);
         self.subscribers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let gauge = Gauge(self.subscribers.clone());
+        let out = Outbox {
+            tx,
+            sealer: seal::Sealer::new(&self.stream_key, &r.nonce, self.fingerprint.clone()),
+            deadline: self.send_deadline,
+            subscriber: r.subscriber.clone(),
+        };
+        let stream = Held {
+            inner: ReceiverStream::new(stream),
+            _slot: slot,
+            _gauge: Gauge(self.subscribers.clone()),
+        };
         tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
-        tokio::spawn(self.clone().feed(r, snap, rx, tx, gauge));
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        tokio::spawn(self.clone().feed(r, snap, rx, out));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_usage(
@@ -345,5 +511,89 @@ impl SnapshotDistribution for DistributionService {
             Status::unavailable("usage not stored; retry")
         })?;
         Ok(Response::new(pb::UsageReportResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::crypto::MasterKey;
+    use crate::distribution::wire::Assembler;
+    use crate::snapshot::fixtures::synthetic_update;
+
+    fn service(keys: u64) -> DistributionService {
+        let master = MasterKey::generate().keys();
+        let cell = SnapshotCell::new();
+        let snap = Snapshot::from_full(synthetic_update(keys), &master).unwrap();
+        cell.publish(Arc::new(snap));
+        let (tx, _) = broadcast::channel(16);
+        DistributionService::new(
+            cell,
+            tx,
+            "fingerprint".into(),
+            crate::crypto::MasterKey::generate().keys().stream,
+        )
+    }
+
+    fn from_scratch() -> Request<pb::SubscribeRequest> {
+        Request::new(pb::SubscribeRequest {
+            subscriber: "test".into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_snapshot_is_streamed_in_chunks_that_reassemble() {
+        let svc = service(4_500);
+        let mut stream = svc.subscribe(from_scratch()).await.unwrap().into_inner();
+        let mut assembler = Assembler::default();
+        let mut messages = 0;
+        let update = loop {
+            let m = stream.next().await.unwrap().unwrap();
+            assert_eq!(
+                m.master_key_fingerprint.is_empty(),
+                messages > 0,
+                "the first message alone carries the fingerprint"
+            );
+            messages += 1;
+            if let Some((_, u)) = assembler.push(m).unwrap() {
+                break u;
+            }
+        };
+        assert_eq!(messages, 3, "4,500 keys in chunks of {STREAM_CHUNK}");
+        assert!(update.full);
+        assert_eq!(update.keys.len(), 4_500);
+        assert_eq!(update.consumers.len(), 1);
+        assert_eq!(update.services.map(|s| s.len()), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_refuses_more_and_a_subscriber_that_does_not_read_is_dropped() {
+        let svc = service(10_000)
+            .with_max_subscribers(1)
+            .with_send_deadline(Duration::from_secs(1));
+        let stalled = svc.subscribe(from_scratch()).await.unwrap();
+        let e = svc.subscribe(from_scratch()).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("--max-subscribers"), "{e:?}");
+        // It takes nothing: its feed ends after the deadline (paused clock), so reading now
+        // yields what was queued and then the end of the stream.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut stalled = stalled.into_inner();
+        let mut queued = 0;
+        while let Some(m) = stalled.next().await {
+            m.unwrap();
+            queued += 1;
+        }
+        assert!(queued <= QUEUE + 1, "{queued} messages were queued");
+        // Its slot is held until the stream is dropped (the client went away), then free.
+        assert_eq!(svc.subscriber_count(), 1);
+        assert!(svc.subscribe(from_scratch()).await.is_err());
+        drop(stalled);
+        assert_eq!(svc.subscriber_count(), 0);
+        let again = svc.subscribe(from_scratch()).await.unwrap();
+        drop(again);
     }
 }

@@ -1,6 +1,8 @@
 //! Resolved secret values by reference, with the status `Get*Key` shows. The control plane
-//! reads each reference through its provider (off the async runtime), keeps the last good
-//! value when a read fails, and knows when each value is due for its refresh.
+//! reads each reference through its provider (off the async runtime, with a deadline, at most
+//! one read per reference at a time), keeps the last good value when a read fails, and knows
+//! when each value is due for its refresh. The snapshot builder only takes values from here
+//! (`for_snapshot`): it never waits on a provider.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -8,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::provider::{EnvProvider, FileProvider, SecretError, SecretProvider};
@@ -47,10 +50,31 @@ pub enum Read {
     Same,
 }
 
+/// How long an entry no key uses is kept after its last attempt (see `Secrets::retain`).
+const RETAIN_GRACE: Duration = Duration::from_secs(60);
+
+/// How long one read may take before the reference is reported stuck. The blocked read
+/// keeps its thread until it returns, and no second read of that reference starts meanwhile.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+
 struct Inner {
     providers: Vec<Arc<dyn SecretProvider>>,
     ttl: Duration,
+    deadline: Duration,
     entries: Mutex<HashMap<SecretRef, Entry>>,
+    /// References with a read running on a blocking thread right now.
+    reading: Mutex<HashSet<SecretRef>>,
+    /// Signalled when the builder met a reference it holds no value for.
+    wanted: Notify,
+}
+
+/// Removes a reference from `reading` when its read returns (or panics).
+struct Reading(Arc<Inner>, SecretRef);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.reading.lock().expect("reading lock").remove(&self.1);
+    }
 }
 
 /// The control plane's secret resolver and cache. Cheap to clone (shared state).
@@ -114,11 +138,23 @@ fn entry<'a>(
 
 impl Secrets {
     pub fn new(providers: Vec<Arc<dyn SecretProvider>>, ttl: Duration) -> Self {
+        Secrets::with_read_deadline(providers, ttl, READ_DEADLINE)
+    }
+
+    /// `new` with another read deadline than `READ_DEADLINE` (tests).
+    pub fn with_read_deadline(
+        providers: Vec<Arc<dyn SecretProvider>>,
+        ttl: Duration,
+        deadline: Duration,
+    ) -> Self {
         Secrets {
             inner: Arc::new(Inner {
                 providers,
                 ttl,
+                deadline,
                 entries: Mutex::new(HashMap::new()),
+                reading: Mutex::new(HashSet::new()),
+                wanted: Notify::new(),
             }),
         }
     }
@@ -145,19 +181,41 @@ impl Secrets {
             .ok_or_else(|| SecretError::UnknownProvider(name.to_string()))
     }
 
-    /// Reads the reference now, off the async runtime. The cache is not touched.
+    /// Reads the reference now, off the async runtime. The cache is not touched. A read that
+    /// does not return within `READ_DEADLINE` is reported `Stuck`, and so is every later
+    /// attempt while it is still blocked (one thread per reference at most).
     pub async fn fetch(&self, r: &SecretRef) -> Result<Secret, SecretError> {
         let provider = self.provider(&r.provider)?;
+        let stuck = || SecretError::Stuck {
+            provider: r.provider.clone(),
+            name: r.name.clone(),
+            seconds: self.inner.deadline.as_secs(),
+        };
+        if !self
+            .inner
+            .reading
+            .lock()
+            .expect("reading lock")
+            .insert(r.clone())
+        {
+            return Err(stuck());
+        }
+        let guard = Reading(self.inner.clone(), r.clone());
         let r2 = r.clone();
-        tokio::task::spawn_blocking(move || provider.resolve(&r2.name, version_of(&r2)))
-            .await
-            .unwrap_or_else(|e| {
+        let read = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            provider.resolve(&r2.name, version_of(&r2))
+        });
+        match tokio::time::timeout(self.inner.deadline, read).await {
+            Err(_) => Err(stuck()),
+            Ok(done) => done.unwrap_or_else(|e| {
                 Err(SecretError::Io {
                     provider: r.provider.clone(),
                     name: r.name.clone(),
                     why: format!("resolver task failed: {e}"),
                 })
-            })
+            }),
+        }
     }
 
     /// Records a successful read and how it compares with the value held before.
@@ -267,28 +325,43 @@ impl Secrets {
         }
     }
 
-    /// Forgets references no key uses any more (their values are zeroised on drop). `live` was
-    /// read from the store at `listed`: an entry read since then is kept, since it may belong to
-    /// a key an admin request is creating right now (not yet committed when `live` was read).
+    /// Forgets references no key uses any more (their values are zeroised on drop). `live`
+    /// was read at `listed`; an entry attempted less than `RETAIN_GRACE` before that is kept:
+    /// an admin request resolves a reference before the key that uses it is committed, so the
+    /// list may predate its key.
     pub fn retain(&self, live: &HashSet<SecretRef>, listed: Instant) {
         let mut entries = self.inner.entries.lock().expect("secret cache lock");
-        entries.retain(|r, e| live.contains(r) || e.attempted >= listed);
+        entries.retain(|r, e| live.contains(r) || e.attempted + RETAIN_GRACE >= listed);
     }
 
-    /// A fresh read for the snapshot builder: on success the new value (and the cache
-    /// follows); on failure the last good value, or `None` when the reference never resolved
-    /// here — such a key is not served.
-    pub async fn resolve_for_snapshot(&self, r: &SecretRef) -> Option<Secret> {
-        match self.fetch(r).await {
-            Ok(v) => {
-                self.record_success(r, &v);
-                Some(v)
-            }
-            Err(e) => {
-                self.record_failure(r, &e);
-                self.cached(r)
-            }
+    /// The value the snapshot builder uses: the last good one, without any I/O. `None` when
+    /// the reference has not resolved in this process yet — such a key is not served, and the
+    /// background refresh is woken to read it (see `wanted`).
+    pub fn for_snapshot(&self, r: &SecretRef) -> Option<Secret> {
+        let v = self.cached(r);
+        if v.is_none() {
+            self.inner.wanted.notify_one();
         }
+        v
+    }
+
+    /// Resolves when the builder met a reference without a value (a permit is kept when no
+    /// one is waiting, so a wake-up between two refresh rounds is not lost).
+    pub async fn wanted(&self) {
+        self.inner.wanted.notified().await
+    }
+
+    /// The references whose last attempt failed (or whose new value was not applied), for
+    /// `/readyz`: `(reference, last_error)`, sorted.
+    pub fn failing(&self) -> Vec<(String, String)> {
+        let entries = self.inner.entries.lock().expect("secret cache lock");
+        let mut out: Vec<(String, String)> = entries
+            .iter()
+            .filter(|(_, e)| !e.status.last_error.is_empty())
+            .map(|(r, e)| (r.to_string(), e.status.last_error.clone()))
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -314,6 +387,70 @@ mod tests {
         }
     }
 
+    /// What the background refresh does with one reference, then what the builder takes.
+    async fn read(secrets: &Secrets, r: &SecretRef) -> Option<Secret> {
+        match secrets.fetch(r).await {
+            Ok(v) => {
+                secrets.record_success(r, &v);
+            }
+            Err(e) => secrets.record_failure(r, &e),
+        }
+        secrets.for_snapshot(r)
+    }
+
+    /// A provider whose reads block until released.
+    struct Blocking(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl SecretProvider for Blocking {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn resolve(&self, _: &str, _: Option<&str>) -> Result<Secret, SecretError> {
+            let (released, cv) = &*self.0;
+            let mut r = released.lock().unwrap();
+            while !*r {
+                r = cv.wait(r).unwrap();
+            }
+            Ok(Secret::new("sk-after-the-stall-0123456789".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_read_times_out_is_shown_and_never_doubles_up() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let secrets = Secrets::with_read_deadline(
+            vec![Arc::new(Blocking(gate.clone()))],
+            Duration::from_secs(300),
+            Duration::from_millis(50),
+        );
+        let r = reference();
+        let e = secrets.fetch(&r).await.unwrap_err();
+        assert!(matches!(e, SecretError::Stuck { .. }), "{e}");
+        secrets.record_failure(&r, &e);
+        // The builder takes nothing (never resolved) without waiting, and wakes the refresh.
+        assert!(secrets.for_snapshot(&r).is_none());
+        tokio::time::timeout(Duration::from_secs(1), secrets.wanted())
+            .await
+            .expect("the refresh is woken");
+        // A second attempt while the first is blocked starts no new read.
+        let e = secrets.fetch(&r).await.unwrap_err();
+        assert!(e.to_string().contains("still stuck"), "{e}");
+        assert_eq!(secrets.failing().len(), 1);
+        assert!(secrets.failing()[0].1.contains("did not answer"));
+        // Released: the next read succeeds and clears the failure.
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let v = loop {
+            match secrets.fetch(&r).await {
+                Ok(v) => break v,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        secrets.record_success(&r, &v);
+        assert!(secrets.failing().is_empty());
+        assert!(secrets.for_snapshot(&r).is_some());
+    }
+
     fn reference() -> SecretRef {
         SecretRef {
             provider: "fixed".into(),
@@ -331,7 +468,7 @@ mod tests {
         let retry = Duration::from_secs(30);
         assert!(secrets.due(&r, Instant::now(), lead, retry), "never read");
 
-        let v = secrets.resolve_for_snapshot(&r).await.unwrap();
+        let v = read(&secrets, &r).await.unwrap();
         assert_eq!(v.expose(), "sk-first-value-0123456789");
         assert!(!secrets.due(&r, Instant::now(), lead, retry));
         let status = secrets.status(&r).unwrap();
@@ -345,7 +482,7 @@ mod tests {
 
         // A failed refresh keeps the last good value and shows the error (never the value).
         *provider.0.lock().unwrap() = Err(());
-        let v = secrets.resolve_for_snapshot(&r).await.unwrap();
+        let v = read(&secrets, &r).await.unwrap();
         assert_eq!(v.expose(), "sk-first-value-0123456789");
         let status = secrets.status(&r).unwrap();
         assert!(status.last_error.contains("openai-prod"), "{status:?}");
@@ -368,14 +505,9 @@ mod tests {
         assert!(!secrets.differs_from_applied(&r, &v));
         assert_eq!(secrets.status(&r).unwrap().last_error, "");
 
-        // An entry read after the store was listed is kept (a key being created right now).
-        let listed = Instant::now();
-        tokio::time::advance(Duration::from_millis(1)).await;
-        secrets.record_success(&r, &v);
-        secrets.retain(&HashSet::new(), listed);
-        assert_eq!(secrets.status(&r).unwrap().last_error, "");
-        // Once no key uses it and a later listing still does not name it, it is forgotten.
-        tokio::time::advance(Duration::from_millis(1)).await;
+        secrets.retain(&HashSet::new(), Instant::now());
+        assert!(secrets.cached(&r).is_some(), "just resolved: kept");
+        tokio::time::advance(RETAIN_GRACE + Duration::from_millis(1)).await;
         secrets.retain(&HashSet::new(), Instant::now());
         assert!(secrets.cached(&r).is_none() && secrets.status(&r).is_none());
     }

@@ -1,8 +1,12 @@
 //! Secret providers: where a `SECRET_REF` key's value lives (SPEC §4). One trait, so a Vault
 //! or cloud-KMS provider can be added without touching callers; two built in: `file` (a
 //! directory laid out like Kubernetes-mounted secrets or Vault Agent output) and `env`.
-//! Resolution is blocking file/environment I/O: callers run it off the async runtime.
+//! Resolution is blocking file/environment I/O: callers run it off the async runtime, with a
+//! deadline (`cache::Secrets::fetch`). The file provider reads regular files only, opened
+//! non-blocking and read through a size bound, so a FIFO, a device or an endless file in the
+//! secrets directory fails one reference instead of stalling or exhausting the process.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::Secret;
@@ -28,6 +32,18 @@ pub enum SecretError {
     },
     #[error("secret {name:?} in provider {provider:?} is larger than 64 KiB")]
     TooLarge { provider: String, name: String },
+    #[error(
+        "secret {name:?} in provider {provider:?} is not a regular file (a FIFO, socket or device is never read)"
+    )]
+    NotRegularFile { provider: String, name: String },
+    #[error(
+        "secret {name:?} in provider {provider:?} did not answer within {seconds} s (a read is still stuck); keeping the last good value"
+    )]
+    Stuck {
+        provider: String,
+        name: String,
+        seconds: u64,
+    },
     #[error("secret {name:?} in provider {provider:?} is not a valid key value: {why}")]
     BadValue {
         provider: String,
@@ -80,6 +96,35 @@ fn checked(provider: &str, name: &str, value: String) -> Result<Secret, SecretEr
     Ok(value)
 }
 
+/// `open(2)`'s `O_NONBLOCK` (no `libc` dependency for one flag). Elsewhere the type checks
+/// and the caller's deadline are the guard.
+#[cfg(target_os = "linux")]
+const O_NONBLOCK: i32 = 0o4000;
+#[cfg(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd"
+))]
+const O_NONBLOCK: i32 = 0x0004;
+
+/// Opens `path` for reading without blocking on a FIFO or device.
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "netbsd"
+    ))]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, O_NONBLOCK);
+    options.open(path)
+}
+
 /// `<root>/<name>`: an unversioned secret (file content, one trailing newline trimmed);
 /// `<root>/<name>/<version>`: a version of a versioned secret. Symlinks are followed, so
 /// Kubernetes' `..data` swap is seen by the next read; entries starting with `..` are never
@@ -94,20 +139,42 @@ impl FileProvider {
         FileProvider { root: root.into() }
     }
 
+    /// Reads `path` (symlinks followed) if it is a regular file of at most `MAX_SECRET_FILE`
+    /// bytes. The type is checked before opening and again on the open descriptor (a swap in
+    /// between is caught), the open never blocks (`O_NONBLOCK`: a FIFO without a writer), and
+    /// the bound is enforced on the read itself, not on what the metadata claims.
     fn read(&self, name: &str, path: &Path) -> Result<String, SecretError> {
         let io = |e: std::io::Error| SecretError::Io {
             provider: "file".into(),
             name: name.into(),
             why: e.kind().to_string(),
         };
-        let meta = std::fs::metadata(path).map_err(io)?;
-        if meta.len() > MAX_SECRET_FILE {
+        let not_regular = || SecretError::NotRegularFile {
+            provider: "file".into(),
+            name: name.into(),
+        };
+        if !std::fs::metadata(path).map_err(io)?.file_type().is_file() {
+            return Err(not_regular());
+        }
+        let file = open_nonblocking(path).map_err(io)?;
+        if !file.metadata().map_err(io)?.file_type().is_file() {
+            return Err(not_regular());
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_SECRET_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_SECRET_FILE {
             return Err(SecretError::TooLarge {
                 provider: "file".into(),
                 name: name.into(),
             });
         }
-        let mut s = std::fs::read_to_string(path).map_err(io)?;
+        let mut s = String::from_utf8(bytes).map_err(|_| SecretError::BadValue {
+            provider: "file".into(),
+            name: name.into(),
+            why: "not UTF-8".into(),
+        })?;
         if s.ends_with('\n') {
             s.pop();
             if s.ends_with('\r') {
@@ -152,12 +219,12 @@ impl SecretProvider for FileProvider {
         };
         let path = self.root.join(name);
         let value = match (version, path.is_dir()) {
-            (None, false) if path.is_file() => self.read(name, &path)?,
+            (None, false) if path.exists() => self.read(name, &path)?,
             (None, true) => {
                 let latest = Self::latest(&path).ok_or_else(not_found)?;
                 self.read(name, &path.join(latest))?
             }
-            (Some(v), true) if path.join(v).is_file() => self.read(name, &path.join(v))?,
+            (Some(v), true) if path.join(v).exists() => self.read(name, &path.join(v))?,
             _ => return Err(not_found()),
         };
         checked("file", name, value)
@@ -315,6 +382,38 @@ mod tests {
         let err = p.resolve("short", None).unwrap_err();
         assert!(matches!(err, SecretError::BadValue { .. }));
         assert!(!err.to_string().contains("sk-short"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn fifos_devices_and_endless_files_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("openai")).unwrap();
+        std::fs::write(d.join("openai/1"), V1).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(d.join("openai/2"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::os::unix::fs::symlink("/dev/zero", d.join("zero")).unwrap();
+        std::os::unix::fs::symlink(d.join("openai/2"), d.join("fifo-link")).unwrap();
+        let p = FileProvider::new(d);
+        // A FIFO without a writer as the latest version: refused at once, not waited on.
+        for (name, version) in [
+            ("openai", None),
+            ("openai", Some("2")),
+            ("fifo-link", None),
+            ("zero", None),
+        ] {
+            let err = p.resolve(name, version).unwrap_err();
+            assert!(
+                matches!(err, SecretError::NotRegularFile { .. }),
+                "{name} {version:?}: {err}"
+            );
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+        assert_eq!(p.resolve("openai", Some("1")).unwrap().expose(), V1);
     }
 
     #[test]

@@ -75,12 +75,14 @@ pub async fn start_control_plane(
             fingerprint,
             keys.stream.clone(),
         )
+        .with_max_subscribers(args.max_subscribers as usize)
         .with_usage(usage);
         (svc, SubscriberAuth::new(token))
     });
     serve_metrics(
         listeners.metrics,
         snapshots.cell.clone(),
+        snapshots.secrets.clone(),
         distribution.as_ref().map(|(svc, _)| svc),
         &mut shutdown,
     );
@@ -149,6 +151,9 @@ impl Snapshots {
         let cell = SnapshotCell::new();
         let (updates, _) = broadcast::channel(1024);
         let secrets = Secrets::builtin(args.secrets_dir.clone(), args.secret_ttl);
+        super::secret_refresh::prime(store, &secrets)
+            .await
+            .map_err(|e| StartError::Snapshot(e.into()))?;
         let builder = SnapshotBuilder::new(store.clone(), cell.clone())
             .with_updates(updates.clone())
             .with_secrets(secrets.clone());
@@ -271,10 +276,11 @@ fn store_usage_sink(store: &Store) -> UsageSink {
 }
 
 /// `/metrics`, `/healthz` and `/readyz`, with the subscriber count when data planes can
-/// subscribe.
+/// subscribe and the failing secret references in `/readyz`'s detail.
 fn serve_metrics(
     listener: TcpListener,
     cell: SnapshotCell,
+    secrets: Secrets,
     distribution: Option<&DistributionService>,
     shutdown: &mut Shutdown,
 ) {
@@ -282,7 +288,9 @@ fn serve_metrics(
         let svc = svc.clone();
         Arc::new(move || svc.subscriber_count()) as Arc<dyn Fn() -> i64 + Send + Sync>
     });
-    let sources = crate::health::HealthSources::new(cell, None, count);
+    let failures: crate::health::SecretFailures = Arc::new(move || secrets.failing());
+    let sources =
+        crate::health::HealthSources::new(cell, None, count).with_secret_failures(failures);
     shutdown.spawn(crate::health::serve(listener, sources, shutdown.recv()));
 }
 

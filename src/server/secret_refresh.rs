@@ -1,7 +1,9 @@
 //! The control plane's background refresh of SECRET_REF keys: each reference is read again
 //! shortly before its TTL runs out; a changed value becomes a store change (audited as
 //! `RefreshSecret`), so every replica and every data plane takes it as a new snapshot
-//! version. A failed read keeps the last good value (see `Secrets::record_failure`).
+//! version. A failed read keeps the last good value (see `Secrets::record_failure`). This is
+//! where references are read (with `prime` at start): the snapshot builder only takes values
+//! from the cache, so a stuck provider delays no snapshot.
 //! A control-plane task beside the snapshot builder: it reads secrets and writes the store, so
 //! it sits above both. Depends on `domain`, `secret` and `store`.
 
@@ -35,11 +37,37 @@ pub async fn run_refresh(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {}
+            // The builder met a reference it holds no value for (e.g. a key another replica
+            // created): read it now rather than at the next tick.
+            _ = secrets.wanted() => {}
         }
         if let Err(e) = refresh_once(&store, &secrets, period).await {
             tracing::warn!(error = %e, "secret refresh round failed; retrying next period");
         }
     }
+}
+
+/// Reads every reference a key uses, all at once, before the first snapshot is built: each
+/// outcome is recorded (the value cached, or the error shown on the key) and nothing is
+/// committed — the first snapshot takes these values as they are. A stuck provider costs at
+/// most the read deadline here.
+pub async fn prime(store: &Store, secrets: &Secrets) -> Result<(), crate::store::StoreError> {
+    let refs: HashSet<SecretRef> = store
+        .secret_keys()
+        .await?
+        .into_iter()
+        .map(|k| k.reference)
+        .collect();
+    let reads = refs.into_iter().map(|r| async move {
+        match secrets.fetch(&r).await {
+            Ok(v) => {
+                secrets.record_success(&r, &v);
+            }
+            Err(e) => secrets.record_failure(&r, &e),
+        }
+    });
+    futures::future::join_all(reads).await;
+    Ok(())
 }
 
 /// One round: reads every due reference, records the outcome, and commits a change for each

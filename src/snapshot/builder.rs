@@ -80,11 +80,13 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
     })
 }
 
-/// Resolves every SECRET_REF model key afresh (each reference read once) and seals
-/// its value like a stored model key's, so distribution and data planes cannot tell the two
-/// apart. A reference that fails keeps its last good value; one that never resolved in this
-/// process leaves its key out (keygate never serves a key it could not resolve).
-async fn resolve_secret_keys(
+/// Seals every SECRET_REF model key's value like a stored model key's, so distribution and
+/// data planes cannot tell the two apart. Values come from the secret cache only — the
+/// builder never waits on a provider (a stuck one would stall every update): the background
+/// refresh and admin requests read references; a failed read keeps the last good value. A
+/// reference that never resolved in this process leaves its key out (keygate never serves a
+/// key it could not resolve) and wakes the refresh, whose first read then commits a change.
+fn resolve_secret_keys(
     keys: &mut [(ModelKey, Vec<u8>)],
     secrets: Option<&Secrets>,
     store_keys: &Keys,
@@ -92,16 +94,13 @@ async fn resolve_secret_keys(
     let mut values: HashMap<SecretRef, Option<crate::crypto::Secret>> = HashMap::new();
     for (k, ct) in keys.iter_mut() {
         let Some(r) = &k.secret_ref else { continue };
-        // Disabled or unbound keys are read too: their status stays current, and the
-        // background refresh compares with what was read here (no needless change at start).
+        // Disabled or unbound keys are marked too: the background refresh compares with
+        // what was applied here (no needless change at start).
         let served = k.status == KeyStatus::Enabled && !k.model_services.is_empty();
         let value = match values.get(r) {
             Some(v) => v.clone(),
             None => {
-                let v = match secrets {
-                    Some(s) => s.resolve_for_snapshot(r).await,
-                    None => None,
-                };
+                let v = secrets.and_then(|s| s.for_snapshot(r));
                 values.insert(r.clone(), v.clone());
                 v
             }
@@ -184,7 +183,7 @@ pub async fn load_full_update(
         return Err(e);
     }
     let mut c = contents?;
-    resolve_secret_keys(&mut c.model_keys, secrets, store.keys()).await;
+    resolve_secret_keys(&mut c.model_keys, secrets, store.keys());
     Ok(Update {
         store_id: c.store_id.clone(),
         version: c.revision,
@@ -210,7 +209,7 @@ async fn increment_to_update(
     keys: &Keys,
 ) -> Result<Update, BuildError> {
     if let Some((_, model_keys)) = &mut i.services {
-        resolve_secret_keys(model_keys, secrets, keys).await;
+        resolve_secret_keys(model_keys, secrets, keys);
     }
     Ok(Update {
         store_id: i.store_id.clone(),
