@@ -66,6 +66,7 @@ macro_rules! on_both_planes {
 on_both_planes!(
     valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key,
     credential_query_parameter_is_accepted_and_removed_before_the_vendor,
+    an_encoded_credential_parameter_name_is_refused_and_never_forwarded,
     refused_credentials_all_get_the_same_openai_style_401,
     address_scope_route_and_model_key_denials,
     disabled_consumer_key_is_refused_through_envoy_within_one_second,
@@ -454,6 +455,44 @@ async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor(pl
         .await;
     assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
     assert_eq!(gw.upstream.count(), before);
+}
+
+/// SPEC §9 "Credentials accepted are credentials removed": Envoy's `query_parameters_to_remove`
+/// matches the literal name, so a percent-encoded spelling of it is no credential in either data
+/// plane; and a literal one beside it is the one read and removed.
+async fn an_encoded_credential_parameter_name_is_refused_and_never_forwarded(plane: Plane) {
+    let mut gw = Gateway::start_with(plane, &[("credential_query_param", "key")]).await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+
+    let before = gw.upstream.count();
+    for target in [
+        format!("/openai/v1/models?ke%79={ck}"),
+        format!("/openai/v1/models?%6B%65%79={ck}"),
+        format!("/openai/v1/models?a=1&k%65y={ck}"),
+    ] {
+        let r = gw.get(&target, &[]).await;
+        assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "a refused request reached the vendor"
+    );
+
+    // The literal name is read and cut; the encoded spelling is left as an ordinary parameter.
+    gw.expect(&format!("/openai/v1/models?ke%79=other&key={ck}"), &[], 200)
+        .await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/openai/v1/models?ke%79=other");
+    assert_vendor_request(&rec, "openai", &ck);
+    for r in gw.upstream.all() {
+        assert!(
+            !r.target.contains(&ck),
+            "the consumer key reached the vendor: {}",
+            r.target
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
