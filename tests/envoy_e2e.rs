@@ -67,6 +67,7 @@ on_both_planes!(
     valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key,
     credential_query_parameter_is_accepted_and_removed_before_the_vendor,
     an_encoded_credential_parameter_name_is_refused_and_never_forwarded,
+    routes_match_the_normalised_path_and_encoded_slashes_are_refused,
     refused_credentials_all_get_the_same_openai_style_401,
     address_scope_route_and_model_key_denials,
     disabled_consumer_key_is_refused_through_envoy_within_one_second,
@@ -493,6 +494,43 @@ async fn an_encoded_credential_parameter_name_is_refused_and_never_forwarded(pla
             r.target
         );
     }
+}
+
+/// SPEC §9 / L5: the shipped configs route on the normalised path. `/openai/../anthropic/…` is
+/// the anthropic route (its scope, its vendor key, its path upstream), never the openai route
+/// carrying a path that reaches anthropic on a shared upstream.
+async fn routes_match_the_normalised_path_and_encoded_slashes_are_refused(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+    let auth = [("authorization", auth.as_str())];
+
+    gw.expect("/openai/../anthropic/v1/messages", &auth, 200)
+        .await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/anthropic/v1/messages");
+    assert_vendor_request(&rec, "anthropic", &ck);
+
+    gw.expect("/openai//v1///models", &auth, 200).await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/openai/v1/models");
+    assert_vendor_request(&rec, "openai", &ck);
+
+    let before = gw.upstream.count();
+    for target in [
+        "/openai/v1%2F..%2F..%2Fanthropic/v1/messages",
+        "/openai/v1%2f..%2f..%2fanthropic/v1/messages",
+        "/openai/v1%5C..%5C..%5Canthropic/v1/messages",
+    ] {
+        let r = gw.get(target, &auth).await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "an encoded slash reached the vendor"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
