@@ -1,5 +1,7 @@
-//! Small trust edges of SPEC §9 against a real `keygate serve`: what a subscriber-token
-//! holder can write into the store (clamped usage times) and into the logs (escaped names).
+//! Small trust edges of SPEC §9 against a real `keygate serve`: who may reach the ext_authz
+//! listener (loopback, a Unix socket through a real Envoy, or mTLS; anything else refused at
+//! start), what a subscriber-token holder can write into the store (clamped usage times) and
+//! into the logs (escaped names).
 
 mod common;
 
@@ -11,7 +13,11 @@ use spb::snapshot_distribution_client::SnapshotDistributionClient;
 use tonic::Request;
 use tonic::transport::Channel;
 
-use common::{Keygate, Options, poll_until};
+use common::admin::{
+    bearer, create_consumer, create_consumer_key, create_model_key, create_service,
+};
+use common::envoy::{Envoy, Upstream, http_get, render_single_pipe};
+use common::{Keygate, Options, Proc, admin_client, poll_until, read_admin_token};
 
 const SUBSCRIBER_TOKEN: &str = "edges-subscriber-token-0123456789abcdef";
 
@@ -139,4 +145,116 @@ async fn a_subscriber_name_cannot_forge_a_log_line() {
         "an unbounded logged name: {} characters",
         logged.chars().count()
     );
+}
+
+fn serve_args(data_dir: &std::path::Path, authz_addr: &str) -> Vec<String> {
+    [
+        "serve",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--authz-addr",
+        authz_addr,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// M2: a non-loopback ext_authz listener without client certificates is refused at start
+/// (exit 64, naming the flag and the ways out); the explicit flag lets it start.
+#[tokio::test]
+async fn a_non_loopback_authz_addr_without_client_certificates_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let mut p = Proc::spawn("keygate serve", &serve_args(&data, addr), &[]);
+        assert_eq!(
+            p.wait_exit(Duration::from_secs(30)).await,
+            Some(64),
+            "{}",
+            p.logs()
+        );
+        let logs = p.logs();
+        assert!(logs.contains("--authz-addr"), "{logs}");
+        assert!(logs.contains("--tls-client-ca"), "{logs}");
+        assert!(logs.contains("--allow-unauthenticated-authz"), "{logs}");
+    }
+    let mut args = serve_args(&data, "0.0.0.0:0");
+    args.push("--allow-unauthenticated-authz".into());
+    let mut p = Proc::spawn("keygate serve", &args, &[]);
+    p.wait_ready().await;
+    assert!(p.authz_addr.is_some(), "{}", p.logs());
+}
+
+/// M2: `--authz-addr unix:/path` serves ext_authz on a Unix socket (mode 0660), and the
+/// shipped envoy.yaml with its commented `pipe` example reaches it through a real Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_calls_keygate_over_a_unix_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("authz.sock");
+    let mut kg = Proc::spawn(
+        "keygate serve",
+        &serve_args(&data, &format!("unix:{}", socket.display())),
+        &[],
+    );
+    kg.wait_ready().await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the socket's mode");
+    let mut admin = admin_client(kg.admin_addr.unwrap(), Some(read_admin_token(&data))).await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(
+        &mut admin,
+        "openai-primary",
+        "sk-proj-udsVendorKey000000000001",
+        "openai",
+    )
+    .await;
+    create_consumer(&mut admin, "app").await;
+    let ck = create_consumer_key(
+        &mut admin,
+        pb::CreateConsumerKeyRequest {
+            name: "app-key".into(),
+            consumer: "app".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_rendered(|listener, admin_port| {
+        render_single_pipe(&socket, listener, upstream.addr.port(), admin_port)
+    })
+    .await;
+    let auth = bearer(&ck);
+    let r = poll_until(
+        Duration::from_secs(10),
+        "an allowed request over the socket",
+        || {
+            let auth = auth.clone();
+            let envoy = &envoy;
+            async move {
+                let r = http_get(
+                    envoy.listener,
+                    "/openai/v1/models",
+                    &[("authorization", &auth)],
+                )
+                .await
+                .ok()?;
+                (r.status == 200).then_some(r)
+            }
+        },
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        upstream.last().values("authorization"),
+        vec!["Bearer sk-proj-udsVendorKey000000000001"]
+    );
+    let r = http_get(envoy.listener, "/openai/v1/models", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "keygate's refusal over the socket");
 }
