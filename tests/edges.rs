@@ -258,3 +258,75 @@ async fn envoy_calls_keygate_over_a_unix_socket() {
         .unwrap();
     assert_eq!(r.status, 401, "keygate's refusal over the socket");
 }
+
+/// `keygate serve` on `data`, expected to refuse to start (exit 64) naming `what` and `fix`.
+async fn refused_at_start(args: &[String], env: &[(String, String)], what: &str, fix: &str) {
+    let mut p = Proc::spawn("keygate", args, env);
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(30)).await,
+        Some(64),
+        "expected exit 64 for {what}:\n{}",
+        p.logs()
+    );
+    let logs = p.logs();
+    assert!(
+        logs.contains(what) && logs.contains(fix),
+        "{what} / {fix}:\n{logs}"
+    );
+}
+
+/// L1: as ssh does, keygate refuses a data dir others can write to or another user owns, and a
+/// master key or token file others can read, naming the file and the fix (exit 64).
+#[tokio::test]
+async fn files_others_can_read_or_change_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let args = serve_args(&data, "127.0.0.1:0");
+    let data_s = data.display().to_string();
+
+    chmod(&data, 0o777);
+    refused_at_start(&args, &[], &data_s, "chmod 700").await;
+    chmod(&data, 0o700);
+    if std::os::unix::fs::chown(&data, Some(65534), None).is_ok() {
+        refused_at_start(&args, &[], &data_s, "chown").await;
+        std::os::unix::fs::chown(&data, Some(0), None).unwrap();
+    }
+
+    // A first start creates the master key and admin token (0600); loosened, they are refused.
+    let mut p = Proc::spawn("keygate", &args, &[]);
+    p.wait_ready().await;
+    assert_eq!(p.stop(), Some(0));
+    let key = data.join("master.key");
+    chmod(&key, 0o644);
+    refused_at_start(&args, &[], &key.display().to_string(), "chmod 600").await;
+    chmod(&key, 0o600);
+    let token = data.join("admin.token");
+    chmod(&token, 0o640);
+    refused_at_start(&args, &[], &token.display().to_string(), "chmod 600").await;
+    chmod(&token, 0o600);
+
+    // A data plane's subscriber token file.
+    let token_file = dir.path().join("subscriber.token");
+    std::fs::write(&token_file, SUBSCRIBER_TOKEN).unwrap();
+    chmod(&token_file, 0o644);
+    let authz = [
+        "authz",
+        "--control-plane",
+        "http://127.0.0.1:9",
+        "--authz-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.path().join("dp").display().to_string(),
+        "--master-key-file",
+        &key.display().to_string(),
+        "--subscriber-token-file",
+        &token_file.display().to_string(),
+    ]
+    .map(String::from);
+    refused_at_start(&authz, &[], &token_file.display().to_string(), "chmod 600").await;
+}

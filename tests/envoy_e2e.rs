@@ -114,7 +114,7 @@ impl Gateway {
             Plane::Module => {
                 let dir = tempfile::tempdir().unwrap();
                 let token = dir.path().join("subscriber.token");
-                std::fs::write(&token, SUBSCRIBER_TOKEN).unwrap();
+                common::write_private(&token, SUBSCRIBER_TOKEN);
                 let files = ModuleFiles {
                     control_plane: format!("http://{}", keygate.admin_addr),
                     master_key_file: keygate.data_dir.join("master.key"),
