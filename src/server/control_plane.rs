@@ -345,7 +345,7 @@ mod tests {
     async fn the_dedicated_distribution_listener_turns_not_serving_at_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("subscriber.token");
-        std::fs::write(&token, "subscriber-token-0123456789abcdef\n").unwrap();
+        crate::crypto::write_private_file(&token, b"subscriber-token-0123456789abcdef\n").unwrap();
         let cli = Cli::try_parse_from([
             "keygate",
             "control-plane",
