@@ -243,12 +243,59 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub control_plane: ControlPlaneArgs,
 
-    /// Envoy ext_authz gRPC listener.
-    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
-    pub authz_addr: SocketAddr,
+    #[command(flatten)]
+    pub authz: AuthzListenArgs,
 
     #[command(flatten)]
     pub data_plane: DataPlaneArgs,
+}
+
+/// Where the ext_authz listener is, and who may reach it (SPEC §9 "Who may call Check": an
+/// OK answer carries the vendor key, so only Envoy may call).
+#[derive(Clone, Debug, Args)]
+pub struct AuthzListenArgs {
+    /// Envoy ext_authz gRPC listener: HOST:PORT (loopback unless --tls-client-ca or
+    /// --allow-unauthenticated-authz) or unix:/PATH (a Unix domain socket, mode 0660).
+    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
+    pub authz_addr: AuthzAddr,
+
+    /// Serve ext_authz on a non-loopback address without client certificates: only when the
+    /// network itself guarantees that nothing but Envoy can reach it.
+    #[arg(long, env = "KEYGATE_ALLOW_UNAUTHENTICATED_AUTHZ")]
+    pub allow_unauthenticated_authz: bool,
+}
+
+/// The ext_authz listener's address: TCP, or a Unix domain socket (Envoy's `pipe`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthzAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for AuthzAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: unix: needs an absolute path, e.g. unix:/run/keygate/authz.sock"
+                ));
+            }
+            return Ok(AuthzAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse()
+            .map(AuthzAddr::Tcp)
+            .map_err(|_| format!("{s:?}: expected HOST:PORT (e.g. 127.0.0.1:9001) or unix:/PATH"))
+    }
+}
+
+impl std::fmt::Display for AuthzAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthzAddr::Tcp(a) => write!(f, "{a}"),
+            AuthzAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// TLS on gRPC listeners (rustls). mTLS when a client CA is given.
@@ -272,9 +319,8 @@ pub struct AuthzArgs {
     #[arg(long, env = "KEYGATE_CONTROL_PLANE")]
     pub control_plane: String,
 
-    /// Envoy ext_authz gRPC listener.
-    #[arg(long, env = "KEYGATE_AUTHZ_ADDR", default_value = "127.0.0.1:9001")]
-    pub authz_addr: SocketAddr,
+    #[command(flatten)]
+    pub authz: AuthzListenArgs,
 
     /// HTTP listener for /metrics (Prometheus), /healthz and /readyz.
     #[arg(long, env = "KEYGATE_METRICS_ADDR", default_value = "127.0.0.1:9003")]

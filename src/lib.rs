@@ -17,6 +17,7 @@ pub mod config;
 pub mod crypto;
 pub mod distribution;
 pub mod domain;
+pub mod fsperm;
 pub mod health;
 pub mod metrics;
 pub mod proto;

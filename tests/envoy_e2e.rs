@@ -66,6 +66,8 @@ macro_rules! on_both_planes {
 on_both_planes!(
     valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key,
     credential_query_parameter_is_accepted_and_removed_before_the_vendor,
+    an_encoded_credential_parameter_name_is_refused_and_never_forwarded,
+    routes_match_the_normalised_path_and_encoded_slashes_are_refused,
     refused_credentials_all_get_the_same_openai_style_401,
     address_scope_route_and_model_key_denials,
     disabled_consumer_key_is_refused_through_envoy_within_one_second,
@@ -112,7 +114,7 @@ impl Gateway {
             Plane::Module => {
                 let dir = tempfile::tempdir().unwrap();
                 let token = dir.path().join("subscriber.token");
-                std::fs::write(&token, SUBSCRIBER_TOKEN).unwrap();
+                common::write_private(&token, SUBSCRIBER_TOKEN);
                 let files = ModuleFiles {
                     control_plane: format!("http://{}", keygate.admin_addr),
                     master_key_file: keygate.data_dir.join("master.key"),
@@ -454,6 +456,81 @@ async fn credential_query_parameter_is_accepted_and_removed_before_the_vendor(pl
         .await;
     assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
     assert_eq!(gw.upstream.count(), before);
+}
+
+/// SPEC §9 "Credentials accepted are credentials removed": Envoy's `query_parameters_to_remove`
+/// matches the literal name, so a percent-encoded spelling of it is no credential in either data
+/// plane; and a literal one beside it is the one read and removed.
+async fn an_encoded_credential_parameter_name_is_refused_and_never_forwarded(plane: Plane) {
+    let mut gw = Gateway::start_with(plane, &[("credential_query_param", "key")]).await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+
+    let before = gw.upstream.count();
+    for target in [
+        format!("/openai/v1/models?ke%79={ck}"),
+        format!("/openai/v1/models?%6B%65%79={ck}"),
+        format!("/openai/v1/models?a=1&k%65y={ck}"),
+    ] {
+        let r = gw.get(&target, &[]).await;
+        assert_error_body(&r, 401, "authentication_error", "invalid_api_key");
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "a refused request reached the vendor"
+    );
+
+    // The literal name is read and cut; the encoded spelling is left as an ordinary parameter.
+    gw.expect(&format!("/openai/v1/models?ke%79=other&key={ck}"), &[], 200)
+        .await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/openai/v1/models?ke%79=other");
+    assert_vendor_request(&rec, "openai", &ck);
+    for r in gw.upstream.all() {
+        assert!(
+            !r.target.contains(&ck),
+            "the consumer key reached the vendor: {}",
+            r.target
+        );
+    }
+}
+
+/// SPEC §9 / L5: the shipped configs route on the normalised path. `/openai/../anthropic/…` is
+/// the anthropic route (its scope, its vendor key, its path upstream), never the openai route
+/// carrying a path that reaches anthropic on a shared upstream.
+async fn routes_match_the_normalised_path_and_encoded_slashes_are_refused(plane: Plane) {
+    let mut gw = Gateway::start(plane).await;
+    let ck = provision(&mut gw.admin).await;
+    gw.settle().await;
+    let auth = bearer(&ck);
+    let auth = [("authorization", auth.as_str())];
+
+    gw.expect("/openai/../anthropic/v1/messages", &auth, 200)
+        .await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/anthropic/v1/messages");
+    assert_vendor_request(&rec, "anthropic", &ck);
+
+    gw.expect("/openai//v1///models", &auth, 200).await;
+    let rec = gw.upstream.last();
+    assert_eq!(rec.target, "/openai/v1/models");
+    assert_vendor_request(&rec, "openai", &ck);
+
+    let before = gw.upstream.count();
+    for target in [
+        "/openai/v1%2F..%2F..%2Fanthropic/v1/messages",
+        "/openai/v1%2f..%2f..%2fanthropic/v1/messages",
+        "/openai/v1%5C..%5C..%5Canthropic/v1/messages",
+    ] {
+        let r = gw.get(target, &auth).await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+    }
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "an encoded slash reached the vendor"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ impl Setup {
         let cp =
             ControlPlane::start(&ControlPlaneOptions::new(&dir.path().join("cp"), &token)).await;
         let token_file = dir.path().join("subscriber.token");
-        std::fs::write(&token_file, &token).unwrap();
+        common::write_private(&token_file, &token);
         let files = ModuleFiles {
             control_plane: cp.url(),
             master_key_file: cp.master_key_file(),
@@ -235,7 +235,7 @@ async fn with_no_control_plane_and_no_cache_the_module_answers_503_not_ready_nev
     let key_file = dir.path().join("master.key");
     common::split::write_master_key(&key_file);
     let token_file = dir.path().join("subscriber.token");
-    std::fs::write(&token_file, subscriber_token()).unwrap();
+    common::write_private(&token_file, subscriber_token());
     let files = ModuleFiles {
         // Nothing listens here.
         control_plane: format!("http://127.0.0.1:{}", common::envoy::free_port()),

@@ -219,7 +219,7 @@ async fn data_planes_sync_over_mtls_and_need_a_client_certificate() {
 
     // The Envoy module with the same TLS settings as filter_config keys.
     let token_file = dir.join("subscriber.token");
-    std::fs::write(&token_file, &env[0].1).unwrap();
+    common::write_private(&token_file, &env[0].1);
     let files = ModuleFiles {
         control_plane: format!("https://localhost:{cp_port}"),
         master_key_file: cp_dir.join("master.key"),

@@ -76,10 +76,21 @@ impl DecisionConfig {
                 headers.push(h);
             }
         }
-        if let Some(p) = &credential_query_param
-            && p.is_empty()
-        {
-            return Err(("credential_query_param", "must not be empty".into()));
+        if let Some(p) = &credential_query_param {
+            if p.is_empty() {
+                return Err(("credential_query_param", "must not be empty".into()));
+            }
+            // Matched as written on the wire (SPEC §9), so it must be a name no client
+            // needs to encode.
+            if !p.bytes().all(is_unreserved) {
+                return Err((
+                    "credential_query_param",
+                    format!(
+                        "{p:?}: use only letters, digits, '-', '.', '_' and '~' \
+                         (the name is matched as written, never decoded)"
+                    ),
+                ));
+            }
         }
         if headers.is_empty() && credential_query_param.is_none() {
             return Err((
@@ -265,16 +276,34 @@ pub fn extract_credential<'r, 'c>(
         }
     }
     if let Some(param) = &cfg.credential_query_param {
-        let q = req.query();
-        if !q.is_empty() {
-            for (k, v) in form_urlencoded::parse(q.as_bytes()) {
-                if k == param.as_str() && !v.is_empty() {
-                    return Some((v, CredentialSource::Query(param)));
-                }
+        for pair in query_pairs_named(req.query(), param) {
+            // The value is form-decoded; the name was compared as written.
+            let Some((_, v)) = form_urlencoded::parse(pair.as_bytes()).next() else {
+                continue;
+            };
+            if !v.is_empty() {
+                return Some((v, CredentialSource::Query(param)));
             }
         }
     }
     None
+}
+
+/// The `name=value` pairs of `query` whose name is exactly `name` as written on the wire: no
+/// percent- or `+`-decoding of the name, which is how Envoy's `query_parameters_to_remove`
+/// matches. Accepting `ke%79=` would accept what Envoy leaves in place (SPEC §9).
+fn query_pairs_named<'q, 'n>(
+    query: &'q str,
+    name: &'n str,
+) -> impl Iterator<Item = &'q str> + use<'q, 'n> {
+    query
+        .split('&')
+        .filter(move |pair| pair.split('=').next() == Some(name))
+}
+
+/// RFC 3986 unreserved characters: what a query parameter name can be written with unencoded.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// The client address used for the allowlist.
@@ -366,29 +395,27 @@ pub fn credential_headers_present<'c, 'r, R: RequestView>(
         .map(String::as_str)
 }
 
-/// The configured credential query parameter, when the request's query carries it.
+/// The configured credential query parameter, when the request's query carries it under
+/// that exact name (as [`extract_credential`] reads it and Envoy removes it).
 pub fn credential_param_present<'c>(
     cfg: &'c DecisionConfig,
     req: &impl RequestView,
 ) -> Option<&'c str> {
     cfg.credential_query_param
         .as_deref()
-        .filter(|p| form_urlencoded::parse(req.query().as_bytes()).any(|(k, _)| k == *p))
+        .filter(|p| query_pairs_named(req.query(), p).next().is_some())
 }
 
-/// `path` (a request's `:path`) without every occurrence of the query parameter `param`;
-/// `None` when it carries none. Other parameters keep their order and encoding.
+/// `path` (a request's `:path`) without every occurrence of the query parameter `param`
+/// (its exact name as written, like [`extract_credential`]); `None` when it carries none.
+/// Other parameters keep their order and encoding.
 pub fn path_without_param(path: &str, param: &str) -> Option<String> {
     let (base, query) = path.split_once('?')?;
     let mut removed = false;
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            let decoded = form_urlencoded::parse(name.as_bytes())
-                .next()
-                .map(|(k, _)| k);
-            let is_param = decoded.as_deref() == Some(param);
+            let is_param = pair.split('=').next() == Some(param);
             removed |= is_param;
             !is_param
         })

@@ -1315,9 +1315,9 @@ fn the_credential_parameter_is_cut_from_the_path_and_nothing_else() {
         Some("/v1/chat")
     );
     assert_eq!(
-        path_without_param("/v1/chat?k%65y=x&z", "key").as_deref(),
-        Some("/v1/chat?z"),
-        "an encoded name is the same parameter"
+        path_without_param("/v1/chat?k%65y=x&z", "key"),
+        None,
+        "an encoded name is another parameter (SPEC §9): never read, never cut"
     );
     assert_eq!(
         path_without_param("?key=x", "key").as_deref(),
@@ -1359,4 +1359,112 @@ fn decision_settings_are_validated_naming_the_setting() {
             .0,
         "credential_query_param"
     );
+}
+
+/// SPEC §9 "Credentials accepted are credentials removed": the parameter name is compared as
+/// written on the wire. Envoy's `query_parameters_to_remove` removes the literal name only, so a
+/// percent-encoded spelling of the name accepted here would travel to the upstream.
+#[test]
+fn an_encoded_parameter_name_is_no_credential_and_is_not_removed() {
+    let w = &*WORLD;
+    let cfg = with_query_param("key");
+    for q in [
+        format!("ke%79={GOOD}"),
+        format!("%6B%65%79={GOOD}"),
+        format!("%6b%65%79={GOOD}"),
+        format!("k%65y={GOOD}&a=1"),
+    ] {
+        let req = Req::new().query(&q);
+        assert!(extract_credential(&cfg, &req).is_none(), "{q}");
+        assert_deny(&w.decide_at(&cfg, &req, NOW), DenyReason::MissingCredential);
+        assert_eq!(credential_param_present(&cfg, &req), None, "{q}");
+        assert_eq!(path_without_param(&format!("/v1?{q}"), "key"), None, "{q}");
+    }
+    // The literal name next to an encoded one: the literal one is read and removed, the
+    // other (never a credential) is left as it is.
+    let q = format!("ke%79=other&key={GOOD}");
+    let req = Req::new().query(&q);
+    assert_eq!(extract_credential(&cfg, &req).unwrap().0, GOOD);
+    assert_eq!(credential_param_present(&cfg, &req), Some("key"));
+    assert_eq!(
+        path_without_param(&format!("/v1?{q}"), "key").as_deref(),
+        Some("/v1?ke%79=other")
+    );
+}
+
+/// A parameter name that would need encoding on the wire can never be matched literally: it
+/// is refused when configured.
+#[test]
+fn a_credential_parameter_name_must_need_no_encoding() {
+    for bad in [
+        "api key", "k%65y", "a&b", "a=b", "k+y", "ключ", "a#b", "a?b",
+    ] {
+        let err = DecisionConfig::new(&[], Some(bad.into()), ClientIpSource::Peer).unwrap_err();
+        assert_eq!(err.0, "credential_query_param", "{bad}");
+    }
+    for good in ["key", "api_key", "api-key", "X.Key~1"] {
+        DecisionConfig::new(&[], Some(good.into()), ClientIpSource::Peer).unwrap();
+    }
+}
+
+/// The query a pair-wise model of Envoy's removal (split on `&`, the name up to the first `=`,
+/// compared literally) leaves.
+fn envoy_removes(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|p| p.split('=').next() != Some(name))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn query_piece() -> impl Strategy<Value = String> {
+    let name = prop_oneof![
+        Just("key".to_string()),
+        Just("ke%79".to_string()),
+        Just("%6B%65%79".to_string()),
+        Just("KEY".to_string()),
+        Just("k".to_string()),
+        "[a-z%0-9+]{0,5}",
+    ];
+    let value = prop_oneof![
+        Just(GOOD.to_string()),
+        Just(GOOD.replace('-', "%2D")),
+        Just(String::new()),
+        "[ -~]{0,8}".prop_map(|v| v.replace(['&', '#'], "")),
+    ];
+    (name, proptest::option::of(value)).prop_map(|(n, v)| match v {
+        Some(v) => format!("{n}={v}"),
+        None => n,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// What is accepted is what is removed, by both data planes: after the module's cut
+    /// (`path_without_param`) or Envoy's literal removal, the query carries no credential and
+    /// no pair under the configured name.
+    #[test]
+    fn accepted_query_credentials_are_removed_by_both_data_planes(
+        pieces in proptest::collection::vec(query_piece(), 0..6),
+    ) {
+        let cfg = with_query_param("key");
+        let q = pieces.join("&");
+        let req = Req::new().query(&q);
+        let accepted = extract_credential(&cfg, &req).is_some();
+        let present = credential_param_present(&cfg, &req).is_some();
+        prop_assert!(!accepted || present, "accepted but not removed: {q}");
+        // The module's cut.
+        let path = format!("/v1?{q}");
+        let cut = path_without_param(&path, "key");
+        prop_assert_eq!(cut.is_some(), present);
+        let module_left = cut.as_deref().unwrap_or(&path).split_once('?').map_or("", |(_, q)| q);
+        // Envoy's removal.
+        let envoy_left = if present { envoy_removes(&q, "key") } else { q.clone() };
+        for left in [module_left, envoy_left.as_str()] {
+            let after = Req::new().query(left);
+            prop_assert!(extract_credential(&cfg, &after).is_none(), "{q} -> {left}");
+            prop_assert_eq!(credential_param_present(&cfg, &after), None);
+        }
+    }
 }

@@ -14,6 +14,7 @@ use super::subscriber::{
 };
 use super::token::{SUBSCRIBER_TOKEN_ENV, TokenError, TokenSource, load_token};
 use crate::crypto::{CryptoError, Keys, MasterKey, create_private_dir};
+use crate::fsperm::{PermError, check_private_dir, check_secret_file};
 use crate::snapshot::SnapshotCell;
 
 /// The first reconnect waits about this long; each failure doubles it…
@@ -82,6 +83,9 @@ pub enum BootstrapError {
     /// A bad control plane URL or TLS file (the message names the setting).
     #[error("{0}")]
     Endpoint(String),
+    /// A data dir others can write to, or a key or token file others can read (SPEC §9).
+    #[error(transparent)]
+    Files(#[from] PermError),
 }
 
 /// A started-up data plane: the cell its decisions read, the keys they hash with, and what
@@ -98,6 +102,7 @@ pub struct DataPlaneFeed {
 /// Checks and loads everything a data plane needs before it takes traffic. Needs no async
 /// runtime (the module runs it on Envoy's main thread).
 pub fn bootstrap(s: &DataPlaneSettings<'_>) -> Result<DataPlaneFeed, BootstrapError> {
+    check_files(s)?;
     let token = subscriber_token(s)?;
     ensure_private_dir(s.data_dir, s.names.data_dir)?;
     if !s.master_key_file.exists() {
@@ -130,6 +135,23 @@ pub fn bootstrap(s: &DataPlaneSettings<'_>) -> Result<DataPlaneFeed, BootstrapEr
         },
         fingerprint,
     })
+}
+
+/// The files a data plane trusts, checked before any is read (`fsperm`): the data dir (others
+/// must not write to it: its read bits are tightened below), the master key, and the token
+/// file when it is the token's source.
+fn check_files(s: &DataPlaneSettings<'_>) -> Result<(), PermError> {
+    check_private_dir(s.data_dir, s.names.data_dir)?;
+    check_secret_file(s.master_key_file, s.names.master_key_file)?;
+    let env_set = std::env::var_os(SUBSCRIBER_TOKEN_ENV).is_some();
+    let file_read = match s.token_precedence {
+        TokenPrecedence::EnvFirst => !env_set,
+        TokenPrecedence::FileFirst => true,
+    };
+    if let Some(f) = s.token_file.filter(|_| file_read) {
+        check_secret_file(f, s.names.token_file)?;
+    }
+    Ok(())
 }
 
 fn subscriber_token(s: &DataPlaneSettings<'_>) -> Result<crate::crypto::Secret, BootstrapError> {
@@ -220,6 +242,47 @@ mod tests {
     }
 
     #[test]
+    fn files_others_can_change_or_read_are_refused_naming_the_setting() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod =
+            |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        let _ = MasterKey::load_or_create(&key).unwrap();
+        let token = dir.path().join("token");
+        crate::crypto::write_private_file(&token, b"0123456789abcdef\n").unwrap();
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir(&data_dir).unwrap();
+        let (names, tls) = (names(), ClientTls::default());
+        let settings = DataPlaneSettings {
+            control_plane: "http://127.0.0.1:9",
+            tls: &tls,
+            master_key_file: &key,
+            data_dir: &data_dir,
+            token_file: Some(&token),
+            token_precedence: TokenPrecedence::FileFirst,
+            name: "test".into(),
+            names: &names,
+        };
+        let refused = |what: &str, fix: &str| {
+            let e = bootstrap(&settings).err().unwrap();
+            assert!(matches!(e, BootstrapError::Files(_)), "{e}");
+            let e = e.to_string();
+            assert!(e.contains(what) && e.contains(fix), "{e}");
+        };
+        chmod(&data_dir, 0o777);
+        refused("data_dir", "chmod 700");
+        chmod(&data_dir, 0o700);
+        chmod(&key, 0o644);
+        refused("master_key_file", "chmod 600");
+        chmod(&key, 0o600);
+        chmod(&token, 0o640);
+        refused("subscriber_token_file", "chmod 600");
+        chmod(&token, 0o600);
+        bootstrap(&settings).unwrap();
+    }
+
+    #[test]
     fn the_same_rules_for_every_data_plane() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
@@ -239,7 +302,7 @@ mod tests {
             names: &names,
         };
         // A token shorter than 16 characters is refused, naming the setting.
-        std::fs::write(&token, "0123456789abcde\n").unwrap();
+        crate::crypto::write_private_file(&token, b"0123456789abcde\n").unwrap();
         let e = bootstrap(&settings(&token)).err().unwrap();
         assert!(matches!(e, BootstrapError::Token(_)), "{e}");
         assert!(e.to_string().contains("subscriber_token_file"), "{e}");

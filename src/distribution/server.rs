@@ -486,7 +486,7 @@ impl SnapshotDistribution for DistributionService {
             _slot: slot,
             _gauge: Gauge(self.subscribers.clone()),
         };
-        tracing::info!(subscriber = %r.subscriber, store_id = %r.store_id, version = r.version, "data plane subscribed");
+        tracing::info!(subscriber = %LoggedName(&r.subscriber), store_id = %LoggedName(&r.store_id), version = r.version, "data plane subscribed");
         tokio::spawn(self.clone().feed(r, snap, rx, out));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -500,11 +500,13 @@ impl SnapshotDistribution for DistributionService {
                 "this control plane does not record usage",
             ));
         };
+        // The reporter's clock is not trusted past ours: a time from the future is "now".
+        let now = crate::domain::Timestamp::now();
         let mut batch = Vec::with_capacity(req.get_ref().items.len());
         for i in &req.get_ref().items {
             let id = uuid::Uuid::from_slice(&i.consumer_key_id)
                 .map_err(|_| Status::invalid_argument("consumer_key_id: must be a 16-byte id"))?;
-            batch.push((id, crate::domain::Timestamp(i.last_used_time_us)));
+            batch.push((id, clamp_reported(i.last_used_time_us, now)));
         }
         sink(batch).await.map_err(|e| {
             tracing::warn!(error = %e, "usage report not stored");
@@ -595,5 +597,64 @@ mod tests {
         assert_eq!(svc.subscriber_count(), 0);
         let again = svc.subscribe(from_scratch()).await.unwrap();
         drop(again);
+    }
+}
+
+/// A reported last-used time, never later than the control plane's `now` (SPEC §9: a
+/// subscriber-token holder cannot date a key's use into the future).
+fn clamp_reported(reported_us: i64, now: crate::domain::Timestamp) -> crate::domain::Timestamp {
+    crate::domain::Timestamp(reported_us.min(now.0))
+}
+
+/// A client-chosen name as logged: control characters escaped (no forged lines) and at most
+/// [`LoggedName::MAX_CHARS`] characters, so a subscriber cannot write into the log stream.
+struct LoggedName<'a>(&'a str);
+
+impl LoggedName<'_> {
+    const MAX_CHARS: usize = 128;
+}
+
+impl std::fmt::Display for LoggedName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let mut chars = self.0.chars();
+        for c in chars.by_ref().take(Self::MAX_CHARS) {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        if chars.next().is_some() {
+            f.write_str("…")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+    use crate::domain::Timestamp;
+
+    #[test]
+    fn reported_times_never_pass_the_control_planes_clock() {
+        let now = Timestamp(1_700_000_000_000_000);
+        assert_eq!(clamp_reported(253_402_214_400_000_000, now), now);
+        assert_eq!(clamp_reported(i64::MAX, now), now);
+        assert_eq!(clamp_reported(now.0 - 5, now), Timestamp(now.0 - 5));
+    }
+
+    #[test]
+    fn logged_names_are_escaped_and_bounded() {
+        assert_eq!(LoggedName("dp-1").to_string(), "dp-1");
+        assert_eq!(
+            LoggedName("a\nb\r\u{1b}[2J").to_string(),
+            "a\\nb\\r\\u{1b}[2J"
+        );
+        let long = "é".repeat(1000);
+        let shown = LoggedName(&long).to_string();
+        assert_eq!(shown.chars().count(), LoggedName::MAX_CHARS + 1);
+        assert!(!shown.contains('\n'));
     }
 }

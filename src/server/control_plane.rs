@@ -15,6 +15,7 @@ use tokio::sync::broadcast;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 
+use super::authz_listener::{AuthzListener, bind_authz};
 use super::data_dir::open_store;
 use super::listeners::{Health, bind, grpc_server, reflection, serve, serve_authz, server_tls};
 use super::secret_refresh::run_refresh;
@@ -22,7 +23,7 @@ use super::shutdown::Shutdown;
 use super::{ADMIN_SERVICE, ControlPlane, DISTRIBUTION_SERVICE, Role, Running, StartError, tokens};
 use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
-use crate::config::ControlPlaneArgs;
+use crate::config::{AuthzAddr, ControlPlaneArgs};
 use crate::crypto::Secret;
 use crate::distribution::{DistributionService, SubscriberAuth};
 use crate::domain::Limits;
@@ -35,7 +36,7 @@ use crate::usage::UsageSink;
 /// once every listener is bound.
 pub async fn start_control_plane(
     args: &ControlPlaneArgs,
-    authz: Option<(SocketAddr, DecisionConfig)>,
+    authz: Option<(AuthzAddr, DecisionConfig)>,
 ) -> Result<Running, StartError> {
     let limits = args.limits().map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
@@ -47,7 +48,7 @@ pub async fn start_control_plane(
         fingerprint,
     } = open(args, limits).await?;
     let snapshots = Snapshots::build(&store, args).await?;
-    let listeners = Listeners::bind(args, authz.as_ref().map(|(addr, _)| *addr)).await?;
+    let listeners = Listeners::bind(args, authz.as_ref().map(|(addr, _)| addr)).await?;
     let addrs = listeners.addrs;
     let mut shutdown = Shutdown::new(args.shutdown_grace);
     spawn_tasks(
@@ -181,7 +182,7 @@ fn spawn_tasks(builder: SnapshotBuilder, secrets: Secrets, store: &Store, shutdo
 
 /// Every listener, bound before anything is served (a taken port fails the start).
 struct Listeners {
-    authz: Option<TcpListener>,
+    authz: Option<AuthzListener>,
     admin: TcpListener,
     distribution: Option<TcpListener>,
     metrics: TcpListener,
@@ -189,9 +190,9 @@ struct Listeners {
 }
 
 /// The addresses the listeners got (ports may have been 0).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Addrs {
-    authz: Option<SocketAddr>,
+    authz: Option<AuthzAddr>,
     admin: SocketAddr,
     distribution: Option<SocketAddr>,
     metrics: SocketAddr,
@@ -200,10 +201,10 @@ struct Addrs {
 impl Listeners {
     async fn bind(
         args: &ControlPlaneArgs,
-        authz: Option<SocketAddr>,
+        authz: Option<&AuthzAddr>,
     ) -> Result<Listeners, StartError> {
         let authz = match authz {
-            Some(addr) => Some(bind(addr, "ext_authz").await?),
+            Some(addr) => Some(bind_authz(addr).await?),
             None => None,
         };
         let admin = bind(args.admin_addr, "admin").await?;
@@ -213,7 +214,7 @@ impl Listeners {
         };
         let metrics = bind(args.metrics_addr, "metrics").await?;
         let addrs = Addrs {
-            authz: authz.as_ref().map(|(_, a)| *a),
+            authz: authz.as_ref().map(|(_, a)| a.clone()),
             admin: admin.1,
             distribution: distribution.as_ref().map(|(_, a)| *a),
             metrics: metrics.1,
@@ -252,7 +253,7 @@ impl Addrs {
 
     fn log_ready(&self) {
         tracing::info!(
-            authz_addr = self.authz.map(|a| a.to_string()),
+            authz_addr = self.authz.as_ref().map(|a| a.to_string()),
             admin_addr = %self.admin,
             metrics_addr = %self.metrics,
             distribution_addr = self.distribution.map(|a| a.to_string()),
@@ -366,7 +367,7 @@ mod tests {
     async fn the_dedicated_distribution_listener_turns_not_serving_at_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("subscriber.token");
-        std::fs::write(&token, "subscriber-token-0123456789abcdef\n").unwrap();
+        crate::crypto::write_private_file(&token, b"subscriber-token-0123456789abcdef\n").unwrap();
         let cli = Cli::try_parse_from([
             "keygate",
             "control-plane",

@@ -1,7 +1,8 @@
 //! The control plane's data directory and what it opens from it: the directory itself
 //! (created mode 0700 when missing), the master key (generated on first start unless
 //! `--master-key-file` names one) and the store (the SQLite file there unless `--store` names
-//! another). Depends on `config`, `crypto`, `domain` and `store`.
+//! another). An existing data dir others can write to, or a master key others can read, is
+//! refused (`fsperm`). Depends on `config`, `crypto`, `domain`, `fsperm` and `store`.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use super::StartError;
 use crate::config::StoreArgs;
 use crate::crypto::{self, MasterKey};
 use crate::domain::Limits;
+use crate::fsperm;
 use crate::store::Store;
 
 /// Opens the store named by `args` (creating the data dir and master key on first start).
@@ -47,7 +49,8 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
                 dir.display()
             )));
         }
-        return Ok(());
+        // It holds the master key and the admin token: nobody else may write to it.
+        return fsperm::check_private_dir(dir, "--data-dir").map_err(perm);
     }
     crypto::create_private_dir(dir).map_err(|source| StartError::Io {
         context: format!("creating data dir {}", dir.display()),
@@ -59,9 +62,13 @@ fn ensure_data_dir(dir: &Path) -> Result<(), StartError> {
 
 fn load_master_key(args: &StoreArgs) -> Result<MasterKey, StartError> {
     match &args.master_key_file {
-        Some(p) => MasterKey::load(p).map_err(|e| StartError::Config(e.to_string())),
+        Some(p) => {
+            fsperm::check_secret_file(p, "--master-key-file").map_err(perm)?;
+            MasterKey::load(p).map_err(|e| StartError::Config(e.to_string()))
+        }
         None => {
             let p = args.data_dir.join("master.key");
+            fsperm::check_secret_file(&p, "master key file").map_err(perm)?;
             let (key, created) =
                 MasterKey::load_or_create(&p).map_err(|e| StartError::Config(e.to_string()))?;
             if created {
@@ -74,4 +81,9 @@ fn load_master_key(args: &StoreArgs) -> Result<MasterKey, StartError> {
 
 fn sqlite_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keygate.db")
+}
+
+/// A file or directory others could read or change: the operator must fix it (exit 64).
+pub(super) fn perm(e: fsperm::PermError) -> StartError {
+    StartError::Config(e.to_string())
 }

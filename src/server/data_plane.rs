@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::authz_listener::{bind_authz, check_exposure};
 use super::listeners::{bind, serve_authz, server_tls};
 use super::shutdown::Shutdown;
 use super::{DataPlane, Role, Running, StartError};
@@ -36,12 +37,13 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
         .data_plane
         .decision_config()
         .map_err(StartError::Config)?;
+    check_exposure(&args.authz, args.tls.tls_client_ca.is_some())?;
     let tls = server_tls(&args.tls)?;
     let feed = bootstrap_feed(&args)?;
     feed.load_cache();
 
     let mut shutdown = Shutdown::new(args.shutdown_grace);
-    let (listener, authz_addr) = bind(args.authz_addr, "ext_authz").await?;
+    let (listener, authz_addr) = bind_authz(&args.authz.authz_addr).await?;
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr, "metrics").await?;
     let sources =
         crate::health::HealthSources::new(feed.cell.clone(), Some(feed.status.clone()), None);

@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
+use super::authz_listener::AuthzListener;
 use super::shutdown::Shutdown;
 use super::{AUTHZ_SERVICE, StartError};
 use crate::authz::ExtAuthzService;
@@ -121,6 +122,27 @@ pub(super) fn serve(
     what: &'static str,
     shutdown: &mut Shutdown,
 ) {
+    serve_incoming(router, incoming(listener), health, what, shutdown)
+}
+
+/// [`serve`] over any stream of accepted connections (TCP or a Unix domain socket).
+fn serve_incoming<I, IO, IE>(
+    router: Router,
+    connections: I,
+    health: Health,
+    what: &'static str,
+    shutdown: &mut Shutdown,
+) where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let begun = shutdown.recv();
     shutdown.spawn(async move {
         let stop_accepting = async move {
@@ -128,7 +150,7 @@ pub(super) fn serve(
             health.not_serving().await;
         };
         if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming(listener), stop_accepting)
+            .serve_with_incoming_shutdown(connections, stop_accepting)
             .await
         {
             tracing::error!(error = %e, server = what, "gRPC server failed");
@@ -139,7 +161,7 @@ pub(super) fn serve(
 /// The ext_authz listener: health NOT_SERVING until a snapshot is live, then SERVING, and
 /// NOT_SERVING again at shutdown.
 pub(super) async fn serve_authz(
-    listener: TcpListener,
+    listener: AuthzListener,
     authz: ExtAuthzService,
     cell: SnapshotCell,
     tls: &Option<ServerTlsConfig>,
@@ -169,7 +191,16 @@ pub(super) async fn serve_authz(
         .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
             authz,
         ));
-    serve(router, listener, health, "ext_authz", shutdown);
+    match listener {
+        AuthzListener::Tcp(l) => serve(router, l, health, "ext_authz", shutdown),
+        AuthzListener::Unix(l) => serve_incoming(
+            router,
+            tokio_stream::wrappers::UnixListenerStream::new(l),
+            health,
+            "ext_authz",
+            shutdown,
+        ),
+    }
     Ok(())
 }
 

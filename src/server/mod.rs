@@ -6,6 +6,7 @@
 //! and one shutdown pattern (`shutdown`): signal → health NOT_SERVING → stop accepting → drain
 //! within a grace period. Depends on every room below it; only `main` depends on it.
 
+mod authz_listener;
 mod control_plane;
 mod data_dir;
 mod data_plane;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::config::ServeArgs;
+use crate::config::{AuthzAddr, ServeArgs};
 use crate::distribution::SubscriberStatus;
 use crate::distribution::bootstrap::BootstrapError;
 use crate::distribution::token::TokenError;
@@ -90,7 +91,7 @@ pub enum Role {
     /// `keygate serve`: a control plane with an ext_authz listener beside it.
     Serve {
         control_plane: ControlPlane,
-        authz_addr: SocketAddr,
+        authz_addr: AuthzAddr,
     },
     /// `keygate control-plane`.
     ControlPlane(ControlPlane),
@@ -108,7 +109,7 @@ pub struct ControlPlane {
 
 /// What a running `keygate authz` has.
 pub struct DataPlane {
-    pub authz_addr: SocketAddr,
+    pub authz_addr: AuthzAddr,
     /// Its subscription to the control plane (for health, metrics and logs).
     pub subscriber: Arc<SubscriberStatus>,
     /// An error that must stop the process (a master key that differs from the control
@@ -117,11 +118,15 @@ pub struct DataPlane {
 }
 
 impl Running {
-    /// The ext_authz listener's address, where there is one.
+    /// The ext_authz listener's TCP address, where there is one (`None` on a Unix socket).
     pub fn authz_addr(&self) -> Option<SocketAddr> {
         match &self.role {
-            Role::Serve { authz_addr, .. } => Some(*authz_addr),
-            Role::DataPlane(d) => Some(d.authz_addr),
+            Role::Serve { authz_addr, .. } | Role::DataPlane(DataPlane { authz_addr, .. }) => {
+                match authz_addr {
+                    AuthzAddr::Tcp(a) => Some(*a),
+                    AuthzAddr::Unix(_) => None,
+                }
+            }
             Role::ControlPlane(_) => None,
         }
     }
@@ -154,7 +159,9 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         .data_plane
         .decision_config()
         .map_err(StartError::Config)?;
-    start_control_plane(&args.control_plane, Some((args.authz_addr, decision))).await
+    let client_ca = args.control_plane.tls.tls_client_ca.is_some();
+    authz_listener::check_exposure(&args.authz, client_ca)?;
+    start_control_plane(&args.control_plane, Some((args.authz.authz_addr, decision))).await
 }
 
 /// Runs a started keygate until `shutdown` resolves (or a fatal error), then stops gracefully.

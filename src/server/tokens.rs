@@ -3,17 +3,20 @@
 //! `--admin-token-file`, else `<data-dir>/admin.token`, generated on first start) and the
 //! subscriber token data planes present (`KEYGATE_SUBSCRIBER_TOKEN`, else
 //! `--subscriber-token-file`; optional here). Both are read by the one loader in
-//! `distribution::token` (trimmed, at least 16 characters), and they must differ.
-//! Depends on `config`, `crypto` and `distribution`.
+//! `distribution::token` (trimmed, at least 16 characters), and they must differ. A token
+//! file others can read is refused (`fsperm`). Depends on `config`, `crypto`, `distribution`
+//! and `fsperm`.
 
 use std::path::Path;
 
 use super::StartError;
+use super::data_dir::perm;
 use crate::admin::CertIdentities;
 use crate::config::ControlPlaneArgs;
 use crate::crypto::{self, Secret, credentials_equal};
 use crate::distribution::token::{SUBSCRIBER_TOKEN_ENV, TokenSource, load_token};
 use crate::domain::Timestamp;
+use crate::fsperm;
 use crate::store::Store;
 
 /// Supplies the admin token directly; wins over every file.
@@ -21,6 +24,11 @@ pub const ADMIN_TOKEN_ENV: &str = "KEYGATE_ADMIN_TOKEN";
 
 /// The subscriber token data planes must present, if the control plane has one.
 pub(super) fn subscriber_token(file: Option<&Path>) -> Result<Option<Secret>, StartError> {
+    if std::env::var_os(SUBSCRIBER_TOKEN_ENV).is_none()
+        && let Some(f) = file
+    {
+        fsperm::check_secret_file(f, "--subscriber-token-file").map_err(perm)?;
+    }
     Ok(load_token(&[
         TokenSource::Env(SUBSCRIBER_TOKEN_ENV),
         TokenSource::File {
@@ -81,6 +89,14 @@ pub(super) fn admin_identities(
 /// exists by now: the store opened there).
 fn admin_token(args: &ControlPlaneArgs) -> Result<Secret, StartError> {
     let generated = args.store.data_dir.join("admin.token");
+    if std::env::var_os(ADMIN_TOKEN_ENV).is_none() {
+        // The file that will be read, if any: the flag's, else the generated one.
+        match &args.admin_token_file {
+            Some(f) => fsperm::check_secret_file(f, "--admin-token-file"),
+            None => fsperm::check_secret_file(&generated, "admin token file"),
+        }
+        .map_err(perm)?;
+    }
     let given = load_token(&[
         TokenSource::Env(ADMIN_TOKEN_ENV),
         TokenSource::File {

@@ -321,6 +321,47 @@ pub fn render_single(authz: u16, listener: u16, upstream: u16, admin: u16) -> St
     replace_port(f, &c, 9901, admin, 1)
 }
 
+/// `envoy/envoy.yaml` with keygate on a Unix socket: its `socket_address` for keygate replaced
+/// by the commented `pipe` example shipped beside it, pointing at `socket`.
+pub fn render_single_pipe(socket: &Path, listener: u16, upstream: u16, admin: u16) -> String {
+    let f = "envoy/envoy.yaml";
+    let c = render_single(9001, listener, upstream, admin);
+    let lines: Vec<&str> = c.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "port_value: 9001")
+        .unwrap_or_else(|| panic!("{f}: no keygate port_value"));
+    assert_eq!(
+        lines[at - 2].trim(),
+        "socket_address:",
+        "{f}: keygate's address block moved"
+    );
+    let mut out = Vec::new();
+    let mut piped = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if (at - 2..=at).contains(&i) {
+            continue;
+        }
+        match line.trim() {
+            "# pipe:" => {
+                out.push(line.replacen("# pipe:", "pipe:", 1));
+                piped += 1;
+            }
+            "#   path: /run/keygate/authz.sock" => {
+                let path = format!("  path: {}", socket.display());
+                out.push(line.replacen("#   path: /run/keygate/authz.sock", &path, 1));
+                piped += 1;
+            }
+            _ => out.push(line.to_string()),
+        }
+    }
+    assert_eq!(
+        piped, 2,
+        "{f}: the commented pipe example is not as expected"
+    );
+    out.join("\n") + "\n"
+}
+
 /// `envoy/split.yaml` (two `keygate authz` data planes) with the data planes', the
 /// listener's, the upstream's and the admin's ports.
 pub fn render_split(authz: [u16; 2], listener: u16, upstream: u16, admin: u16) -> String {

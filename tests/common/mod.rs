@@ -347,6 +347,14 @@ impl Keygate {
     }
 }
 
+/// Writes `contents` to `path` readable by its owner only, as keygate requires of key and token
+/// files (SPEC §9 "Files"; a file others can read is refused).
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// `<data_dir>/admin.token`, as keygate generated it.
 pub fn read_admin_token(data_dir: &Path) -> String {
     std::fs::read_to_string(data_dir.join("admin.token"))

@@ -36,7 +36,7 @@ pub fn write_master_key(path: &Path) {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
-    std::fs::write(path, hex + "\n").unwrap();
+    super::write_private(path, hex + "\n");
 }
 
 // ---------------------------------------------------------------------------------------------
