@@ -3,6 +3,12 @@
 //! data plane restarting while its control plane is away refuses a cache below its high-water
 //! mark (and waits for the control plane) rather than serve a key that was disabled since.
 //!
+//!
+//! A store restored from a backup (its revision goes back, its store id stays) must not leave
+//! an already-connected data plane on the state it had moved past: the control plane starts a
+//! new epoch and every data plane takes the restored store's full snapshot, then every later
+//! change (a leaked key disabled) within the normal propagation time.
+//!
 //! Every test has its own processes, ports and data dirs. Nothing sleeps to wait for a state.
 
 mod common;
@@ -21,6 +27,7 @@ use common::{poll_until, tail};
 
 const SETTLE: Duration = Duration::from_secs(15);
 const MODEL_KEY: &str = "sk-proj-restoreRollback00000000000000000001";
+const SQLITE_FILES: [&str; 3] = ["keygate.db", "keygate.db-wal", "keygate.db-shm"];
 const REFUSED: &str = "snapshot cache refused: below its high-water mark; ignoring it";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,4 +105,78 @@ async fn an_older_copy_of_the_cache_is_refused_at_start() {
             .is_some_and(|e| e.contains("high-water mark")),
         "{line}"
     );
+}
+
+/// Copies the control plane's SQLite files (it is stopped) from `from` to `to`; a file `from`
+/// lacks is removed from `to`.
+fn copy_sqlite(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in SQLITE_FILES {
+        match std::fs::read(from.join(f)) {
+            Ok(b) => common::write_private(&to.join(f), b),
+            Err(_) => {
+                let _ = std::fs::remove_file(to.join(f));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let cp_dir = dir.path().join("cp");
+    let mut cp = ControlPlane::start(&ControlPlaneOptions::new(&cp_dir, &token)).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let opts = DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dir.path().join("dp"),
+        &cp.master_key_file(),
+        &token,
+    );
+    let dp = DataPlane::start(&opts).await;
+    dp.wait_serving(SETTLE).await;
+    poll_until(SETTLE, "the data plane to allow the key", || async {
+        dp.verdict(&leaked, "openai").await.allowed().then_some(())
+    })
+    .await;
+
+    // The backup: the control plane stopped, its files copied.
+    cp.proc.stop();
+    let backup = dir.path().join("backup");
+    copy_sqlite(&cp_dir, &backup);
+    cp.restart().await;
+    let mut admin = cp.admin().await;
+
+    // Later changes the backup does not have, and the data plane takes them.
+    let newer = create_bound_key(&mut admin, "newer", "app").await;
+    for i in 0..5 {
+        create_consumer(&mut admin, &format!("later-{i}")).await;
+    }
+    poll_until(SETTLE, "the data plane to allow the newer key", || async {
+        dp.verdict(&newer, "openai").await.allowed().then_some(())
+    })
+    .await;
+
+    // The restore, then the leaked key disabled on the restored store.
+    cp.proc.stop();
+    copy_sqlite(&backup, &cp_dir);
+    cp.restart().await;
+    let mut admin = cp.admin().await;
+    disable_consumer_key(&mut admin, "leaked").await;
+    poll_until(
+        SETTLE,
+        "the connected data plane to refuse the disabled key and the key the store lost",
+        || async {
+            (!dp.verdict(&leaked, "openai").await.allowed()
+                && !dp.verdict(&newer, "openai").await.allowed())
+            .then_some(())
+        },
+    )
+    .await;
 }

@@ -241,7 +241,7 @@ impl Subscriber {
     pub fn apply(&self, base: i64, update: Update) -> Result<Applied, ApplyError> {
         let current = self.cell.load();
         if let Some(c) = &current
-            && c.store_id == update.store_id
+            && c.same_history(&update.store_id, &update.epoch)
             && update.version.saturating_sub(c.version) > MAX_VERSION_JUMP
         {
             return Err(ApplyError::Malformed(format!(
@@ -251,7 +251,10 @@ impl Subscriber {
         }
         let next = match (&current, update.full) {
             (_, true) => match &current {
-                Some(c) if c.store_id == update.store_id && update.version < c.version => {
+                Some(c)
+                    if c.same_history(&update.store_id, &update.epoch)
+                        && update.version < c.version =>
+                {
                     return Err(ApplyError::Stale {
                         current: c.version,
                         update: update.version,
@@ -260,7 +263,7 @@ impl Subscriber {
                 _ => Snapshot::from_full(update, &self.keys)?,
             },
             (Some(c), false) => {
-                if c.store_id == update.store_id && base != c.version {
+                if c.same_history(&update.store_id, &update.epoch) && base != c.version {
                     if update.version <= c.version {
                         return Err(ApplyError::Stale {
                             current: c.version,
@@ -410,6 +413,10 @@ impl Subscriber {
             store_id: current
                 .as_ref()
                 .map(|s| s.store_id.clone())
+                .unwrap_or_default(),
+            epoch: current
+                .as_ref()
+                .map(|s| s.epoch.clone())
                 .unwrap_or_default(),
             version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
