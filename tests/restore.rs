@@ -20,6 +20,7 @@ use keygate::proto::admin::v1 as pb;
 use common::admin::{
     create_bound_key, create_consumer, create_model_key, create_service, disable_consumer_key,
 };
+use common::postgres::{copy_postgres_database, drop_postgres_database, fresh_postgres_database};
 use common::split::{
     ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, subscriber_token,
 };
@@ -121,12 +122,48 @@ fn copy_sqlite(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
+/// Where the control plane's store is, and how it is backed up and restored.
+enum Backup {
+    /// The SQLite files in the control plane's data dir: copied while it is stopped; restored
+    /// while it is stopped (it starts on the restored files and meets data planes that are
+    /// ahead of them).
+    Sqlite,
+    /// A PostgreSQL database: copied while the control plane is stopped, restored under the
+    /// running control plane (it reconnects and finds the revision below what it published).
+    Postgres { store: String, backup: String },
+}
+
+impl Backup {
+    async fn take(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
+        cp.proc.stop();
+        match self {
+            Backup::Sqlite => copy_sqlite(&cp.opts.data_dir, &dir.join("backup")),
+            Backup::Postgres { store, backup } => copy_postgres_database(store, backup).await,
+        }
+        cp.restart().await;
+    }
+
+    async fn restore(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
+        match self {
+            Backup::Sqlite => {
+                cp.proc.stop();
+                copy_sqlite(&dir.join("backup"), &cp.opts.data_dir);
+                cp.restart().await;
+            }
+            Backup::Postgres { store, backup } => copy_postgres_database(backup, store).await,
+        }
+    }
+}
+
+/// Key A allowed → backup → key B created and more revisions → the backup restored → A
+/// disabled: the data plane connected throughout refuses A (disabled) and B (the restored
+/// store does not have it) within the normal propagation time.
+async fn restored_store_scenario(backup: Backup, store: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let token = subscriber_token();
-    let cp_dir = dir.path().join("cp");
-    let mut cp = ControlPlane::start(&ControlPlaneOptions::new(&cp_dir, &token)).await;
+    let mut cp_opts = ControlPlaneOptions::new(&dir.path().join("cp"), &token);
+    cp_opts.store = store;
+    let mut cp = ControlPlane::start(&cp_opts).await;
     let mut admin = cp.admin().await;
     create_service(&mut admin, "openai", "", "").await;
     create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
@@ -146,13 +183,8 @@ async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
     })
     .await;
 
-    // The backup: the control plane stopped, its files copied.
-    cp.proc.stop();
-    let backup = dir.path().join("backup");
-    copy_sqlite(&cp_dir, &backup);
-    cp.restart().await;
+    backup.take(&mut cp, dir.path()).await;
     let mut admin = cp.admin().await;
-
     // Later changes the backup does not have, and the data plane takes them.
     let newer = create_bound_key(&mut admin, "newer", "app").await;
     for i in 0..5 {
@@ -164,11 +196,28 @@ async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
     .await;
 
     // The restore, then the leaked key disabled on the restored store.
-    cp.proc.stop();
-    copy_sqlite(&backup, &cp_dir);
-    cp.restart().await;
-    let mut admin = cp.admin().await;
-    disable_consumer_key(&mut admin, "leaked").await;
+    backup.restore(&mut cp, dir.path()).await;
+    // (On PostgreSQL the control plane's pooled connections died with the old database: the
+    // first requests may fail until it has reconnected.)
+    let admin = cp.admin().await;
+    poll_until(
+        SETTLE,
+        "the restored store to take DisableConsumerKey",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .disable_consumer_key(pb::DisableConsumerKeyRequest {
+                        selector: Some(pb::disable_consumer_key_request::Selector::Name(
+                            "leaked".into(),
+                        )),
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
     poll_until(
         SETTLE,
         "the connected data plane to refuse the disabled key and the key the store lost",
@@ -179,4 +228,25 @@ async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
+    restored_store_scenario(Backup::Sqlite, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_postgres_store_is_followed_by_a_connected_data_plane() {
+    let store = fresh_postgres_database("kg_restore").await;
+    let backup = fresh_postgres_database("kg_restore_backup").await;
+    restored_store_scenario(
+        Backup::Postgres {
+            store: store.clone(),
+            backup: backup.clone(),
+        },
+        Some(store.clone()),
+    )
+    .await;
+    drop_postgres_database(&store).await;
+    drop_postgres_database(&backup).await;
 }
