@@ -256,6 +256,19 @@ mod tests {
             load(dir.path(), &keys),
             Err(CacheError::NoMark(_))
         ));
+        // A cache of another epoch than its mark: refused too (which one is older is unknown).
+        let mut other = snapshot(9, &keys);
+        other.epoch = "after-restore".into();
+        store(dir.path(), &other, &keys).unwrap();
+        assert_eq!(
+            load(dir.path(), &keys).unwrap().unwrap().epoch,
+            "after-restore"
+        );
+        store_mark(dir.path(), "bench", "", 9, &keys).unwrap();
+        assert!(matches!(
+            load(dir.path(), &keys),
+            Err(CacheError::RolledBack { .. })
+        ));
         // A newer cache than the mark (killed between the two writes) is served.
         store(dir.path(), &snapshot(7, &keys), &keys).unwrap();
         store_mark(dir.path(), "bench", "", 6, &keys).unwrap();

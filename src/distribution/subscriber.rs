@@ -588,6 +588,37 @@ mod tests {
     }
 
     #[test]
+    fn a_full_snapshot_of_another_epoch_replaces_the_served_one_whatever_its_version() {
+        let keys = MasterKey::generate().keys();
+        let s = subscriber(&keys);
+        s.apply(0, full(50)).unwrap();
+        // The store restored to version 30 and a new epoch started at 31.
+        let mut restored = full(31);
+        restored.epoch = "after-restore".into();
+        restored.keys.truncate(1);
+        assert_eq!(
+            s.apply(0, restored).unwrap(),
+            Applied::Swapped { version: 31 }
+        );
+        let served = s.cell.load().unwrap();
+        assert_eq!(
+            (served.epoch.as_str(), served.counts().consumer_keys),
+            ("after-restore", 1)
+        );
+        // An incremental update of the old epoch does not apply, whatever its version.
+        let old = Update {
+            store_id: "bench".into(),
+            version: 51,
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.apply(31, old),
+            Err(ApplyError::OtherStore { .. })
+        ));
+        assert_eq!(s.cell.load().unwrap().version, 31);
+    }
+
+    #[test]
     fn a_full_snapshot_from_another_store_replaces_the_served_one() {
         let keys = MasterKey::generate().keys();
         let s = subscriber(&keys);
