@@ -3,11 +3,11 @@
 //! data plane restarting while its control plane is away refuses a cache below its high-water
 //! mark (and waits for the control plane) rather than serve a key that was disabled since.
 //!
-//!
 //! A store restored from a backup (its revision goes back, its store id stays) must not leave
 //! an already-connected data plane on the state it had moved past: the control plane starts a
 //! new epoch and every data plane takes the restored store's full snapshot, then every later
-//! change (a leaked key disabled) within the normal propagation time.
+//! change (a leaked key disabled) within the normal propagation time: `keygate authz` on
+//! SQLite and on PostgreSQL, and Envoy with the keygate module.
 //!
 //! Every test has its own processes, ports and data dirs. Nothing sleeps to wait for a state.
 
@@ -18,8 +18,10 @@ use std::time::Duration;
 use keygate::proto::admin::v1 as pb;
 
 use common::admin::{
-    create_bound_key, create_consumer, create_model_key, create_service, disable_consumer_key,
+    bearer, create_bound_key, create_consumer, create_model_key, create_service,
+    disable_consumer_key,
 };
+use common::envoy::{Envoy, EnvoyRun, ModuleFiles, Upstream, http_get};
 use common::postgres::{copy_postgres_database, drop_postgres_database, fresh_postgres_database};
 use common::split::{
     ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, subscriber_token,
@@ -249,4 +251,72 @@ async fn a_restored_postgres_store_is_followed_by_a_connected_data_plane() {
     .await;
     drop_postgres_database(&store).await;
     drop_postgres_database(&backup).await;
+}
+
+/// The same restore with Envoy and the keygate module as the connected data plane (it runs
+/// the same subscriber code as `keygate authz`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_is_followed_by_envoy_with_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let mut cp =
+        ControlPlane::start(&ControlPlaneOptions::new(&dir.path().join("cp"), &token)).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let token_file = dir.path().join("subscriber.token");
+    common::write_private(&token_file, &token);
+    let files = ModuleFiles {
+        control_plane: cp.url(),
+        master_key_file: cp.master_key_file(),
+        data_dir: dir.path().join("module-data"),
+        subscriber_token_file: token_file,
+        extra_settings: String::new(),
+    };
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_module(&files, upstream.addr, &EnvoyRun::module()).await;
+    let status = |key: String| {
+        let listener = envoy.listener;
+        async move {
+            http_get(
+                listener,
+                "/openai/v1/models",
+                &[("authorization", &bearer(&key))],
+            )
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0)
+        }
+    };
+    poll_until(SETTLE, "the module to allow the key", || async {
+        (status(leaked.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    let backup = Backup::Sqlite;
+    backup.take(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    let newer = create_bound_key(&mut admin, "newer", "app").await;
+    for i in 0..5 {
+        create_consumer(&mut admin, &format!("later-{i}")).await;
+    }
+    poll_until(SETTLE, "the module to allow the newer key", || async {
+        (status(newer.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    backup.restore(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    disable_consumer_key(&mut admin, "leaked").await;
+    poll_until(
+        SETTLE,
+        "the module to refuse the disabled key and the key the store lost",
+        || async {
+            (status(leaked.clone()).await == 401 && status(newer.clone()).await == 401)
+                .then_some(())
+        },
+    )
+    .await;
 }
