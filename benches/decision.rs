@@ -165,6 +165,7 @@ fn build(n: usize, keys: Keys) -> Fixture {
 
     let update = Update {
         store_id: "bench".into(),
+        epoch: String::new(),
         version: 1,
         full: true,
         keys: records,

@@ -3,6 +3,12 @@
 //! data plane restarting while its control plane is away refuses a cache below its high-water
 //! mark (and waits for the control plane) rather than serve a key that was disabled since.
 //!
+//! A store restored from a backup (its revision goes back, its store id stays) must not leave
+//! an already-connected data plane on the state it had moved past: the control plane starts a
+//! new epoch and every data plane takes the restored store's full snapshot, then every later
+//! change (a leaked key disabled) within the normal propagation time: `keygate authz` on
+//! SQLite and on PostgreSQL, and Envoy with the keygate module.
+//!
 //! Every test has its own processes, ports and data dirs. Nothing sleeps to wait for a state.
 
 mod common;
@@ -12,8 +18,11 @@ use std::time::Duration;
 use keygate::proto::admin::v1 as pb;
 
 use common::admin::{
-    create_bound_key, create_consumer, create_model_key, create_service, disable_consumer_key,
+    bearer, create_bound_key, create_consumer, create_model_key, create_service,
+    disable_consumer_key,
 };
+use common::envoy::{Envoy, EnvoyRun, ModuleFiles, Upstream, http_get};
+use common::postgres::{copy_postgres_database, drop_postgres_database, fresh_postgres_database};
 use common::split::{
     ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, subscriber_token,
 };
@@ -21,6 +30,7 @@ use common::{poll_until, tail};
 
 const SETTLE: Duration = Duration::from_secs(15);
 const MODEL_KEY: &str = "sk-proj-restoreRollback00000000000000000001";
+const SQLITE_FILES: [&str; 3] = ["keygate.db", "keygate.db-wal", "keygate.db-shm"];
 const REFUSED: &str = "snapshot cache refused: below its high-water mark; ignoring it";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,4 +108,215 @@ async fn an_older_copy_of_the_cache_is_refused_at_start() {
             .is_some_and(|e| e.contains("high-water mark")),
         "{line}"
     );
+}
+
+/// Copies the control plane's SQLite files (it is stopped) from `from` to `to`; a file `from`
+/// lacks is removed from `to`.
+fn copy_sqlite(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in SQLITE_FILES {
+        match std::fs::read(from.join(f)) {
+            Ok(b) => common::write_private(&to.join(f), b),
+            Err(_) => {
+                let _ = std::fs::remove_file(to.join(f));
+            }
+        }
+    }
+}
+
+/// Where the control plane's store is, and how it is backed up and restored.
+enum Backup {
+    /// The SQLite files in the control plane's data dir: copied while it is stopped; restored
+    /// while it is stopped (it starts on the restored files and meets data planes that are
+    /// ahead of them).
+    Sqlite,
+    /// A PostgreSQL database: copied while the control plane is stopped, restored under the
+    /// running control plane (it reconnects and finds the revision below what it published).
+    Postgres { store: String, backup: String },
+}
+
+impl Backup {
+    async fn take(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
+        cp.proc.stop();
+        match self {
+            Backup::Sqlite => copy_sqlite(&cp.opts.data_dir, &dir.join("backup")),
+            Backup::Postgres { store, backup } => copy_postgres_database(store, backup).await,
+        }
+        cp.restart().await;
+    }
+
+    async fn restore(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
+        match self {
+            Backup::Sqlite => {
+                cp.proc.stop();
+                copy_sqlite(&dir.join("backup"), &cp.opts.data_dir);
+                cp.restart().await;
+            }
+            Backup::Postgres { store, backup } => copy_postgres_database(backup, store).await,
+        }
+    }
+}
+
+/// Key A allowed → backup → key B created and more revisions → the backup restored → A
+/// disabled: the data plane connected throughout refuses A (disabled) and B (the restored
+/// store does not have it) within the normal propagation time.
+async fn restored_store_scenario(backup: Backup, store: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let mut cp_opts = ControlPlaneOptions::new(&dir.path().join("cp"), &token);
+    cp_opts.store = store;
+    let mut cp = ControlPlane::start(&cp_opts).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let opts = DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dir.path().join("dp"),
+        &cp.master_key_file(),
+        &token,
+    );
+    let dp = DataPlane::start(&opts).await;
+    dp.wait_serving(SETTLE).await;
+    poll_until(SETTLE, "the data plane to allow the key", || async {
+        dp.verdict(&leaked, "openai").await.allowed().then_some(())
+    })
+    .await;
+
+    backup.take(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    // Later changes the backup does not have, and the data plane takes them.
+    let newer = create_bound_key(&mut admin, "newer", "app").await;
+    for i in 0..5 {
+        create_consumer(&mut admin, &format!("later-{i}")).await;
+    }
+    poll_until(SETTLE, "the data plane to allow the newer key", || async {
+        dp.verdict(&newer, "openai").await.allowed().then_some(())
+    })
+    .await;
+
+    // The restore, then the leaked key disabled on the restored store.
+    backup.restore(&mut cp, dir.path()).await;
+    // (On PostgreSQL the control plane's pooled connections died with the old database: the
+    // first requests may fail until it has reconnected.)
+    let admin = cp.admin().await;
+    poll_until(
+        SETTLE,
+        "the restored store to take DisableConsumerKey",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .disable_consumer_key(pb::DisableConsumerKeyRequest {
+                        selector: Some(pb::disable_consumer_key_request::Selector::Name(
+                            "leaked".into(),
+                        )),
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    poll_until(
+        SETTLE,
+        "the connected data plane to refuse the disabled key and the key the store lost",
+        || async {
+            (!dp.verdict(&leaked, "openai").await.allowed()
+                && !dp.verdict(&newer, "openai").await.allowed())
+            .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_sqlite_store_is_followed_by_a_connected_data_plane() {
+    restored_store_scenario(Backup::Sqlite, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_postgres_store_is_followed_by_a_connected_data_plane() {
+    let store = fresh_postgres_database("kg_restore").await;
+    let backup = fresh_postgres_database("kg_restore_backup").await;
+    restored_store_scenario(
+        Backup::Postgres {
+            store: store.clone(),
+            backup: backup.clone(),
+        },
+        Some(store.clone()),
+    )
+    .await;
+    drop_postgres_database(&store).await;
+    drop_postgres_database(&backup).await;
+}
+
+/// The same restore with Envoy and the keygate module as the connected data plane (it runs
+/// the same subscriber code as `keygate authz`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_is_followed_by_envoy_with_the_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let mut cp =
+        ControlPlane::start(&ControlPlaneOptions::new(&dir.path().join("cp"), &token)).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let token_file = dir.path().join("subscriber.token");
+    common::write_private(&token_file, &token);
+    let files = ModuleFiles {
+        control_plane: cp.url(),
+        master_key_file: cp.master_key_file(),
+        data_dir: dir.path().join("module-data"),
+        subscriber_token_file: token_file,
+        extra_settings: String::new(),
+    };
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start_module(&files, upstream.addr, &EnvoyRun::module()).await;
+    let status = |key: String| {
+        let listener = envoy.listener;
+        async move {
+            http_get(
+                listener,
+                "/openai/v1/models",
+                &[("authorization", &bearer(&key))],
+            )
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0)
+        }
+    };
+    poll_until(SETTLE, "the module to allow the key", || async {
+        (status(leaked.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    let backup = Backup::Sqlite;
+    backup.take(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    let newer = create_bound_key(&mut admin, "newer", "app").await;
+    for i in 0..5 {
+        create_consumer(&mut admin, &format!("later-{i}")).await;
+    }
+    poll_until(SETTLE, "the module to allow the newer key", || async {
+        (status(newer.clone()).await == 200).then_some(())
+    })
+    .await;
+
+    backup.restore(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    disable_consumer_key(&mut admin, "leaked").await;
+    poll_until(
+        SETTLE,
+        "the module to refuse the disabled key and the key the store lost",
+        || async {
+            (status(leaked.clone()).await == 401 && status(newer.clone()).await == 401)
+                .then_some(())
+        },
+    )
+    .await;
 }

@@ -219,6 +219,7 @@ fn build_world() -> World {
 
     let update = Update {
         store_id: "test-store".into(),
+        epoch: String::new(),
         version: 7,
         full: true,
         keys: records,

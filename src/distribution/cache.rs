@@ -76,18 +76,24 @@ pub fn store(data_dir: &Path, snap: &Snapshot, keys: &Keys) -> Result<(), CacheE
     };
     write_private_file(&tmp, &sealed).map_err(io)?;
     std::fs::rename(&tmp, &target).map_err(io)?;
-    store_mark(data_dir, &snap.store_id, snap.version, keys)
+    store_mark(data_dir, &snap.store_id, &snap.epoch, snap.version, keys)
 }
 
-/// Writes the high-water mark: `store_id` at `version` (after the cache it describes).
+/// Writes the high-water mark: `store_id` at `version` of `epoch` (after the cache it
+/// describes).
 fn store_mark(
     data_dir: &Path,
     store_id: &str,
+    epoch: &str,
     version: i64,
     keys: &Keys,
 ) -> Result<(), CacheError> {
     let mut plain = version.to_be_bytes().to_vec();
     plain.extend_from_slice(store_id.as_bytes());
+    if !epoch.is_empty() {
+        plain.push(b'\n');
+        plain.extend_from_slice(epoch.as_bytes());
+    }
     let sealed = keys.cache.seal(MARK_AAD, &plain);
     let target = data_dir.join(MARK_FILE_NAME);
     let tmp = data_dir.join(format!("{MARK_FILE_NAME}.tmp-{}", std::process::id()));
@@ -100,8 +106,9 @@ fn store_mark(
     std::fs::rename(&tmp, &target).map_err(io)
 }
 
-/// The high-water mark's store id and version (`None`: missing or not sealed under `keys`).
-fn load_mark(data_dir: &Path, keys: &Keys) -> Result<Option<(String, i64)>, CacheError> {
+/// The high-water mark's store id, epoch and version (`None`: missing or not sealed under
+/// `keys`). A mark written before epochs existed reads as the first epoch ("").
+fn load_mark(data_dir: &Path, keys: &Keys) -> Result<Option<(String, String, i64)>, CacheError> {
     let p = data_dir.join(MARK_FILE_NAME);
     let sealed = match std::fs::read(&p) {
         Ok(b) => b,
@@ -119,9 +126,10 @@ fn load_mark(data_dir: &Path, keys: &Keys) -> Result<Option<(String, i64)>, Cach
     let Some((v, id)) = plain.split_first_chunk::<8>() else {
         return Ok(None);
     };
-    Ok(std::str::from_utf8(id)
-        .ok()
-        .map(|id| (id.to_string(), i64::from_be_bytes(*v))))
+    Ok(std::str::from_utf8(id).ok().map(|id| {
+        let (id, epoch) = id.split_once('\n').unwrap_or((id, ""));
+        (id.to_string(), epoch.to_string(), i64::from_be_bytes(*v))
+    }))
 }
 
 /// Reads the cache in `data_dir`, if there is one.
@@ -157,8 +165,12 @@ pub fn load(data_dir: &Path, keys: &Keys) -> Result<Option<Update>, CacheError> 
         }
     };
     match load_mark(data_dir, keys)? {
-        Some((store, version)) if store == u.store_id && u.version >= version => Ok(Some(u)),
-        Some((mark_store, mark_version)) => Err(CacheError::RolledBack {
+        Some((store, epoch, version))
+            if store == u.store_id && epoch == u.epoch && u.version >= version =>
+        {
+            Ok(Some(u))
+        }
+        Some((mark_store, _, mark_version)) => Err(CacheError::RolledBack {
             path: p.display().to_string(),
             cache_store: u.store_id,
             cache_version: u.version,
@@ -244,9 +256,22 @@ mod tests {
             load(dir.path(), &keys),
             Err(CacheError::NoMark(_))
         ));
+        // A cache of another epoch than its mark: refused too (which one is older is unknown).
+        let mut other = snapshot(9, &keys);
+        other.epoch = "after-restore".into();
+        store(dir.path(), &other, &keys).unwrap();
+        assert_eq!(
+            load(dir.path(), &keys).unwrap().unwrap().epoch,
+            "after-restore"
+        );
+        store_mark(dir.path(), "bench", "", 9, &keys).unwrap();
+        assert!(matches!(
+            load(dir.path(), &keys),
+            Err(CacheError::RolledBack { .. })
+        ));
         // A newer cache than the mark (killed between the two writes) is served.
         store(dir.path(), &snapshot(7, &keys), &keys).unwrap();
-        store_mark(dir.path(), "bench", 6, &keys).unwrap();
+        store_mark(dir.path(), "bench", "", 6, &keys).unwrap();
         assert_eq!(load(dir.path(), &keys).unwrap().unwrap().version, 7);
     }
 }

@@ -20,7 +20,7 @@ use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
 };
-use crate::snapshot::{Published, Snapshot, SnapshotCell, Update};
+use crate::snapshot::{Published, SeenAhead, Snapshot, SnapshotCell, Update};
 
 const HISTORY: usize = 1024;
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -88,6 +88,9 @@ pub struct DistributionService {
     head: Arc<Mutex<Option<Arc<Update>>>>,
     /// Where data planes' last-used reports are written.
     usage: Option<crate::usage::UsageSink>,
+    /// Told of every subscriber ahead of the served snapshot in its (store, epoch): the
+    /// store may have gone back (the snapshot builder checks and starts a new epoch).
+    seen_ahead: Option<tokio::sync::mpsc::Sender<SeenAhead>>,
 }
 
 impl DistributionService {
@@ -134,7 +137,14 @@ impl DistributionService {
             send_deadline: SEND_DEADLINE,
             head: Arc::default(),
             usage: None,
+            seen_ahead: None,
         }
+    }
+
+    /// Tell the snapshot builder of subscribers ahead of the served snapshot (`SeenAhead`).
+    pub fn with_seen_ahead(mut self, tx: tokio::sync::mpsc::Sender<SeenAhead>) -> Self {
+        self.seen_ahead = Some(tx);
+        self
     }
 
     /// At most `max` concurrent subscriptions (`--max-subscribers`).
@@ -171,11 +181,15 @@ impl DistributionService {
         SnapshotDistributionServer::with_interceptor(self, move |req| auth.check(req))
     }
 
-    /// The incremental updates that lead from `(store, version)` to the newest recorded one.
-    fn chain_from(&self, store_id: &str, version: i64) -> Vec<Published> {
+    /// The incremental updates that lead from `(store, epoch, version)` to the newest
+    /// recorded one.
+    fn chain_from(&self, store_id: &str, epoch: &str, version: i64) -> Vec<Published> {
         let h = self.history.lock().expect("history lock");
         let Some(start) = h.iter().position(|p| {
-            !p.update.full && p.update.store_id == store_id && p.base_version == Some(version)
+            !p.update.full
+                && p.update.store_id == store_id
+                && p.update.epoch == epoch
+                && p.base_version == Some(version)
         }) else {
             return vec![];
         };
@@ -272,7 +286,7 @@ impl DistributionService {
         mut out: Outbox,
     ) {
         let (initial, mut sent) = self.initial(&r, snap.clone());
-        let mut store = snap.store_id.clone();
+        let mut store = (snap.store_id.clone(), snap.epoch.clone());
         drop(snap);
         if !self.deliver(&mut out, initial).await {
             return;
@@ -283,7 +297,8 @@ impl DistributionService {
             let next = tokio::select! {
                 _ = out.tx.closed() => return,
                 _ = beat.tick() => Next::Send(vec![pb::SnapshotMessage {
-                    store_id: store.clone(),
+                    store_id: store.0.clone(),
+                    epoch: store.1.clone(),
                     version: sent,
                     heartbeat: true,
                     ..Default::default()
@@ -316,17 +331,22 @@ impl DistributionService {
     /// The initial state for a subscriber at `r`'s version: nothing (a heartbeat), the missed
     /// changes, or everything; and the version it then has.
     fn initial(&self, r: &pb::SubscribeRequest, snap: Arc<Snapshot>) -> (Next, i64) {
-        if r.store_id == snap.store_id && r.version == snap.version {
+        let same = snap.same_history(&r.store_id, &r.epoch);
+        if same && r.version > snap.version {
+            self.report_ahead(r, &snap);
+        }
+        if same && r.version == snap.version {
             let beat = pb::SnapshotMessage {
                 store_id: snap.store_id.clone(),
+                epoch: snap.epoch.clone(),
                 version: snap.version,
                 heartbeat: true,
                 ..Default::default()
             };
             return (Next::Send(vec![beat]), snap.version);
         }
-        let chain = if r.store_id == snap.store_id && r.version < snap.version {
-            self.chain_from(&r.store_id, r.version)
+        let chain = if same && r.version < snap.version {
+            self.chain_from(&r.store_id, &r.epoch, r.version)
         } else {
             vec![]
         };
@@ -344,20 +364,36 @@ impl DistributionService {
         (Next::Send(msgs), sent)
     }
 
-    /// What an update from the builder means for a subscriber at `(store, sent)`.
+    /// A subscriber presented a version of the served (store, epoch) beyond the served
+    /// snapshot: tell the builder, which checks it against the store (the subscriber is sent
+    /// the served snapshot meanwhile, and refuses it as older until the new epoch comes).
+    fn report_ahead(&self, r: &pb::SubscribeRequest, snap: &Snapshot) {
+        tracing::info!(
+            subscriber = %LoggedName(&r.subscriber),
+            version = r.version,
+            served_version = snap.version,
+            "a data plane holds a version beyond the served snapshot; checking the store's history"
+        );
+        if let Some(tx) = &self.seen_ahead {
+            let _ = tx.try_send(SeenAhead {
+                store_id: r.store_id.clone(),
+                epoch: r.epoch.clone(),
+                version: r.version,
+            });
+        }
+    }
+
+    /// What an update from the builder means for a subscriber at `(store, epoch, sent)`.
     fn on_published(
         &self,
         p: Result<Published, broadcast::error::RecvError>,
-        store: &mut String,
+        store: &mut (String, String),
         sent: &mut i64,
     ) -> Next {
+        let same = |u: &Update| u.store_id == store.0 && u.epoch == store.1;
         match p {
-            Ok(p) if p.update.store_id == *store && p.update.version <= *sent => Next::Skip,
-            Ok(p)
-                if !p.update.full
-                    && p.base_version == Some(*sent)
-                    && p.update.store_id == *store =>
-            {
+            Ok(p) if same(&p.update) && p.update.version <= *sent => Next::Skip,
+            Ok(p) if !p.update.full && p.base_version == Some(*sent) && same(&p.update) => {
                 *sent = p.update.version;
                 Next::Send(wire::encode(
                     &p.update,
@@ -371,7 +407,7 @@ impl DistributionService {
                     return Next::Skip;
                 };
                 *sent = s.version;
-                *store = s.store_id.clone();
+                *store = (s.store_id.clone(), s.epoch.clone());
                 Next::Full(s)
             }
             Err(broadcast::error::RecvError::Closed) => Next::End,
@@ -381,7 +417,8 @@ impl DistributionService {
     /// Everything but the keys of `snap`'s full update: computed once per snapshot version
     /// and shared by every subscriber sent that version in full.
     fn head(&self, snap: &Snapshot) -> Arc<Update> {
-        let same = |h: &Update| h.store_id == snap.store_id && h.version == snap.version;
+        let same =
+            |h: &Update| snap.same_history(&h.store_id, &h.epoch) && h.version == snap.version;
         if let Some(h) = self.head.lock().expect("head lock").as_ref()
             && same(h)
         {
@@ -437,6 +474,7 @@ fn encode_chunk(
     } else {
         Update {
             store_id: head.store_id.clone(),
+            epoch: head.epoch.clone(),
             version: head.version,
             full: true,
             keys,

@@ -241,7 +241,7 @@ impl Subscriber {
     pub fn apply(&self, base: i64, update: Update) -> Result<Applied, ApplyError> {
         let current = self.cell.load();
         if let Some(c) = &current
-            && c.store_id == update.store_id
+            && c.same_history(&update.store_id, &update.epoch)
             && update.version.saturating_sub(c.version) > MAX_VERSION_JUMP
         {
             return Err(ApplyError::Malformed(format!(
@@ -251,7 +251,10 @@ impl Subscriber {
         }
         let next = match (&current, update.full) {
             (_, true) => match &current {
-                Some(c) if c.store_id == update.store_id && update.version < c.version => {
+                Some(c)
+                    if c.same_history(&update.store_id, &update.epoch)
+                        && update.version < c.version =>
+                {
                     return Err(ApplyError::Stale {
                         current: c.version,
                         update: update.version,
@@ -260,7 +263,7 @@ impl Subscriber {
                 _ => Snapshot::from_full(update, &self.keys)?,
             },
             (Some(c), false) => {
-                if c.store_id == update.store_id && base != c.version {
+                if c.same_history(&update.store_id, &update.epoch) && base != c.version {
                     if update.version <= c.version {
                         return Err(ApplyError::Stale {
                             current: c.version,
@@ -410,6 +413,10 @@ impl Subscriber {
             store_id: current
                 .as_ref()
                 .map(|s| s.store_id.clone())
+                .unwrap_or_default(),
+            epoch: current
+                .as_ref()
+                .map(|s| s.epoch.clone())
                 .unwrap_or_default(),
             version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
@@ -578,6 +585,37 @@ mod tests {
             s.apply(0, full(v)).unwrap(),
             Applied::Swapped { version: v }
         );
+    }
+
+    #[test]
+    fn a_full_snapshot_of_another_epoch_replaces_the_served_one_whatever_its_version() {
+        let keys = MasterKey::generate().keys();
+        let s = subscriber(&keys);
+        s.apply(0, full(50)).unwrap();
+        // The store restored to version 30 and a new epoch started at 31.
+        let mut restored = full(31);
+        restored.epoch = "after-restore".into();
+        restored.keys.truncate(1);
+        assert_eq!(
+            s.apply(0, restored).unwrap(),
+            Applied::Swapped { version: 31 }
+        );
+        let served = s.cell.load().unwrap();
+        assert_eq!(
+            (served.epoch.as_str(), served.counts().consumer_keys),
+            ("after-restore", 1)
+        );
+        // An incremental update of the old epoch does not apply, whatever its version.
+        let old = Update {
+            store_id: "bench".into(),
+            version: 51,
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.apply(31, old),
+            Err(ApplyError::OtherStore { .. })
+        ));
+        assert_eq!(s.cell.load().unwrap().version, 31);
     }
 
     #[test]

@@ -155,6 +155,7 @@ fn services_in(s: pb::Services) -> Result<Vec<ServiceRecord>, ApplyError> {
 pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::SnapshotMessage> {
     let head = pb::SnapshotMessage {
         store_id: update.store_id.clone(),
+        epoch: update.epoch.clone(),
         version: update.version,
         base_version,
         full: update.full,
@@ -198,6 +199,7 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
             } else {
                 pb::SnapshotMessage {
                     store_id: head.store_id.clone(),
+                    epoch: head.epoch.clone(),
                     version: head.version,
                     base_version,
                     full: head.full,
@@ -242,7 +244,11 @@ impl Assembler {
             .collect::<Result<Vec<_>, _>>()?;
         match &mut self.pending {
             Some(p) => {
-                if p.store_id != m.store_id || p.version != m.version || p.full != m.full {
+                if p.store_id != m.store_id
+                    || p.epoch != m.epoch
+                    || p.version != m.version
+                    || p.full != m.full
+                {
                     self.pending = None;
                     return Err(malformed(
                         "a snapshot chunk does not continue the previous one",
@@ -254,6 +260,7 @@ impl Assembler {
             None => {
                 self.pending = Some(Update {
                     store_id: m.store_id,
+                    epoch: m.epoch,
                     version: m.version,
                     full: m.full,
                     keys,

@@ -28,7 +28,7 @@ use crate::crypto::Secret;
 use crate::distribution::{DistributionService, SubscriberAuth};
 use crate::domain::Limits;
 use crate::secret::Secrets;
-use crate::snapshot::{Published, SnapshotBuilder, SnapshotCell};
+use crate::snapshot::{Published, SeenAhead, SnapshotBuilder, SnapshotCell};
 use crate::store::{Backend, Store};
 use crate::usage::UsageSink;
 
@@ -77,7 +77,8 @@ pub async fn start_control_plane(
             keys.stream.clone(),
         )
         .with_max_subscribers(args.max_subscribers as usize)
-        .with_usage(usage);
+        .with_usage(usage)
+        .with_seen_ahead(snapshots.seen_ahead);
         (svc, SubscriberAuth::new(token))
     });
     serve_metrics(
@@ -144,6 +145,8 @@ struct Snapshots {
     updates: broadcast::Sender<Published>,
     secrets: Secrets,
     builder: SnapshotBuilder,
+    /// Subscribers ahead of the store's history, for the builder to check.
+    seen_ahead: tokio::sync::mpsc::Sender<SeenAhead>,
 }
 
 impl Snapshots {
@@ -155,15 +158,18 @@ impl Snapshots {
         super::secret_refresh::prime(store, &secrets)
             .await
             .map_err(|e| StartError::Snapshot(e.into()))?;
+        let (seen_ahead, seen_rx) = tokio::sync::mpsc::channel(16);
         let builder = SnapshotBuilder::new(store.clone(), cell.clone())
             .with_updates(updates.clone())
-            .with_secrets(secrets.clone());
+            .with_secrets(secrets.clone())
+            .with_seen_ahead(seen_rx);
         builder.refresh().await.map_err(StartError::Snapshot)?;
         Ok(Snapshots {
             cell,
             updates,
             secrets,
             builder,
+            seen_ahead,
         })
     }
 }

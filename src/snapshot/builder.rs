@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, Published, ScopeSet, ServiceRecord, Snapshot,
-    SnapshotCell, Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, Published, ScopeSet, SeenAhead, ServiceRecord,
+    Snapshot, SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -186,6 +186,7 @@ pub async fn load_full_update(
     resolve_secret_keys(&mut c.model_keys, secrets, store.keys());
     Ok(Update {
         store_id: c.store_id.clone(),
+        epoch: c.epoch.clone(),
         version: c.revision,
         full: true,
         keys,
@@ -213,6 +214,7 @@ async fn increment_to_update(
     }
     Ok(Update {
         store_id: i.store_id.clone(),
+        epoch: i.epoch.clone(),
         version: i.revision,
         full: false,
         keys: i
@@ -253,6 +255,8 @@ pub struct SnapshotBuilder {
     poll_interval: Duration,
     /// Applied updates are also sent here (distribution to data planes).
     updates: Option<tokio::sync::broadcast::Sender<Published>>,
+    /// Versions data planes presented that this snapshot's history never reached here.
+    ahead: Option<tokio::sync::mpsc::Receiver<SeenAhead>>,
 }
 
 impl SnapshotBuilder {
@@ -265,7 +269,44 @@ impl SnapshotBuilder {
             secrets: None,
             poll_interval: Duration::from_secs(1),
             updates: None,
+            ahead: None,
         }
+    }
+
+    /// Check every version a data plane presents ahead of the store (`SeenAhead`): the
+    /// store went back (a restore while this builder was away), so a new epoch starts.
+    pub fn with_seen_ahead(mut self, rx: tokio::sync::mpsc::Receiver<SeenAhead>) -> Self {
+        self.ahead = Some(rx);
+        self
+    }
+
+    /// Starts a new epoch after the store `epoch` was found at `revision`, below a version
+    /// already published (`seen`). Another replica may have started it already.
+    async fn start_epoch(&self, epoch: &str, revision: i64, seen: i64) -> Result<(), BuildError> {
+        match self.store.bump_epoch(epoch).await? {
+            Some(new) => tracing::warn!(
+                revision,
+                published_version = seen,
+                epoch = %new,
+                "the store's revision went back (restored from an older backup or failed over to a lagging replica): started a new epoch; every data plane takes the store's state in full"
+            ),
+            None => tracing::info!(
+                revision,
+                "the store's revision went back; another replica started the new epoch"
+            ),
+        }
+        Ok(())
+    }
+
+    /// A data plane presented `seen`: when it is of the store's current epoch but ahead of
+    /// the store's revision, the store lost history that data plane has; start a new epoch.
+    async fn check_seen_ahead(&self, seen: SeenAhead) -> Result<(), BuildError> {
+        let (epoch, revision) = self.store.epoch().await?;
+        if seen.store_id == self.store.store_id() && seen.epoch == epoch && seen.version > revision
+        {
+            self.start_epoch(&epoch, revision, seen.version).await?;
+        }
+        Ok(())
     }
 
     /// Resolve SECRET_REF model keys through `secrets`.
@@ -287,7 +328,7 @@ impl SnapshotBuilder {
         let changes = match &current {
             Some(s) => {
                 self.store
-                    .load_changes(s.version, MAX_INCREMENTAL_CHANGES)
+                    .load_changes(&s.epoch, s.version, MAX_INCREMENTAL_CHANGES)
                     .await?
             }
             None => Changes::Full,
@@ -301,6 +342,11 @@ impl SnapshotBuilder {
                 load_full_update(&self.store, self.secrets.as_ref()).await?
             }
             Changes::Full => load_full_update(&self.store, self.secrets.as_ref()).await?,
+            Changes::WentBack { epoch, revision } => {
+                let seen = current.as_ref().map_or(0, |s| s.version);
+                self.start_epoch(&epoch, revision, seen).await?;
+                load_full_update(&self.store, self.secrets.as_ref()).await?
+            }
             Changes::Incremental(i) => {
                 increment_to_update(i, model_keys, self.secrets.as_ref(), &self.keys).await?
             }
@@ -313,6 +359,7 @@ impl SnapshotBuilder {
         let shared = Arc::new(if update.full {
             Update {
                 store_id: update.store_id.clone(),
+                epoch: update.epoch.clone(),
                 version: update.version,
                 full: true,
                 ..Default::default()
@@ -338,7 +385,7 @@ impl SnapshotBuilder {
             if let Some(tx) = &self.updates {
                 let base_version = current
                     .as_ref()
-                    .filter(|c| c.store_id == shared.store_id && !shared.full)
+                    .filter(|c| c.same_history(&shared.store_id, &shared.epoch) && !shared.full)
                     .map(|c| c.version);
                 let _ = tx.send(Published {
                     base_version,
@@ -350,7 +397,8 @@ impl SnapshotBuilder {
     }
 
     /// Runs until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut ahead = self.ahead.take();
         let mut commits = self.store.subscribe_commits();
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -373,6 +421,11 @@ impl SnapshotBuilder {
                 changed = commits.changed() => {
                     if changed.is_err() { return; }
                 }
+                Some(seen) = next_seen(&mut ahead) => {
+                    if let Err(e) = self.check_seen_ahead(seen).await {
+                        tracing::warn!(error = %e, "could not check a data plane's version against the store");
+                    }
+                }
                 _ = poll.tick() => {
                     let live = self.cell.load().map(|s| s.version);
                     match self.store.revision().await {
@@ -390,5 +443,19 @@ impl SnapshotBuilder {
                 tracing::error!(error = %e, "snapshot update failed; serving the last snapshot");
             }
         }
+    }
+}
+
+/// The next `SeenAhead`, or never (no channel, or it closed).
+async fn next_seen(rx: &mut Option<tokio::sync::mpsc::Receiver<SeenAhead>>) -> Option<SeenAhead> {
+    match rx {
+        Some(r) => match r.recv().await {
+            Some(s) => Some(s),
+            None => {
+                *rx = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }

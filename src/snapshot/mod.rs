@@ -199,6 +199,8 @@ pub struct SnapshotCounts {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub store_id: String,
+    /// Which history of the store's revisions `version` counts in (see `Update::epoch`).
+    pub epoch: String,
     pub version: i64,
     pub build_time: SystemTime,
     /// How long the last update (or full build) took to apply.
@@ -216,6 +218,7 @@ impl Snapshot {
     pub fn empty(store_id: &str, version: i64) -> Self {
         Snapshot {
             store_id: store_id.to_string(),
+            epoch: String::new(),
             version,
             build_time: SystemTime::now(),
             build_duration: Duration::ZERO,
@@ -225,6 +228,11 @@ impl Snapshot {
             service_records: Arc::default(),
             model_keys: 0,
         }
+    }
+
+    /// Whether `version`s of `(store_id, epoch)` compare with this snapshot's.
+    pub fn same_history(&self, store_id: &str, epoch: &str) -> bool {
+        self.store_id == store_id && self.epoch == epoch
     }
 
     /// The consumer key whose HMAC is `hash`.
@@ -296,11 +304,11 @@ impl SnapshotCell {
         self.inner.load()
     }
 
-    /// Publishes `snap` unless it is older than the live one from the same store.
+    /// Publishes `snap` unless it is older than the live one from the same store and epoch.
     /// Returns whether it was swapped in.
     pub fn publish(&self, snap: Arc<Snapshot>) -> bool {
         if let Some(cur) = self.inner.load().as_ref()
-            && cur.store_id == snap.store_id
+            && cur.same_history(&snap.store_id, &snap.epoch)
             && cur.version > snap.version
         {
             return false;
@@ -327,4 +335,13 @@ impl SnapshotCell {
 pub struct Published {
     pub base_version: Option<i64>,
     pub update: Arc<Update>,
+}
+
+/// A version a data plane presented for `(store_id, epoch)` (distribution tells the builder,
+/// which starts a new epoch if the store is in that epoch but below that version).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenAhead {
+    pub store_id: String,
+    pub epoch: String,
+    pub version: i64,
 }

@@ -45,6 +45,9 @@ pub struct ServiceRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Update {
     pub store_id: String,
+    /// The store's history the version belongs to: versions compare only within one
+    /// (store id, epoch); a restored store starts a new epoch (SPEC §5 "Versions").
+    pub epoch: String,
     pub version: i64,
     pub full: bool,
     /// Consumer keys to insert or replace, by HMAC.
@@ -62,7 +65,9 @@ pub struct Update {
 pub enum ApplyError {
     #[error("update for version {update} is older than the snapshot's version {current}")]
     Stale { current: i64, update: i64 },
-    #[error("incremental update from store {update} cannot apply to a snapshot of store {current}")]
+    #[error(
+        "incremental update from store {update} cannot apply to a snapshot of store {current} (another store, or another epoch of it)"
+    )]
     OtherStore { current: String, update: String },
     #[error("model key {id} does not decrypt under this master key (is it the control plane's?)")]
     Decrypt { id: Uuid },
@@ -127,14 +132,17 @@ impl Snapshot {
                 "the first update must be a full one".into(),
             ));
         }
-        Snapshot::empty(&update.store_id, i64::MIN).apply(update, keys)
+        let mut empty = Snapshot::empty(&update.store_id, i64::MIN);
+        empty.epoch = update.epoch.clone();
+        empty.apply(update, keys)
     }
 
-    /// The snapshot after `update`. A full update from another store replaces everything
-    /// (a restored or replaced database); an older version is refused.
+    /// The snapshot after `update`. A full update from another store or another epoch of it
+    /// replaces everything (a replaced or restored database); an older version of the same
+    /// (store, epoch) is refused.
     pub fn apply(&self, update: Update, keys: &Keys) -> Result<Snapshot, ApplyError> {
         let started = Instant::now();
-        let same_store = update.store_id == self.store_id;
+        let same_store = self.same_history(&update.store_id, &update.epoch);
         if !same_store && !update.full {
             return Err(ApplyError::OtherStore {
                 current: self.store_id.clone(),
@@ -203,6 +211,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             store_id: update.store_id,
+            epoch: update.epoch,
             version: update.version,
             build_time: SystemTime::now(),
             build_duration: started.elapsed(),
@@ -222,6 +231,7 @@ impl Snapshot {
         };
         Update {
             store_id: self.store_id.clone(),
+            epoch: self.epoch.clone(),
             version: self.version,
             full: true,
             keys: self.keys.iter().map(|(h, e)| (*h, e.clone())).collect(),

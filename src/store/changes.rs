@@ -19,8 +19,15 @@ pub enum Changes {
     UpToDate {
         revision: i64,
     },
-    /// Too much changed (or the history is gone): reload everything (`load_contents`).
+    /// Too much changed, the history is gone or the epoch is another: reload everything
+    /// (`load_contents`).
     Full,
+    /// The store is in the same epoch but below the revision asked from (restored from an
+    /// older backup): start a new epoch (`bump_epoch`), then reload everything.
+    WentBack {
+        epoch: String,
+        revision: i64,
+    },
     Incremental(Increment),
 }
 
@@ -28,6 +35,7 @@ pub enum Changes {
 #[derive(Debug)]
 pub struct Increment {
     pub store_id: String,
+    pub epoch: String,
     pub revision: i64,
     /// Changed consumer keys as they are now.
     pub consumer_keys: Vec<KeyRow>,
@@ -115,17 +123,28 @@ impl Touched {
 }
 
 impl Store {
-    /// What changed after revision `since`, read in one consistent transaction. More than
-    /// `max_changes` changed resources (or a bulk change) answers with everything instead.
-    pub async fn load_changes(&self, since: i64, max_changes: usize) -> Result<Changes> {
-        let (mut tx, revision) = self.begin_read().await?;
+    /// What changed after revision `since` of epoch `since_epoch`, read in one consistent
+    /// transaction. Another epoch, more than `max_changes` changed resources (or a bulk
+    /// change) answers with everything instead; a revision below `since` in the same epoch
+    /// with `WentBack`.
+    pub async fn load_changes(
+        &self,
+        since_epoch: &str,
+        since: i64,
+        max_changes: usize,
+    ) -> Result<Changes> {
+        let (mut tx, revision, epoch) = self.begin_read().await?;
+        if epoch != since_epoch {
+            tx.commit().await?;
+            return Ok(Changes::Full);
+        }
         if revision == since {
             return Ok(Changes::UpToDate { revision });
         }
         if revision < since {
-            // A store restored from an older backup: start over.
+            // A store restored from an older backup: a new epoch, then everything.
             tx.commit().await?;
-            return Ok(Changes::Full);
+            return Ok(Changes::WentBack { epoch, revision });
         }
         let rows = sqlx::query(
             "SELECT kind, resource_id, key_hash FROM changes WHERE revision > $1 AND revision <= $2 LIMIT $3",
@@ -160,6 +179,7 @@ impl Store {
         tx.commit().await?;
         Ok(Changes::Incremental(Increment {
             store_id: self.store_id.clone(),
+            epoch,
             revision,
             consumer_keys,
             removed_key_hashes: touched.removed_key_hashes,

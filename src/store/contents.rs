@@ -19,6 +19,8 @@ use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Named, Scope, T
 #[derive(Debug)]
 pub struct StoreContents {
     pub store_id: String,
+    /// The store's epoch at `revision` (see `epoch`).
+    pub epoch: String,
     pub revision: i64,
     pub consumers: Vec<Consumer>,
     pub model_services: Vec<ModelService>,
@@ -45,18 +47,19 @@ pub type EncryptedModelKeys = Vec<(ModelKey, Vec<u8>)>;
 
 impl Store {
     /// A read-only transaction that sees one revision throughout (on PostgreSQL, repeatable
-    /// read; SQLite's single writer gives the same), and that revision.
-    pub(super) async fn begin_read(&self) -> Result<(Transaction<'static, Any>, i64)> {
+    /// read; SQLite's single writer gives the same), that revision and the store's epoch.
+    pub(super) async fn begin_read(&self) -> Result<(Transaction<'static, Any>, i64, String)> {
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *tx)
                 .await?;
         }
-        let revision: i64 = sqlx::query_scalar("SELECT revision FROM store_meta WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
-        Ok((tx, revision))
+        let (revision, epoch): (i64, String) =
+            sqlx::query_as("SELECT revision, epoch FROM store_meta WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        Ok((tx, revision, epoch))
     }
 
     /// Reads every resource the data plane needs, in one consistent read. Consumer keys are
@@ -65,7 +68,7 @@ impl Store {
         &self,
         mut on_key: impl FnMut(KeyRow) -> std::result::Result<(), String>,
     ) -> Result<StoreContents> {
-        let (mut tx, revision) = self.begin_read().await?;
+        let (mut tx, revision, epoch) = self.begin_read().await?;
         let mut scopes = load_scope_lists(&mut tx).await?;
         let mut scope_of = |id: &str, mode: i64| {
             fixed_scope(mode)
@@ -93,6 +96,7 @@ impl Store {
         tx.commit().await?;
         Ok(StoreContents {
             store_id: self.store_id.clone(),
+            epoch,
             revision,
             consumers,
             model_services,

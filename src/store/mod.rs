@@ -9,7 +9,7 @@
 //! `secret_values` (SECRET_REF values and their rotation), `import` (bulk consumer keys),
 //! `mutation` (begin/commit), `audit`, `changes` and `contents` (what the snapshot builder
 //! reads), `lookup` and `scopes` (resolving names), `rows` (SQL codes and row decoding),
-//! `listen` (commit notifications), `schema` (migrations), `admin_tokens` (named admin
+//! `listen` (commit notifications), `epoch` (which history of revisions the store is in), `schema` (migrations), `admin_tokens` (named admin
 //! credentials, SPEC §9).
 
 mod admin_tokens;
@@ -18,6 +18,7 @@ mod changes;
 mod consumer_keys;
 mod consumers;
 mod contents;
+mod epoch;
 mod import;
 mod lifecycle;
 mod listen;

@@ -128,24 +128,34 @@ CREATE TABLE admin_tokens (
 );
 "#;
 
+/// SPEC §5 "Versions": the epoch names one history of revisions ('' until a restore is
+/// first detected; then a random id). See `epoch`.
+const V3: &str = r#"
+ALTER TABLE store_meta ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
         Backend::Sqlite => "BLOB",
         Backend::Postgres => "BYTEA",
     };
-    let migrations = [(1, "initial schema", V1), (2, "admin tokens", V2)]
-        .into_iter()
-        .map(|(version, description, sql)| {
-            Migration::new(
-                version,
-                Cow::Borrowed(description),
-                MigrationType::Simple,
-                Cow::Owned(sql.replace("{BLOB}", blob)),
-                false,
-            )
-        })
-        .collect();
+    let migrations = [
+        (1, "initial schema", V1),
+        (2, "admin tokens", V2),
+        (3, "store epoch", V3),
+    ]
+    .into_iter()
+    .map(|(version, description, sql)| {
+        Migration::new(
+            version,
+            Cow::Borrowed(description),
+            MigrationType::Simple,
+            Cow::Owned(sql.replace("{BLOB}", blob)),
+            false,
+        )
+    })
+    .collect();
     Migrator {
         migrations: Cow::Owned(migrations),
         ignore_missing: false,

@@ -72,3 +72,22 @@ pub async fn drop_postgres_database(url: &str) {
         let _ = admin.close().await;
     }
 }
+
+/// Replaces the database `to` (a URL on that server) by a copy of `from` (`CREATE DATABASE …
+/// TEMPLATE`: nothing may be connected to `from`). Sessions on `to` are ended: a backup
+/// restored under running processes, which reconnect.
+pub async fn copy_postgres_database(from: &str, to: &str) {
+    let base = pg_base();
+    let name = |url: &str| url.rsplit('/').next().unwrap().to_string();
+    let (from, to) = (name(from), name(to));
+    let mut admin = maintenance_connection(&base).await;
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {to} WITH (FORCE)").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("DROP DATABASE {to}: {e}"));
+    admin
+        .execute(format!("CREATE DATABASE {to} TEMPLATE {from}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {to} TEMPLATE {from}: {e}"));
+    let _ = admin.close().await;
+}
