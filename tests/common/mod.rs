@@ -397,8 +397,10 @@ pub fn all_file_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                // (A file renamed away between listing and reading, e.g. a cache's temporary
+                // copy, is simply not there any more.)
+                out.push((p.clone(), bytes));
             }
         }
     }
