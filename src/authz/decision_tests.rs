@@ -1469,3 +1469,123 @@ proptest! {
         }
     }
 }
+
+fn header_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("authorization".to_string()),
+        Just("x-api-key".to_string()),
+        Just("api-key".to_string()),
+        Just("x-goog-api-key".to_string()),
+        Just("Authorization".to_string()),
+        Just("X-Api-Key".to_string()),
+        Just("proxy-authorization".to_string()),
+        Just("api-key ".to_string()),
+        Just("x-forwarded-for".to_string()),
+        "[a-z0-9:-]{0,12}",
+        any::<String>(),
+    ]
+}
+
+/// Header values that often carry a real key, in every spelling a client might try.
+fn credential_like_value() -> impl Strategy<Value = String> {
+    let mut known = ALL_CONSUMER_KEYS.to_vec();
+    known.push(UNKNOWN);
+    let key = proptest::sample::select(known);
+    prop_oneof![
+        key.clone().prop_map(|k| format!("Bearer {k}")),
+        key.clone().prop_map(String::from),
+        (
+            "[ \t]{0,2}",
+            "(Bearer|bearer|BEARER|Basic|Token|)",
+            "[ \t]{0,3}",
+            key,
+            "[ \t]{0,2}"
+        )
+            .prop_map(|(a, s, b, k, c)| format!("{a}{s}{b}{k}{c}")),
+        header_value(),
+    ]
+}
+
+/// SPEC §2's credential rule written out on its own: the first configured header (by its
+/// exact lower-case name) that yields a non-empty value after trimming, `authorization` only
+/// as `Bearer <key>` (scheme in any case, then one space).
+fn rule_credential<'h>(
+    cfg: &DecisionConfig,
+    headers: &'h HashMap<String, String>,
+) -> Option<(&'h str, String)> {
+    cfg.credential_headers.iter().find_map(|name| {
+        let v = headers.get(name)?;
+        let v = if name == "authorization" {
+            let scheme = v.get(..7)?;
+            if !scheme.eq_ignore_ascii_case("bearer ") {
+                return None;
+            }
+            v[7..].trim()
+        } else {
+            v.trim()
+        };
+        (!v.is_empty()).then(|| (v, name.clone()))
+    })
+}
+
+/// What a decision is, for comparing two of them (not which model key: they rotate).
+fn decision_summary(d: &Decision<'_>) -> (Option<DenyReason>, Option<Uuid>, Option<Uuid>) {
+    match d {
+        Decision::Allow(a) => (None, Some(a.key.id), Some(a.service.id)),
+        Decision::Deny(x) => (Some(x.reason), x.key.map(|k| k.id), None),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Arbitrary header maps (any names, any case, credential-like and random values) never
+    /// panic the decision, which agrees with the credential rule: it reads the first
+    /// configured header that yields a key, decides exactly as if that header were the only
+    /// one, and every configured credential header present is one to remove.
+    #[test]
+    fn arbitrary_header_maps_decide_on_the_rules_credential(
+        headers in proptest::collection::hash_map(header_name(), credential_like_value(), 0..8),
+        which in 0usize..3,
+        service in prop_oneof![Just("openai-prod"), Just("anthropic"), Just("azure")],
+    ) {
+        let w = &*WORLD;
+        let custom = DecisionConfig::new(
+            &["x-goog-api-key".into(), "api-key".into(), "authorization".into()],
+            None,
+            ClientIpSource::ForwardedFor(1),
+        )
+        .unwrap();
+        let cfg = [DecisionConfig::default(), xff(1), custom][which].clone();
+        let req = Req { headers, ..Req::new().service(service) };
+        let d = w.decide_at(&cfg, &req, NOW);
+        let rule = rule_credential(&cfg, &req.headers);
+        let got = extract_credential(&cfg, &req);
+        prop_assert_eq!(
+            got.as_ref().map(|(v, s)| (&**v, *s)),
+            rule.as_ref().map(|(v, h)| (*v, CredentialSource::Header(h.as_str())))
+        );
+        // The same request with only the credential header (and the address it came from).
+        let mut alone = Req::new().service(service);
+        if let Some((_, h)) = &rule {
+            alone = alone.header(h, &req.headers[h]);
+        }
+        if let Some(x) = req.headers.get("x-forwarded-for") {
+            alone = alone.header("x-forwarded-for", x);
+        }
+        prop_assert_eq!(
+            decision_summary(&d),
+            decision_summary(&w.decide_at(&cfg, &alone, NOW))
+        );
+        if let Decision::Allow(a) = &d {
+            let (removed, _) = credentials_to_remove(&cfg, &req, &a.service.auth_header);
+            let expected: Vec<&str> = cfg
+                .credential_headers
+                .iter()
+                .filter(|h| req.headers.contains_key(*h) && **h != *a.service.auth_header)
+                .map(String::as_str)
+                .collect();
+            prop_assert_eq!(removed, expected);
+        }
+    }
+}
