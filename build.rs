@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keygate.admin.v1.CreateConsumerKeyRequest",
             "keygate.admin.v1.CreateConsumerKeyResponse",
             "keygate.admin.v1.CreateModelKeyRequest",
+            "keygate.admin.v1.CreateAdminTokenResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

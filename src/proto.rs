@@ -21,7 +21,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 mod redacted_debug {
     //! `Debug` for the messages that carry key values: every field but the value.
     use super::admin::v1::{
-        CreateConsumerKeyRequest, CreateConsumerKeyResponse, CreateModelKeyRequest,
+        CreateAdminTokenResponse, CreateConsumerKeyRequest, CreateConsumerKeyResponse,
+        CreateModelKeyRequest,
     };
     use std::fmt;
 
@@ -52,6 +53,27 @@ mod redacted_debug {
                 .field("value", &redacted(&self.value))
                 .finish()
         }
+    }
+
+    impl fmt::Debug for CreateAdminTokenResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("CreateAdminTokenResponse")
+                .field("token", &self.token)
+                .field("value", &redacted(&self.value))
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn an_admin_token_value_never_shows_in_debug() {
+        let r = CreateAdminTokenResponse {
+            token: None,
+            value: "kga-secret-value-0123456789abcdef".into(),
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("kga-secret"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
     }
 
     impl fmt::Debug for CreateModelKeyRequest {
