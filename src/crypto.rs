@@ -126,7 +126,6 @@ impl MasterKey {
             hasher: KeyHasher::new(&self.derive(b"consumer-key-hmac")),
             cipher: ModelKeyCipher::new(&self.derive(b"model-key-aes-256-gcm")),
             cache: ModelKeyCipher::new(&self.derive(b"snapshot-cache-aes-256-gcm")),
-            actor: KeyHasher::new(&self.derive(b"admin-actor-fingerprint")),
             stream: KeyHasher::new(&self.derive(b"snapshot-stream-hmac")),
         }
     }
@@ -170,7 +169,6 @@ pub struct Keys {
     pub cipher: ModelKeyCipher,
     /// Encrypts a data plane's on-disk snapshot cache.
     pub cache: ModelKeyCipher,
-    actor: KeyHasher,
     /// Authenticates the snapshot stream, control plane → data plane (`distribution::seal`).
     pub stream: KeyHasher,
 }
@@ -178,16 +176,6 @@ pub struct Keys {
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Keys([redacted])")
-    }
-}
-
-impl Keys {
-    /// A stable, non-secret name for an admin credential, for audit rows.
-    pub fn actor_fingerprint(&self, credential: &str) -> String {
-        format!(
-            "admin-token:{}",
-            &hex::encode(self.actor.hash(credential.as_bytes()))[..16]
-        )
     }
 }
 
