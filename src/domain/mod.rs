@@ -3,11 +3,13 @@
 
 mod admin_token;
 pub mod input;
+pub mod model;
 mod secret;
 pub mod text;
 pub mod validate;
 
 pub use admin_token::{ADMIN_TOKEN_PREFIX, AdminToken, BOOTSTRAP_NAME, NewAdminToken, Role};
+pub use model::{ModelGrant, ModelSource};
 pub use secret::Secret;
 
 use std::fmt;
