@@ -128,6 +128,8 @@ fn build(n: usize, keys: Keys) -> Fixture {
                 mk(0x10, "sk-bench-0000000000000000000000000000"),
                 mk(0x11, "sk-bench-1111111111111111111111111111"),
             ],
+            models: vec![],
+            model_source: Default::default(),
         },
         ServiceRecord {
             id: other_service,
@@ -135,13 +137,15 @@ fn build(n: usize, keys: Keys) -> Fixture {
             auth_header: "x-api-key".into(),
             auth_value_template: "{key}".into(),
             model_keys: vec![mk(0x12, "sk-ant-bench-2222222222222222222222")],
+            models: vec![],
+            model_source: Default::default(),
         },
     ];
     let consumers = (0..CONSUMERS)
         .map(|i| ConsumerRecord {
             id: Uuid::from_u128(0x1000 + i),
             name: format!("consumer-{i}"),
-            scope: None,
+            scope: ScopeSet::All,
         })
         .collect();
 
@@ -151,7 +155,7 @@ fn build(n: usize, keys: Keys) -> Fixture {
     r.1.enabled = false;
     records.push(r);
     let mut r = record(keys.hasher.hash(SCOPED.as_bytes()), 2);
-    r.1.scope = ScopeSet::Only(vec![other_service].into());
+    r.1.scope = ScopeSet::services(vec![other_service]);
     records.push(r);
     let spread = SPREAD.min(n - records.len());
     for i in 0..spread {

@@ -18,14 +18,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use keygate::authz::decision::path_without_param;
-use keygate::authz::outcome::{METADATA_FIELDS, METADATA_NAMESPACE, REPLY_CONTENT_TYPE};
+use keygate::authz::decision::{Body, path_without_param};
+use keygate::authz::outcome::{
+    METADATA_FIELDS, METADATA_NAMESPACE, MetadataSelection, REPLY_CONTENT_TYPE,
+};
 use keygate::authz::{
-    Admit, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView, decide,
+    Admit, Decision, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView,
+    decide,
 };
 use keygate::domain::Timestamp;
 
-use ffi::{ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, Request};
+use ffi::{BodyStatus, ConfigEnvoy, CounterId, FilterModule, GaugeId, HeadersStatus, Request};
 use settings::{FilterSettings, RouteSettings};
 
 /// The module: what the FFI hooks dispatch to.
@@ -48,17 +51,37 @@ pub struct FilterConfig {
     snapshot_version: Option<GaugeId>,
     reported_version: AtomicI64,
     /// Which of `METADATA_FIELDS` an allowed request gets.
-    metadata_fields: [bool; 6],
+    metadata_fields: MetadataSelection,
 }
 
 /// A route's settings.
 pub struct RouteConfig {
     model_service: Option<Box<str>>,
+    /// The route's fixed model (it wins over the body and the path).
+    model: Option<Box<str>>,
+}
+
+/// One request's state: whether its headers are held until the body is in (the decision
+/// needs the model and the service reads it from the body).
+#[derive(Default)]
+pub struct Stream {
+    awaiting_body: bool,
+}
+
+/// What a check did with the request.
+enum Checked {
+    /// Allowed (headers edited): let it go on.
+    Continue,
+    /// Refused with a local reply.
+    Replied,
+    /// The decision needs the body: hold the request until it is all in.
+    NeedBody,
 }
 
 impl FilterModule for Module {
     type Config = FilterConfig;
     type PerRoute = RouteConfig;
+    type Stream = Stream;
 
     fn program_init() -> bool {
         logging::init();
@@ -90,15 +113,70 @@ impl FilterModule for Module {
         let r = RouteSettings::parse(config)?;
         Ok(RouteConfig {
             model_service: r.model_service.map(String::into_boxed_str),
+            model: r.model.map(String::into_boxed_str),
         })
     }
 
+    /// Decides from the headers unless the decision needs a model named in the body (a
+    /// model-narrowed scope or a service model list on this route, SPEC §8.1): then the
+    /// request is held and decided once its whole body is in Envoy's buffer. A request with
+    /// no body is decided here with an empty one.
     fn on_request_headers(
         config: &FilterConfig,
+        stream: &mut Stream,
         req: &mut Request<'_, RouteConfig>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
     ) -> HeadersStatus {
-        config.check(req)
+        let body = if end_of_stream {
+            Body::Complete(&[])
+        } else {
+            Body::Unread
+        };
+        match config.check(req, body) {
+            Checked::Continue => HeadersStatus::Continue,
+            Checked::Replied => HeadersStatus::StopIteration,
+            Checked::NeedBody => {
+                stream.awaiting_body = true;
+                HeadersStatus::StopIteration
+            }
+        }
+    }
+
+    /// Buffers a held request's body (Envoy answers 413 past the stream's buffer limit) and
+    /// decides at its end; every other request's chunks pass untouched.
+    fn on_request_body(
+        config: &FilterConfig,
+        stream: &mut Stream,
+        req: &mut Request<'_, RouteConfig>,
+        end_of_stream: bool,
+    ) -> BodyStatus {
+        if !stream.awaiting_body {
+            return BodyStatus::Continue;
+        }
+        if !end_of_stream {
+            return BodyStatus::StopIterationAndBuffer;
+        }
+        stream.awaiting_body = false;
+        match config.check_body(req) {
+            Checked::Continue => BodyStatus::Continue,
+            _ => BodyStatus::StopIterationNoBuffer,
+        }
+    }
+
+    /// A held request that ends with trailers is decided here (its body is all buffered).
+    fn on_request_trailers(
+        config: &FilterConfig,
+        stream: &mut Stream,
+        req: &mut Request<'_, RouteConfig>,
+    ) -> HeadersStatus {
+        if !stream.awaiting_body {
+            return HeadersStatus::Continue;
+        }
+        stream.awaiting_body = false;
+        match config.check_body(req) {
+            Checked::Continue => HeadersStatus::Continue,
+            _ => HeadersStatus::StopIteration,
+        }
     }
 }
 
@@ -106,6 +184,7 @@ impl FilterModule for Module {
 struct View<'r, 'a> {
     req: &'r Request<'a, RouteConfig>,
     route: Option<&'a RouteConfig>,
+    body: Body<'r>,
 }
 
 impl RequestView for View<'_, '_> {
@@ -131,14 +210,28 @@ impl RequestView for View<'_, '_> {
     fn has_header(&self, name: &str) -> bool {
         self.req.header_count(name) > 0
     }
+
+    fn route_model(&self) -> Option<&str> {
+        self.route?.model.as_deref()
+    }
+
+    fn body(&self) -> Body<'_> {
+        self.body
+    }
 }
 
 impl FilterConfig {
-    fn check(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
-        self.recorder.timed(|| self.decide_and_apply(req))
+    fn check(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
+        self.recorder.timed(|| self.decide_and_apply(req, body))
     }
 
-    fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>) -> HeadersStatus {
+    /// The check of a held request, with its whole body.
+    fn check_body(&self, req: &mut Request<'_, RouteConfig>) -> Checked {
+        let body = req.request_body();
+        self.check(req, Body::Complete(&body))
+    }
+
+    fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
         let now = Timestamp::now();
         let guard = self.feed.cell.load_guard();
         let Some(snap) = guard.as_ref() else {
@@ -152,10 +245,13 @@ impl FilterConfig {
         }
         let route = req.per_route();
         let outcome = {
-            let view = View { req, route };
+            let view = View { req, route, body };
             let decision = decide(snap, &self.decision, &view, now, |k| {
                 self.feed.hasher.hash(k)
             });
+            if let Decision::NeedBody = decision {
+                return Checked::NeedBody;
+            }
             Outcome::of(decision, &self.decision)
         };
         match outcome {
@@ -171,12 +267,16 @@ impl FilterConfig {
         route: Option<&RouteConfig>,
         a: &Admit<'_, '_>,
         now: Timestamp,
-    ) -> HeadersStatus {
+    ) -> Checked {
         // What to edit is read before editing (the view borrows the request).
         // (On the stack for up to 8 credential headers; more spill to the heap.)
         let (mut remove, mut more, mut n_remove) = ([""; 8], Vec::new(), 0);
         let new_path = {
-            let view = View { req, route };
+            let view = View {
+                req,
+                route,
+                body: Body::Unread,
+            };
             for h in a.headers_to_remove(&view) {
                 match remove.get_mut(n_remove) {
                     Some(slot) => *slot = h,
@@ -209,14 +309,14 @@ impl FilterConfig {
                 ffi::INTERNAL_ERROR_BODY.as_bytes(),
                 "keygate_header_edit_failed",
             );
-            return HeadersStatus::StopIteration;
+            return Checked::Replied;
         }
         self.set_metadata(req, a.metadata(&self.metadata_fields));
         self.recorder.allowed(&a.allowed, now);
         if let Some(c) = self.allowed {
             req.increment_counter(c, 1);
         }
-        HeadersStatus::Continue
+        Checked::Continue
     }
 
     /// Sets string metadata fields under `keygate` in one call (ids formatted on the stack).
@@ -225,15 +325,18 @@ impl FilterConfig {
         req: &mut Request<'_, RouteConfig>,
         fields: impl Iterator<Item = (&'static str, MetaValue<'s>)>,
     ) {
-        let fields: [Option<(&str, MetaValue<'s>)>; METADATA_FIELDS.len()] = {
-            let mut out = [None; METADATA_FIELDS.len()];
+        // The most fields one call sets: every allowed field, or a refusal's reason, key name
+        // and id, and model.
+        const MAX_FIELDS: usize = METADATA_FIELDS.len();
+        let fields: [Option<(&str, MetaValue<'s>)>; MAX_FIELDS] = {
+            let mut out = [None; MAX_FIELDS];
             for (slot, f) in out.iter_mut().zip(fields) {
                 *slot = Some(f);
             }
             out
         };
-        let mut bufs = [[0u8; 36]; METADATA_FIELDS.len()];
-        let mut chosen = [("", ""); METADATA_FIELDS.len()];
+        let mut bufs = [[0u8; 36]; MAX_FIELDS];
+        let mut chosen = [("", ""); MAX_FIELDS];
         let mut n = 0;
         for ((field, buf), slot) in fields.iter().zip(bufs.iter_mut()).zip(chosen.iter_mut()) {
             if let Some((name, value)) = field {
@@ -247,7 +350,7 @@ impl FilterConfig {
     }
 
     /// Applies a refusal: metadata, the local reply with SPEC §2's body.
-    fn refuse(&self, req: &mut Request<'_, RouteConfig>, r: &Refusal<'_>) -> HeadersStatus {
+    fn refuse(&self, req: &mut Request<'_, RouteConfig>, r: &Refusal<'_>) -> Checked {
         self.set_metadata(req, r.metadata());
         let x_request_id = req
             .header("x-request-id")
@@ -264,7 +367,7 @@ impl FilterConfig {
             r.body().as_bytes(),
             r.reason.as_str(),
         );
-        HeadersStatus::StopIteration
+        Checked::Replied
     }
 }
 

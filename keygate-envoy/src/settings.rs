@@ -1,11 +1,13 @@
 //! The module's configuration as operators write it in Envoy YAML: the filter's
 //! `filter_config` (a JSON object in a `google.protobuf.StringValue`) and each route's
-//! `{"model_service": …}`. Unknown keys and bad values refuse Envoy's config load with a
+//! `{"model_service": …, "model": …}`. Unknown keys and bad values refuse Envoy's config load with a
 //! message naming the key.
 
 use std::path::PathBuf;
 
+use keygate::authz::outcome::{ALL_METADATA, METADATA_FIELDS, MetadataSelection};
 use keygate::authz::{ClientIpSource, DecisionConfig};
+use keygate::authz::model::ModelName;
 use keygate::distribution::subscriber::ClientTls;
 use serde::Deserialize;
 
@@ -51,15 +53,6 @@ pub struct FilterSettings {
     pub dynamic_metadata: Option<Vec<String>>,
 }
 
-/// The metadata fields an allowed request can carry, in the order they are set.
-pub const METADATA_FIELDS: [&str; 6] = [
-    "consumer",
-    "consumer_id",
-    "consumer_key",
-    "consumer_key_id",
-    "model_service",
-    "model_key",
-];
 
 impl FilterSettings {
     /// Parses and checks `filter_config`; errors name the key.
@@ -75,11 +68,11 @@ impl FilterSettings {
     }
 
     /// Which of [`METADATA_FIELDS`] to set (all unless `dynamic_metadata` says otherwise).
-    pub fn metadata_fields(&self) -> Result<[bool; 6], String> {
+    pub fn metadata_fields(&self) -> Result<MetadataSelection, String> {
         let Some(list) = &self.dynamic_metadata else {
-            return Ok([true; 6]);
+            return Ok(ALL_METADATA);
         };
-        let mut on = [false; 6];
+        let mut on = [false; METADATA_FIELDS.len()];
         for f in list {
             match METADATA_FIELDS.iter().position(|n| n == f) {
                 Some(i) => on[i] = true,
@@ -126,6 +119,10 @@ pub struct RouteSettings {
     /// The model service this route's requests are authorized for (SPEC §2 step 4).
     #[serde(default)]
     pub model_service: Option<String>,
+    /// The model this route's requests are for, whatever their body or path says (SPEC §8.1:
+    /// a route's fixed model wins).
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 impl RouteSettings {
@@ -137,6 +134,14 @@ impl RouteSettings {
                 "keygate per-route filter_config: model_service must not be empty (omit it to refuse the route)"
                     .into(),
             );
+        }
+        if let Some(m) = &r.model
+            && ModelName::new(m).is_none()
+        {
+            return Err(format!(
+                "keygate per-route filter_config: model {m:?} must be 1 to {} visible ASCII characters",
+                keygate::authz::model::MAX_MODEL_LEN
+            ));
         }
         Ok(r)
     }
@@ -180,7 +185,7 @@ mod tests {
                 .unwrap()
                 .metadata_fields()
                 .unwrap(),
-            [false, true, false, false, true, false]
+            [false, true, false, false, true, false, false]
         );
         let bad = br#"{"control_plane":"http://x","master_key_file":"/k","data_dir":"/d","dynamic_metadata":["consumer_email"]}"#;
         let e = FilterSettings::parse(bad).unwrap_err();

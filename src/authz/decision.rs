@@ -6,10 +6,14 @@ use std::net::IpAddr;
 
 use crate::domain::Timestamp;
 use crate::domain::validate::ip_allowed;
-use crate::snapshot::{ConsumerEntry, InjectedKey, KeyEntry, ServiceEntry, Snapshot};
+use super::model::{ModelName, model_from_json, model_from_path};
+use crate::domain::ModelSource;
+use crate::snapshot::{ConsumerEntry, Grant, InjectedKey, KeyEntry, ServiceEntry, Snapshot};
 
 /// The route's context extension naming the model service (set in Envoy route config).
 pub const MODEL_SERVICE_EXTENSION: &str = "model_service";
+/// The route's context extension fixing the model (it wins over the body and the path).
+pub const MODEL_EXTENSION: &str = "model";
 
 /// Where the client address comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -130,6 +134,30 @@ pub trait RequestView {
     fn has_header(&self, name: &str) -> bool {
         self.header(name).is_some()
     }
+    /// The route's fixed model, if it has one (never from a client-controlled header).
+    fn route_model(&self) -> Option<&str> {
+        None
+    }
+    /// The request's `:path` (for services whose requests name the model in the path).
+    fn path(&self) -> Option<&str> {
+        self.header(":path")
+    }
+    /// The request body, as far as the data plane has it.
+    fn body(&self) -> Body<'_> {
+        Body::Unread
+    }
+}
+
+/// A request body as a data plane holds it when deciding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body<'b> {
+    /// Not read: the data plane reads it only when the decision asks ([`Decision::NeedBody`]).
+    Unread,
+    /// The whole body (empty when the request has none).
+    Complete(&'b [u8]),
+    /// Only a prefix of it (a body over Envoy's limit with partial messages allowed): a model
+    /// is never decided from part of a body.
+    Partial,
 }
 
 /// Why a request was refused (also the `reason` label of metrics).
@@ -145,6 +173,10 @@ pub enum DenyReason {
     ModelServiceNotAllowed,
     NoModelKey,
     NotReady,
+    /// The model is outside the effective scope or the service's model list.
+    ModelNotAllowed,
+    /// The decision needed the model and the request did not name one it could read.
+    ModelUnknown,
 }
 
 const BODY_401: &str = r#"{"error":{"message":"Invalid API key provided.","type":"authentication_error","code":"invalid_api_key"}}"#;
@@ -152,10 +184,12 @@ const BODY_IP: &str = r#"{"error":{"message":"Requests from this address are not
 const BODY_SCOPE: &str = r#"{"error":{"message":"This API key is not allowed to use this model service.","type":"permission_error","code":"model_service_not_allowed"}}"#;
 const BODY_ROUTE: &str = r#"{"error":{"message":"This route is not configured for a model service.","type":"permission_error","code":"route_not_configured"}}"#;
 const BODY_NO_KEY: &str = r#"{"error":{"message":"No upstream credential is available for this model service.","type":"service_unavailable","code":"no_model_key"}}"#;
+const BODY_MODEL: &str = r#"{"error":{"message":"This API key is not allowed to use this model.","type":"permission_error","code":"model_not_allowed"}}"#;
+const BODY_MODEL_UNKNOWN: &str = r#"{"error":{"message":"This API key is limited to certain models, and the request does not name its model in a way the gateway can read.","type":"permission_error","code":"model_not_allowed"}}"#;
 const BODY_NOT_READY: &str = r#"{"error":{"message":"The gateway is starting and cannot authorize requests yet.","type":"service_unavailable","code":"keygate_not_ready"}}"#;
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 10] = [
+    pub const ALL: [DenyReason; 12] = [
         DenyReason::MissingCredential,
         DenyReason::UnknownKey,
         DenyReason::Disabled,
@@ -166,6 +200,8 @@ impl DenyReason {
         DenyReason::ModelServiceNotAllowed,
         DenyReason::NoModelKey,
         DenyReason::NotReady,
+        DenyReason::ModelNotAllowed,
+        DenyReason::ModelUnknown,
     ];
 
     /// The metrics / log name of the reason.
@@ -181,6 +217,8 @@ impl DenyReason {
             DenyReason::ModelServiceNotAllowed => "model_service_not_allowed",
             DenyReason::NoModelKey => "no_model_key",
             DenyReason::NotReady => "not_ready",
+            DenyReason::ModelNotAllowed => "model_not_allowed",
+            DenyReason::ModelUnknown => "model_unknown",
         }
     }
 
@@ -194,7 +232,9 @@ impl DenyReason {
             | DenyReason::Unbound => 401,
             DenyReason::IpNotAllowed
             | DenyReason::RouteNotConfigured
-            | DenyReason::ModelServiceNotAllowed => 403,
+            | DenyReason::ModelServiceNotAllowed
+            | DenyReason::ModelNotAllowed
+            | DenyReason::ModelUnknown => 403,
             DenyReason::NoModelKey | DenyReason::NotReady => 503,
         }
     }
@@ -209,6 +249,8 @@ impl DenyReason {
                 DenyReason::ModelServiceNotAllowed => BODY_SCOPE,
                 DenyReason::RouteNotConfigured => BODY_ROUTE,
                 DenyReason::NoModelKey => BODY_NO_KEY,
+                DenyReason::ModelNotAllowed => BODY_MODEL,
+                DenyReason::ModelUnknown => BODY_MODEL_UNKNOWN,
                 _ => BODY_NOT_READY,
             },
         }
@@ -228,6 +270,9 @@ pub struct Allowed<'s> {
     pub consumer: &'s ConsumerEntry,
     pub service: &'s ServiceEntry,
     pub model_key: &'s InjectedKey,
+    /// The requested model, when known (the route's, the path's, or the body's when the
+    /// decision read it).
+    pub model: Option<ModelName>,
 }
 
 #[derive(Debug)]
@@ -235,25 +280,37 @@ pub struct Denied<'s> {
     pub reason: DenyReason,
     /// The presented key's record when it was recognised (for logs and metadata).
     pub key: Option<&'s KeyEntry>,
+    /// The requested model, when it was read (a `model_not_allowed` refusal says which).
+    pub model: Option<ModelName>,
 }
 
 #[derive(Debug)]
 pub enum Decision<'s> {
     Allow(Allowed<'s>),
     Deny(Denied<'s>),
+    /// The decision needs the model and it is in the body, which the data plane has not read
+    /// ([`Body::Unread`]): read the whole body and decide again with it.
+    NeedBody,
 }
 
 impl Decision<'_> {
+    /// The refusal reason (`NeedBody` counts as `model_unknown`: a data plane that cannot read
+    /// the body refuses).
     pub fn deny_reason(&self) -> Option<DenyReason> {
         match self {
             Decision::Allow(_) => None,
             Decision::Deny(d) => Some(d.reason),
+            Decision::NeedBody => Some(DenyReason::ModelUnknown),
         }
     }
 }
 
 fn deny(reason: DenyReason, key: Option<&KeyEntry>) -> Decision<'_> {
-    Decision::Deny(Denied { reason, key })
+    Decision::Deny(Denied {
+        reason,
+        key,
+        model: None,
+    })
 }
 
 /// Finds the presented consumer key: the first configured source that is present.
@@ -353,9 +410,31 @@ pub fn decide<'s>(
     let Some(service) = req.model_service().and_then(|name| snap.service(name)) else {
         return deny(DenyReason::RouteNotConfigured, Some(key));
     };
-    // 5. Effective scope = consumer scope ∩ key scope.
-    if !consumer.scope.allows(&service.id) || !key.scope.allows(&service.id) {
+    // 5. Effective scope = consumer scope ∩ key scope, on this service...
+    let consumer_grant = consumer.scope.grant(&service.id);
+    let key_grant = key.scope.grant(&service.id);
+    if consumer_grant == Grant::Nothing || key_grant == Grant::Nothing {
         return deny(DenyReason::ModelServiceNotAllowed, Some(key));
+    }
+    // ... and on the requested model, read only when something here depends on it.
+    let needs_model =
+        !service.models.is_empty() || consumer_grant.needs_model() || key_grant.needs_model();
+    let model = match requested_model(service, req, needs_model) {
+        Ok(model) => model,
+        Err(NeedBody) => return Decision::NeedBody,
+    };
+    if needs_model {
+        let Some(name) = model else {
+            return deny(DenyReason::ModelUnknown, Some(key));
+        };
+        let m = name.as_str();
+        if !(service.admits_model(m) && consumer_grant.allows(m) && key_grant.allows(m)) {
+            return Decision::Deny(Denied {
+                reason: DenyReason::ModelNotAllowed,
+                key: Some(key),
+                model,
+            });
+        }
     }
     // 6. An enabled model key bound to the service.
     let Some(model_key) = service.pick() else {
@@ -367,6 +446,36 @@ pub fn decide<'s>(
         consumer,
         service,
         model_key,
+        model,
+    })
+}
+
+/// The body must be read first.
+struct NeedBody;
+
+/// The model the request names: the route's fixed model wins; otherwise where the service
+/// says its requests name it. The body is consulted only when `needed` (reading it is the
+/// one cost the decision can avoid); the path and the route always are (free). `None`: no
+/// model could be determined (no body, not JSON, no or a duplicated `model`, a partial body).
+fn requested_model(
+    service: &ServiceEntry,
+    req: &impl RequestView,
+    needed: bool,
+) -> Result<Option<ModelName>, NeedBody> {
+    if let Some(fixed) = req.route_model() {
+        return Ok(ModelName::new(fixed));
+    }
+    Ok(match service.model_source {
+        ModelSource::Path => req.path().and_then(model_from_path).and_then(ModelName::new),
+        ModelSource::None => None,
+        ModelSource::Body if !needed => None,
+        ModelSource::Body => match req.body() {
+            Body::Unread => return Err(NeedBody),
+            Body::Complete(bytes) => model_from_json(bytes)
+                .ok()
+                .and_then(|m| ModelName::new(&m)),
+            Body::Partial => None,
+        },
     })
 }
 

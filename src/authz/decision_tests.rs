@@ -131,6 +131,8 @@ fn build_world() -> World {
                 mk(MK_OPENAI_1_ID, "openai-key-1", MK_OPENAI_1),
                 mk(MK_OPENAI_2_ID, "openai-key-2", MK_OPENAI_2),
             ],
+            models: vec![],
+            model_source: Default::default(),
         },
         ServiceRecord {
             id: id(S_ANTHROPIC),
@@ -138,6 +140,8 @@ fn build_world() -> World {
             auth_header: "x-api-key".into(),
             auth_value_template: "{key}".into(),
             model_keys: vec![mk(MK_ANTHROPIC_ID, "anthropic-key", MK_ANTHROPIC)],
+            models: vec![],
+            model_source: Default::default(),
         },
         ServiceRecord {
             id: id(S_AZURE),
@@ -145,6 +149,8 @@ fn build_world() -> World {
             auth_header: "api-key".into(),
             auth_value_template: "{key}".into(),
             model_keys: vec![mk(MK_AZURE_ID, "azure-key", MK_AZURE)],
+            models: vec![],
+            model_source: Default::default(),
         },
         ServiceRecord {
             id: id(S_EMPTY),
@@ -152,23 +158,25 @@ fn build_world() -> World {
             auth_header: "authorization".into(),
             auth_value_template: "Bearer {key}".into(),
             model_keys: vec![],
+            models: vec![],
+            model_source: Default::default(),
         },
     ];
     let consumers = vec![
         ConsumerRecord {
             id: id(C_ALL),
             name: "billing-app".into(),
-            scope: None,
+            scope: ScopeSet::All,
         },
         ConsumerRecord {
             id: id(C_OPENAI_ONLY),
             name: "openai-only-app".into(),
-            scope: Some(vec![id(S_OPENAI)]),
+            scope: ScopeSet::services(vec![id(S_OPENAI)]),
         },
         ConsumerRecord {
             id: id(C_OPENAI_AZURE),
             name: "openai-azure-app".into(),
-            scope: Some(vec![id(S_OPENAI), id(S_AZURE)]),
+            scope: ScopeSet::services(vec![id(S_OPENAI), id(S_AZURE)]),
         },
     ];
 
@@ -201,14 +209,14 @@ fn build_world() -> World {
         r.ip_allowlist = nets(&["2001:db8::/32"]).into()
     });
     add(7, KEY_SCOPED, &|r| {
-        r.scope = ScopeSet::Only(vec![id(S_ANTHROPIC)].into())
+        r.scope = ScopeSet::services(vec![id(S_ANTHROPIC)])
     });
     add(8, CONSUMER_SCOPED, &|r| {
         r.consumer = Some(id(C_OPENAI_ONLY))
     });
     add(9, BOTH_SCOPED, &|r| {
         r.consumer = Some(id(C_OPENAI_AZURE));
-        r.scope = ScopeSet::Only(vec![id(S_OPENAI), id(S_ANTHROPIC)].into());
+        r.scope = ScopeSet::services(vec![id(S_OPENAI), id(S_ANTHROPIC)]);
     });
     add(10, IP_MAPPED, &|r| {
         // Parsed exactly as the snapshot builder parses stored allowlist entries.
@@ -322,6 +330,7 @@ fn allowed<'a, 's>(d: &'a Decision<'s>) -> &'a Allowed<'s> {
     match d {
         Decision::Allow(a) => a,
         Decision::Deny(d) => panic!("expected allow, got deny {:?}", d.reason),
+        Decision::NeedBody => panic!("expected allow, got need-body"),
     }
 }
 
@@ -333,6 +342,7 @@ fn denied<'a, 's>(d: &'a Decision<'s>) -> &'a Denied<'s> {
             "expected deny, got allow (key {}, service {})",
             a.key.name, a.service.name
         ),
+        Decision::NeedBody => panic!("expected deny, got need-body"),
     }
 }
 
@@ -1108,6 +1118,9 @@ fn deny_bodies_are_openai_style_json_per_spec() {
             }
             DenyReason::NoModelKey => (503, "service_unavailable", "no_model_key"),
             DenyReason::NotReady => (503, "service_unavailable", "keygate_not_ready"),
+            DenyReason::ModelNotAllowed | DenyReason::ModelUnknown => {
+                (403, "permission_error", "model_not_allowed")
+            }
         }
     };
     for r in DenyReason::ALL {
@@ -1533,6 +1546,7 @@ fn decision_summary(d: &Decision<'_>) -> (Option<DenyReason>, Option<Uuid>, Opti
     match d {
         Decision::Allow(a) => (None, Some(a.key.id), Some(a.service.id)),
         Decision::Deny(x) => (Some(x.reason), x.key.map(|k| k.id), None),
+        Decision::NeedBody => (Some(DenyReason::ModelUnknown), None, None),
     }
 }
 

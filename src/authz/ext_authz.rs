@@ -13,7 +13,9 @@ use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::decision::{DecisionConfig, MODEL_SERVICE_EXTENSION, RequestView, decide};
+use super::decision::{
+    Body, DecisionConfig, MODEL_EXTENSION, MODEL_SERVICE_EXTENSION, RequestView, decide,
+};
 use super::outcome::{ALL_METADATA, Admit, MetaValue, Outcome, REPLY_CONTENT_TYPE, Refusal};
 use super::record::OutcomeRecorder;
 use crate::crypto::KeyHasher;
@@ -208,11 +210,52 @@ impl RequestView for CheckView<'_> {
     }
 
     fn model_service(&self) -> Option<&str> {
+        self.context_extension(MODEL_SERVICE_EXTENSION)
+    }
+
+    fn route_model(&self) -> Option<&str> {
+        self.context_extension(MODEL_EXTENSION)
+    }
+
+    fn path(&self) -> Option<&str> {
+        self.http.map(|h| h.path.as_str())
+    }
+
+    /// What Envoy sent of the body: `raw_body` (`pack_as_bytes: true`, the recommended
+    /// setting), else `body`; nothing when the route does not buffer bodies
+    /// (`with_request_body` unset), which reads as an empty body. A body Envoy cut at
+    /// `max_request_bytes` (`allow_partial_message: true`) is marked partial by Envoy's
+    /// `x-envoy-auth-partial-body: true` header.
+    fn body(&self) -> Body<'_> {
+        let Some(http) = self.http else {
+            return Body::Complete(&[]);
+        };
+        if http
+            .headers
+            .get(PARTIAL_BODY_HEADER)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            return Body::Partial;
+        }
+        if !http.raw_body.is_empty() {
+            Body::Complete(&http.raw_body)
+        } else {
+            Body::Complete(http.body.as_bytes())
+        }
+    }
+}
+
+/// The header Envoy's ext_authz filter adds when it sends only part of the body.
+const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+impl CheckView<'_> {
+    /// A route's `context_extensions` entry (route configuration, never the client's).
+    fn context_extension(&self, name: &str) -> Option<&str> {
         self.req
             .attributes
             .as_ref()?
             .context_extensions
-            .get(MODEL_SERVICE_EXTENSION)
+            .get(name)
             .map(String::as_str)
     }
 }

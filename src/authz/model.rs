@@ -109,6 +109,50 @@ pub fn model_from_path(path: &str) -> Option<&str> {
     valid.then_some(name)
 }
 
+/// A request's model, held inline (no allocation on the decision path): 1 to
+/// [`MAX_MODEL_LEN`] bytes of visible ASCII, the rule every source of a model follows.
+#[derive(Clone, Copy)]
+pub struct ModelName {
+    len: u16,
+    bytes: [u8; MAX_MODEL_LEN],
+}
+
+impl ModelName {
+    /// `model` if it follows the rule.
+    pub fn new(model: &str) -> Option<Self> {
+        let valid = !model.is_empty()
+            && model.len() <= MAX_MODEL_LEN
+            && model.bytes().all(is_visible_ascii);
+        if !valid {
+            return None;
+        }
+        let mut bytes = [0; MAX_MODEL_LEN];
+        bytes[..model.len()].copy_from_slice(model.as_bytes());
+        Some(ModelName {
+            len: model.len() as u16,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Checked visible ASCII in `new`, so always UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for ModelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl PartialEq for ModelName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl Eq for ModelName {}
+
 fn is_visible_ascii(byte: u8) -> bool {
     (0x21..=0x7e).contains(&byte)
 }

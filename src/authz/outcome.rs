@@ -10,6 +10,7 @@ use super::decision::{
     Allowed, Decision, DecisionConfig, DenyReason, RequestView, credential_headers_present,
     credential_param_present,
 };
+use super::model::ModelName;
 use crate::snapshot::KeyEntry;
 
 /// The dynamic-metadata namespace of the fields below
@@ -19,13 +20,14 @@ pub const METADATA_NAMESPACE: &str = "keygate";
 
 /// The metadata fields of an allowed request, in their fixed order (names and ids, never
 /// values).
-pub const METADATA_FIELDS: [&str; 6] = [
+pub const METADATA_FIELDS: [&str; 7] = [
     "consumer",
     "consumer_id",
     "consumer_key",
     "consumer_key_id",
     "model_service",
     "model_key",
+    "model",
 ];
 
 /// Which of [`METADATA_FIELDS`] an allowed request gets (all by default).
@@ -72,6 +74,13 @@ impl<'s, 'c> Outcome<'s, 'c> {
             Decision::Deny(d) => Outcome::Refuse(Refusal {
                 reason: d.reason,
                 key: d.key,
+                model: d.model,
+            }),
+            // A data plane that decides without reading the body refuses what needs it.
+            Decision::NeedBody => Outcome::Refuse(Refusal {
+                reason: DenyReason::ModelUnknown,
+                key: None,
+                model: None,
             }),
         }
     }
@@ -112,25 +121,27 @@ impl<'s, 'c> Admit<'s, 'c> {
         credential_param_present(self.cfg, req)
     }
 
-    /// The selected metadata fields with their values, in [`METADATA_FIELDS`] order.
-    pub fn metadata(
-        &self,
+    /// The selected metadata fields with their values, in [`METADATA_FIELDS`] order (`model`
+    /// only when the requested model is known).
+    pub fn metadata<'a>(
+        &'a self,
         selection: &MetadataSelection,
-    ) -> impl Iterator<Item = (&'static str, MetaValue<'s>)> + use<'s, '_> {
+    ) -> impl Iterator<Item = (&'static str, MetaValue<'a>)> + use<'a, 's, 'c> {
         let a = &self.allowed;
         let values = [
-            MetaValue::Text(&a.consumer.name),
-            MetaValue::Id(a.consumer.id),
-            MetaValue::Text(&a.key.name),
-            MetaValue::Id(a.key.id),
-            MetaValue::Text(&a.service.name),
-            MetaValue::Text(&a.model_key.name),
+            Some(MetaValue::Text(&a.consumer.name)),
+            Some(MetaValue::Id(a.consumer.id)),
+            Some(MetaValue::Text(&a.key.name)),
+            Some(MetaValue::Id(a.key.id)),
+            Some(MetaValue::Text(&a.service.name)),
+            Some(MetaValue::Text(&a.model_key.name)),
+            a.model.as_ref().map(|m| MetaValue::Text(m.as_str())),
         ];
         METADATA_FIELDS
             .into_iter()
             .zip(values)
             .zip(*selection)
-            .filter_map(|(field, on)| on.then_some(field))
+            .filter_map(|((field, value), on)| Some((field, value?)).filter(|_| on))
     }
 }
 
@@ -140,6 +151,8 @@ pub struct Refusal<'s> {
     pub reason: DenyReason,
     /// The presented key's record when it was recognised (for logs and metadata).
     pub key: Option<&'s KeyEntry>,
+    /// The requested model, when it was read.
+    pub model: Option<ModelName>,
 }
 
 impl<'s> Refusal<'s> {
@@ -148,6 +161,7 @@ impl<'s> Refusal<'s> {
         Refusal {
             reason: DenyReason::NotReady,
             key: None,
+            model: None,
         }
     }
 
@@ -161,8 +175,8 @@ impl<'s> Refusal<'s> {
         self.reason.body()
     }
 
-    /// `deny_reason`, then the recognised key's name and id.
-    pub fn metadata(&self) -> impl Iterator<Item = (&'static str, MetaValue<'s>)> + use<'s> {
+    /// `deny_reason`, then the recognised key's name and id, then the model when it was read.
+    pub fn metadata<'a>(&'a self) -> impl Iterator<Item = (&'static str, MetaValue<'a>)> + use<'a, 's> {
         let reason = std::iter::once(("deny_reason", MetaValue::Text(self.reason.as_str())));
         let key = self.key.into_iter().flat_map(|k| {
             [
@@ -170,6 +184,10 @@ impl<'s> Refusal<'s> {
                 ("consumer_key_id", MetaValue::Id(k.id)),
             ]
         });
-        reason.chain(key)
+        let model = self
+            .model
+            .as_ref()
+            .map(|m| ("model", MetaValue::Text(m.as_str())));
+        reason.chain(key).chain(model)
     }
 }

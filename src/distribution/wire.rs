@@ -2,6 +2,7 @@
 //! keys as ciphertext; nothing here ever holds a plaintext secret.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use uuid::Uuid;
@@ -9,8 +10,11 @@ use uuid::Uuid;
 use crate::crypto::KeyHash;
 use crate::domain::Timestamp;
 use crate::proto::snapshot::v1 as pb;
+use crate::domain::ModelSource;
+use crate::domain::model::check_pattern;
 use crate::snapshot::{
-    ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Update,
+    ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet,
+    ServiceRecord, Update,
 };
 
 /// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
@@ -27,20 +31,64 @@ fn uuid_in(field: &str, b: &[u8]) -> Result<Uuid, ApplyError> {
 fn scope_out(s: &ScopeSet) -> Option<pb::Scope> {
     match s {
         ScopeSet::All => None,
-        ScopeSet::Only(ids) => Some(pb::Scope {
-            model_service_ids: ids.iter().map(|u| u.as_bytes().to_vec()).collect(),
+        ScopeSet::Only(list) => Some(pb::Scope {
+            model_service_ids: list
+                .services
+                .iter()
+                .map(|u| u.as_bytes().to_vec())
+                .collect(),
+            models: list
+                .models
+                .iter()
+                .map(|r| pb::ModelRule {
+                    model_service_id: r.service.as_bytes().to_vec(),
+                    pattern: r.pattern.to_string(),
+                })
+                .collect(),
         }),
     }
 }
 
-fn scope_in(s: Option<pb::Scope>) -> Result<Option<Vec<Uuid>>, ApplyError> {
-    s.map(|s| {
-        s.model_service_ids
-            .iter()
-            .map(|b| uuid_in("scope id", b))
-            .collect()
-    })
-    .transpose()
+fn scope_in(s: Option<pb::Scope>) -> Result<ScopeSet, ApplyError> {
+    let Some(s) = s else {
+        return Ok(ScopeSet::All);
+    };
+    let services = s
+        .model_service_ids
+        .iter()
+        .map(|b| uuid_in("scope id", b))
+        .collect::<Result<_, _>>()?;
+    let models = s
+        .models
+        .into_iter()
+        .map(|r| {
+            pattern_in("scope model pattern", &r.pattern)?;
+            Ok(ModelRule {
+                service: uuid_in("scope model service id", &r.model_service_id)?,
+                pattern: r.pattern.into(),
+            })
+        })
+        .collect::<Result<_, ApplyError>>()?;
+    Ok(ScopeSet::Only(Arc::new(ScopeList { services, models })))
+}
+
+/// A model pattern as the control plane validated it (checked again: a data plane never
+/// matches with a rule it would not have accepted).
+fn pattern_in(what: &str, pattern: &str) -> Result<(), ApplyError> {
+    check_pattern(what, pattern).map_err(|v| malformed(format!("{what}: {}", v.description)))
+}
+
+fn model_source_out(s: ModelSource) -> i32 {
+    match s {
+        ModelSource::Body => pb::ModelSource::Body as i32,
+        ModelSource::Path => pb::ModelSource::Path as i32,
+        ModelSource::None => pb::ModelSource::None as i32,
+    }
+}
+
+fn model_source_in(code: i32) -> Result<ModelSource, ApplyError> {
+    ModelSource::from_code(i64::from(code))
+        .ok_or_else(|| malformed(format!("model source {code} is unknown")))
 }
 
 fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
@@ -87,10 +135,7 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
             enabled: k.enabled,
             expire_time: (k.expire_time_us != 0).then_some(Timestamp(k.expire_time_us)),
             name: k.name.into_boxed_str(),
-            scope: match scope_in(k.scope)? {
-                None => ScopeSet::All,
-                Some(ids) => ScopeSet::Only(ids.into()),
-            },
+            scope: scope_in(k.scope)?,
             ip_allowlist,
             usage: Default::default(),
         },
@@ -115,6 +160,8 @@ fn services_out(s: &[ServiceRecord]) -> pb::Services {
                         ciphertext: k.ciphertext.clone(),
                     })
                     .collect(),
+                models: s.models.clone(),
+                model_source: model_source_out(s.model_source),
             })
             .collect(),
     }
@@ -146,6 +193,12 @@ fn services_in(s: pb::Services) -> Result<Vec<ServiceRecord>, ApplyError> {
                         })
                     })
                     .collect::<Result<_, ApplyError>>()?,
+                models: s
+                    .models
+                    .into_iter()
+                    .map(|m| pattern_in("model service model pattern", &m).map(|()| m))
+                    .collect::<Result<_, _>>()?,
+                model_source: model_source_in(s.model_source)?,
             })
         })
         .collect()
@@ -168,9 +221,7 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
             .map(|c| pb::Consumer {
                 id: c.id.as_bytes().to_vec(),
                 name: c.name.clone(),
-                scope: c.scope.as_ref().map(|ids| pb::Scope {
-                    model_service_ids: ids.iter().map(|u| u.as_bytes().to_vec()).collect(),
-                }),
+                scope: scope_out(&c.scope),
             })
             .collect(),
         removed_consumers: update
@@ -301,7 +352,7 @@ mod tests {
     #[test]
     fn full_updates_round_trip_in_chunks() {
         let mut u = crate::snapshot::fixtures::synthetic_update(45);
-        u.keys[3].1.scope = ScopeSet::Only(vec![Uuid::from_u128(2)].into());
+        u.keys[3].1.scope = ScopeSet::services(vec![Uuid::from_u128(2)]);
         u.keys[4].1.ip_allowlist = vec![
             "10.0.0.0/8".parse().unwrap(),
             "192.168.1.7/32".parse().unwrap(),
@@ -379,7 +430,7 @@ mod tests {
         use prost::Message;
         let mut u = crate::snapshot::fixtures::synthetic_update(4);
         u.keys[1].1.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()].into();
-        u.keys[2].1.scope = ScopeSet::Only(vec![Uuid::from_u128(2)].into());
+        u.keys[2].1.scope = ScopeSet::services(vec![Uuid::from_u128(2)]);
         u.keys[3].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
         let mut inc = u.clone();
         inc.full = false;

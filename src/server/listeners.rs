@@ -158,6 +158,11 @@ fn serve_incoming<I, IO, IE>(
     });
 }
 
+/// The largest `CheckRequest` accepted: room for a request body buffered by a route's
+/// `with_request_body` (its `max_request_bytes` must stay below this) plus headers. gRPC's
+/// default, 4 MiB, would refuse a model-scoped request with a large prompt.
+pub const MAX_CHECK_REQUEST_BYTES: usize = 32 * 1024 * 1024;
+
 /// The ext_authz listener: health NOT_SERVING until a snapshot is live, then SERVING, and
 /// NOT_SERVING again at shutdown.
 pub(super) async fn serve_authz(
@@ -188,9 +193,10 @@ pub(super) async fn serve_authz(
         .add_service(health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
-            authz,
-        ));
+        .add_service(
+            envoy_types::ext_authz::v3::pb::AuthorizationServer::new(authz)
+                .max_decoding_message_size(MAX_CHECK_REQUEST_BYTES),
+        );
     match listener {
         AuthzListener::Tcp(l) => serve(router, l, health, "ext_authz", shutdown),
         AuthzListener::Unix(l) => serve_incoming(

@@ -41,10 +41,12 @@ fn uuid(id: &str) -> Result<Uuid, BuildError> {
     Uuid::parse_str(id).map_err(|_| BuildError::Record(format!("id {id:?} is not a UUID")))
 }
 
-fn scope_ids(scope: &Scope) -> Result<Option<Vec<Uuid>>, BuildError> {
+fn scope_set(scope: &Scope) -> Result<ScopeSet, BuildError> {
     Ok(match scope {
-        Scope::Unset | Scope::All => None,
-        Scope::Services(list) => Some(list.iter().map(|n| uuid(&n.id)).collect::<Result<_, _>>()?),
+        Scope::Unset | Scope::All => ScopeSet::All,
+        Scope::Services(list) => {
+            ScopeSet::services(list.iter().map(|n| uuid(&n.id)).collect::<Result<_, _>>()?)
+        }
     })
 }
 
@@ -62,10 +64,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
             enabled: k.status == KeyStatus::Enabled,
             expire_time: k.expire_time,
             name: k.name.into_boxed_str(),
-            scope: match scope_ids(&k.scope)? {
-                None => ScopeSet::All,
-                Some(ids) => ScopeSet::Only(ids.into()),
-            },
+            scope: scope_set(&k.scope)?,
             ip_allowlist,
             usage: Default::default(),
         },
@@ -76,7 +75,7 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
     Ok(ConsumerRecord {
         id: uuid(&c.id)?,
         name: c.name.clone(),
-        scope: scope_ids(&c.scope)?,
+        scope: scope_set(&c.scope)?,
     })
 }
 
@@ -154,6 +153,8 @@ fn service_records(
                 auth_header: s.auth_header.clone(),
                 auth_value_template: s.auth_value_template.clone(),
                 model_keys,
+                models: s.models.clone(),
+                model_source: Default::default(),
             })
         })
         .collect()

@@ -46,7 +46,7 @@ pub fn synthetic_update(n: u64) -> Update {
         consumers: vec![ConsumerRecord {
             id: consumer,
             name: "bench".into(),
-            scope: None,
+            scope: ScopeSet::All,
         }],
         services: Some(vec![ServiceRecord {
             id: Uuid::from_u128(2),
@@ -54,6 +54,8 @@ pub fn synthetic_update(n: u64) -> Update {
             auth_header: "authorization".into(),
             auth_value_template: "Bearer {key}".into(),
             model_keys: vec![],
+            models: vec![],
+            model_source: Default::default(),
         }]),
         ..Default::default()
     }

@@ -10,11 +10,13 @@ mod builder;
 #[doc(hidden)]
 pub mod fixtures;
 mod index;
+mod scope;
 mod update;
 
 #[cfg(feature = "server")]
 pub use builder::{BuildError, SnapshotBuilder, load_full_update};
 pub use index::KeyIndex;
+pub use scope::{Grant, ModelRule, ScopeList, ScopeSet};
 pub use update::{ApplyError, ConsumerRecord, ModelKeyRecord, ServiceRecord, Update};
 
 use std::collections::HashMap;
@@ -28,23 +30,7 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use crate::crypto::{KeyHash, Secret};
-use crate::domain::Timestamp;
-
-/// Which model services a consumer or key may reach, by service id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ScopeSet {
-    All,
-    Only(Arc<[Uuid]>),
-}
-
-impl ScopeSet {
-    pub fn allows(&self, service_id: &Uuid) -> bool {
-        match self {
-            ScopeSet::All => true,
-            ScopeSet::Only(ids) => ids.contains(service_id),
-        }
-    }
-}
+use crate::domain::{ModelSource, Timestamp};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerEntry {
@@ -162,6 +148,10 @@ pub struct ServiceEntry {
     pub auth_header: Box<str>,
     /// Enabled bound model keys, in binding order.
     pub keys: Box<[InjectedKey]>,
+    /// The model patterns the service may be asked for (empty: any model).
+    pub models: Box<[Box<str>]>,
+    /// Where its requests name their model.
+    pub model_source: ModelSource,
     next: AtomicUsize,
 }
 
@@ -172,8 +162,27 @@ impl ServiceEntry {
             name: name.into(),
             auth_header: auth_header.into(),
             keys: keys.into_boxed_slice(),
+            models: Box::default(),
+            model_source: ModelSource::Body,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The service with a model list (enforced when non-empty) and a model source.
+    pub fn with_models(mut self, models: &[String], source: ModelSource) -> Self {
+        self.models = models.iter().map(|m| m.as_str().into()).collect();
+        self.model_source = source;
+        self
+    }
+
+    /// Whether the service's own model list admits `model` (an empty list admits any).
+    #[inline]
+    pub fn admits_model(&self, model: &str) -> bool {
+        self.models.is_empty()
+            || self
+                .models
+                .iter()
+                .any(|p| crate::domain::model::pattern_matches(p, model))
     }
 
     /// Round-robin over the enabled keys (`None` when there are none).

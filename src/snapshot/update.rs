@@ -13,12 +13,13 @@ use super::{
     ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells,
 };
 use crate::crypto::{KeyHash, Keys, Secret};
+use crate::domain::ModelSource;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerRecord {
     pub id: Uuid,
     pub name: String,
-    pub scope: Option<Vec<Uuid>>,
+    pub scope: ScopeSet,
 }
 
 /// An enabled model key bound to a service, value encrypted under the master key's model-key
@@ -38,6 +39,10 @@ pub struct ServiceRecord {
     pub auth_value_template: String,
     /// Enabled bound model keys in binding order.
     pub model_keys: Vec<ModelKeyRecord>,
+    /// The model patterns the service may be asked for (empty: any model).
+    pub models: Vec<String>,
+    /// Where its requests name their model.
+    pub model_source: ModelSource,
 }
 
 /// A change of snapshot. `full`: the records are everything (nothing else survives);
@@ -75,13 +80,6 @@ pub enum ApplyError {
     Malformed(String),
 }
 
-fn scope_set(s: &Option<Vec<Uuid>>) -> ScopeSet {
-    match s {
-        None => ScopeSet::All,
-        Some(ids) => ScopeSet::Only(ids.clone().into()),
-    }
-}
-
 fn consumer_entry(
     r: &ConsumerRecord,
     services: &HashMap<Box<str>, Arc<ServiceEntry>>,
@@ -89,7 +87,7 @@ fn consumer_entry(
     Arc::new(ConsumerEntry {
         id: r.id,
         name: r.name.as_str().into(),
-        scope: scope_set(&r.scope),
+        scope: r.scope.clone(),
         usage: UsageCells::new(services.values().map(|s| s.id)),
     })
 }
@@ -118,7 +116,10 @@ fn services(
         }
         out.insert(
             s.name.as_str().into(),
-            Arc::new(ServiceEntry::new(s.id, &s.name, &s.auth_header, injected)),
+            Arc::new(
+                ServiceEntry::new(s.id, &s.name, &s.auth_header, injected)
+                    .with_models(&s.models, s.model_source),
+            ),
         );
     }
     Ok(out)
@@ -225,10 +226,6 @@ impl Snapshot {
 
     /// The full update that rebuilds this snapshot elsewhere (model key values encrypted).
     pub fn to_full_update(&self) -> Update {
-        let scope = |s: &ScopeSet| match s {
-            ScopeSet::All => None,
-            ScopeSet::Only(ids) => Some(ids.to_vec()),
-        };
         Update {
             store_id: self.store_id.clone(),
             epoch: self.epoch.clone(),
@@ -242,7 +239,7 @@ impl Snapshot {
                 .map(|c| ConsumerRecord {
                     id: c.id,
                     name: c.name.to_string(),
-                    scope: scope(&c.scope),
+                    scope: c.scope.clone(),
                 })
                 .collect(),
             removed_consumers: vec![],

@@ -65,7 +65,12 @@ pub const STATUS_CONTINUE: u32 = 0;
 pub const HEADERS_STATUS_STOP_ITERATION: u32 = 1;
 // envoy_dynamic_module_type_on_http_filter_{request,response}_body_status (= FilterDataStatus):
 // Continue, StopIterationAndBuffer, StopIterationAndWatermark, StopIterationNoBuffer.
+pub const BODY_STATUS_STOP_ITERATION_AND_BUFFER: u32 = 1;
 pub const BODY_STATUS_STOP_ITERATION_NO_BUFFER: u32 = 3;
+// envoy_dynamic_module_type_http_body_type: the chunk of the running body hook, and what Envoy
+// has buffered so far (a stream's earlier chunks after StopIterationAndBuffer).
+pub const BODY_TYPE_RECEIVED_REQUEST: u32 = 0;
+pub const BODY_TYPE_BUFFERED_REQUEST: u32 = 1;
 // envoy_dynamic_module_type_metrics_result
 pub const METRICS_SUCCESS: u32 = 0;
 // envoy_dynamic_module_type_attribute_id_SourceAddress ("source.address"), the 25th entry.
@@ -133,6 +138,36 @@ unsafe extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+
+    // size_t envoy_dynamic_module_callback_http_get_body_chunks_size(
+    //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr,
+    //     envoy_dynamic_module_type_http_body_type body_type);
+    // 0 when the body is absent (the received chunk outside a body hook, nothing buffered).
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+        filter_envoy_ptr: *mut c_void,
+        body_type: u32,
+    ) -> usize;
+
+    // bool envoy_dynamic_module_callback_http_get_body_chunks(
+    //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr,
+    //     envoy_dynamic_module_type_http_body_type body_type,
+    //     envoy_dynamic_module_type_envoy_buffer* result_buffer_vector);
+    // Writes one buffer per slice into a caller-allocated array of chunks_size entries; false
+    // when the body is absent. The slices stay valid until the hook returns (no body setter is
+    // called here).
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks(
+        filter_envoy_ptr: *mut c_void,
+        body_type: u32,
+        result_buffer_vector: *mut EnvoyBuffer,
+    ) -> bool;
+
+    // bool envoy_dynamic_module_callback_http_received_buffered_request_body(
+    //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr);
+    // True when the received chunk *is* the buffered body (an earlier filter buffered and then
+    // resumed): reading both would double it.
+    pub fn envoy_dynamic_module_callback_http_received_buffered_request_body(
+        filter_envoy_ptr: *mut c_void,
+    ) -> bool;
 
     // bool envoy_dynamic_module_callback_http_get_header(
     //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr,

@@ -69,14 +69,16 @@ macro_rules! declare_filter_module {
                 filter_config_ptr: *const c_void,
                 _filter_envoy_ptr: *mut c_void,
             ) -> *const c_void {
-                hooks::on_http_filter_new(filter_config_ptr)
+                hooks::on_http_filter_new::<M>(filter_config_ptr)
             }
 
-            /// Nothing to free: see `hooks::on_http_filter_new`.
             #[unsafe(no_mangle)]
             extern "C" fn envoy_dynamic_module_on_http_filter_destroy(
-                _filter_module_ptr: *const c_void,
+                filter_module_ptr: *const c_void,
             ) {
+                // SAFETY: only Envoy calls this symbol, once per stream filter this module
+                // returned, after the stream's last hook.
+                unsafe { hooks::on_http_filter_destroy::<M>(filter_module_ptr) }
             }
 
             #[unsafe(no_mangle)]
@@ -113,6 +115,17 @@ macro_rules! declare_filter_module {
             }
 
             #[unsafe(no_mangle)]
+            extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+                filter_envoy_ptr: *mut c_void,
+                filter_module_ptr: *const c_void,
+            ) -> u32 {
+                // SAFETY: as for on_http_filter_request_headers.
+                unsafe {
+                    hooks::on_http_filter_request_trailers::<M>(filter_envoy_ptr, filter_module_ptr)
+                }
+            }
+
+            #[unsafe(no_mangle)]
             extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
                 filter_envoy_ptr: *mut c_void,
                 filter_module_ptr: *const c_void,
@@ -145,14 +158,6 @@ macro_rules! declare_filter_module {
             }
 
             // ---- Hooks Envoy 1.40 requires for an HTTP filter that this module does not use. ----
-
-            #[unsafe(no_mangle)]
-            extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-                _filter_envoy_ptr: *mut c_void,
-                _filter_module_ptr: *const c_void,
-            ) -> u32 {
-                STATUS_CONTINUE
-            }
 
             #[unsafe(no_mangle)]
             extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(

@@ -4,20 +4,46 @@
 
 use super::{ConfigEnvoy, Request};
 
-/// What the filter tells Envoy after looking at request or response headers.
+/// What the filter tells Envoy after looking at request or response headers (or trailers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadersStatus {
     /// Pass the headers on to the next filter (and the upstream or the client).
     Continue,
-    /// Stop the filter chain (use after `send_local_reply`).
+    /// Stop the filter chain: after `send_local_reply`, or to hold the headers until a body
+    /// hook decides (Envoy keeps calling the body hooks).
     StopIteration,
+}
+
+impl HeadersStatus {
+    pub(super) fn code(self) -> u32 {
+        match self {
+            HeadersStatus::Continue => super::abi::STATUS_CONTINUE,
+            HeadersStatus::StopIteration => super::abi::HEADERS_STATUS_STOP_ITERATION,
+        }
+    }
 }
 
 /// What the filter tells Envoy after looking at a chunk of a request or response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyStatus {
-    /// Pass the chunk on to the next filter.
+    /// Pass the chunk on to the next filter (at the end of a held body: the headers and the
+    /// whole body go on).
     Continue,
+    /// Hold the chunk in Envoy's buffer (bounded by the stream's buffer limit: over it Envoy
+    /// answers 413 itself) and wait for more.
+    StopIterationAndBuffer,
+    /// Stop without buffering (use after `send_local_reply`).
+    StopIterationNoBuffer,
+}
+
+impl BodyStatus {
+    pub(super) fn code(self) -> u32 {
+        match self {
+            BodyStatus::Continue => super::abi::STATUS_CONTINUE,
+            BodyStatus::StopIterationAndBuffer => super::abi::BODY_STATUS_STOP_ITERATION_AND_BUFFER,
+            BodyStatus::StopIterationNoBuffer => super::abi::BODY_STATUS_STOP_ITERATION_NO_BUFFER,
+        }
+    }
 }
 
 /// The module's behaviour. Only the request-headers hook is required: every other stream hook
@@ -28,6 +54,9 @@ pub trait FilterModule {
     type Config: Send + Sync + 'static;
     /// One route's `typed_per_filter_config` (shared by all worker threads).
     type PerRoute: Send + Sync + 'static;
+    /// One stream's state, made when Envoy creates the stream's filter and dropped with it
+    /// (hooks of one stream run one at a time on one worker thread).
+    type Stream: Default + 'static;
 
     /// Called once from on_program_init; false refuses the load.
     fn program_init() -> bool;
@@ -46,6 +75,7 @@ pub trait FilterModule {
     /// Runs on a worker thread for every request.
     fn on_request_headers(
         config: &Self::Config,
+        stream: &mut Self::Stream,
         req: &mut Request<'_, Self::PerRoute>,
         end_of_stream: bool,
     ) -> HeadersStatus;
@@ -53,15 +83,27 @@ pub trait FilterModule {
     /// Runs on a worker thread for each chunk of a request body.
     fn on_request_body(
         _config: &Self::Config,
+        _stream: &mut Self::Stream,
         _req: &mut Request<'_, Self::PerRoute>,
         _end_of_stream: bool,
     ) -> BodyStatus {
         BodyStatus::Continue
     }
 
+    /// Runs on a worker thread when the request ends with trailers (its body hooks then never
+    /// see the end of the stream).
+    fn on_request_trailers(
+        _config: &Self::Config,
+        _stream: &mut Self::Stream,
+        _req: &mut Request<'_, Self::PerRoute>,
+    ) -> HeadersStatus {
+        HeadersStatus::Continue
+    }
+
     /// Runs on a worker thread for the response headers.
     fn on_response_headers(
         _config: &Self::Config,
+        _stream: &mut Self::Stream,
         _req: &mut Request<'_, Self::PerRoute>,
         _end_of_stream: bool,
     ) -> HeadersStatus {
@@ -71,6 +113,7 @@ pub trait FilterModule {
     /// Runs on a worker thread for each chunk of a response body.
     fn on_response_body(
         _config: &Self::Config,
+        _stream: &mut Self::Stream,
         _req: &mut Request<'_, Self::PerRoute>,
         _end_of_stream: bool,
     ) -> BodyStatus {

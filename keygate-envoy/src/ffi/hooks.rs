@@ -8,9 +8,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 
 use super::abi::{self, EnvoyBuffer, ModuleHttpHeader, envoy_bytes, module_buffer};
-use super::filter::BodyStatus;
 use super::request::PerRouteBox;
-use super::{ConfigEnvoy, FilterModule, HeadersStatus, LogLevel, Request, log};
+use super::{ConfigEnvoy, FilterModule, LogLevel, Request, log};
 
 /// The local reply sent when a stream hook panics.
 pub(crate) const INTERNAL_ERROR_BODY: &str =
@@ -171,15 +170,46 @@ pub unsafe fn on_http_filter_per_route_config_destroy<M: FilterModule>(
     });
 }
 
-/// `envoy_dynamic_module_on_http_filter_new`. No per-request allocation: the "filter" Envoy keeps
-/// for a stream is the config pointer itself, and `on_http_filter_destroy` is a no-op. Sound
-/// because the C++ DynamicModuleHttpFilter holds a `shared_ptr` to its
+/// What Envoy keeps for one stream: the filter config it was made from and the module's state
+/// for the stream.
+pub struct StreamBox<M: FilterModule> {
+    config: *const M::Config,
+    state: M::Stream,
+}
+
+/// `envoy_dynamic_module_on_http_filter_new`: a `Box<StreamBox<M>>` (one small allocation per
+/// stream), or null when there is no config. The config pointer it holds stays valid for the
+/// stream's life: the C++ DynamicModuleHttpFilter holds a `shared_ptr` to its
 /// DynamicModuleHttpFilterConfig (filter.h `config_`), and the config calls
-/// on_http_filter_config_destroy only in its destructor (filter_config.cc), i.e. after every filter
-/// created from it has called on_http_filter_destroy. (A zero-sized Config still yields a non-null
-/// pointer, so Envoy never mistakes it for a failure.)
-pub fn on_http_filter_new(filter_config_ptr: *const c_void) -> *const c_void {
-    filter_config_ptr
+/// on_http_filter_config_destroy only in its destructor (filter_config.cc), i.e. after every
+/// filter created from it has called on_http_filter_destroy.
+pub fn on_http_filter_new<M: FilterModule>(filter_config_ptr: *const c_void) -> *const c_void {
+    if filter_config_ptr.is_null() {
+        return ptr::null();
+    }
+    guard(ptr::null(), || {
+        Box::into_raw(Box::new(StreamBox::<M> {
+            config: filter_config_ptr.cast::<M::Config>(),
+            state: M::Stream::default(),
+        }))
+        .cast_const()
+        .cast::<c_void>()
+    })
+}
+
+/// `envoy_dynamic_module_on_http_filter_destroy`: frees the stream's [`StreamBox`].
+///
+/// # Safety
+/// Only for Envoy's call: `filter_module_ptr` is null or a pointer returned by
+/// [`on_http_filter_new`] for the same `M`, destroyed once, after the stream's last hook.
+pub unsafe fn on_http_filter_destroy<M: FilterModule>(filter_module_ptr: *const c_void) {
+    guard((), || {
+        if !filter_module_ptr.is_null() {
+            // SAFETY: a non-null pointer here is one on_http_filter_new returned
+            // (Box<StreamBox<M>>::into_raw); Envoy destroys each stream's filter exactly once.
+            drop(unsafe { Box::from_raw(filter_module_ptr.cast_mut().cast::<StreamBox<M>>()) });
+        }
+    });
 }
 
 /// Sends the fixed 500 reply without allocating (so it cannot panic itself).
@@ -206,9 +236,10 @@ fn send_internal_error(filter_envoy_ptr: *mut c_void) {
     }
 }
 
-/// Runs one of the module's stream hooks on the stream's config (`hook` returns whether to
-/// continue) and fails closed: a hook that replied locally gets `stop` whatever it returned; a
-/// panic sends the internal-error reply (unless the hook had replied already) and gets `stop`.
+/// Runs one of the module's stream hooks on the stream's config and state (`hook` returns the
+/// status code for Envoy) and fails closed: a hook that replied locally gets `stop` whatever it
+/// returned; a panic sends the internal-error reply (unless the hook had replied already) and
+/// gets `stop`.
 ///
 /// # Safety
 /// As for the stream hooks below: `filter_envoy_ptr` is the live stream pointer of the running
@@ -218,21 +249,26 @@ unsafe fn stream_hook<M: FilterModule>(
     filter_module_ptr: *const c_void,
     hook_name: &str,
     stop: u32,
-    hook: impl FnOnce(&M::Config, &mut Request<'_, M::PerRoute>) -> bool,
+    hook: impl FnOnce(&M::Config, &mut M::Stream, &mut Request<'_, M::PerRoute>) -> u32,
 ) -> u32 {
     let mut req = Request::<M::PerRoute>::new(filter_envoy_ptr);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         if filter_module_ptr.is_null() {
-            panic!("{hook_name} without a filter config");
+            panic!("{hook_name} without a stream");
         }
-        // SAFETY: filter_module_ptr is what on_http_filter_new returned: the live
-        // Box<M::Config> from on_http_filter_config_new, which outlives this stream (see
-        // on_http_filter_new). It is only ever read (shared `&`), and M::Config is Sync.
-        let config = unsafe { &*filter_module_ptr.cast::<M::Config>() };
-        hook(config, &mut req)
+        // SAFETY: filter_module_ptr is what on_http_filter_new returned for this stream: a live
+        // Box<StreamBox<M>> that Envoy frees only in on_http_filter_destroy, after the stream's
+        // last hook. Envoy runs one stream's hooks one at a time on one worker thread, so this
+        // is the only reference to it while the hook runs.
+        let stream = unsafe { &mut *filter_module_ptr.cast_mut().cast::<StreamBox<M>>() };
+        // SAFETY: `stream.config` is the live Box<M::Config> from on_http_filter_config_new,
+        // which outlives this stream (see on_http_filter_new). It is only ever read (shared
+        // `&`), and M::Config is Sync.
+        let config = unsafe { &*stream.config };
+        hook(config, &mut stream.state, &mut req)
     }));
     match outcome {
-        Ok(true) if !req.replied() => abi::STATUS_CONTINUE,
+        Ok(status) if !req.replied() => status,
         Ok(_) => stop,
         Err(_) => {
             // Fail closed. If the module had already replied, that reply stands.
@@ -261,9 +297,7 @@ pub unsafe fn on_http_filter_request_headers<M: FilterModule>(
             filter_module_ptr,
             "on_http_filter_request_headers",
             abi::HEADERS_STATUS_STOP_ITERATION,
-            |config, req| {
-                M::on_request_headers(config, req, end_of_stream) == HeadersStatus::Continue
-            },
+            |config, stream, req| M::on_request_headers(config, stream, req, end_of_stream).code(),
         )
     }
 }
@@ -284,7 +318,27 @@ pub unsafe fn on_http_filter_request_body<M: FilterModule>(
             filter_module_ptr,
             "on_http_filter_request_body",
             abi::BODY_STATUS_STOP_ITERATION_NO_BUFFER,
-            |config, req| M::on_request_body(config, req, end_of_stream) == BodyStatus::Continue,
+            |config, stream, req| M::on_request_body(config, stream, req, end_of_stream).code(),
+        )
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_trailers`: [`FilterModule::on_request_trailers`].
+///
+/// # Safety
+/// As for [`on_http_filter_request_headers`].
+pub unsafe fn on_http_filter_request_trailers<M: FilterModule>(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+) -> u32 {
+    // SAFETY: the caller's guarantees are stream_hook's.
+    unsafe {
+        stream_hook::<M>(
+            filter_envoy_ptr,
+            filter_module_ptr,
+            "on_http_filter_request_trailers",
+            abi::HEADERS_STATUS_STOP_ITERATION,
+            |config, stream, req| M::on_request_trailers(config, stream, req).code(),
         )
     }
 }
@@ -305,8 +359,8 @@ pub unsafe fn on_http_filter_response_headers<M: FilterModule>(
             filter_module_ptr,
             "on_http_filter_response_headers",
             abi::HEADERS_STATUS_STOP_ITERATION,
-            |config, req| {
-                M::on_response_headers(config, req, end_of_stream) == HeadersStatus::Continue
+            |config, stream, req| {
+                M::on_response_headers(config, stream, req, end_of_stream).code()
             },
         )
     }
@@ -328,7 +382,7 @@ pub unsafe fn on_http_filter_response_body<M: FilterModule>(
             filter_module_ptr,
             "on_http_filter_response_body",
             abi::BODY_STATUS_STOP_ITERATION_NO_BUFFER,
-            |config, req| M::on_response_body(config, req, end_of_stream) == BodyStatus::Continue,
+            |config, stream, req| M::on_response_body(config, stream, req, end_of_stream).code(),
         )
     }
 }

@@ -38,7 +38,7 @@ mod stubs;
 
 pub use config::{ConfigEnvoy, CounterId, GaugeId};
 pub(crate) use export::declare_filter_module;
-pub use filter::{FilterModule, HeadersStatus};
+pub use filter::{BodyStatus, FilterModule, HeadersStatus};
 pub(crate) use hooks::INTERNAL_ERROR_BODY;
 pub use log::{LogLevel, log, log_enabled};
 pub use request::Request;

@@ -156,6 +156,58 @@ impl<'a, P> Request<'a, P> {
         }
     }
 
+    /// The request body Envoy holds for this stream, copied into one buffer: what it buffered
+    /// (earlier chunks, after the filter returned `StopIterationAndBuffer`) followed by the
+    /// chunk of the running body hook, unless that chunk *is* the buffer (an earlier filter
+    /// buffered and resumed). In a trailers hook only the buffer exists.
+    pub fn request_body(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        self.append_body(abi::BODY_TYPE_BUFFERED_REQUEST, &mut body);
+        // SAFETY: `self.raw` is the live filter_envoy_ptr; the callback only reads the stream.
+        let received_is_buffer = unsafe {
+            abi::envoy_dynamic_module_callback_http_received_buffered_request_body(self.raw)
+        };
+        if !received_is_buffer {
+            self.append_body(abi::BODY_TYPE_RECEIVED_REQUEST, &mut body);
+        }
+        body
+    }
+
+    /// Appends the slices of one of the stream's bodies to `out`.
+    fn append_body(&self, body_type: u32, out: &mut Vec<u8>) {
+        // SAFETY: `self.raw` is the live filter_envoy_ptr; the callback only reads the stream.
+        let n = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.raw, body_type)
+        };
+        if n == 0 {
+            return;
+        }
+        let mut chunks = vec![
+            EnvoyBuffer {
+                ptr: ptr::null(),
+                length: 0,
+            };
+            n
+        ];
+        // SAFETY: `chunks` has exactly the `n` entries Envoy asked for; Envoy writes at most
+        // that many (the count it just returned, with no body change in between).
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks(
+                self.raw,
+                body_type,
+                chunks.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return;
+        }
+        for c in chunks {
+            // SAFETY: each entry is a slice of the stream's body, valid until the hook returns
+            // (nothing here changes the body); `envoy_bytes` treats a null or empty one as empty.
+            out.extend_from_slice(unsafe { envoy_bytes(c) });
+        }
+    }
+
     /// The most specific `typed_per_filter_config` of the request's route (route, then virtual
     /// host, ...), or `None` when it has none. Valid for the whole hook: the stream holds the route.
     pub fn per_route(&self) -> Option<&'a P> {

@@ -135,6 +135,30 @@ extern "C" fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
     false
 }
 
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+    _filter: *mut c_void,
+    _body_type: u32,
+) -> usize {
+    0
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_callback_http_get_body_chunks(
+    _filter: *mut c_void,
+    _body_type: u32,
+    _result: *mut EnvoyBuffer,
+) -> bool {
+    false
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_callback_http_received_buffered_request_body(
+    _filter: *mut c_void,
+) -> bool {
+    false
+}
+
 #[test]
 fn log_links_and_runs_in_unit_tests() {
     super::log(super::LogLevel::Info, "hello from a unit test");
