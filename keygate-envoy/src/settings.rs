@@ -5,9 +5,9 @@
 
 use std::path::PathBuf;
 
+use keygate::authz::model::ModelName;
 use keygate::authz::outcome::{ALL_METADATA, METADATA_FIELDS, MetadataSelection};
 use keygate::authz::{ClientIpSource, DecisionConfig};
-use keygate::authz::model::ModelName;
 use keygate::distribution::subscriber::ClientTls;
 use serde::Deserialize;
 
@@ -52,7 +52,6 @@ pub struct FilterSettings {
     #[serde(default)]
     pub dynamic_metadata: Option<Vec<String>>,
 }
-
 
 impl FilterSettings {
     /// Parses and checks `filter_config`; errors name the key.

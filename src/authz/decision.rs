@@ -4,10 +4,10 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use crate::domain::Timestamp;
-use crate::domain::validate::ip_allowed;
 use super::model::{ModelName, model_from_json, model_from_path};
 use crate::domain::ModelSource;
+use crate::domain::Timestamp;
+use crate::domain::validate::ip_allowed;
 use crate::snapshot::{ConsumerEntry, Grant, InjectedKey, KeyEntry, ServiceEntry, Snapshot};
 
 /// The route's context extension naming the model service (set in Envoy route config).
@@ -466,14 +466,15 @@ fn requested_model(
         return Ok(ModelName::new(fixed));
     }
     Ok(match service.model_source {
-        ModelSource::Path => req.path().and_then(model_from_path).and_then(ModelName::new),
+        ModelSource::Path => req
+            .path()
+            .and_then(model_from_path)
+            .and_then(ModelName::new),
         ModelSource::None => None,
         ModelSource::Body if !needed => None,
         ModelSource::Body => match req.body() {
             Body::Unread => return Err(NeedBody),
-            Body::Complete(bytes) => model_from_json(bytes)
-                .ok()
-                .and_then(|m| ModelName::new(&m)),
+            Body::Complete(bytes) => model_from_json(bytes).ok().and_then(|m| ModelName::new(&m)),
             Body::Partial => None,
         },
     })
@@ -544,3 +545,7 @@ pub fn path_without_param(path: &str, param: &str) -> Option<String> {
 #[cfg(test)]
 #[path = "decision_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "decision_model_tests.rs"]
+mod model_tests;

@@ -176,7 +176,9 @@ impl<'s> Refusal<'s> {
     }
 
     /// `deny_reason`, then the recognised key's name and id, then the model when it was read.
-    pub fn metadata<'a>(&'a self) -> impl Iterator<Item = (&'static str, MetaValue<'a>)> + use<'a, 's> {
+    pub fn metadata<'a>(
+        &'a self,
+    ) -> impl Iterator<Item = (&'static str, MetaValue<'a>)> + use<'a, 's> {
         let reason = std::iter::once(("deny_reason", MetaValue::Text(self.reason.as_str())));
         let key = self.key.into_iter().flat_map(|k| {
             [

@@ -8,10 +8,10 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use crate::crypto::KeyHash;
-use crate::domain::Timestamp;
-use crate::proto::snapshot::v1 as pb;
 use crate::domain::ModelSource;
+use crate::domain::Timestamp;
 use crate::domain::model::check_pattern;
+use crate::proto::snapshot::v1 as pb;
 use crate::snapshot::{
     ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet,
     ServiceRecord, Update,

@@ -359,9 +359,7 @@ pub unsafe fn on_http_filter_response_headers<M: FilterModule>(
             filter_module_ptr,
             "on_http_filter_response_headers",
             abi::HEADERS_STATUS_STOP_ITERATION,
-            |config, stream, req| {
-                M::on_response_headers(config, stream, req, end_of_stream).code()
-            },
+            |config, stream, req| M::on_response_headers(config, stream, req, end_of_stream).code(),
         )
     }
 }
