@@ -727,6 +727,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["anthropic".into(), "other".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -739,6 +740,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["anthropic".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -767,6 +769,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
                 scope: Some(pb::Scope {
                     all: false,
                     model_services: vec!["other".into()],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -790,6 +793,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
                 scope: Some(pb::Scope {
                     all: true,
                     model_services: vec![],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -1035,6 +1039,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["svc".into(), "ghost-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1059,6 +1064,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["ghost-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1074,6 +1080,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
                 scope: Some(pb::Scope {
                     all: false,
                     model_services: vec!["ghost-svc".into()],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -1286,6 +1293,7 @@ async fn names_are_nfc_normalised_and_invisible_characters_refused() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["\u{1112}\u{1161}\u{11AB}-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1354,6 +1362,7 @@ async fn consumer_key_fields_are_validated_with_field_violations() {
             scope: Some(pb::Scope {
                 all: true,
                 model_services: vec!["svc".into()],
+                ..Default::default()
             }),
             ..key("k1")
         })
@@ -1367,6 +1376,7 @@ async fn consumer_key_fields_are_validated_with_field_violations() {
             scope: Some(pb::Scope {
                 all: true,
                 model_services: vec!["svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -2752,6 +2762,7 @@ async fn get_key_references_counts_what_references_each_resource() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["openai".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })

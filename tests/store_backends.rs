@@ -134,7 +134,10 @@ async fn incremental_matches_full(backend: &str) {
             &a,
             NewConsumer {
                 name: "app".into(),
-                scope: ScopeInput::Services(vec!["openai".into()]),
+                scope: ScopeInput::List {
+                    services: vec!["openai".into()],
+                    models: vec![],
+                },
                 ..Default::default()
             },
         )
@@ -178,7 +181,13 @@ async fn incremental_matches_full(backend: &str) {
             &Selector::Name("k4".into()),
             ConsumerKeyPatch {
                 name: Some("k4-renamed".into()),
-                scope: Some(ScopeInput::Services(vec!["anthropic".into()])),
+                scope: Some(
+                    ScopeInput::List {
+                        services: vec!["anthropic".into()],
+                        models: vec![],
+                    }
+                    .into(),
+                ),
                 ..Default::default()
             },
         )
@@ -189,7 +198,7 @@ async fn incremental_matches_full(backend: &str) {
             &a,
             &Selector::Name("app".into()),
             ConsumerPatch {
-                scope: Some(ScopeInput::All),
+                scope: Some(ScopeInput::All.into()),
                 ..Default::default()
             },
         )

@@ -44,7 +44,13 @@ fn uuid(id: &str) -> Result<Uuid, BuildError> {
 fn scope_ids(scope: &Scope) -> Result<Option<Vec<Uuid>>, BuildError> {
     Ok(match scope {
         Scope::Unset | Scope::All => None,
-        Scope::Services(list) => Some(list.iter().map(|n| uuid(&n.id)).collect::<Result<_, _>>()?),
+        // model entries: data plane side, merged separately
+        Scope::List { services, .. } => Some(
+            services
+                .iter()
+                .map(|n| uuid(&n.id))
+                .collect::<Result<_, _>>()?,
+        ),
     })
 }
 
