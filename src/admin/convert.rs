@@ -112,7 +112,7 @@ pub fn page_token(next: Option<String>) -> String {
 }
 
 /// A scope as written: `all`, or its lists (names and `"<service>/<pattern>"` entries, in
-/// NFC: a pattern is ASCII, so only the service part can change); neither is unset.
+/// NFC: NFC leaves a valid pattern, ASCII, as it is); neither is unset.
 pub fn scope_input(field: &str, scope: Option<pb::Scope>) -> Result<ScopeInput, Status> {
     let Some(s) = scope else {
         return Ok(ScopeInput::Unset);
