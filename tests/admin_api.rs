@@ -727,6 +727,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["anthropic".into(), "other".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -739,6 +740,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["anthropic".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -767,6 +769,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
                 scope: Some(pb::Scope {
                     all: false,
                     model_services: vec!["other".into()],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -790,6 +793,7 @@ async fn deleting_a_model_service_lists_bound_keys_and_every_scope_naming_it() {
                 scope: Some(pb::Scope {
                     all: true,
                     model_services: vec![],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -1035,6 +1039,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["svc".into(), "ghost-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1059,6 +1064,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["ghost-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1074,6 +1080,7 @@ async fn unknown_resources_and_unknown_names_in_requests_are_not_found() {
                 scope: Some(pb::Scope {
                     all: false,
                     model_services: vec!["ghost-svc".into()],
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),
@@ -1286,6 +1293,7 @@ async fn names_are_nfc_normalised_and_invisible_characters_refused() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["\u{1112}\u{1161}\u{11AB}-svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -1354,6 +1362,7 @@ async fn consumer_key_fields_are_validated_with_field_violations() {
             scope: Some(pb::Scope {
                 all: true,
                 model_services: vec!["svc".into()],
+                ..Default::default()
             }),
             ..key("k1")
         })
@@ -1367,6 +1376,7 @@ async fn consumer_key_fields_are_validated_with_field_violations() {
             scope: Some(pb::Scope {
                 all: true,
                 model_services: vec!["svc".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -2752,6 +2762,7 @@ async fn get_key_references_counts_what_references_each_resource() {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["openai".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })
@@ -2986,4 +2997,768 @@ async fn the_data_dir_and_its_files_are_owner_only() {
     let logs = kg.logs();
     assert!(logs.contains("master.key") && logs.contains("admin.token"));
     assert!(!logs.contains(&kg.admin_token()));
+}
+
+// ---------------------------------------------------------------------------- model-level scope
+
+/// A list scope: `model_services` names and `"<service>/<pattern>"` model entries.
+fn scope_of(services: &[&str], models: &[&str]) -> Option<pb::Scope> {
+    Some(pb::Scope {
+        all: false,
+        model_services: services.iter().map(|s| s.to_string()).collect(),
+        models: models.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// A scope's two lists, as a response shows them.
+fn lists(scope: &Option<pb::Scope>) -> (Vec<String>, Vec<String>) {
+    let s = scope.as_ref().expect("a list scope is shown");
+    assert!(!s.all, "a list scope is not all: {s:?}");
+    (s.model_services.clone(), s.models.clone())
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+async fn update_consumer_scope(
+    admin: &mut Admin,
+    name: &str,
+    scope: Option<pb::Scope>,
+    paths: &[&str],
+) -> Result<pb::Consumer, Status> {
+    admin
+        .update_consumer(pb::UpdateConsumerRequest {
+            selector: by_name!(update_consumer_request, name),
+            consumer: Some(pb::Consumer {
+                scope,
+                ..Default::default()
+            }),
+            update_mask: mask(paths),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn update_key_scope(
+    admin: &mut Admin,
+    name: &str,
+    scope: Option<pb::Scope>,
+    paths: &[&str],
+) -> Result<pb::ConsumerKey, Status> {
+    admin
+        .update_consumer_key(pb::UpdateConsumerKeyRequest {
+            selector: by_name!(update_consumer_key_request, name),
+            consumer_key: Some(pb::ConsumerKey {
+                scope,
+                ..Default::default()
+            }),
+            update_mask: mask(paths),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The changed fields of the newest audit event of the resource `name` of `kind`.
+async fn last_changed_fields(admin: &mut Admin, kind: ResourceKind, name: &str) -> Vec<String> {
+    admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            kind: kind as i32,
+            name: name.into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("ListAuditEvents")
+        .into_inner()
+        .items
+        .first()
+        .unwrap_or_else(|| panic!("no audit event for {name}"))
+        .changed_fields
+        .clone()
+}
+
+#[tokio::test]
+async fn model_entries_in_scopes_round_trip_on_consumers_and_keys() {
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+    create_service(&mut admin, "openai").await;
+    create_service(&mut admin, "anthropic").await;
+
+    // Create: both lists, duplicates collapsed, order kept.
+    let c = admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "research".into(),
+            scope: scope_of(
+                &["openai"],
+                &[
+                    "anthropic/claude-*",
+                    "openai/gpt-4o-mini",
+                    "anthropic/claude-*",
+                ],
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let want = (
+        strings(&["openai"]),
+        strings(&["anthropic/claude-*", "openai/gpt-4o-mini"]),
+    );
+    assert_eq!(lists(&c.scope), want);
+    assert_eq!(
+        lists(&get_consumer(&mut admin, "research").await.unwrap().scope),
+        want
+    );
+    let listed = admin
+        .list_consumers(pb::ListConsumersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(
+        lists(&listed[0].scope),
+        want,
+        "ListConsumers shows them too"
+    );
+    let fields = last_changed_fields(&mut admin, ResourceKind::Consumer, "research").await;
+    assert_eq!(fields, ["name", "description", "scope"]);
+
+    // A key whose scope lists only model entries: a narrowed scope, not an unset one.
+    let k = admin
+        .create_consumer_key(pb::CreateConsumerKeyRequest {
+            name: "mini-only".into(),
+            generation_method: GenerationMethod::Auto as i32,
+            consumer: "research".into(),
+            scope: scope_of(&[], &["openai/gpt-4o-mini"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let want_key = (vec![], strings(&["openai/gpt-4o-mini"]));
+    assert_eq!(lists(&k.scope), want_key);
+    assert_eq!(
+        lists(
+            &get_consumer_key(&mut admin, "mini-only")
+                .await
+                .unwrap()
+                .scope
+        ),
+        want_key
+    );
+    let listed = admin
+        .list_consumer_keys(pb::ListConsumerKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(lists(&listed[0].scope), want_key);
+
+    // `scope.models` replaces the models, keeping model_services (whatever the resource's
+    // model_services say).
+    let c = update_consumer_scope(
+        &mut admin,
+        "research",
+        scope_of(&["anthropic"], &["anthropic/claude-sonnet-*"]),
+        &["scope.models"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        lists(&c.scope),
+        (
+            strings(&["openai"]),
+            strings(&["anthropic/claude-sonnet-*"])
+        )
+    );
+    let fields = last_changed_fields(&mut admin, ResourceKind::Consumer, "research").await;
+    assert_eq!(fields, ["scope.models"]);
+
+    // `scope.model_services` replaces the services, keeping the models; emptied, only the
+    // models remain.
+    let c = update_consumer_scope(
+        &mut admin,
+        "research",
+        scope_of(&[], &[]),
+        &["scope.model_services"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        lists(&c.scope),
+        (vec![], strings(&["anthropic/claude-sonnet-*"]))
+    );
+    let fields = last_changed_fields(&mut admin, ResourceKind::Consumer, "research").await;
+    assert_eq!(fields, ["scope.model_services"]);
+
+    // Both list paths at once replace both lists.
+    let c = update_consumer_scope(
+        &mut admin,
+        "research",
+        scope_of(&["openai"], &["anthropic/claude-*"]),
+        &["scope.model_services", "scope.models"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        lists(&c.scope),
+        (strings(&["openai"]), strings(&["anthropic/claude-*"]))
+    );
+    let fields = last_changed_fields(&mut admin, ResourceKind::Consumer, "research").await;
+    assert_eq!(fields, ["scope.model_services", "scope.models"]);
+
+    // `scope` replaces the whole scope, as before.
+    let k = update_key_scope(
+        &mut admin,
+        "mini-only",
+        scope_of(&["anthropic"], &[]),
+        &["scope"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(lists(&k.scope), (strings(&["anthropic"]), vec![]));
+    let fields = last_changed_fields(&mut admin, ResourceKind::ConsumerKey, "mini-only").await;
+    assert_eq!(fields, ["scope"]);
+
+    // On an `all` scope a list path narrows it to that list.
+    update_key_scope(
+        &mut admin,
+        "mini-only",
+        Some(pb::Scope {
+            all: true,
+            ..Default::default()
+        }),
+        &["scope"],
+    )
+    .await
+    .unwrap();
+    let k = update_key_scope(
+        &mut admin,
+        "mini-only",
+        scope_of(&[], &["openai/o1-*"]),
+        &["scope.models"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(lists(&k.scope), (vec![], strings(&["openai/o1-*"])));
+
+    // A list path that would leave no list at all is refused (it would read as unset: every
+    // service); the scope is untouched.
+    let s = update_key_scope(
+        &mut admin,
+        "mini-only",
+        scope_of(&[], &[]),
+        &["scope.models"],
+    )
+    .await
+    .unwrap_err();
+    assert_code(
+        &s,
+        Code::FailedPrecondition,
+        "a list update that empties the scope",
+    );
+    assert!(
+        s.message().contains("consumer_key.scope"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        s.message().contains("\"scope\""),
+        "names the way: {}",
+        s.message()
+    );
+    assert_eq!(
+        lists(
+            &get_consumer_key(&mut admin, "mini-only")
+                .await
+                .unwrap()
+                .scope
+        ),
+        (vec![], strings(&["openai/o1-*"]))
+    );
+
+    // `scope` with one of its lists, and `all` through a list path, are refused.
+    let s = update_consumer_scope(
+        &mut admin,
+        "research",
+        scope_of(&["openai"], &[]),
+        &["scope", "scope.models"],
+    )
+    .await
+    .unwrap_err();
+    assert_field_violation(&s, "update_mask", "scope with scope.models");
+    let s = update_consumer_scope(
+        &mut admin,
+        "research",
+        Some(pb::Scope {
+            all: true,
+            ..Default::default()
+        }),
+        &["scope.model_services"],
+    )
+    .await
+    .unwrap_err();
+    assert_field_violation(&s, "consumer.scope.all", "all through a list path");
+    assert_eq!(
+        lists(&get_consumer(&mut admin, "research").await.unwrap().scope),
+        (strings(&["openai"]), strings(&["anthropic/claude-*"])),
+        "refused updates change nothing"
+    );
+
+    // Unsetting with `scope` clears both lists.
+    let c = update_consumer_scope(&mut admin, "research", None, &["scope"])
+        .await
+        .unwrap();
+    assert_eq!(c.scope, None);
+}
+
+#[tokio::test]
+async fn model_entries_and_model_patterns_are_validated_naming_field_and_rule() {
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+    create_service(&mut admin, "openai").await;
+    create_consumer(&mut admin, "app").await;
+
+    let long = format!("openai/{}", "m".repeat(129));
+    let cases: [(&str, &str); 6] = [
+        ("openai/gpt-*-mini", "'*' may only be the last character"),
+        ("gpt-4o-mini", "\"<model service>/<model pattern>\""),
+        ("openai/", "1 to 128 characters"),
+        (&long, "1 to 128 characters (got 129)"),
+        ("openai/gpt-4o-ünï", "visible ASCII"),
+        ("1openai/gpt-4o", "must not start with a digit"),
+    ];
+    for (entry, rule) in cases {
+        let s = admin
+            .create_consumer(pb::CreateConsumerRequest {
+                name: "scoped".into(),
+                scope: scope_of(&[], &["openai/gpt-4o", entry]),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let why = assert_field_violation(&s, "scope.models[1]", &format!("entry {entry:?}"));
+        assert!(
+            why.contains(rule),
+            "{entry:?}: the rule should be named: {why}"
+        );
+        let s = update_key_scope_refusal(&mut admin, entry).await;
+        let why = assert_field_violation(&s, "consumer_key.scope.models[0]", entry);
+        assert!(why.contains(rule), "{entry:?}: {why}");
+    }
+    // Every broken entry is named at once.
+    let s = admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "scoped".into(),
+            scope: scope_of(&[], &["openai/a*b", "openai/ok", "openai"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let bad = s.get_details_bad_request().unwrap();
+    let fields: Vec<_> = bad
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["scope.models[0]", "scope.models[2]"]);
+
+    // `all` with model entries.
+    let s = admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "scoped".into(),
+            scope: Some(pb::Scope {
+                all: true,
+                models: strings(&["openai/gpt-4o"]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let why = assert_field_violation(&s, "scope", "all with models");
+    assert!(why.contains("all"), "{why}");
+    assert_code(
+        &get_consumer(&mut admin, "scoped").await.unwrap_err(),
+        Code::NotFound,
+        "nothing created",
+    );
+
+    // A service's models follow the pattern rules; its model_source is BODY, PATH or NONE.
+    let s = admin
+        .create_model_service(pb::CreateModelServiceRequest {
+            name: "azure".into(),
+            models: strings(&["gpt-4o", "gpt-*-mini"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let why = assert_field_violation(&s, "models[1]", "service model gpt-*-mini");
+    assert!(why.contains("'*'"), "{why}");
+    let s = admin
+        .create_model_service(pb::CreateModelServiceRequest {
+            name: "azure".into(),
+            model_source: 9,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let why = assert_field_violation(&s, "model_source", "unknown model_source");
+    assert!(why.contains("BODY, PATH or NONE"), "{why}");
+    assert_code(
+        &get_service(&mut admin, "azure").await.unwrap_err(),
+        Code::NotFound,
+        "nothing created",
+    );
+    for (field, service) in [
+        (
+            "model_service.models[0]",
+            pb::ModelService {
+                models: strings(&["gpt 4o"]),
+                ..Default::default()
+            },
+        ),
+        (
+            "model_service.model_source",
+            pb::ModelService {
+                model_source: 7,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let s = admin
+            .update_model_service(pb::UpdateModelServiceRequest {
+                selector: by_name!(update_model_service_request, "openai"),
+                model_service: Some(service),
+                update_mask: mask(&["models", "model_source"]),
+            })
+            .await
+            .unwrap_err();
+        assert_field_violation(&s, field, field);
+    }
+    let openai = get_service(&mut admin, "openai").await.unwrap();
+    assert!(openai.models.is_empty());
+    assert_eq!(
+        openai.model_source,
+        pb::model_service::ModelSource::Body as i32
+    );
+}
+
+/// An update of the key `ck` (created on first use) whose `scope.models` is `[entry]`.
+async fn update_key_scope_refusal(admin: &mut Admin, entry: &str) -> Status {
+    if get_consumer_key(admin, "ck").await.is_err() {
+        create_auto_key(admin, "ck", "").await;
+    }
+    update_key_scope(admin, "ck", scope_of(&[], &[entry]), &["scope.models"])
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn an_unknown_service_in_a_model_entry_is_not_found_and_nothing_is_written() {
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+    create_service(&mut admin, "openai").await;
+    admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "app".into(),
+            scope: scope_of(&["openai"], &["openai/gpt-4o"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    create_auto_key(&mut admin, "ck", "").await;
+    let revision = latest_revision(&mut admin).await;
+
+    let s = admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "scoped".into(),
+            scope: scope_of(&[], &["openai/gpt-4o", "ghost/gpt-4o"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_code(
+        &s,
+        Code::NotFound,
+        "a model entry naming an unknown service",
+    );
+    assert!(
+        s.message().contains("\"ghost\"") && s.message().contains("scope.models[1]"),
+        "names the service and the entry: {}",
+        s.message()
+    );
+    assert_code(
+        &get_consumer(&mut admin, "scoped").await.unwrap_err(),
+        Code::NotFound,
+        "nothing created",
+    );
+
+    let s = admin
+        .create_consumer_key(pb::CreateConsumerKeyRequest {
+            name: "scoped-key".into(),
+            generation_method: GenerationMethod::Auto as i32,
+            scope: scope_of(&[], &["ghost/claude-*"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_code(
+        &s,
+        Code::NotFound,
+        "key scope entry naming an unknown service",
+    );
+    assert!(s.message().contains("ghost"), "{}", s.message());
+    assert_code(
+        &get_consumer_key(&mut admin, "scoped-key")
+            .await
+            .unwrap_err(),
+        Code::NotFound,
+        "nothing created",
+    );
+
+    // An update naming the unknown service in a later entry loses nothing already there.
+    let s = update_consumer_scope(
+        &mut admin,
+        "app",
+        scope_of(&[], &["openai/o1-*", "ghost/x"]),
+        &["scope.models"],
+    )
+    .await
+    .unwrap_err();
+    assert_code(&s, Code::NotFound, "update naming an unknown service");
+    assert!(
+        s.message().contains("consumer.scope.models[1]"),
+        "{}",
+        s.message()
+    );
+    let s = update_key_scope(
+        &mut admin,
+        "ck",
+        scope_of(&["openai"], &["ghost/x"]),
+        &["scope"],
+    )
+    .await
+    .unwrap_err();
+    assert_code(&s, Code::NotFound, "key update naming an unknown service");
+    assert_eq!(
+        lists(&get_consumer(&mut admin, "app").await.unwrap().scope),
+        (strings(&["openai"]), strings(&["openai/gpt-4o"]))
+    );
+    assert_eq!(
+        get_consumer_key(&mut admin, "ck").await.unwrap().scope,
+        None
+    );
+    assert_eq!(
+        latest_revision(&mut admin).await,
+        revision,
+        "a refused request commits nothing and writes no audit event"
+    );
+}
+
+#[tokio::test]
+async fn a_service_named_only_by_model_entries_cannot_be_deleted_and_renames_show_through() {
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+    create_service(&mut admin, "anthropic").await;
+    create_service(&mut admin, "openai").await;
+    admin
+        .create_consumer(pb::CreateConsumerRequest {
+            name: "research".into(),
+            scope: scope_of(&["openai"], &["anthropic/claude-*"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .create_consumer_key(pb::CreateConsumerKeyRequest {
+            name: "sonnet-key".into(),
+            generation_method: GenerationMethod::Auto as i32,
+            scope: scope_of(&[], &["anthropic/claude-sonnet-4", "anthropic/claude-*"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let s = delete_service(&mut admin, "anthropic").await.unwrap_err();
+    assert_code(
+        &s,
+        Code::FailedPrecondition,
+        "delete a service named only by model entries",
+    );
+    assert_names(s.message(), "consumer", "research");
+    assert_names(s.message(), "consumer key", "sonnet-key");
+    assert_eq!(
+        s.message().matches("sonnet-key").count(),
+        1,
+        "an owner is listed once however many entries name the service: {}",
+        s.message()
+    );
+
+    let r = references(&mut admin, ResourceKind::ModelService, "anthropic").await;
+    let pairs: BTreeSet<_> = r
+        .references
+        .iter()
+        .map(|x| (ResourceKind::try_from(x.kind).unwrap(), x.name.clone()))
+        .collect();
+    assert_eq!(
+        pairs,
+        BTreeSet::from([
+            (ResourceKind::Consumer, "research".to_string()),
+            (ResourceKind::ConsumerKey, "sonnet-key".to_string()),
+        ])
+    );
+    assert_eq!((r.count, r.references.len()), (2, 2));
+
+    // Entries are stored by service id: a rename shows in every scope that names it.
+    admin
+        .update_model_service(pb::UpdateModelServiceRequest {
+            selector: by_name!(update_model_service_request, "anthropic"),
+            model_service: Some(pb::ModelService {
+                name: "claude-direct".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["name"]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        lists(&get_consumer(&mut admin, "research").await.unwrap().scope),
+        (strings(&["openai"]), strings(&["claude-direct/claude-*"]))
+    );
+    assert_eq!(
+        lists(
+            &get_consumer_key(&mut admin, "sonnet-key")
+                .await
+                .unwrap()
+                .scope
+        )
+        .1,
+        strings(&["claude-direct/claude-sonnet-4", "claude-direct/claude-*"])
+    );
+
+    // With the entries gone the delete succeeds.
+    update_consumer_scope(
+        &mut admin,
+        "research",
+        scope_of(&[], &[]),
+        &["scope.models"],
+    )
+    .await
+    .unwrap();
+    update_key_scope(&mut admin, "sonnet-key", None, &["scope"])
+        .await
+        .unwrap();
+    delete_service(&mut admin, "claude-direct").await.unwrap();
+    assert_eq!(
+        lists(&get_consumer(&mut admin, "research").await.unwrap().scope),
+        (strings(&["openai"]), vec![])
+    );
+}
+
+#[tokio::test]
+async fn model_source_round_trips_on_model_services() {
+    use pb::model_service::ModelSource;
+    let kg = Keygate::start().await;
+    let mut admin = kg.admin().await;
+
+    // Unspecified is BODY; the response never says unspecified.
+    let openai = create_service(&mut admin, "openai").await;
+    assert_eq!(openai.model_source, ModelSource::Body as i32);
+    let fields = last_changed_fields(&mut admin, ResourceKind::ModelService, "openai").await;
+    assert!(
+        fields.iter().any(|f| f == "models") && fields.iter().any(|f| f == "model_source"),
+        "a create lists its fields: {fields:?}"
+    );
+    let azure = admin
+        .create_model_service(pb::CreateModelServiceRequest {
+            name: "azure".into(),
+            model_source: ModelSource::Path as i32,
+            models: strings(&["gpt-4o", "gpt-4o-mini-*"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(azure.model_source, ModelSource::Path as i32);
+    assert_eq!(azure.models, ["gpt-4o", "gpt-4o-mini-*"]);
+    let got = get_service(&mut admin, "azure").await.unwrap();
+    assert_eq!(
+        (got.model_source, got.models.clone()),
+        (ModelSource::Path as i32, azure.models.clone())
+    );
+    let listed = admin
+        .list_model_services(pb::ListModelServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    let sources: Vec<_> = listed
+        .iter()
+        .map(|s| (s.name.as_str(), s.model_source))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            ("azure", ModelSource::Path as i32),
+            ("openai", ModelSource::Body as i32)
+        ]
+    );
+
+    // With a mask: NONE, then unspecified restores BODY.
+    let update = |source: ModelSource, paths: &[&str]| pb::UpdateModelServiceRequest {
+        selector: by_name!(update_model_service_request, "azure"),
+        model_service: Some(pb::ModelService {
+            model_source: source as i32,
+            ..Default::default()
+        }),
+        update_mask: mask(paths),
+    };
+    let s = admin
+        .update_model_service(update(ModelSource::None, &["model_source"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.model_source, ModelSource::None as i32);
+    assert_eq!(s.models, azure.models, "other fields are kept");
+    let fields = last_changed_fields(&mut admin, ResourceKind::ModelService, "azure").await;
+    assert_eq!(fields, ["model_source"]);
+    let s = admin
+        .update_model_service(update(ModelSource::Unspecified, &["model_source"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.model_source, ModelSource::Body as i32);
+
+    // Without a mask a set model_source is updated.
+    let s = admin
+        .update_model_service(update(ModelSource::Path, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.model_source, ModelSource::Path as i32);
+
+    // Models: the mask path names them in the audit.
+    admin
+        .update_model_service(pb::UpdateModelServiceRequest {
+            selector: by_name!(update_model_service_request, "azure"),
+            model_service: Some(pb::ModelService {
+                models: strings(&["gpt-4.1"]),
+                ..Default::default()
+            }),
+            update_mask: mask(&["models"]),
+        })
+        .await
+        .unwrap();
+    let fields = last_changed_fields(&mut admin, ResourceKind::ModelService, "azure").await;
+    assert_eq!(fields, ["models"]);
+    let got = get_service(&mut admin, "azure").await.unwrap();
+    assert_eq!(
+        (got.model_source, got.models),
+        (ModelSource::Path as i32, strings(&["gpt-4.1"]))
+    );
 }

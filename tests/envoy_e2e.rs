@@ -708,6 +708,7 @@ async fn address_scope_route_and_model_key_denials(plane: Plane) {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["openai".into()],
+                ..Default::default()
             }),
             ..bound_key("openai-only")
         },

@@ -110,6 +110,7 @@ async fn setup(admin: &mut common::Admin) -> HashMap<&'static str, String> {
             scope: Some(pb::Scope {
                 all: false,
                 model_services: vec!["openai".into()],
+                ..Default::default()
             }),
             ..Default::default()
         })

@@ -134,7 +134,10 @@ async fn incremental_matches_full(backend: &str) {
             &a,
             NewConsumer {
                 name: "app".into(),
-                scope: ScopeInput::Services(vec!["openai".into()]),
+                scope: ScopeInput::List {
+                    services: vec!["openai".into()],
+                    models: vec![],
+                },
                 ..Default::default()
             },
         )
@@ -178,7 +181,13 @@ async fn incremental_matches_full(backend: &str) {
             &Selector::Name("k4".into()),
             ConsumerKeyPatch {
                 name: Some("k4-renamed".into()),
-                scope: Some(ScopeInput::Services(vec!["anthropic".into()])),
+                scope: Some(
+                    ScopeInput::List {
+                        services: vec!["anthropic".into()],
+                        models: vec![],
+                    }
+                    .into(),
+                ),
                 ..Default::default()
             },
         )
@@ -189,7 +198,7 @@ async fn incremental_matches_full(backend: &str) {
             &a,
             &Selector::Name("app".into()),
             ConsumerPatch {
-                scope: Some(ScopeInput::All),
+                scope: Some(ScopeInput::All.into()),
                 ..Default::default()
             },
         )
@@ -336,4 +345,85 @@ async fn concurrent_binds_on_two_replicas_serialise_sqlite() {
 #[tokio::test]
 async fn concurrent_binds_on_two_replicas_serialise_postgres() {
     concurrent_binds_serialise("postgres").await;
+}
+
+/// A store written before model-level scope (schema version 3) upgrades in place: its model
+/// services read as BODY, model names the pattern rules now refuse stay readable (and other
+/// fields stay editable), and existing scopes read as before.
+async fn upgrades_from_before_model_scope(backend: &str) {
+    use keygate::domain::input::ModelServicePatch;
+    use keygate::domain::{ModelSource, Scope};
+    use sqlx::{Connection, Executor};
+
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let store = open(&fx.url, &master).await;
+    let a = actor();
+    let service = NewModelService {
+        name: "legacy".into(),
+        ..Default::default()
+    };
+    store.create_model_service(&a, service).await.unwrap();
+    let consumer = NewConsumer {
+        name: "app".into(),
+        scope: ScopeInput::List {
+            services: vec!["legacy".into()],
+            models: vec![],
+        },
+        ..Default::default()
+    };
+    store.create_consumer(&a, consumer).await.unwrap();
+    store.close().await;
+
+    // Back to version 3, with a models list the old rule (1–200 printable characters) allowed.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
+    for sql in [
+        "DROP TABLE scope_models",
+        "ALTER TABLE model_services DROP COLUMN model_source",
+        "DELETE FROM _sqlx_migrations WHERE version = 4",
+        r#"UPDATE model_services SET models = '["gpt 4o (legacy)"]'"#,
+    ] {
+        conn.execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    conn.close().await.unwrap();
+
+    let store = open(&fx.url, &master).await;
+    let legacy = Selector::Name("legacy".into());
+    let s = store.get_model_service(&legacy).await.unwrap();
+    assert_eq!(s.model_source, ModelSource::Body);
+    assert_eq!(s.models, ["gpt 4o (legacy)"]);
+    let patch = ModelServicePatch {
+        description: Some("still editable".into()),
+        ..Default::default()
+    };
+    store
+        .update_model_service(&a, &legacy, patch)
+        .await
+        .unwrap();
+    let c = store
+        .get_consumer(&Selector::Name("app".into()))
+        .await
+        .unwrap();
+    let Scope::List { services, models } = c.scope else {
+        panic!("the list scope survives: {:?}", c.scope);
+    };
+    assert_eq!(
+        services.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["legacy"]
+    );
+    assert!(models.is_empty());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_model_scope_upgrades_sqlite() {
+    upgrades_from_before_model_scope("sqlite").await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_model_scope_upgrades_postgres() {
+    upgrades_from_before_model_scope("postgres").await;
 }

@@ -7,7 +7,7 @@ use tonic::Request;
 use super::auth::actor;
 use super::convert::{
     OUTPUT_ONLY, UpdateMask, optional_reference, page, page_token, reference, scope_input,
-    selector, status_filter, ts_in,
+    scope_patch, selector, status_filter, ts_in,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
@@ -128,6 +128,8 @@ pub(super) async fn update(
             "name",
             "description",
             "scope",
+            "scope.model_services",
+            "scope.models",
             "ip_allowlist",
             "expire_time",
             "secret_ref",
@@ -147,11 +149,7 @@ pub(super) async fn update(
     let patch = ConsumerKeyPatch {
         name: mask.has("name").then(|| nfc_owned(k.name.clone())),
         description: mask.has("description").then(|| k.description.clone()),
-        scope: if mask.has("scope") {
-            Some(scope_input("consumer_key.scope", k.scope.clone())?)
-        } else {
-            None
-        },
+        scope: scope_patch(&mask, "consumer_key.scope", k.scope.clone())?,
         ip_allowlist: mask.has("ip_allowlist").then(|| k.ip_allowlist.clone()),
         expire_time: if mask.has("expire_time") {
             Some(

@@ -5,7 +5,7 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, consumer_out, page, page_token, scope_input, selector,
+    OUTPUT_ONLY, UpdateMask, consumer_out, page, page_token, scope_input, scope_patch, selector,
 };
 use super::{AdminService, R, ok};
 use crate::domain::Selector;
@@ -76,17 +76,19 @@ pub(super) async fn update(
             ("description", !c.description.is_empty()),
             ("scope", c.scope.is_some()),
         ],
-        &["name", "description", "scope"],
+        &[
+            "name",
+            "description",
+            "scope",
+            "scope.model_services",
+            "scope.models",
+        ],
         ELSEWHERE,
     )?;
     let patch = ConsumerPatch {
         name: mask.has("name").then(|| nfc_owned(c.name.clone())),
         description: mask.has("description").then(|| c.description.clone()),
-        scope: if mask.has("scope") {
-            Some(scope_input("consumer.scope", c.scope.clone())?)
-        } else {
-            None
-        },
+        scope: scope_patch(&mask, "consumer.scope", c.scope.clone())?,
     };
     ok(consumer_out(
         svc.store.update_consumer(&actor, &sel, patch).await?,

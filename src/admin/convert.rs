@@ -8,8 +8,8 @@ use tonic::Status;
 
 use crate::domain::text::{nfc, nfc_owned};
 use crate::domain::{
-    self, FieldViolation, GenerationMethod, KeyStatus, Named, ResourceKind, RuleError, Scope,
-    ScopeInput, Selector, Timestamp,
+    self, FieldViolation, GenerationMethod, KeyStatus, ModelGrant, ModelSource, Named,
+    ResourceKind, RuleError, Scope, ScopeInput, ScopePatch, Selector, Timestamp,
 };
 use crate::proto::admin::v1 as pb;
 use crate::store::PageRequest;
@@ -111,19 +111,59 @@ pub fn page_token(next: Option<String>) -> String {
     next.map(|n| URL_SAFE_NO_PAD.encode(n)).unwrap_or_default()
 }
 
+/// A scope as written: `all`, or its lists (names and `"<service>/<pattern>"` entries, in
+/// NFC: NFC leaves a valid pattern, ASCII, as it is); neither is unset.
 pub fn scope_input(field: &str, scope: Option<pb::Scope>) -> Result<ScopeInput, Status> {
     let Some(s) = scope else {
         return Ok(ScopeInput::Unset);
     };
-    match (s.all, s.model_services.is_empty()) {
-        (true, false) => Err(invalid(
+    let listed = !(s.model_services.is_empty() && s.models.is_empty());
+    match (s.all, listed) {
+        (true, true) => Err(invalid(
             field,
-            "\"all\": true cannot be combined with a list of model_services",
+            "\"all\": true cannot be combined with a list of model_services or models",
         )),
-        (true, true) => Ok(ScopeInput::All),
-        (false, false) => Ok(ScopeInput::Services(names_in(s.model_services))),
-        (false, true) => Ok(ScopeInput::Unset),
+        (true, false) => Ok(ScopeInput::All),
+        (false, true) => Ok(ScopeInput::List {
+            services: names_in(s.model_services),
+            models: names_in(s.models),
+        }),
+        (false, false) => Ok(ScopeInput::Unset),
     }
+}
+
+/// The scope change an update asks for, if any: the mask path `scope` replaces the whole
+/// scope; `scope.model_services` and `scope.models` each replace one list, keeping the other.
+/// `field` is the scope's path in the request (`consumer.scope`).
+pub fn scope_patch(
+    mask: &UpdateMask,
+    field: &str,
+    scope: Option<pb::Scope>,
+) -> Result<Option<ScopePatch>, Status> {
+    let (services, models) = (mask.has("scope.model_services"), mask.has("scope.models"));
+    if mask.has("scope") {
+        if services || models {
+            return Err(invalid(
+                "update_mask",
+                "\"scope\" replaces the whole scope: name either it or its lists (\"scope.model_services\", \"scope.models\")",
+            ));
+        }
+        return Ok(Some(ScopePatch::Replace(scope_input(field, scope)?)));
+    }
+    if !(services || models) {
+        return Ok(None);
+    }
+    let s = scope.unwrap_or_default();
+    if s.all {
+        return Err(invalid(
+            &format!("{field}.all"),
+            "is set only by the update_mask path \"scope\" (\"scope.model_services\" and \"scope.models\" replace a list)",
+        ));
+    }
+    Ok(Some(ScopePatch::Lists {
+        services: services.then(|| names_in(s.model_services)),
+        models: models.then(|| names_in(s.models)),
+    }))
 }
 
 pub fn scope_out(scope: &Scope) -> Option<pb::Scope> {
@@ -131,13 +171,25 @@ pub fn scope_out(scope: &Scope) -> Option<pb::Scope> {
         Scope::Unset => None,
         Scope::All => Some(pb::Scope {
             all: true,
-            model_services: vec![],
+            ..Default::default()
         }),
-        Scope::Services(list) => Some(pb::Scope {
+        Scope::List { services, models } => Some(pb::Scope {
             all: false,
-            model_services: names(list),
+            model_services: names(services),
+            models: models.iter().map(ModelGrant::entry).collect(),
         }),
     }
+}
+
+/// A model service's `model_source` (unspecified: BODY); `field` names it in a refusal.
+pub fn model_source_in(field: &str, v: i32) -> Result<ModelSource, Status> {
+    ModelSource::from_code(i64::from(v))
+        .ok_or_else(|| invalid(field, format!("must be BODY, PATH or NONE (got {v})")))
+}
+
+/// A stored source on the wire: BODY, PATH or NONE, never unspecified.
+pub fn model_source_out(s: ModelSource) -> i32 {
+    s.code() as i32
 }
 
 fn names(list: &[Named]) -> Vec<String> {
@@ -244,6 +296,7 @@ pub fn service_out(s: domain::ModelService) -> pb::ModelService {
         auth_header: s.auth_header,
         auth_value_template: s.auth_value_template,
         models: s.models,
+        model_source: model_source_out(s.model_source),
     }
 }
 

@@ -4,7 +4,9 @@
 use tonic::Request;
 
 use super::auth::actor;
-use super::convert::{OUTPUT_ONLY, UpdateMask, page, page_token, selector, service_out};
+use super::convert::{
+    OUTPUT_ONLY, UpdateMask, model_source_in, page, page_token, selector, service_out,
+};
 use super::{AdminService, R, ok};
 use crate::domain::Selector;
 use crate::domain::input::{
@@ -34,6 +36,7 @@ pub(super) async fn create(
         auth_header: r.auth_header,
         auth_value_template: r.auth_value_template,
         models: r.models,
+        model_source: model_source_in("model_source", r.model_source)?,
     };
     ok(service_out(
         svc.store.create_model_service(&actor, new).await?,
@@ -80,6 +83,7 @@ pub(super) async fn update(
             ("auth_header", !s.auth_header.is_empty()),
             ("auth_value_template", !s.auth_value_template.is_empty()),
             ("models", !s.models.is_empty()),
+            ("model_source", s.model_source != 0),
         ],
         &[
             "name",
@@ -88,6 +92,7 @@ pub(super) async fn update(
             "auth_header",
             "auth_value_template",
             "models",
+            "model_source",
         ],
         ELSEWHERE,
     )?;
@@ -104,6 +109,15 @@ pub(super) async fn update(
             .has("auth_value_template")
             .then(|| or_default(&s.auth_value_template, DEFAULT_AUTH_VALUE_TEMPLATE)),
         models: mask.has("models").then(|| s.models.clone()),
+        // Unspecified in the mask restores the default, BODY.
+        model_source: if mask.has("model_source") {
+            Some(model_source_in(
+                "model_service.model_source",
+                s.model_source,
+            )?)
+        } else {
+            None
+        },
     };
     ok(service_out(
         svc.store.update_model_service(&actor, &sel, patch).await?,

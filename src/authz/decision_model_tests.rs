@@ -512,6 +512,9 @@ fn outcomes_carry_the_model_in_metadata_and_the_reply_body() {
     }
 }
 
+/// The rule a case's decision must follow, written directly.
+type ModelRuleFn = dyn Fn(&str) -> bool;
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -519,7 +522,7 @@ proptest! {
     /// (if any), the consumer's grant and the key's grant all admit it.
     #[test]
     fn decisions_follow_the_scope_rule(model in "[a-z0-9.:-]{1,24}|(gpt-4o|o3-|claude-3-|claude-)[a-z0-9-]{0,8}") {
-        let cases: [(&str, &str, &dyn Fn(&str) -> bool); 4] = [
+        let cases: [(&str, &str, &ModelRuleFn); 4] = [
             (K_MINI, "openai", &|m| m == "gpt-4o-mini"),
             (K_ALL, "listed", &|m| pattern_matches("gpt-4o-mini", m) || pattern_matches("o3-*", m)),
             (K_CLAUDE_CONSUMER, "anthropic", &|m| m.starts_with("claude-")),

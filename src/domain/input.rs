@@ -4,8 +4,12 @@
 
 use ipnet::IpNet;
 
+use super::model::{check_pattern, split_entry};
 use super::validate::{self, FieldViolation};
-use super::{GenerationMethod, Limits, RuleError, ScopeInput, Secret, SecretRef, Timestamp};
+use super::{
+    GenerationMethod, Limits, ModelSource, RuleError, ScopeInput, ScopePatch, Secret, SecretRef,
+    Timestamp,
+};
 
 pub const DEFAULT_AUTH_HEADER: &str = "authorization";
 pub const DEFAULT_AUTH_VALUE_TEMPLATE: &str = "Bearer {key}";
@@ -21,7 +25,7 @@ pub struct NewConsumer {
 pub struct ConsumerPatch {
     pub name: Option<String>,
     pub description: Option<String>,
-    pub scope: Option<ScopeInput>,
+    pub scope: Option<ScopePatch>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -31,7 +35,9 @@ pub struct NewModelService {
     pub provider: String,
     pub auth_header: String,
     pub auth_value_template: String,
+    /// Model patterns the service may be asked for (empty: any), enforced by the data plane.
     pub models: Vec<String>,
+    pub model_source: ModelSource,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -42,6 +48,7 @@ pub struct ModelServicePatch {
     pub auth_header: Option<String>,
     pub auth_value_template: Option<String>,
     pub models: Option<Vec<String>>,
+    pub model_source: Option<ModelSource>,
 }
 
 /// A consumer key's value as the operator chose to provide it.
@@ -80,7 +87,7 @@ pub struct NewConsumerKey {
 pub struct ConsumerKeyPatch {
     pub name: Option<String>,
     pub description: Option<String>,
-    pub scope: Option<ScopeInput>,
+    pub scope: Option<ScopePatch>,
     pub ip_allowlist: Option<Vec<String>>,
     /// `Some(None)` clears the expiry.
     pub expire_time: Option<Option<Timestamp>>,
@@ -125,10 +132,34 @@ impl Violations {
 }
 
 fn check_scope(v: &mut Violations, field: &str, scope: &ScopeInput) {
-    if let ScopeInput::Services(list) = scope {
-        for (i, n) in list.iter().enumerate() {
-            v.check(validate::name(&format!("{field}.model_services[{i}]"), n));
+    if let ScopeInput::List { services, models } = scope {
+        check_scope_lists(v, field, Some(services), Some(models));
+    }
+}
+
+fn check_scope_patch(v: &mut Violations, field: &str, patch: &ScopePatch) {
+    match patch {
+        ScopePatch::Replace(scope) => check_scope(v, field, scope),
+        ScopePatch::Lists { services, models } => {
+            check_scope_lists(v, field, services.as_ref(), models.as_ref())
         }
+    }
+}
+
+/// A scope's lists: service names, and `"<service>/<pattern>"` entries whose service part is
+/// a name too (`{field}.models[i]` in either case).
+fn check_scope_lists(
+    v: &mut Violations,
+    field: &str,
+    services: Option<&Vec<String>>,
+    models: Option<&Vec<String>>,
+) {
+    for (i, n) in services.into_iter().flatten().enumerate() {
+        v.check(validate::name(&format!("{field}.model_services[{i}]"), n));
+    }
+    for (i, entry) in models.into_iter().flatten().enumerate() {
+        let f = format!("{field}.models[{i}]");
+        v.check(split_entry(&f, entry).and_then(|(service, _)| validate::name(&f, service)));
     }
 }
 
@@ -200,7 +231,7 @@ impl ConsumerPatch {
             v.check(validate::description("consumer.description", d));
         }
         if let Some(s) = &self.scope {
-            check_scope(&mut v, "consumer.scope", s);
+            check_scope_patch(&mut v, "consumer.scope", s);
         }
         v.finish()
     }
@@ -242,15 +273,8 @@ fn check_provider_and_models(
             "must be at most 60 characters",
         ));
     }
-    if let Some(models) = models {
-        for (i, m) in models.iter().enumerate() {
-            if m.is_empty() || m.chars().count() > 200 || m.chars().any(|c| c.is_control()) {
-                v.0.push(FieldViolation::new(
-                    &format!("{prefix}models[{i}]"),
-                    "must be 1 to 200 printable characters",
-                ));
-            }
-        }
+    for (i, m) in models.into_iter().flatten().enumerate() {
+        v.check(check_pattern(&format!("{prefix}models[{i}]"), m));
     }
 }
 
@@ -309,7 +333,7 @@ impl ConsumerKeyPatch {
             v.check(validate::description("consumer_key.description", d));
         }
         if let Some(s) = &self.scope {
-            check_scope(&mut v, "consumer_key.scope", s);
+            check_scope_patch(&mut v, "consumer_key.scope", s);
         }
         if let Some(t) = self.expire_time {
             check_expiry(&mut v, "consumer_key.expire_time", t, now);
@@ -348,5 +372,103 @@ impl ModelKeyPatch {
             v.check(validate::description("model_key.description", d));
         }
         v.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(e: RuleError) -> Vec<String> {
+        match e {
+            RuleError::Invalid(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    fn list(services: &[&str], models: &[&str]) -> ScopeInput {
+        ScopeInput::List {
+            services: services.iter().map(|s| s.to_string()).collect(),
+            models: models.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn scope_model_entries_name_their_field() {
+        let ok = NewConsumer {
+            name: "app".into(),
+            scope: list(&[], &["openai/gpt-4o-mini", "anthropic/claude-*"]),
+            ..Default::default()
+        };
+        assert!(
+            ok.validate().is_ok(),
+            "a scope of model entries only is valid"
+        );
+        let bad = NewConsumer {
+            name: "app".into(),
+            scope: list(
+                &["openai", "1bad"],
+                &[
+                    "openai/gpt-*-mini",
+                    "no-slash",
+                    "1bad/gpt-4o",
+                    "openai/gpt-4o",
+                ],
+            ),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(bad.validate().unwrap_err()),
+            [
+                "scope.model_services[1]",
+                "scope.models[0]",
+                "scope.models[1]",
+                "scope.models[2]"
+            ]
+        );
+    }
+
+    #[test]
+    fn scope_patches_name_the_resource_path() {
+        let patch = ConsumerKeyPatch {
+            scope: Some(ScopePatch::Lists {
+                services: None,
+                models: Some(vec!["openai/".into()]),
+            }),
+            ..Default::default()
+        };
+        let e = patch
+            .validate(&Limits::default(), Timestamp::now())
+            .unwrap_err();
+        assert_eq!(fields(e), ["consumer_key.scope.models[0]"]);
+        let patch = ConsumerPatch {
+            scope: Some(list(&["-x"], &[]).into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(patch.validate().unwrap_err()),
+            ["consumer.scope.model_services[0]"]
+        );
+    }
+
+    #[test]
+    fn service_models_follow_the_pattern_rules() {
+        let mut new = NewModelService {
+            name: "openai".into(),
+            models: vec!["gpt-4o".into(), "o1-*".into(), "gpt 4".into(), "*-x".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(new.normalize().unwrap_err()),
+            ["models[2]", "models[3]"]
+        );
+        let patch = ModelServicePatch {
+            models: Some(vec![String::new()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(patch.validate().unwrap_err()),
+            ["model_service.models[0]"]
+        );
     }
 }

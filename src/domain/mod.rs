@@ -126,7 +126,7 @@ pub struct Named {
     pub name: String,
 }
 
-/// Which model services a consumer or consumer key may reach.
+/// Which model services (and which of their models) a consumer or consumer key may reach.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Scope {
     /// Not set: every service on a consumer; the consumer's scope on a key.
@@ -134,8 +134,12 @@ pub enum Scope {
     Unset,
     /// `{"all": true}`: explicitly every service (still narrowed by the consumer on a key).
     All,
-    /// Only these services.
-    Services(Vec<Named>),
+    /// Only these: every model of `services`, and the models `models` match (SPEC §8.1).
+    /// One list may be empty, never both.
+    List {
+        services: Vec<Named>,
+        models: Vec<ModelGrant>,
+    },
 }
 
 /// A scope as the operator wrote it: names still to be resolved against the store.
@@ -144,7 +148,28 @@ pub enum ScopeInput {
     #[default]
     Unset,
     All,
-    Services(Vec<String>),
+    /// Service names, and `"<service>/<pattern>"` model entries as written.
+    List {
+        services: Vec<String>,
+        models: Vec<String>,
+    },
+}
+
+/// How an update changes a scope: the whole of it (update mask path `scope`), or one or both
+/// of its lists, keeping the other (`scope.model_services`, `scope.models`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScopePatch {
+    Replace(ScopeInput),
+    Lists {
+        services: Option<Vec<String>>,
+        models: Option<Vec<String>>,
+    },
+}
+
+impl From<ScopeInput> for ScopePatch {
+    fn from(s: ScopeInput) -> Self {
+        ScopePatch::Replace(s)
+    }
 }
 
 /// A reference to a value in an external secret store (never the value).
@@ -192,6 +217,7 @@ pub struct ModelService {
     pub auth_header: String,
     pub auth_value_template: String,
     pub models: Vec<String>,
+    pub model_source: ModelSource,
     pub model_keys: Vec<Named>,
     pub create_time: Timestamp,
     pub update_time: Timestamp,

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, Published, ScopeSet, SeenAhead, ServiceRecord,
-    Snapshot, SnapshotCell, Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, Published, ScopeList, ScopeSet, SeenAhead,
+    ServiceRecord, Snapshot, SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -44,9 +44,21 @@ fn uuid(id: &str) -> Result<Uuid, BuildError> {
 fn scope_set(scope: &Scope) -> Result<ScopeSet, BuildError> {
     Ok(match scope {
         Scope::Unset | Scope::All => ScopeSet::All,
-        Scope::Services(list) => {
-            ScopeSet::services(list.iter().map(|n| uuid(&n.id)).collect::<Result<_, _>>()?)
-        }
+        Scope::List { services, models } => ScopeSet::Only(Arc::new(ScopeList {
+            services: services
+                .iter()
+                .map(|n| uuid(&n.id))
+                .collect::<Result<_, _>>()?,
+            models: models
+                .iter()
+                .map(|g| {
+                    Ok(ModelRule {
+                        service: uuid(&g.service.id)?,
+                        pattern: g.pattern.as_str().into(),
+                    })
+                })
+                .collect::<Result<_, BuildError>>()?,
+        })),
     })
 }
 
@@ -154,7 +166,7 @@ fn service_records(
                 auth_value_template: s.auth_value_template.clone(),
                 model_keys,
                 models: s.models.clone(),
-                model_source: Default::default(),
+                model_source: s.model_source,
             })
         })
         .collect()

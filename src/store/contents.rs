@@ -9,11 +9,13 @@ use sqlx::{Any, Row, Transaction};
 
 use super::rows::{
     CONSUMER_COLUMNS, KEY_ROW_COLUMNS, MODEL_KEY_COLUMNS, SERVICE_COLUMNS, consumer_base,
-    fixed_scope, key_row, model_key_base, named, service_base,
+    fixed_scope, key_row, model_grant, model_key_base, named, service_base,
 };
 use super::{Backend, Result, Store, StoreError};
 use crate::crypto::KeyHash;
-use crate::domain::{Consumer, KeyStatus, ModelKey, ModelService, Named, Scope, Timestamp};
+use crate::domain::{
+    Consumer, KeyStatus, ModelGrant, ModelKey, ModelService, Named, Scope, Timestamp,
+};
 
 /// Everything the data plane needs, read in one consistent transaction.
 #[derive(Debug)]
@@ -71,8 +73,10 @@ impl Store {
         let (mut tx, revision, epoch) = self.begin_read().await?;
         let mut scopes = load_scope_lists(&mut tx).await?;
         let mut scope_of = |id: &str, mode: i64| {
-            fixed_scope(mode)
-                .unwrap_or_else(|| Scope::Services(scopes.remove(id).unwrap_or_default()))
+            fixed_scope(mode).unwrap_or_else(|| {
+                let (services, models) = scopes.remove(id).unwrap_or_default();
+                Scope::List { services, models }
+            })
         };
         let mut consumers = Vec::new();
         for r in sqlx::query(&format!("SELECT {CONSUMER_COLUMNS} FROM consumers"))
@@ -105,9 +109,12 @@ impl Store {
     }
 }
 
-/// Every listed scope, by owner id, each in its order.
-async fn load_scope_lists(conn: &mut sqlx::AnyConnection) -> Result<HashMap<String, Vec<Named>>> {
-    let mut scopes: HashMap<String, Vec<Named>> = HashMap::new();
+/// A listed scope's services and model entries.
+type ScopeLists = (Vec<Named>, Vec<ModelGrant>);
+
+/// Every listed scope, by owner id, each list in its order.
+async fn load_scope_lists(conn: &mut sqlx::AnyConnection) -> Result<HashMap<String, ScopeLists>> {
+    let mut scopes: HashMap<String, ScopeLists> = HashMap::new();
     for r in sqlx::query(
         "SELECT s.owner_id, m.id, m.name FROM scope_entries s JOIN model_services m ON m.id = s.model_service_id \
          ORDER BY s.owner_id, s.position",
@@ -118,7 +125,21 @@ async fn load_scope_lists(conn: &mut sqlx::AnyConnection) -> Result<HashMap<Stri
         scopes
             .entry(r.try_get("owner_id")?)
             .or_default()
+            .0
             .push(named(&r)?);
+    }
+    for r in sqlx::query(
+        "SELECT s.owner_id, m.id, m.name, s.pattern FROM scope_models s JOIN model_services m ON m.id = s.model_service_id \
+         ORDER BY s.owner_id, s.position",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        scopes
+            .entry(r.try_get("owner_id")?)
+            .or_default()
+            .1
+            .push(model_grant(&r)?);
     }
     Ok(scopes)
 }

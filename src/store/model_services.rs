@@ -25,8 +25,8 @@ impl Store {
         ensure_unique_name(&mut m.tx, KIND, &req.name, None).await?;
         let id = new_id();
         sqlx::query(
-            "INSERT INTO model_services (id, name, description, provider, auth_header, auth_value_template, models, create_time, update_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            "INSERT INTO model_services (id, name, description, provider, auth_header, auth_value_template, models, model_source, create_time, update_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
         )
         .bind(&id)
         .bind(&req.name)
@@ -35,6 +35,7 @@ impl Store {
         .bind(&req.auth_header)
         .bind(&req.auth_value_template)
         .bind(encode_list(&req.models))
+        .bind(req.model_source.code())
         .bind(m.now.0)
         .execute(&mut *m.tx)
         .await?;
@@ -45,6 +46,7 @@ impl Store {
             "auth_header",
             "auth_value_template",
             "models",
+            "model_source",
         ];
         let audit = Audit::new("CreateModelService", KIND, &id, &req.name, &fields);
         self.commit(m, audit).await?;
@@ -105,6 +107,14 @@ impl Store {
                 fields.push(column);
             }
         }
+        if let Some(source) = patch.model_source {
+            sqlx::query("UPDATE model_services SET model_source = $1 WHERE id = $2")
+                .bind(source.code())
+                .bind(&id)
+                .execute(&mut *m.tx)
+                .await?;
+            fields.push("model_source");
+        }
         touch(&mut m, KIND, &id).await?;
         let name = patch.name.clone().unwrap_or(found.name);
         let audit = Audit::new("UpdateModelService", KIND, &id, &name, &fields);
@@ -146,7 +156,8 @@ async fn bound_keys(conn: &mut sqlx::AnyConnection, service_id: &str) -> Result<
     rows.iter().map(named).collect()
 }
 
-/// Bound model keys, then consumers and consumer keys whose scope names the service.
+/// Bound model keys, then consumers and consumer keys whose scope names the service (in
+/// `model_services` or in a `models` entry; each owner once).
 pub(super) async fn service_references(
     conn: &mut sqlx::AnyConnection,
     id: &str,
@@ -158,8 +169,10 @@ pub(super) async fn service_references(
         .collect();
     for kind in [ResourceKind::Consumer, ResourceKind::ConsumerKey] {
         let rows = sqlx::query(&format!(
-            "SELECT o.id, o.name FROM scope_entries s JOIN {} o ON o.id = s.owner_id \
-             WHERE s.model_service_id = $1 ORDER BY o.name",
+            "SELECT o.id, o.name FROM {} o WHERE o.id IN \
+             (SELECT owner_id FROM scope_entries WHERE model_service_id = $1 \
+              UNION SELECT owner_id FROM scope_models WHERE model_service_id = $1) \
+             ORDER BY o.name",
             table_of(kind)
         ))
         .bind(id)

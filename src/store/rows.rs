@@ -11,8 +11,8 @@ use super::{Result, StoreError};
 use crate::crypto::KeyHash;
 use crate::domain::validate::ip_entry_display;
 use crate::domain::{
-    AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, ModelKey, ModelService, Named,
-    ResourceKind, Scope, SecretRef, Timestamp,
+    AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, ModelGrant, ModelKey,
+    ModelService, ModelSource, Named, ResourceKind, Scope, SecretRef, Timestamp,
 };
 
 /// A domain enum stored as an integer. The codes are part of the schema: never renumber.
@@ -80,22 +80,34 @@ impl SqlCode for GenerationMethod {
     }
 }
 
+/// The domain's own codes (they are also the wire's).
+impl SqlCode for ModelSource {
+    fn code(self) -> i64 {
+        ModelSource::code(self)
+    }
+
+    fn from_code(code: i64) -> Option<Self> {
+        ModelSource::from_code(code)
+    }
+}
+
 /// A stored code read back; `what` names the column in the corruption error.
 pub(super) fn decode<T: SqlCode>(code: i64, what: &str) -> Result<T> {
     T::from_code(code).ok_or_else(|| StoreError::Corrupt(what.into()))
 }
 
-/// `scope_mode`: 0 unset, 1 all, 2 the services listed in `scope_entries`.
+/// `scope_mode`: 0 unset, 1 all, 2 a list: the services in `scope_entries` and the model
+/// entries in `scope_models` (either may be empty).
 pub(super) fn scope_mode(scope: &Scope) -> i64 {
     match scope {
         Scope::Unset => 0,
         Scope::All => 1,
-        Scope::Services(_) => 2,
+        Scope::List { .. } => 2,
     }
 }
 
-/// The scope a `scope_mode` stands for on its own; `None` when it lists services (the
-/// caller reads them from `scope_entries`).
+/// The scope a `scope_mode` stands for on its own; `None` when it is a list (the caller
+/// reads it from `scope_entries` and `scope_models`).
 pub(super) fn fixed_scope(mode: i64) -> Option<Scope> {
     match mode {
         0 => Some(Scope::Unset),
@@ -122,7 +134,7 @@ pub(super) const CONSUMER_COLUMNS: &str =
     "id, name, description, scope_mode, create_time, update_time";
 
 pub(super) const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, \
-     auth_value_template, models, create_time, update_time";
+     auth_value_template, models, model_source, create_time, update_time";
 
 pub(super) const MODEL_KEY_COLUMNS: &str = "id, name, description, status, generation_method, \
      masked_value, secret_provider, secret_name, secret_version, create_time, update_time";
@@ -166,6 +178,14 @@ pub(super) fn named(r: &AnyRow) -> Result<Named> {
     Ok(Named {
         id: r.try_get("id")?,
         name: r.try_get("name")?,
+    })
+}
+
+/// A scope's model entry: the service (`id`, `name`) and its `pattern`.
+pub(super) fn model_grant(r: &AnyRow) -> Result<ModelGrant> {
+    Ok(ModelGrant {
+        service: named(r)?,
+        pattern: r.try_get("pattern")?,
     })
 }
 
@@ -221,6 +241,7 @@ pub(super) fn service_base(r: &AnyRow) -> Result<ModelService> {
         auth_header: r.try_get("auth_header")?,
         auth_value_template: r.try_get("auth_value_template")?,
         models: decode_list(&r.try_get::<String, _>("models")?)?,
+        model_source: decode(r.try_get("model_source")?, "model source")?,
         model_keys: Vec::new(),
         create_time: Timestamp(r.try_get("create_time")?),
         update_time: Timestamp(r.try_get("update_time")?),

@@ -134,6 +134,23 @@ const V3: &str = r#"
 ALTER TABLE store_meta ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
 "#;
 
+/// SPEC §8.1 model-level scope: a scope's `models` entries (one row per service and pattern,
+/// by service id so a rename shows through), and where a service's requests name their model
+/// (`ModelSource` codes: 1 body, 2 path, 3 none).
+const V4: &str = r#"
+CREATE TABLE scope_models (
+    owner_kind BIGINT NOT NULL,
+    owner_id TEXT NOT NULL,
+    model_service_id TEXT NOT NULL REFERENCES model_services(id),
+    pattern TEXT NOT NULL,
+    position BIGINT NOT NULL,
+    PRIMARY KEY (owner_id, model_service_id, pattern)
+);
+CREATE INDEX scope_models_service ON scope_models (model_service_id);
+
+ALTER TABLE model_services ADD COLUMN model_source BIGINT NOT NULL DEFAULT 1;
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -144,6 +161,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (1, "initial schema", V1),
         (2, "admin tokens", V2),
         (3, "store epoch", V3),
+        (4, "scope model entries and model source", V4),
     ]
     .into_iter()
     .map(|(version, description, sql)| {
