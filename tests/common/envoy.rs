@@ -317,7 +317,7 @@ pub fn render_single(authz: u16, listener: u16, upstream: u16, admin: u16) -> St
     let c = shipped_config("envoy.yaml");
     let c = replace_port(f, &c, 9001, authz, 1);
     let c = replace_port(f, &c, 10000, listener, 1);
-    let c = replace_port(f, &c, 8080, upstream, 4);
+    let c = replace_port(f, &c, 8080, upstream, 5);
     replace_port(f, &c, 9901, admin, 1)
 }
 
@@ -370,7 +370,7 @@ pub fn render_split(authz: [u16; 2], listener: u16, upstream: u16, admin: u16) -
     let c = replace_port(f, &c, 9011, authz[0], 1);
     let c = replace_port(f, &c, 9012, authz[1], 1);
     let c = replace_port(f, &c, 10000, listener, 1);
-    let c = replace_port(f, &c, 8080, upstream, 4);
+    let c = replace_port(f, &c, 8080, upstream, 5);
     replace_port(f, &c, 9901, admin, 1)
 }
 
@@ -393,7 +393,7 @@ pub fn render_module(m: &ModuleFiles, listener: u16, upstream: u16, admin: u16) 
     let f = "envoy/module.yaml";
     let c = shipped_config("module.yaml");
     let c = replace_port(f, &c, 10000, listener, 1);
-    let c = replace_port(f, &c, 8080, upstream, 4);
+    let c = replace_port(f, &c, 8080, upstream, 5);
     let c = replace_port(f, &c, 9901, admin, 1);
     let c = replace_quoted(f, &c, "http://127.0.0.1:9002", &m.control_plane);
     let c = replace_quoted(
