@@ -370,7 +370,7 @@ pub fn render_split(authz: [u16; 2], listener: u16, upstream: u16, admin: u16) -
     let c = replace_port(f, &c, 9011, authz[0], 1);
     let c = replace_port(f, &c, 9012, authz[1], 1);
     let c = replace_port(f, &c, 10000, listener, 1);
-    let c = replace_port(f, &c, 8080, upstream, 5);
+    let c = replace_port(f, &c, 8080, upstream, 4);
     replace_port(f, &c, 9901, admin, 1)
 }
 
