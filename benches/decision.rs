@@ -3,23 +3,27 @@
 //! HMAC of the presented key, since that is what a real check costs; `hit_spread` cycles
 //! through 65,536 distinct valid keys so that, at 1M keys, index lookups miss the CPU caches
 //! as they do under real traffic (the other cases repeat one key, a warm-cache best case).
-//! Plus the HMAC alone.
+//! Plus the HMAC alone, and model-level scope (SPEC §8.1): a key scoped to one model, decided
+//! from a 10 KB JSON body whose `model` comes after its `messages` (allowed and refused), to
+//! compare with `hit` (a service-wide key, decided from headers alone) in the same run.
 //!
 //! `cargo bench --bench decision -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use uuid::Uuid;
 
+use keygate::authz::decision::Body;
 use keygate::authz::{Decision, DecisionConfig, RequestView, decide};
 use keygate::crypto::{KeyHasher, Keys, MasterKey, Secret};
 use keygate::domain::Timestamp;
 use keygate::snapshot::fixtures::key_entry;
 use keygate::snapshot::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet, ServiceRecord,
+    Snapshot, Update,
 };
 
 /// Presented keys (46 characters, like generated `kg-` keys).
@@ -27,6 +31,8 @@ const HIT: &str = "kg-benchHITxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 const DISABLED: &str = "kg-benchDISABLEDxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 const SCOPED: &str = "kg-benchSCOPEDxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 const UNKNOWN: &str = "kg-benchUNKNOWNxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+/// Scoped to `openai-prod/gpt-4o-mini` only.
+const MODEL_SCOPED: &str = "kg-benchMODELxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
 const SERVICE: &str = "openai-prod";
 /// How many distinct valid keys `hit_spread` cycles through (cold index lookups at 1M).
@@ -37,6 +43,8 @@ const CONSUMERS: u128 = 1_000;
 struct Req {
     headers: Vec<(&'static str, String)>,
     peer: IpAddr,
+    /// The body, when the data plane has read it.
+    body: Option<Vec<u8>>,
 }
 
 impl RequestView for Req {
@@ -55,6 +63,23 @@ impl RequestView for Req {
     fn model_service(&self) -> Option<&str> {
         Some(SERVICE)
     }
+    fn body(&self) -> Body<'_> {
+        match &self.body {
+            Some(b) => Body::Complete(b),
+            None => Body::Unread,
+        }
+    }
+}
+
+/// A chat-completions body of about 10 KB whose `model` follows the `messages` (the scanner
+/// reads all of it).
+fn body_10kb(model: &str) -> Vec<u8> {
+    let turn = r#"{"role":"user","content":"Summarise the quarterly report in three bullet points, with figures where the report gives them."}"#;
+    let mut turns = vec![turn; 80].join(",");
+    turns.truncate(turns.rfind("},").map_or(turns.len(), |i| i + 1));
+    let body = format!(r#"{{"messages":[{turns}],"temperature":0.2,"stream":true,"model":"{model}"}}"#);
+    assert!((9_000..11_000).contains(&body.len()), "{}", body.len());
+    body.into_bytes()
 }
 
 fn req(key: &str) -> Req {
@@ -69,6 +94,7 @@ fn req(key: &str) -> Req {
             ),
         ],
         peer: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+        body: None,
     }
 }
 
@@ -157,6 +183,16 @@ fn build(n: usize, keys: Keys) -> Fixture {
     let mut r = record(keys.hasher.hash(SCOPED.as_bytes()), 2);
     r.1.scope = ScopeSet::services(vec![other_service]);
     records.push(r);
+    let mut r = record(keys.hasher.hash(MODEL_SCOPED.as_bytes()), 3);
+    r.1.scope = ScopeSet::Only(Arc::new(ScopeList {
+        services: Box::default(),
+        models: vec![ModelRule {
+            service: service_id,
+            pattern: "gpt-4o-mini".into(),
+        }]
+        .into(),
+    }));
+    records.push(r);
     let spread = SPREAD.min(n - records.len());
     for i in 0..spread {
         let idx = records.len() as u128;
@@ -199,20 +235,30 @@ fn fixtures() -> &'static [(&'static str, Fixture)] {
 fn bench_decide(c: &mut Criterion) {
     let cfg = DecisionConfig::default();
     let now = Timestamp::now();
+    // (name, presented key, expected refusal, the body's model when the body is read)
     let cases = [
-        ("hit", HIT, None),
-        ("miss_unknown_key", UNKNOWN, Some("unknown_key")),
-        ("denied_disabled", DISABLED, Some("disabled")),
+        ("hit", HIT, None, None),
+        ("miss_unknown_key", UNKNOWN, Some("unknown_key"), None),
+        ("denied_disabled", DISABLED, Some("disabled"), None),
         (
             "denied_out_of_scope",
             SCOPED,
             Some("model_service_not_allowed"),
+            None,
+        ),
+        ("hit_model_10kb", MODEL_SCOPED, None, Some("gpt-4o-mini")),
+        (
+            "denied_model_10kb",
+            MODEL_SCOPED,
+            Some("model_not_allowed"),
+            Some("gpt-4o"),
         ),
     ];
     let mut group = c.benchmark_group("decide");
     for (size, f) in fixtures() {
-        for (name, key, expected) in cases {
-            let r = req(key);
+        for (name, key, expected, model) in cases {
+            let mut r = req(key);
+            r.body = model.map(body_10kb);
             let hasher: &KeyHasher = &f.keys.hasher;
             // The fixture decides as the benchmark expects before it is measured.
             let d = decide(&f.snap, &cfg, &r, now, |k| hasher.hash(k));
