@@ -77,7 +77,8 @@ fn body_10kb(model: &str) -> Vec<u8> {
     let turn = r#"{"role":"user","content":"Summarise the quarterly report in three bullet points, with figures where the report gives them."}"#;
     let mut turns = vec![turn; 80].join(",");
     turns.truncate(turns.rfind("},").map_or(turns.len(), |i| i + 1));
-    let body = format!(r#"{{"messages":[{turns}],"temperature":0.2,"stream":true,"model":"{model}"}}"#);
+    let body =
+        format!(r#"{{"messages":[{turns}],"temperature":0.2,"stream":true,"model":"{model}"}}"#);
     assert!((9_000..11_000).contains(&body.len()), "{}", body.len());
     body.into_bytes()
 }

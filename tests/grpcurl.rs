@@ -11,13 +11,18 @@ use keygate::proto::admin::v1::get_consumer_key_request::Selector;
 
 /// The shell block between the walkthrough markers in README.md.
 fn readme_walkthrough() -> String {
+    readme_block("walkthrough")
+}
+
+/// The shell block between `<!-- {name}:start -->` and `<!-- {name}:end -->` in README.md.
+fn readme_block(name: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let start = readme
-        .find("<!-- walkthrough:start -->")
+        .find(&format!("<!-- {name}:start -->"))
         .expect("walkthrough start marker");
     let end = readme
-        .find("<!-- walkthrough:end -->")
+        .find(&format!("<!-- {name}:end -->"))
         .expect("walkthrough end marker");
     let block = &readme[start..end];
     let body_start = block.find("```sh\n").expect("sh block") + "```sh\n".len();
@@ -216,6 +221,32 @@ async fn readme_walkthrough_runs_verbatim() {
     assert!(!logs.contains(&value));
     assert!(!logs.contains("sk-proj-REPLACE-WITH-YOUR-OPENAI-KEY"));
     assert!(!logs.contains(&kg.admin_token()));
+}
+
+/// README's "a key for gpt-4o-mini only": model entries in scopes, a service model list and
+/// model source, as grpcurl shows them.
+#[tokio::test]
+async fn readme_model_scope_walkthrough_runs_verbatim_with_grpcurl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = keygate_in(tmp.path()).await;
+    let (ok, stdout, stderr) = run_script(
+        tmp.path(),
+        &readme_block("model-walkthrough"),
+        kg.admin_addr,
+    );
+    assert!(
+        ok,
+        "model walkthrough failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // The key's scope reads back as written, then widened by the one-list update.
+    assert!(stdout.contains("\"openai/gpt-4o-mini\""), "{stdout}");
+    assert!(stdout.contains("\"openai/o3-*\""), "{stdout}");
+    assert!(stdout.contains("\"anthropic/claude-*\""), "{stdout}");
+    assert!(stdout.contains("\"modelSource\": \"PATH\""), "{stdout}");
+    assert!(stdout.contains("\"gpt-4.1-*\""), "{stdout}");
+    // Services created without a source read BODY, never UNSPECIFIED.
+    assert!(stdout.contains("\"modelSource\": \"BODY\""), "{stdout}");
+    assert!(!stdout.contains("MODEL_SOURCE_UNSPECIFIED"), "{stdout}");
 }
 
 #[tokio::test]
