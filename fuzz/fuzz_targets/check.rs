@@ -6,6 +6,9 @@
 //!   q <query>           appended to the path as its query
 //!   a <address>         the peer's socket address
 //!   s <service>         the route's model_service context extension
+//!   m <model>           the route's fixed model context extension
+//!   b <bytes>           the request body as Envoy sends it (`body`; `\n` written as `\\n`)
+//!   r                   send the body as `raw_body` instead (pack_as_bytes)
 //!   c <digits>          configuration: 1st digit bit 0 = query param `key`, bit 1 = xff
 //!                       (2nd digit = hops), bit 2 = custom header list; 3rd digit bit 0 =
 //!                       Envoy also fills the `query` field
@@ -13,7 +16,9 @@
 //! Invariants: never panics; an OK response sets exactly one vendor header (overwrite, a
 //! model key's value) and, after Envoy applies its removals, the forwarded request carries no
 //! credential this configuration would accept; every 401 body is the same bytes; no model
-//! key in a denial.
+//! key in a denial; an allowed request of the model-scoped key (`@8`) names a model its scope
+//! grants (gpt-4o-mini on openai, prod-* on azure), and one on anthropic a `claude-*` model
+//! (the service's list), in the `model` metadata.
 #![no_main]
 
 use std::collections::HashMap;
@@ -29,7 +34,7 @@ use keygate::authz::{ClientIpSource, DecisionConfig, ExtAuthzService, RequestVie
 use keygate::crypto::KeyHasher;
 use keygate::domain::Timestamp;
 use keygate::snapshot::SnapshotCell;
-use keygate_fuzz::{KEYS, MODEL_KEYS, NOW};
+use keygate_fuzz::{KEYS, MODEL_KEYS, MODEL_SCOPED, NOW};
 use libfuzzer_sys::fuzz_target;
 
 struct World {
@@ -62,6 +67,9 @@ struct Input {
     query: Option<String>,
     peer: Option<String>,
     service: Option<String>,
+    model: Option<String>,
+    body: Option<String>,
+    raw_body: bool,
     config: [u8; 3],
     later_s: i64,
 }
@@ -79,6 +87,10 @@ fn parse(data: &[u8]) -> Input {
     let mut input = Input::default();
     for line in text.split('\n') {
         // `get`, not `split_at`: a line may start with a multi-byte character.
+        if line == "r" {
+            input.raw_body = true;
+            continue;
+        }
         let (Some(tag), Some(rest)) = (line.get(..2), line.get(2..)) else {
             continue;
         };
@@ -100,6 +112,9 @@ fn parse(data: &[u8]) -> Input {
             "q " => input.query = Some(rest),
             "a " => input.peer = Some(rest),
             "s " => input.service = Some(rest),
+            "m " => input.model = Some(rest),
+            "b " => input.body = Some(rest.replace("\\n", "\n")),
+            "r" | "r " => input.raw_body = true,
             "c " => {
                 for (d, b) in input.config.iter_mut().zip(rest.bytes()) {
                     *d = b.wrapping_sub(b'0');
@@ -156,6 +171,16 @@ fn request(input: &Input) -> CheckRequest {
                     path,
                     query,
                     headers: input.headers.clone(),
+                    body: if input.raw_body {
+                        String::new()
+                    } else {
+                        input.body.clone().unwrap_or_default()
+                    },
+                    raw_body: if input.raw_body {
+                        input.body.clone().unwrap_or_default().into_bytes()
+                    } else {
+                        Vec::new()
+                    },
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -164,6 +189,7 @@ fn request(input: &Input) -> CheckRequest {
                 .service
                 .iter()
                 .map(|s| ("model_service".to_string(), s.clone()))
+                .chain(input.model.iter().map(|m| ("model".to_string(), m.clone())))
                 .collect(),
             ..Default::default()
         }),
@@ -189,6 +215,34 @@ impl RequestView for Forwarded {
     }
     fn model_service(&self) -> Option<&str> {
         None
+    }
+}
+
+/// The string metadata field `name` of a response.
+fn meta_field(resp: &CheckResponse, name: &str) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match resp.dynamic_metadata.as_ref()?.fields.get(name)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Model scope: what the decision allowed is what the scope and service lists grant.
+fn check_model_rules(input: &Input, resp: &CheckResponse) {
+    let model = meta_field(resp, "model");
+    let service = meta_field(resp, "model_service").expect("an allowed request names its service");
+    if service == "anthropic" {
+        let m = model.as_deref().expect("anthropic's model list needs the model");
+        assert!(m.starts_with("claude-"), "anthropic allowed {m:?}");
+    }
+    let key_id = meta_field(resp, "consumer_key").expect("an allowed request names its key");
+    if key_id == format!("key-{MODEL_SCOPED}") {
+        let m = model.as_deref().expect("a model-scoped key needs the model");
+        match service.as_str() {
+            "openai" => assert_eq!(m, "gpt-4o-mini", "{:?}", input.body),
+            "azure" => assert!(m.starts_with("prod-"), "azure allowed {m:?}"),
+            other => panic!("the model-scoped key was allowed on {other}"),
+        }
     }
 }
 
@@ -270,6 +324,7 @@ fuzz_target!(|data: &[u8]| {
     let code = resp.status.as_ref().map(|s| s.code).unwrap_or(-1);
     if code == 0 {
         check_allowed(&req, &resp, &cfg);
+        check_model_rules(&input, &resp);
     } else {
         check_denied(&resp, w);
     }

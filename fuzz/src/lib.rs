@@ -5,16 +5,20 @@
 use keygate::crypto::{Keys, MasterKey, Secret};
 use keygate::domain::Timestamp;
 use keygate::snapshot::fixtures::key_entry;
+use std::sync::Arc;
+
+use keygate::domain::ModelSource;
 use keygate::snapshot::{
-    ConsumerRecord, ModelKeyRecord, ScopeSet, ServiceRecord, Snapshot, Update,
+    ConsumerRecord, ModelKeyRecord, ModelRule, ScopeList, ScopeSet, ServiceRecord, Snapshot,
+    Update,
 };
 use uuid::Uuid;
 
 /// The decision time (µs since the epoch); targets add a fuzzed offset.
 pub const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
 
-/// Consumer key values; `@0`..`@7` in a fuzz input stand for them.
-pub const KEYS: [&str; 8] = [
+/// Consumer key values; `@0`..`@8` in a fuzz input stand for them.
+pub const KEYS: [&str; 9] = [
     "kg-fuzz-good-Qm7xV2pLr9TzW4nB", // 0: enabled, consumer with every service
     "kg-fuzz-disabled-Jd3KsZ8qWv1MxP", // 1: disabled
     "kg-fuzz-expired-Hb5NcR2yLq7VzX9", // 2: expired at NOW
@@ -23,7 +27,11 @@ pub const KEYS: [&str; 8] = [
     "kg-fuzz-keyscope-Lx9PwN4vKr2ZqT", // 5: key scope: anthropic only
     "kg-fuzz-consumerscope-Zv1RmK8tWq", // 6: consumer scope: openai only
     "kg-fuzz-future-Mq4TzX7bVn2KwR9yL", // 7: expires an hour after NOW
+    "kg-fuzz-models-Vd5XkQ1nRz8WmT3y", // 8: models openai/gpt-4o-mini and azure/prod-* only
 ];
+
+/// The index in [`KEYS`] of the model-scoped key.
+pub const MODEL_SCOPED: usize = 8;
 
 /// Model key plaintexts: the only values an allowed response may carry.
 pub const MODEL_KEYS: [&str; 3] = [
@@ -55,6 +63,7 @@ fn service(
     header: &str,
     template: &str,
     mk: &[&str],
+    (models, model_source): (&[&str], ModelSource),
 ) -> ServiceRecord {
     ServiceRecord {
         id,
@@ -75,7 +84,23 @@ fn service(
                 }
             })
             .collect(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        model_source,
     }
+}
+
+/// Whole services, or the models of some.
+fn scope(services: &[Uuid], models: &[(Uuid, &str)]) -> ScopeSet {
+    ScopeSet::Only(Arc::new(ScopeList {
+        services: services.into(),
+        models: models
+            .iter()
+            .map(|(service, pattern)| ModelRule {
+                service: *service,
+                pattern: (*pattern).into(),
+            })
+            .collect(),
+    }))
 }
 
 /// The full update the targets start from (store `fuzz`, version 10).
@@ -100,7 +125,8 @@ pub fn full_update(keys: &Keys) -> Update {
         "2001:db8::/32".parse().unwrap(),
     ]
     .into();
-    entries[5].1.scope = ScopeSet::Only(vec![S_ANTHROPIC].into());
+    entries[5].1.scope = scope(&[S_ANTHROPIC], &[]);
+    entries[8].1.scope = scope(&[], &[(S_OPENAI, "gpt-4o-mini"), (S_AZURE, "prod-*")]);
     entries[6].1.consumer = Some(C_OPENAI);
     entries[7].1.expire_time = Some(Timestamp(NOW.0 + 3_600_000_000));
     Update {
@@ -112,12 +138,12 @@ pub fn full_update(keys: &Keys) -> Update {
             ConsumerRecord {
                 id: C_ALL,
                 name: "all".into(),
-                scope: None,
+                scope: ScopeSet::All,
             },
             ConsumerRecord {
                 id: C_OPENAI,
                 name: "openai-only".into(),
-                scope: Some(vec![S_OPENAI]),
+                scope: scope(&[S_OPENAI], &[]),
             },
         ],
         services: Some(vec![
@@ -128,6 +154,7 @@ pub fn full_update(keys: &Keys) -> Update {
                 "authorization",
                 "Bearer {key}",
                 &MODEL_KEYS[..1],
+                (&[], ModelSource::Body),
             ),
             service(
                 keys,
@@ -136,9 +163,26 @@ pub fn full_update(keys: &Keys) -> Update {
                 "x-api-key",
                 "{key}",
                 &MODEL_KEYS[1..2],
+                (&["claude-*"], ModelSource::Body),
             ),
-            service(keys, S_AZURE, "azure", "api-key", "{key}", &MODEL_KEYS[2..]),
-            service(keys, S_EMPTY, "empty", "authorization", "Bearer {key}", &[]),
+            service(
+                keys,
+                S_AZURE,
+                "azure",
+                "api-key",
+                "{key}",
+                &MODEL_KEYS[2..],
+                (&[], ModelSource::Path),
+            ),
+            service(
+                keys,
+                S_EMPTY,
+                "empty",
+                "authorization",
+                "Bearer {key}",
+                &[],
+                (&[], ModelSource::Body),
+            ),
         ]),
         model_key_count: 3,
         ..Default::default()
