@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod envoy;
+pub mod gateway;
 pub mod postgres;
 pub mod sdk;
 pub mod secrets;
