@@ -18,10 +18,9 @@ use common::admin::{
     bearer, create_consumer_key, create_model_key, create_service, disable_consumer_key,
     disable_model_key,
 };
-use common::envoy::{
-    Envoy, EnvoyRun, HttpResponse, ModuleFiles, Recorded, UPSTREAM_BODY, Upstream, http_get,
-};
-use common::{Admin, Keygate, Options, poll_until, tail};
+use common::envoy::{HttpResponse, Recorded, UPSTREAM_BODY};
+use common::gateway::{Gateway, Plane};
+use common::{Admin, poll_until};
 
 // ---------------------------------------------------------------------------------------------
 // Vendor keys the tests create (CUSTOM model keys) and expect the upstream to receive.
@@ -32,36 +31,6 @@ const ANTHROPIC_KEY: &str = "sk-ant-api03-e2eAnthropic00000000000000003";
 const AZURE_KEY: &str = "0123456789abcdef0123456789abcdef";
 
 const ALL_VENDOR_VALUES: [&str; 4] = [OPENAI_KEY, OPENAI_KEY_2, ANTHROPIC_KEY, AZURE_KEY];
-
-// ---------------------------------------------------------------------------------------------
-// One gateway: keygate + recording upstream + Envoy, with either data plane.
-
-/// Which data plane Envoy uses. Every test of issue 3's suite runs against both, with the
-/// same assertions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Plane {
-    /// `envoy/envoy.yaml`: the ext_authz filter calling `keygate serve`.
-    ExtAuthz,
-    /// `envoy/module.yaml`: the keygate dynamic module inside Envoy, fed by the same
-    /// `keygate serve`'s snapshot stream.
-    Module,
-}
-
-/// Runs a test body once per data plane, as `<name>::ext_authz` and `<name>::module`.
-macro_rules! on_both_planes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn ext_authz() {
-                super::$name(super::Plane::ExtAuthz).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn module() {
-                super::$name(super::Plane::Module).await
-            }
-        }
-    )*};
-}
 
 on_both_planes!(
     valid_key_in_every_credential_form_reaches_every_vendor_with_only_the_vendor_key,
@@ -74,158 +43,6 @@ on_both_planes!(
     requests_rotate_over_enabled_model_keys_and_skip_a_disabled_one,
 );
 
-const SUBSCRIBER_TOKEN: &str = "e2e-subscriber-token-0123456789abcdef";
-
-struct Gateway {
-    // Envoy first: dropped (killed) before keygate and the upstream.
-    envoy: Envoy,
-    keygate: Keygate,
-    upstream: Upstream,
-    admin: Admin,
-    plane: Plane,
-    _module_dir: Option<tempfile::TempDir>,
-}
-
-impl Gateway {
-    async fn start(plane: Plane) -> Gateway {
-        Self::start_with(plane, &[]).await
-    }
-
-    /// `settings`: data-plane settings as (name, value), e.g. ("credential_query_param",
-    /// "key"): `--credential-query-param key` for keygate, a `filter_config` key for the module.
-    async fn start_with(plane: Plane, settings: &[(&str, &str)]) -> Gateway {
-        let mut args = Vec::new();
-        if plane == Plane::ExtAuthz {
-            for (k, v) in settings {
-                args.push(format!("--{}", k.replace('_', "-")));
-                args.push(v.to_string());
-            }
-        }
-        let keygate = Keygate::start_with(Options {
-            args,
-            env: vec![("KEYGATE_SUBSCRIBER_TOKEN".into(), SUBSCRIBER_TOKEN.into())],
-            ..Default::default()
-        })
-        .await;
-        let admin = keygate.admin().await;
-        let upstream = Upstream::start().await;
-        let (envoy, module_dir) = match plane {
-            Plane::ExtAuthz => (Envoy::start(keygate.authz_addr, upstream.addr).await, None),
-            Plane::Module => {
-                let dir = tempfile::tempdir().unwrap();
-                let token = dir.path().join("subscriber.token");
-                common::write_private(&token, SUBSCRIBER_TOKEN);
-                let files = ModuleFiles {
-                    control_plane: format!("http://{}", keygate.admin_addr),
-                    master_key_file: keygate.data_dir.join("master.key"),
-                    data_dir: dir.path().join("module-data"),
-                    subscriber_token_file: token,
-                    extra_settings: settings
-                        .iter()
-                        .map(|(k, v)| format!("\"{k}\":\"{v}\""))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                };
-                let envoy = Envoy::start_module(&files, upstream.addr, &EnvoyRun::module()).await;
-                (envoy, Some(dir))
-            }
-        };
-        Gateway {
-            envoy,
-            keygate,
-            upstream,
-            admin,
-            plane,
-            _module_dir: module_dir,
-        }
-    }
-
-    async fn get(&self, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
-        http_get(self.envoy.listener, target, headers)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "GET {target} through Envoy failed: {e}\n{}",
-                    self.diagnostics()
-                )
-            })
-    }
-
-    /// GET expecting `status`, with every log in the panic message otherwise.
-    async fn expect(&self, target: &str, headers: &[(&str, &str)], status: u16) -> HttpResponse {
-        let r = self.get(target, headers).await;
-        assert_eq!(
-            r.status,
-            status,
-            "GET {target}: expected HTTP {status}, got {} {}\n{}",
-            r.status,
-            r.text(),
-            self.diagnostics()
-        );
-        r
-    }
-
-    fn diagnostics(&self) -> String {
-        format!(
-            "--- Envoy stderr:\n{}\n--- Envoy access log:\n{}\n--- keygate log (tail):\n{}",
-            self.envoy.stderr(),
-            self.envoy.stdout(),
-            tail(&self.keygate.logs(), 40)
-        )
-    }
-
-    /// Waits (bounded) until keygate's live snapshot includes every committed change, so the
-    /// next request is decided on the current state.
-    async fn settle(&mut self) {
-        let revision = self
-            .admin
-            .list_audit_events(pb::ListAuditEventsRequest {
-                page_size: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .items
-            .first()
-            .expect("an audit event")
-            .revision;
-        let admin = self.admin.clone();
-        poll_until(
-            Duration::from_secs(10),
-            "keygate's snapshot to reach the last commit",
-            || {
-                let mut admin = admin.clone();
-                async move {
-                    let s = admin
-                        .get_snapshot_status(pb::GetSnapshotStatusRequest {})
-                        .await
-                        .ok()?
-                        .into_inner();
-                    (s.version >= revision).then_some(())
-                }
-            },
-        )
-        .await;
-        if self.plane == Plane::Module {
-            // The module reports the version it decides from (set on a request).
-            let envoy = &self.envoy;
-            poll_until(
-                Duration::from_secs(10),
-                "the module's snapshot to reach the last commit",
-                || async move {
-                    let _ = http_get(envoy.listener, "/openai/v1/models", &[]).await;
-                    (envoy
-                        .stat("dynamicmodulescustom.keygate_snapshot_version")
-                        .await
-                        >= revision)
-                        .then_some(())
-                },
-            )
-            .await;
-        }
-    }
-}
 // ---------------------------------------------------------------------------------------------
 // Admin API helpers.
 

@@ -24,12 +24,14 @@ use super::envoy_bin;
 // Recording upstream (the "model vendor").
 
 /// One request as the upstream received it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Recorded {
     pub method: String,
     /// Path and query, exactly as sent on the wire.
     pub target: String,
     pub headers: HeaderMap,
+    /// The request body, as received (everything received when the request was cut short).
+    pub body: Vec<u8>,
 }
 
 impl Recorded {
@@ -56,14 +58,121 @@ impl Recorded {
             );
         }
     }
+
+    /// The body as JSON (panics if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "the upstream received a body that is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
 }
 
+/// A request the upstream has started to receive: its head, and its body so far.
+#[derive(Clone)]
+pub struct Arriving {
+    pub method: String,
+    pub target: String,
+    /// The body bytes received so far.
+    pub body: Vec<u8>,
+    /// The body has ended (the whole request is in).
+    pub ended: bool,
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorded")
+            .field("method", &self.method)
+            .field("target", &self.target)
+            .field("headers", &self.headers)
+            .field("body", &BodyText(&self.body))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Arriving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arriving")
+            .field("method", &self.method)
+            .field("target", &self.target)
+            .field("body", &BodyText(&self.body))
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+/// A body in panic messages: as text, its first 200 bytes and its length.
+struct BodyText<'a>(&'a [u8]);
+
+impl std::fmt::Debug for BodyText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = String::from_utf8_lossy(&self.0[..self.0.len().min(200)]);
+        if self.0.len() > 200 {
+            write!(f, "{shown:?}… ({} bytes)", self.0.len())
+        } else {
+            write!(f, "{shown:?}")
+        }
+    }
+}
+
+/// The upstream's answer to anything that is not a vendor call an SDK parses.
 pub const UPSTREAM_BODY: &str =
     r#"{"id":"chatcmpl-e2e","object":"chat.completion","upstream":"recording"}"#;
+
+/// The text of the vendor answers ([`vendor_answer`]).
+pub const UPSTREAM_REPLY_TEXT: &str = "Hello from the recording upstream.";
+
+/// What the upstream answers, like the vendor whose endpoint was called where a client parses
+/// the answer: `POST …/chat/completions`, an OpenAI `chat.completion`; `POST …/messages`, an
+/// Anthropic `message` (each naming the model the request's body asked for, as the vendors
+/// do). Anything else gets [`UPSTREAM_BODY`].
+pub fn vendor_answer(method: &str, target: &str, body: &[u8]) -> String {
+    let path = target.split('?').next().unwrap_or("");
+    let model = || {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["model"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into())
+    };
+    if method == "POST" && path.ends_with("/chat/completions") {
+        serde_json::json!({
+            "id": "chatcmpl-e2e",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": model(),
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": UPSTREAM_REPLY_TEXT, "refusal": null},
+                "logprobs": null,
+                "finish_reason": "stop"
+            }],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+        })
+        .to_string()
+    } else if method == "POST" && path.ends_with("/messages") {
+        serde_json::json!({
+            "id": "msg_e2e",
+            "type": "message",
+            "role": "assistant",
+            "model": model(),
+            "content": [{"type": "text", "text": UPSTREAM_REPLY_TEXT}],
+            "stop_reason": "end_turn",
+            "stop_sequence": null,
+            "usage": {"input_tokens": 5, "output_tokens": 7}
+        })
+        .to_string()
+    } else {
+        UPSTREAM_BODY.to_string()
+    }
+}
 
 pub struct Upstream {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    arriving: Arc<Mutex<Vec<Arriving>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -72,7 +181,8 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let sink = requests.clone();
+        let arriving = Arc::new(Mutex::new(Vec::new()));
+        let (sink, progress) = (requests.clone(), arriving.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -80,27 +190,62 @@ impl Upstream {
                 };
                 // Like a real vendor's server: no Nagle delay on small responses.
                 let _ = stream.set_nodelay(true);
-                let sink = sink.clone();
+                let (sink, progress) = (sink.clone(), progress.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let sink = sink.clone();
+                        let (sink, progress) = (sink.clone(), progress.clone());
                         async move {
-                            let (parts, body) = req.into_parts();
-                            let _ = body.collect().await;
+                            let (parts, mut body) = req.into_parts();
+                            let method = parts.method.to_string();
+                            let target = parts
+                                .uri
+                                .path_and_query()
+                                .map(|p| p.as_str().to_string())
+                                .unwrap_or_default();
+                            // Seen from its head on, its body recorded as it arrives.
+                            let slot = {
+                                let mut p = progress.lock().unwrap();
+                                p.push(Arriving {
+                                    method: method.clone(),
+                                    target: target.clone(),
+                                    body: Vec::new(),
+                                    ended: false,
+                                });
+                                p.len() - 1
+                            };
+                            let mut ended = true;
+                            while let Some(frame) = body.frame().await {
+                                match frame {
+                                    Ok(frame) => {
+                                        if let Ok(data) = frame.into_data() {
+                                            progress.lock().unwrap()[slot]
+                                                .body
+                                                .extend_from_slice(&data);
+                                        }
+                                    }
+                                    Err(_) => {
+                                        ended = false;
+                                        break;
+                                    }
+                                }
+                            }
+                            let received = {
+                                let mut p = progress.lock().unwrap();
+                                p[slot].ended = ended;
+                                p[slot].body.clone()
+                            };
+                            let answer = vendor_answer(&method, &target, &received);
                             sink.lock().unwrap().push(Recorded {
-                                method: parts.method.to_string(),
-                                target: parts
-                                    .uri
-                                    .path_and_query()
-                                    .map(|p| p.as_str().to_string())
-                                    .unwrap_or_default(),
+                                method,
+                                target,
                                 headers: parts.headers,
+                                body: received,
                             });
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .status(200)
                                     .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
+                                    .body(Full::new(Bytes::from(answer)))
                                     .unwrap(),
                             )
                         }
@@ -114,10 +259,12 @@ impl Upstream {
         Upstream {
             addr,
             requests,
+            arriving,
             task,
         }
     }
 
+    /// Requests received whole (answered).
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
@@ -133,6 +280,12 @@ impl Upstream {
             .last()
             .cloned()
             .expect("the upstream received no request")
+    }
+
+    /// Every request the upstream has begun to receive (head in), with its body so far, in
+    /// arrival order; unlike [`Upstream::all`], requests still arriving are included.
+    pub fn arriving(&self) -> Vec<Arriving> {
+        self.arriving.lock().unwrap().clone()
     }
 }
 
@@ -167,6 +320,24 @@ impl HttpResponse {
     }
 }
 
+const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP response within 10 s")
+}
+
+/// The request head: `method target`, Host, `Connection: close`, `headers`.
+fn request_head(method: &str, target: &str, headers: &[(&str, &str)], extra: &str) -> String {
+    let mut head =
+        format!("{method} {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(extra);
+    head.push_str("\r\n");
+    head
+}
+
 pub async fn http_get(
     addr: SocketAddr,
     target: &str,
@@ -175,34 +346,116 @@ pub async fn http_get(
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let mut req =
-            format!("GET {target} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
+        let req = request_head("GET", target, headers, "");
         stream.write_all(req.as_bytes()).await?;
-        // Read like an HTTP client: up to the end of the message (content-length or the last
-        // chunk), not to the connection's close, which Envoy may delay after a local reply.
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-            if message_complete(&raw) {
-                break;
-            }
-        }
-        parse_response(&raw)
+        read_response(&mut stream).await
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(EXCHANGE_LIMIT, exchange)
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "no HTTP response within 10 s")
-        })?
+        .map_err(|_| timed_out())?
+}
+
+/// POST `body` with its `content-length`. The response is read while the body is still being
+/// written, as an HTTP client does: Envoy may answer (413) before it has read all of it.
+pub async fn http_post(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let head = request_head(
+            "POST",
+            target,
+            headers,
+            &format!("Content-Length: {}\r\n", body.len()),
+        );
+        let (mut rd, mut wr) = stream.split();
+        let write = async move {
+            if wr.write_all(head.as_bytes()).await.is_ok() {
+                let _ = wr.write_all(body).await;
+            }
+            // The write side stays open (a half-close would end the request for Envoy) until
+            // the response is read.
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = read_response(&mut rd) => r,
+            _ = write => unreachable!(),
+        }
+    };
+    tokio::time::timeout(EXCHANGE_LIMIT, exchange)
+        .await
+        .map_err(|_| timed_out())?
+}
+
+/// A request whose body goes out in chunks (`Transfer-Encoding: chunked`) when the test says
+/// so: to see what the upstream receives before the client has finished sending.
+pub struct ChunkedRequest {
+    stream: TcpStream,
+    /// Bytes written on the connection so far (head, chunk framing and data).
+    pub sent: u64,
+}
+
+impl ChunkedRequest {
+    /// Connects and sends the head.
+    pub async fn start(
+        addr: SocketAddr,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<ChunkedRequest> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let head = request_head(method, target, headers, "Transfer-Encoding: chunked\r\n");
+        stream.write_all(head.as_bytes()).await?;
+        Ok(ChunkedRequest {
+            stream,
+            sent: head.len() as u64,
+        })
+    }
+
+    /// Sends `data` as one chunk.
+    pub async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        assert!(!data.is_empty(), "an empty chunk would end the body");
+        let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+        chunk.extend_from_slice(data);
+        chunk.extend_from_slice(b"\r\n");
+        self.stream.write_all(&chunk).await?;
+        self.sent += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Sends the last chunk and reads the response.
+    pub async fn finish(mut self) -> std::io::Result<HttpResponse> {
+        let exchange = async {
+            self.stream.write_all(b"0\r\n\r\n").await?;
+            read_response(&mut self.stream).await
+        };
+        tokio::time::timeout(EXCHANGE_LIMIT, exchange)
+            .await
+            .map_err(|_| timed_out())?
+    }
+}
+
+/// Reads like an HTTP client: up to the end of the message (content-length or the last chunk),
+/// not to the connection's close, which Envoy may delay after a local reply.
+async fn read_response(stream: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<HttpResponse> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if message_complete(&raw) {
+            break;
+        }
+    }
+    parse_response(&raw)
 }
 
 /// Whether `raw` holds a whole response: headers, and a body of its content-length or up to

@@ -1,11 +1,13 @@
 //! Test harness: runs the real `keygate` binary on ephemeral ports with its own data dir,
 //! captures its logs, and hands out authenticated admin clients. Also finds the test tools
-//! (Envoy, grpcurl) that `./scripts/test` installs.
+//! (Envoy, grpcurl, the venv's python) that `./scripts/test` installs.
 #![allow(dead_code)]
 
 pub mod admin;
 pub mod envoy;
+pub mod gateway;
 pub mod postgres;
+pub mod sdk;
 pub mod secrets;
 pub mod split;
 
