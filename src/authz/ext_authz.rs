@@ -221,8 +221,9 @@ impl RequestView for CheckView<'_> {
         self.http.map(|h| h.path.as_str())
     }
 
-    /// What Envoy sent of the body: `raw_body` (`pack_as_bytes: true`, the recommended
-    /// setting), else `body`; nothing when the route does not buffer bodies
+    /// What Envoy sent of the body: `raw_body` (the filter's `pack_as_bytes: true`), else
+    /// `body` (UTF-8, which Envoy makes of the bytes by replacing invalid sequences: a model is
+    /// visible ASCII, so it reads the same); nothing when the route does not buffer bodies
     /// (`with_request_body` unset), which reads as an empty body. A body Envoy cut at
     /// `max_request_bytes` (`allow_partial_message: true`) is marked partial by Envoy's
     /// `x-envoy-auth-partial-body: true` header.

@@ -14,8 +14,10 @@
 //!   are not checked for UTF-8 validity (they cannot be part of a valid model);
 //! - that value is an object, with exactly one top-level key that is `model` once unescaped
 //!   (`"mo\u0064el"` is `model`, for finding it and for the duplicate rule: upstream parsers
-//!   compare unescaped keys and disagree on which of two wins); `model` keys in nested values
-//!   are ignored;
+//!   compare unescaped keys and disagree on which of two wins); a top-level key that differs
+//!   from `model` only in ASCII letter case (`"Model"`, `"MODEL"`) is refused too, since some
+//!   upstream parsers (Go's `encoding/json`) match field names case-insensitively and would read
+//!   it as the model; `model` keys in nested values are ignored;
 //! - its value is a string which, once unescaped, is 1 to [`MAX_MODEL_LEN`] bytes of visible
 //!   ASCII (`!`..=`~`: no space, no control or non-ASCII character), e.g. `gpt-4o-mini`,
 //!   `claude-sonnet-4-5`, `models/gemini-2.5-pro`.
@@ -56,6 +58,9 @@ pub enum ModelError {
     /// The top-level object has `model` more than once.
     #[error("duplicate: the top-level \"model\" appears more than once")]
     Duplicate,
+    /// The top-level object has a key that is `model` in another letter case.
+    #[error("case_variant: a top-level key differs from \"model\" only in letter case")]
+    CaseVariant,
     /// The model is the empty string.
     #[error("empty: the model is an empty string")]
     Empty,
@@ -233,14 +238,16 @@ impl<'a> Scanner<'a> {
                         self.at += 1;
                     } else if byte != b'"' {
                         return Err(self.syntax());
-                    } else if self.key(depth)? {
-                        if model.is_some() {
-                            return Err(ModelError::Duplicate);
-                        }
-                        model = Some(self.model_value()?);
-                        expect = Expect::CommaOrClose;
                     } else {
-                        expect = Expect::Value;
+                        match self.key(depth)? {
+                            KeyIs::Model if model.is_some() => return Err(ModelError::Duplicate),
+                            KeyIs::Model => {
+                                model = Some(self.model_value()?);
+                                expect = Expect::CommaOrClose;
+                            }
+                            KeyIs::CaseVariant => return Err(ModelError::CaseVariant),
+                            KeyIs::Other => expect = Expect::Value,
+                        }
                     }
                 }
                 Expect::FirstValue | Expect::Value => {
@@ -283,22 +290,28 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A key at `self.at` (its `"`) and the `:` after it; true when it is the top-level `model`.
-    fn key(&mut self, depth: usize) -> Result<bool, ModelError> {
+    /// A key at `self.at` (its `"`) and the `:` after it, compared with `model` when it is
+    /// top-level (nested keys are always `Other`).
+    fn key(&mut self, depth: usize) -> Result<KeyIs, ModelError> {
         let start = self.at + 1;
         let escaped = self.string()?;
         let raw = &self.body[start..self.at - 1];
-        let is_model = depth == 1
-            && if escaped {
-                is_model_key(raw)
-            } else {
-                raw == b"model"
-            };
+        let is = if depth != 1 {
+            KeyIs::Other
+        } else if escaped {
+            classify_escaped_key(raw)
+        } else if raw == b"model" {
+            KeyIs::Model
+        } else if raw.eq_ignore_ascii_case(b"model") {
+            KeyIs::CaseVariant
+        } else {
+            KeyIs::Other
+        };
         if self.next_token()? != b':' {
             return Err(self.syntax());
         }
         self.at += 1;
-        Ok(is_model)
+        Ok(is)
     }
 
     /// The value of the top-level `model`, which must be a valid model string.
@@ -467,16 +480,43 @@ fn unescaped_units(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
     })
 }
 
-/// Whether an escaped key is `model` once unescaped.
-fn is_model_key(raw: &[u8]) -> bool {
-    unescaped_units(raw)
-        .map(Some)
-        .chain([None])
-        .take(6)
-        .eq(b"model"
-            .iter()
-            .map(|&byte| Some(u32::from(byte)))
-            .chain([None]))
+/// How a top-level key compares with `model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyIs {
+    /// `model` exactly (once unescaped).
+    Model,
+    /// `model` in another ASCII letter case (`Model`, `MODEL`, …).
+    CaseVariant,
+    Other,
+}
+
+/// An escaped key compared with `model` once unescaped.
+fn classify_escaped_key(raw: &[u8]) -> KeyIs {
+    let mut units = [0u32; 6];
+    let mut n = 0;
+    for unit in unescaped_units(raw).take(6) {
+        units[n] = unit;
+        n += 1;
+    }
+    if n != 5 {
+        return KeyIs::Other;
+    }
+    let lower = |u: u32| u8::try_from(u).map(|b| b.to_ascii_lowercase());
+    if units[..5]
+        .iter()
+        .zip(b"model")
+        .all(|(&u, &m)| u == u32::from(m))
+    {
+        KeyIs::Model
+    } else if units[..5]
+        .iter()
+        .zip(b"model")
+        .all(|(&u, &m)| lower(u) == Ok(m))
+    {
+        KeyIs::CaseVariant
+    } else {
+        KeyIs::Other
+    }
 }
 
 /// Checks the model rule over unescaped units, in order: the first bad character or the

@@ -72,6 +72,31 @@ fn a_duplicate_top_level_model_is_refused_whatever_the_values() {
 }
 
 #[test]
+fn a_top_level_key_that_is_model_in_another_case_is_refused() {
+    // Go's encoding/json matches field names case-insensitively: an upstream built on it
+    // would bill "gpt-4o" for this body while keygate checked "gpt-4o-mini".
+    for body in [
+        r#"{"model":"gpt-4o-mini","Model":"gpt-4o"}"#,
+        r#"{"MODEL":"gpt-4o","model":"gpt-4o-mini"}"#,
+        r#"{"model":"gpt-4o-mini","mOdEl":"gpt-4o"}"#,
+        r#"{"model":"gpt-4o-mini","Mod\u0065l":"gpt-4o"}"#,
+        r#"{"Model":"gpt-4o"}"#,
+    ] {
+        assert_eq!(model(body), Err(ModelError::CaseVariant), "{body}");
+    }
+    // Nested, or a different name, is not a variant.
+    assert_eq!(
+        model(r#"{"input":{"Model":"x"},"model":"gpt-4o-mini","models":["x"],"Mode":1}"#).unwrap(),
+        "gpt-4o-mini"
+    );
+    // Non-ASCII look-alikes are other keys (no upstream folds them to ASCII "model").
+    assert_eq!(
+        model(r#"{"model":"gpt-4o-mini","mod\u00e9l":"gpt-4o"}"#).unwrap(),
+        "gpt-4o-mini"
+    );
+}
+
+#[test]
 fn the_model_rule_is_one_to_256_bytes_of_visible_ascii() {
     let max = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_LEN));
     assert_eq!(model(&max).unwrap().len(), MAX_MODEL_LEN);
@@ -95,7 +120,7 @@ fn the_model_rule_is_one_to_256_bytes_of_visible_ascii() {
 fn a_model_that_is_missing_or_not_a_string_is_refused() {
     assert_eq!(model("{}"), Err(ModelError::Missing));
     assert_eq!(
-        model(r#"{"Model":"a","models":"b"}"#),
+        model(r#"{"Mode":"a","models":"b"}"#),
         Err(ModelError::Missing)
     );
     assert_eq!(
@@ -181,6 +206,7 @@ fn every_refusal_names_itself() {
         ModelError::Missing,
         ModelError::NotString,
         ModelError::Duplicate,
+        ModelError::CaseVariant,
         ModelError::Empty,
         ModelError::TooLong,
         ModelError::NotVisibleAscii,
@@ -273,7 +299,7 @@ fn other_fields() -> impl Strategy<Value = Vec<(String, Value)>> {
     prop::collection::vec((any::<String>(), any_json()), 0..8).prop_map(|fields| {
         fields
             .into_iter()
-            .filter(|(key, _)| key != "model")
+            .filter(|(key, _)| !key.eq_ignore_ascii_case("model"))
             .collect()
     })
 }
