@@ -348,8 +348,9 @@ async fn concurrent_binds_on_two_replicas_serialise_postgres() {
 }
 
 /// A store written before model-level scope (schema version 3) upgrades in place: its model
-/// services read as BODY, model names the pattern rules now refuse stay readable (and other
-/// fields stay editable), and existing scopes read as before.
+/// services read as BODY, their `models` lists (informational until then) are moved aside and
+/// not enforced — kept in the store, named in a warning — until set again, other fields stay
+/// editable, and existing scopes read as before.
 async fn upgrades_from_before_model_scope(backend: &str) {
     use keygate::domain::input::ModelServicePatch;
     use keygate::domain::{ModelSource, Scope};
@@ -381,6 +382,7 @@ async fn upgrades_from_before_model_scope(backend: &str) {
     for sql in [
         "DROP TABLE scope_models",
         "ALTER TABLE model_services DROP COLUMN model_source",
+        "ALTER TABLE model_services DROP COLUMN legacy_models",
         "DELETE FROM _sqlx_migrations WHERE version = 4",
         r#"UPDATE model_services SET models = '["gpt 4o (legacy)"]'"#,
     ] {
@@ -394,7 +396,24 @@ async fn upgrades_from_before_model_scope(backend: &str) {
     let legacy = Selector::Name("legacy".into());
     let s = store.get_model_service(&legacy).await.unwrap();
     assert_eq!(s.model_source, ModelSource::Body);
-    assert_eq!(s.models, ["gpt 4o (legacy)"]);
+    assert!(
+        s.models.is_empty(),
+        "a list from before is not enforced: {:?}",
+        s.models
+    );
+    let moved_aside = || async {
+        let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
+        let row = sqlx::query("SELECT legacy_models FROM model_services")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        sqlx::Row::try_get::<String, _>(&row, "legacy_models").unwrap()
+    };
+    assert_eq!(
+        moved_aside().await,
+        r#"["gpt 4o (legacy)"]"#,
+        "kept, not lost"
+    );
     let patch = ModelServicePatch {
         description: Some("still editable".into()),
         ..Default::default()
@@ -403,6 +422,18 @@ async fn upgrades_from_before_model_scope(backend: &str) {
         .update_model_service(&a, &legacy, patch)
         .await
         .unwrap();
+    assert_eq!(moved_aside().await, r#"["gpt 4o (legacy)"]"#);
+    // Setting the list (now a checked, enforced one) replaces the one moved aside.
+    let patch = ModelServicePatch {
+        models: Some(vec!["gpt-4o".into()]),
+        ..Default::default()
+    };
+    let s = store
+        .update_model_service(&a, &legacy, patch)
+        .await
+        .unwrap();
+    assert_eq!(s.models, ["gpt-4o"]);
+    assert_eq!(moved_aside().await, "[]");
     let c = store
         .get_consumer(&Selector::Name("app".into()))
         .await

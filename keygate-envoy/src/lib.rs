@@ -17,6 +17,7 @@ mod settings;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Instant;
 
 use keygate::authz::decision::{Body, path_without_param};
 use keygate::authz::outcome::{
@@ -221,8 +222,15 @@ impl RequestView for View<'_, '_> {
 }
 
 impl FilterConfig {
+    /// One decision, observed in the check-duration histogram once it is final (a check that
+    /// asks for the body is observed when the body's check decides).
     fn check(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
-        self.recorder.timed(|| self.decide_and_apply(req, body))
+        let started = Instant::now();
+        let checked = self.decide_and_apply(req, body);
+        if !matches!(checked, Checked::NeedBody) {
+            self.recorder.observe_since(started);
+        }
+        checked
     }
 
     /// The check of a held request, with its whole body.

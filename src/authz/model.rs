@@ -100,6 +100,17 @@ pub fn model_from_json(body: &[u8]) -> Result<Cow<'_, str>, ModelError> {
 /// percent-encoded, or breaks the body's rule (1–256 bytes of visible ASCII).
 pub fn model_from_path(path: &str) -> Option<&str> {
     let path = path.split_once('?').map_or(path, |(path, _)| path);
+    // A path the upstream could resolve to another segment than the one read here (dot
+    // segments, empty segments, backslashes) names no model. Envoy's `normalize_path` and
+    // `merge_slashes` remove these first in keygate's configs; this holds without them too.
+    if path.contains('\\')
+        || path.contains("//")
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+    {
+        return None;
+    }
     let name = if let Some((_, rest)) = path.split_once("/deployments/") {
         rest.split_once('/').map_or(rest, |(name, _)| name)
     } else {

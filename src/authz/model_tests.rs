@@ -247,6 +247,20 @@ fn paths_name_azure_deployments_and_gemini_models() {
         ("/v1/chat/completions", None),
         ("/v1/chat/completions?x=/models/a:b", None),
         ("/openai/deployments/a b/chat", None),
+        // Paths the upstream could resolve to another name than the one read.
+        (
+            "/openai/deployments/gpt-4o-mini/../gpt-4o/chat/completions",
+            None,
+        ),
+        ("/openai/deployments/gpt-4o-mini/./chat/completions", None),
+        ("/openai//deployments/gpt-4o-mini/chat/completions", None),
+        ("/openai/deployments/gpt-4o-mini\\..\\gpt-4o/chat", None),
+        (
+            "/v1beta/models/../models/gemini-2.5-pro:generateContent",
+            None,
+        ),
+        // A query is not part of the path.
+        ("/openai/deployments/prod/chat?next=/../x", Some("prod")),
     ];
     for (path, expected) in cases {
         assert_eq!(model_from_path(path), expected, "{path}");

@@ -45,10 +45,17 @@ impl OutcomeRecorder {
     pub fn timed<T>(&self, check: impl FnOnce() -> T) -> T {
         let started = Instant::now();
         let out = check();
+        self.observe_since(started);
+        out
+    }
+
+    /// Observes one check that began at `started` (for a check the adapter times itself, e.g.
+    /// one that turned out to need the body and is observed once, when decided).
+    #[inline]
+    pub fn observe_since(&self, started: Instant) {
         METRICS
             .check_duration
             .observe(started.elapsed().as_secs_f64());
-        out
     }
 
     /// An allowed request: counters, per-consumer attribution, last use.

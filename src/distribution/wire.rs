@@ -10,7 +10,6 @@ use uuid::Uuid;
 use crate::crypto::KeyHash;
 use crate::domain::ModelSource;
 use crate::domain::Timestamp;
-use crate::domain::model::check_pattern;
 use crate::proto::snapshot::v1 as pb;
 use crate::snapshot::{
     ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet,
@@ -62,7 +61,7 @@ fn scope_in(s: Option<pb::Scope>) -> Result<ScopeSet, ApplyError> {
         .models
         .into_iter()
         .map(|r| {
-            pattern_in("scope model pattern", &r.pattern)?;
+            // As for service lists: an entry this data plane would not accept matches nothing.
             Ok(ModelRule {
                 service: uuid_in("scope model service id", &r.model_service_id)?,
                 pattern: r.pattern.into(),
@@ -72,23 +71,22 @@ fn scope_in(s: Option<pb::Scope>) -> Result<ScopeSet, ApplyError> {
     Ok(ScopeSet::Only(Arc::new(ScopeList { services, models })))
 }
 
-/// A model pattern as the control plane validated it (checked again: a data plane never
-/// matches with a rule it would not have accepted).
-fn pattern_in(what: &str, pattern: &str) -> Result<(), ApplyError> {
-    check_pattern(what, pattern).map_err(|v| malformed(format!("{what}: {}", v.description)))
-}
-
+/// `BODY` travels as 0 (unspecified): a snapshot that uses no model feature then encodes
+/// exactly as before model-level scope, so a data plane built before it still verifies the
+/// stream's MACs (which cover prost's encoding, where unknown fields are lost).
 fn model_source_out(s: ModelSource) -> i32 {
     match s {
-        ModelSource::Body => pb::ModelSource::Body as i32,
+        ModelSource::Body => pb::ModelSource::Unspecified as i32,
         ModelSource::Path => pb::ModelSource::Path as i32,
         ModelSource::None => pb::ModelSource::None as i32,
     }
 }
 
-fn model_source_in(code: i32) -> Result<ModelSource, ApplyError> {
-    ModelSource::from_code(i64::from(code))
-        .ok_or_else(|| malformed(format!("model source {code} is unknown")))
+/// A source this data plane does not know reads as `NONE`: requests then never name a model,
+/// so model-narrowed scopes and service lists refuse (fail closed) while the rest of the
+/// snapshot still applies.
+fn model_source_in(code: i32) -> ModelSource {
+    ModelSource::from_code(i64::from(code)).unwrap_or(ModelSource::None)
 }
 
 fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
@@ -193,12 +191,10 @@ fn services_in(s: pb::Services) -> Result<Vec<ServiceRecord>, ApplyError> {
                         })
                     })
                     .collect::<Result<_, ApplyError>>()?,
-                models: s
-                    .models
-                    .into_iter()
-                    .map(|m| pattern_in("model service model pattern", &m).map(|()| m))
-                    .collect::<Result<_, _>>()?,
-                model_source: model_source_in(s.model_source)?,
+                // Kept as stored: an entry that is not a valid pattern (a list written before
+                // the rules existed) matches no model, never every model.
+                models: s.models,
+                model_source: model_source_in(s.model_source),
             })
         })
         .collect()
@@ -370,6 +366,76 @@ mod tests {
         }
         let (_, back) = out.expect("an update after the last chunk");
         assert_eq!(back, u);
+    }
+
+    #[test]
+    fn model_scopes_and_service_lists_round_trip() {
+        let mut u = crate::snapshot::fixtures::synthetic_update(3);
+        let service = Uuid::from_u128(2);
+        u.keys[0].1.scope = ScopeSet::Only(Arc::new(ScopeList {
+            services: vec![Uuid::from_u128(9)].into(),
+            models: vec![ModelRule {
+                service,
+                pattern: "claude-*".into(),
+            }]
+            .into(),
+        }));
+        u.consumers[0].scope = u.keys[0].1.scope.clone();
+        let services = u.services.as_mut().unwrap();
+        services[0].models = vec!["gpt-4o-mini".into(), "o3-*".into()];
+        services[0].model_source = ModelSource::Path;
+        let mut a = Assembler::default();
+        let (_, back) = encode(&u, 0, 10)
+            .into_iter()
+            .find_map(|m| a.push(m).unwrap())
+            .expect("an update");
+        assert_eq!(back, u);
+    }
+
+    /// A snapshot that uses no model feature encodes as it did before model-level scope, so a
+    /// data plane built before it still verifies the stream (its MAC covers the encoding).
+    #[test]
+    fn a_snapshot_without_model_features_encodes_as_before() {
+        let u = crate::snapshot::fixtures::synthetic_update(3);
+        assert_eq!(
+            u.services.as_ref().unwrap()[0].model_source,
+            ModelSource::Body
+        );
+        for m in encode(&u, 0, 10) {
+            for s in m.services.iter().flat_map(|s| &s.items) {
+                assert_eq!(s.model_source, 0, "BODY travels as unspecified");
+                assert!(s.models.is_empty());
+            }
+            for c in &m.consumers {
+                assert!(c.scope.as_ref().is_none_or(|s| s.models.is_empty()));
+            }
+        }
+    }
+
+    /// What this data plane cannot use of a newer control plane's services fails closed for
+    /// that service, without refusing the whole snapshot.
+    #[test]
+    fn unknown_sources_and_invalid_patterns_fail_closed_per_service() {
+        let u = crate::snapshot::fixtures::synthetic_update(3);
+        let mut msgs = encode(&u, 0, 10);
+        let item = &mut msgs[0].services.as_mut().unwrap().items[0];
+        item.model_source = 42;
+        item.models = vec!["Claude 3.5 Sonnet".into()];
+        let mut a = Assembler::default();
+        let (_, back) = msgs
+            .into_iter()
+            .find_map(|m| a.push(m).unwrap())
+            .expect("the snapshot still applies");
+        let s = &back.services.unwrap()[0];
+        assert_eq!(s.model_source, ModelSource::None);
+        let entry = crate::snapshot::ServiceEntry::new(s.id, &s.name, "authorization", vec![])
+            .with_models(&s.models, s.model_source);
+        for m in ["Claude 3.5 Sonnet", "claude-3-5-sonnet", "gpt-4o"] {
+            assert!(
+                !entry.admits_model(m) || m == "Claude 3.5 Sonnet",
+                "an invalid entry admits only itself, never other models: {m}"
+            );
+        }
     }
 
     #[test]

@@ -67,21 +67,22 @@ impl ModelGrant {
 /// Checks a model pattern: 1–128 visible ASCII characters (`!`..=`~`), `*` only as the last
 /// character (a prefix). `field` names the field in the violation.
 pub fn check_pattern(field: &str, pattern: &str) -> Result<(), FieldViolation> {
-    if pattern.is_empty() || pattern.len() > MODEL_PATTERN_MAX {
-        return Err(FieldViolation::new(
-            field,
-            format!(
-                "a model pattern must be 1 to {MODEL_PATTERN_MAX} characters (got {})",
-                pattern.chars().count()
-            ),
-        ));
-    }
+    // Characters first, so the length below counts ASCII characters (= bytes).
     if let Some(c) = pattern.chars().find(|c| !matches!(c, '!'..='~')) {
         return Err(FieldViolation::new(
             field,
             format!(
                 "a model pattern must be visible ASCII characters (found U+{:04X})",
                 c as u32
+            ),
+        ));
+    }
+    if pattern.is_empty() || pattern.len() > MODEL_PATTERN_MAX {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "a model pattern must be 1 to {MODEL_PATTERN_MAX} characters (got {})",
+                pattern.len()
             ),
         ));
     }

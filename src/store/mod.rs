@@ -102,6 +102,26 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Names every model service whose `models` list, informational before schema version 4, was
+/// moved aside by that migration and not set again: it is not enforced (see V4).
+async fn warn_legacy_models(pool: &sqlx::AnyPool) -> Result<()> {
+    let rows =
+        sqlx::query("SELECT name, legacy_models FROM model_services WHERE legacy_models <> '[]'")
+            .fetch_all(pool)
+            .await?;
+    for row in rows {
+        let name: String = sqlx::Row::try_get(&row, "name")?;
+        let legacy: String = sqlx::Row::try_get(&row, "legacy_models")?;
+        tracing::warn!(
+            model_service = %name,
+            informational_models = %legacy,
+            "this model service's models list was informational before model-level scope and is \
+             not enforced; set it with UpdateModelService (update_mask models) to enforce it"
+        );
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (and migrates) the store at `url`. `fingerprint` is the master key's: a store
     /// created under another key refuses to open.
@@ -122,6 +142,7 @@ impl Store {
         };
         let pool = connect(backend, &url).await?;
         schema::migrator(backend).run(&pool).await?;
+        warn_legacy_models(&pool).await?;
         let (store_id, revision) = claim_meta(&pool, master_fingerprint).await?;
         let (tx, _) = watch::channel(revision);
         let listen_url = (backend == Backend::Postgres).then(|| url.clone());

@@ -107,6 +107,10 @@ impl Store {
                 fields.push(column);
             }
         }
+        if patch.models.is_some() {
+            // A list set now replaces one moved aside by the V4 migration.
+            set_text(&mut m, KIND, &id, "legacy_models", "[]").await?;
+        }
         if let Some(source) = patch.model_source {
             sqlx::query("UPDATE model_services SET model_source = $1 WHERE id = $2")
                 .bind(source.code())

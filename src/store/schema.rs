@@ -149,6 +149,12 @@ CREATE TABLE scope_models (
 CREATE INDEX scope_models_service ON scope_models (model_service_id);
 
 ALTER TABLE model_services ADD COLUMN model_source BIGINT NOT NULL DEFAULT 1;
+
+-- `models` was informational before this version and is enforced from it on: lists written
+-- before are moved aside (kept, not enforced, named in a warning at every start) until an
+-- operator sets `models` again.
+ALTER TABLE model_services ADD COLUMN legacy_models TEXT NOT NULL DEFAULT '[]';
+UPDATE model_services SET legacy_models = models, models = '[]';
 "#;
 
 /// The migrator for `backend`, with the schema text embedded in the binary.

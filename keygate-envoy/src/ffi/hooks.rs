@@ -170,11 +170,16 @@ pub unsafe fn on_http_filter_per_route_config_destroy<M: FilterModule>(
     });
 }
 
-/// What Envoy keeps for one stream: the filter config it was made from and the module's state
-/// for the stream.
+/// What Envoy keeps for one stream: the filter config it was made from, the module's state
+/// for the stream, and whether a hook is running. Envoy can destroy a stream's filter from
+/// inside one of its hooks (a local reply that completes the stream destroys its filters at
+/// once): then the free is deferred until the hook returns, so no reference a hook holds ever
+/// outlives the box. Fields are reached through the raw pointer, never a `&mut StreamBox`.
 pub struct StreamBox<M: FilterModule> {
     config: *const M::Config,
     state: M::Stream,
+    in_hook: bool,
+    destroy_pending: bool,
 }
 
 /// `envoy_dynamic_module_on_http_filter_new`: a `Box<StreamBox<M>>` (one small allocation per
@@ -191,23 +196,38 @@ pub fn on_http_filter_new<M: FilterModule>(filter_config_ptr: *const c_void) -> 
         Box::into_raw(Box::new(StreamBox::<M> {
             config: filter_config_ptr.cast::<M::Config>(),
             state: M::Stream::default(),
+            in_hook: false,
+            destroy_pending: false,
         }))
         .cast_const()
         .cast::<c_void>()
     })
 }
 
-/// `envoy_dynamic_module_on_http_filter_destroy`: frees the stream's [`StreamBox`].
+/// `envoy_dynamic_module_on_http_filter_destroy`: frees the stream's [`StreamBox`], or, when
+/// Envoy destroys the filter from inside one of its hooks, marks it for [`stream_hook`] to free
+/// once that hook returns.
 ///
 /// # Safety
 /// Only for Envoy's call: `filter_module_ptr` is null or a pointer returned by
-/// [`on_http_filter_new`] for the same `M`, destroyed once, after the stream's last hook.
+/// [`on_http_filter_new`] for the same `M`, destroyed once; no hook of the stream starts after.
 pub unsafe fn on_http_filter_destroy<M: FilterModule>(filter_module_ptr: *const c_void) {
     guard((), || {
-        if !filter_module_ptr.is_null() {
-            // SAFETY: a non-null pointer here is one on_http_filter_new returned
-            // (Box<StreamBox<M>>::into_raw); Envoy destroys each stream's filter exactly once.
-            drop(unsafe { Box::from_raw(filter_module_ptr.cast_mut().cast::<StreamBox<M>>()) });
+        if filter_module_ptr.is_null() {
+            return;
+        }
+        let p = filter_module_ptr.cast_mut().cast::<StreamBox<M>>();
+        // SAFETY: a non-null pointer here is one on_http_filter_new returned
+        // (Box<StreamBox<M>>::into_raw), not yet freed: Envoy destroys each stream's filter
+        // once, and stream_hook frees only a box marked here. Reading and writing the two
+        // flags through the raw pointer creates no reference to the box, so a hook running
+        // below this call (holding `&mut` to `state` only) is not aliased.
+        unsafe {
+            if (*p).in_hook {
+                (*p).destroy_pending = true;
+            } else {
+                drop(Box::from_raw(p));
+            }
         }
     });
 }
@@ -256,17 +276,33 @@ unsafe fn stream_hook<M: FilterModule>(
         if filter_module_ptr.is_null() {
             panic!("{hook_name} without a stream");
         }
-        // SAFETY: filter_module_ptr is what on_http_filter_new returned for this stream: a live
-        // Box<StreamBox<M>> that Envoy frees only in on_http_filter_destroy, after the stream's
-        // last hook. Envoy runs one stream's hooks one at a time on one worker thread, so this
-        // is the only reference to it while the hook runs.
-        let stream = unsafe { &mut *filter_module_ptr.cast_mut().cast::<StreamBox<M>>() };
-        // SAFETY: `stream.config` is the live Box<M::Config> from on_http_filter_config_new,
-        // which outlives this stream (see on_http_filter_new). It is only ever read (shared
-        // `&`), and M::Config is Sync.
-        let config = unsafe { &*stream.config };
-        hook(config, &mut stream.state, &mut req)
+        let p = filter_module_ptr.cast_mut().cast::<StreamBox<M>>();
+        // SAFETY: p is what on_http_filter_new returned for this stream: a live
+        // Box<StreamBox<M>>. Envoy runs one stream's hooks one at a time on one worker thread,
+        // and while `in_hook` is set on_http_filter_destroy only marks the box (it is freed
+        // below, after the hook). `state` is the only part borrowed mutably, and the flags are
+        // touched through `p` alone, so the borrow is never aliased.
+        let (config, state) = unsafe {
+            (*p).in_hook = true;
+            // `config` is the live Box<M::Config> from on_http_filter_config_new, which
+            // outlives this stream (see on_http_filter_new); it is only ever read (shared `&`),
+            // and M::Config is Sync.
+            (&*(*p).config, &mut (*p).state)
+        };
+        let status = hook(config, state, &mut req);
+        // SAFETY: the hook returned, so its borrows of the box have ended.
+        unsafe { finish_hook::<M>(p) };
+        status
     }));
+    if outcome.is_err() {
+        // The hook panicked before finish_hook: clear the mark (freeing a box Envoy destroyed
+        // meanwhile), so a later destroy frees it.
+        guard((), || {
+            // SAFETY: the box is live (it is freed only by finish_hook or, outside a hook, by
+            // on_http_filter_destroy) and the hook's borrows ended with the unwinding.
+            unsafe { finish_hook::<M>(filter_module_ptr.cast_mut().cast::<StreamBox<M>>()) }
+        });
+    }
     match outcome {
         Ok(status) if !req.replied() => status,
         Ok(_) => stop,
@@ -276,6 +312,25 @@ unsafe fn stream_hook<M: FilterModule>(
                 guard((), || send_internal_error(filter_envoy_ptr));
             }
             stop
+        }
+    }
+}
+
+/// Ends a hook on the stream box at `p`: clears `in_hook`, and frees the box if Envoy
+/// destroyed the filter while the hook ran.
+///
+/// # Safety
+/// `p` is a live stream box (non-null, from on_http_filter_new) whose hook has returned, with
+/// no reference into it left.
+unsafe fn finish_hook<M: FilterModule>(p: *mut StreamBox<M>) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: the caller's contract: the box is live and nothing borrows it.
+    unsafe {
+        (*p).in_hook = false;
+        if (*p).destroy_pending {
+            drop(Box::from_raw(p));
         }
     }
 }
