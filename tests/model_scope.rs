@@ -509,57 +509,42 @@ async fn path_services_are_decided_from_the_path_never_the_body(plane: Plane) {
 async fn a_route_with_a_fixed_model_ignores_the_body(plane: Plane) {
     let mut gw = Gateway::start(plane).await;
     provision(&mut gw.admin).await;
-    let mini = model_key(&mut gw.admin, "mini", &["openai/gpt-4o-mini"]).await;
-    let only_4o = model_key(&mut gw.admin, "only-4o", &["openai/gpt-4o"]).await;
+    let mini = model_key(&mut gw.admin, "mini", &["azure/gpt-4o-mini"]).await;
+    let only_4o = model_key(&mut gw.admin, "only-4o", &["azure/gpt-4o"]).await;
     gw.settle().await;
 
-    let target = "/openai-mini/v1/chat/completions";
+    // The route rewrites to the gpt-4o-mini deployment, which serves that model whatever the
+    // body asks: the body's model is not read.
+    let target = "/azure-mini/chat/completions?api-version=2024-10-21";
     let body = chat("gpt-4o");
-    gw.post_expect(
-        target,
-        &[("authorization", &bearer(&mini))],
-        body.as_bytes(),
-        200,
-    )
-    .await;
+    gw.post_expect(target, &[("api-key", &mini)], body.as_bytes(), 200)
+        .await;
     let rec = gw.upstream.last();
-    assert_eq!(rec.target, target);
-    assert_vendor_got(
-        &rec,
-        "authorization",
-        &bearer(OPENAI_KEY),
-        &mini,
-        body.as_bytes(),
+    assert_eq!(
+        rec.target,
+        "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     );
+    assert_vendor_got(&rec, "api-key", AZURE_KEY, &mini, body.as_bytes());
     gw.access_log_line("of the fixed-model route naming gpt-4o-mini", |l| {
         l["response_code"] == 200
-            && l["path"] == target
+            && l["path"] == "/azure-mini/chat/completions"
             && l["consumer_key"] == "mini"
             && l["model"] == "gpt-4o-mini"
     })
     .await;
     // Not even read: a body that is no JSON at all is fine there.
-    gw.post_expect(
-        target,
-        &[("authorization", &bearer(&mini))],
-        b"not json",
-        200,
-    )
-    .await;
+    gw.post_expect(target, &[("api-key", &mini)], b"not json", 200)
+        .await;
 
     let before = gw.upstream.count();
     let r = gw
-        .post(
-            target,
-            &[("authorization", &bearer(&only_4o))],
-            body.as_bytes(),
-        )
+        .post(target, &[("api-key", &only_4o)], body.as_bytes())
         .await;
     assert_model_refusal(&r);
     assert_eq!(gw.upstream.count(), before);
     gw.access_log_line("of the fixed-model route's refusal", |l| {
         l["response_code"] == 403
-            && l["path"] == target
+            && l["path"] == "/azure-mini/chat/completions"
             && l["consumer_key"] == "only-4o"
             && l["deny_reason"] == "model_not_allowed"
             && l["model"] == "gpt-4o-mini"
@@ -575,7 +560,7 @@ const REST: &[u8] = br#""Say hello."}]}"#;
 
 /// A request of a service-wide key is decided from its headers: its body streams to the vendor
 /// as the client sends it. Module: every route; ext_authz: the routes that send no body with the
-/// check (`/azure/`, `/gemini/`, `/openai-mini/`; `/openai/` and `/anthropic/` buffer it for the
+/// check (`/azure/`, `/gemini/`, `/azure-mini/`; `/openai/` and `/anthropic/` buffer it for the
 /// check). A model-scoped key streams too where the model is not in the body (a fixed-model
 /// route, a path service).
 async fn a_body_the_decision_does_not_need_streams_to_the_vendor_before_the_client_finishes(
@@ -587,31 +572,31 @@ async fn a_body_the_decision_does_not_need_streams_to_the_vendor_before_the_clie
     let mini = model_key(
         &mut gw.admin,
         "mini",
-        &["openai/gpt-4o-mini", "azure/prod-mini"],
+        &["azure/gpt-4o-mini", "azure/prod-mini"],
     )
     .await;
     gw.settle().await;
 
+    const AZURE_PROD: &str =
+        "/azure/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21";
+    const GEMINI: &str = "/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent";
+    const FIXED: &str = "/azure-mini/chat/completions";
+    const FIXED_UPSTREAM: &str = "/openai/deployments/gpt-4o-mini/chat/completions";
+    // (what the client asks for, what the vendor receives, the key)
     let mut cases = vec![
-        (
-            "/azure/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21",
-            &wide,
-        ),
-        (
-            "/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent",
-            &wide,
-        ),
-        ("/openai-mini/v1/chat/completions", &wide),
-        ("/openai-mini/v1/chat/completions", &mini),
-        (
-            "/azure/openai/deployments/prod-mini/chat/completions?api-version=2024-10-21",
-            &mini,
-        ),
+        (AZURE_PROD, AZURE_PROD, &wide),
+        (GEMINI, GEMINI, &wide),
+        (FIXED, FIXED_UPSTREAM, &wide),
+        (FIXED, FIXED_UPSTREAM, &mini),
+        (AZURE_PROD, AZURE_PROD, &mini),
     ];
     if plane == Plane::Module {
-        cases.extend([(CHAT, &wide), ("/anthropic/v1/messages", &wide)]);
+        cases.extend([
+            (CHAT, CHAT, &wide),
+            ("/anthropic/v1/messages", "/anthropic/v1/messages", &wide),
+        ]);
     }
-    for (target, key) in cases {
+    for (target, upstream_target, key) in cases {
         let before = gw.upstream.arriving().len();
         let mut req = gw.chunked_post(target, &[("x-api-key", key)]).await;
         req.send(FIRST).await.unwrap();
@@ -623,7 +608,9 @@ async fn a_body_the_decision_does_not_need_streams_to_the_vendor_before_the_clie
                 let seen = upstream
                     .arriving()
                     .get(before)
-                    .is_some_and(|a| a.target == target && a.body == FIRST && !a.ended);
+                    .is_some_and(|a| {
+                        a.target == upstream_target && a.body == FIRST && !a.ended
+                    });
                 async move { seen.then_some(()) }
             },
         )
@@ -638,7 +625,7 @@ async fn a_body_the_decision_does_not_need_streams_to_the_vendor_before_the_clie
             gw.diagnostics()
         );
         let rec = gw.upstream.last();
-        assert_eq!(rec.target, target);
+        assert_eq!(rec.target, upstream_target);
         assert_eq!(
             rec.body,
             [FIRST, REST].concat(),
