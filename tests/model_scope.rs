@@ -525,9 +525,11 @@ async fn a_route_with_a_fixed_model_ignores_the_body(plane: Plane) {
         "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     );
     assert_vendor_got(&rec, "api-key", AZURE_KEY, &mini, body.as_bytes());
+    // (The access log shows the path as forwarded, after the route's rewrite; a refused
+    // request is never rewritten.)
     gw.access_log_line("of the fixed-model route naming gpt-4o-mini", |l| {
         l["response_code"] == 200
-            && l["path"] == "/azure-mini/chat/completions"
+            && l["path"] == "/openai/deployments/gpt-4o-mini/chat/completions"
             && l["consumer_key"] == "mini"
             && l["model"] == "gpt-4o-mini"
     })
