@@ -610,9 +610,7 @@ async fn a_body_the_decision_does_not_need_streams_to_the_vendor_before_the_clie
                 let seen = upstream
                     .arriving()
                     .get(before)
-                    .is_some_and(|a| {
-                        a.target == upstream_target && a.body == FIRST && !a.ended
-                    });
+                    .is_some_and(|a| a.target == upstream_target && a.body == FIRST && !a.ended);
                 async move { seen.then_some(()) }
             },
         )
