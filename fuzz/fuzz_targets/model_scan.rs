@@ -4,7 +4,8 @@
 //! Invariants: it never panics; a model it finds is 1–256 bytes of visible ASCII; and, as a
 //! differential check, when serde_json parses the body as an object with exactly one
 //! top-level `"model"` (keys compared unescaped) whose value is a string that passes the rule,
-//! the scanner returns that same string.
+//! and no key that is `model` in another ASCII case, the scanner returns that same string;
+//! when there is such a case variant, it returns no model.
 #![no_main]
 
 use std::fmt;
@@ -15,10 +16,11 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
-/// What serde_json sees at the top level of an object: how many keys are `model`, and the
-/// first one's value when it is a string.
+/// What serde_json sees at the top level of an object: how many keys are `model`, how many
+/// are `model` in another ASCII letter case, and the first `model`'s value when it is a string.
 struct TopLevel {
     models: usize,
+    case_variants: usize,
     model: Option<String>,
 }
 
@@ -40,6 +42,7 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
         let mut top = TopLevel {
             models: 0,
+            case_variants: 0,
             model: None,
         };
         while let Some(key) = map.next_key::<String>()? {
@@ -50,6 +53,8 @@ impl<'de> Visitor<'de> for TopLevelVisitor {
                 if let Value::String(model) = value {
                     top.model.get_or_insert(model);
                 }
+            } else if key.eq_ignore_ascii_case("model") {
+                top.case_variants += 1;
             }
         }
         Ok(top)
@@ -65,14 +70,19 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(model) = &found {
         assert!(passes_rule(model), "found a model that breaks the rule: {model:?}");
     }
-    if let Ok(TopLevel {
-        models: 1,
-        model: Some(expected),
-    }) = serde_json::from_slice::<TopLevel>(data)
-    {
-        if passes_rule(&expected) {
+    match serde_json::from_slice::<TopLevel>(data) {
+        Ok(TopLevel {
+            models: 1,
+            case_variants: 0,
+            model: Some(expected),
+        }) if passes_rule(&expected) => {
             assert_eq!(found.as_deref(), Ok(expected.as_str()), "serde_json disagrees");
         }
+        // A key a case-insensitive parser would read as the model: never a model found.
+        Ok(TopLevel { case_variants: 1.., .. }) => {
+            assert!(found.is_err(), "a case variant of \"model\" was let through");
+        }
+        _ => {}
     }
     if let Ok(path) = std::str::from_utf8(data) {
         if let Some(model) = model_from_path(path) {

@@ -131,6 +131,7 @@ pub fn full_update(keys: &Keys) -> Update {
     entries[7].1.expire_time = Some(Timestamp(NOW.0 + 3_600_000_000));
     Update {
         store_id: "fuzz".into(),
+        epoch: "fuzz-epoch-1".into(),
         version: 10,
         full: true,
         keys: entries,
