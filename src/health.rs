@@ -39,6 +39,7 @@ impl HealthSources {
         }
         if subscriber.is_some() {
             let _ = m.registry.register(Box::new(m.staleness.clone()));
+            let _ = m.registry.register(Box::new(m.snapshot_rejected.clone()));
         }
         HealthSources {
             cell,

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub(crate) snapshot_entries: IntGaugeVec,
     pub(crate) subscribers: IntGauge,
     pub(crate) staleness: Gauge,
+    /// Data planes: snapshot stream messages refused (registered with `staleness`).
+    pub(crate) snapshot_rejected: IntCounter,
     pub secret_refresh_failures: IntCounterVec,
 }
 
@@ -95,6 +97,12 @@ impl Metrics {
             "Seconds since this data plane last heard from its control plane.",
         )
         .expect("valid metric");
+        let snapshot_rejected = IntCounter::new(
+            "keygate_snapshot_messages_rejected_total",
+            "Snapshot stream messages this data plane refused (MAC, order, epoch, stale or \
+             malformed); the served snapshot is kept and the data plane resubscribes.",
+        )
+        .expect("valid metric");
         let secret_refresh_failures = IntCounterVec::new(
             Opts::new(
                 "keygate_secret_refresh_failures_total",
@@ -134,6 +142,7 @@ impl Metrics {
             snapshot_entries,
             subscribers,
             staleness,
+            snapshot_rejected,
             secret_refresh_failures,
         }
     }

@@ -366,9 +366,7 @@ impl Subscriber {
                 }
                 Err(e) => {
                     // Not heard from (staleness keeps growing) and the backoff keeps growing.
-                    self.status
-                        .rejected_messages
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.rejected();
                     let served = self.cell.load().map(|s| s.version);
                     tracing::error!(error = %e, served_version = ?served, "refused an unauthenticated snapshot message; keeping the served snapshot and resubscribing");
                     return Ok(());
@@ -380,6 +378,14 @@ impl Subscriber {
                 return Ok(());
             }
         }
+    }
+
+    /// Counts a refused stream message (status and `keygate_snapshot_messages_rejected_total`).
+    fn rejected(&self) {
+        self.status
+            .rejected_messages
+            .fetch_add(1, Ordering::Relaxed);
+        crate::metrics::METRICS.snapshot_rejected.inc();
     }
 
     /// Connects and subscribes from the served version; `None` (logged) when the control
@@ -459,9 +465,7 @@ impl Subscriber {
             }
             Ok((Applied::Nothing, _)) => {}
             Err(ApplyError::Stale { current, update }) => {
-                self.status
-                    .rejected_messages
-                    .fetch_add(1, Ordering::Relaxed);
+                self.rejected();
                 tracing::warn!(
                     current,
                     update,
@@ -469,9 +473,7 @@ impl Subscriber {
                 );
             }
             Err(e) => {
-                self.status
-                    .rejected_messages
-                    .fetch_add(1, Ordering::Relaxed);
+                self.rejected();
                 let served = self.cell.load().map(|s| s.version);
                 tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
                 return false;

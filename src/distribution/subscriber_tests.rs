@@ -145,3 +145,33 @@ fn a_full_snapshot_from_another_store_replaces_the_served_one() {
     assert_eq!(s.apply(0, other).unwrap(), Applied::Swapped { version: 3 });
     assert_eq!(s.cell.load().unwrap().store_id, "restored");
 }
+
+/// A refused message is counted where operators see it: the status and the data plane's
+/// `keygate_snapshot_messages_rejected_total` (the counter is process-wide, so only its growth
+/// is asserted).
+#[test]
+fn refused_messages_are_counted_in_metrics() {
+    let keys = MasterKey::generate().keys();
+    let s = subscriber(&keys);
+    let (persist, _rx) = tokio::sync::watch::channel(None);
+    let mut assembler = wire::Assembler::default();
+    for m in wire::encode(&full(5), 0, 10) {
+        assert!(s.take(&mut assembler, m, &persist));
+    }
+    let before = crate::metrics::METRICS.snapshot_rejected.get();
+    let status_before = s.status.rejected_messages.load(Ordering::Relaxed);
+    // An incremental update that does not start from the served version ends the session.
+    let gap = Update {
+        store_id: "bench".into(),
+        version: 9,
+        ..Default::default()
+    };
+    let msg = wire::encode(&gap, 7, 10).remove(0);
+    assert!(!s.take(&mut assembler, msg, &persist));
+    assert_eq!(
+        s.status.rejected_messages.load(Ordering::Relaxed),
+        status_before + 1
+    );
+    assert!(crate::metrics::METRICS.snapshot_rejected.get() > before);
+    assert_eq!(s.cell.load().unwrap().version, 5);
+}
