@@ -24,8 +24,8 @@ use keygate::authz::outcome::{
     METADATA_FIELDS, METADATA_NAMESPACE, MetadataSelection, REPLY_CONTENT_TYPE,
 };
 use keygate::authz::{
-    Admit, Decision, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView,
-    decide,
+    Admit, Decision, DecisionConfig, DenyReason, MetaValue, Outcome, OutcomeRecorder, Refusal,
+    RequestView, decide,
 };
 use keygate::domain::Timestamp;
 
@@ -236,7 +236,19 @@ impl FilterConfig {
     /// The check of a held request, with its whole body.
     fn check_body(&self, req: &mut Request<'_, RouteConfig>) -> Checked {
         let body = req.request_body();
-        self.check(req, Body::Complete(&body))
+        match self.check(req, Body::Complete(&body)) {
+            // Cannot happen with the whole body in hand; were it to, the request would hang
+            // held: refuse it instead.
+            Checked::NeedBody => self.refuse(
+                req,
+                &Refusal {
+                    reason: DenyReason::ModelUnknown,
+                    key: None,
+                    model: None,
+                },
+            ),
+            checked => checked,
+        }
     }
 
     fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
