@@ -272,6 +272,9 @@ unsafe fn stream_hook<M: FilterModule>(
     hook: impl FnOnce(&M::Config, &mut M::Stream, &mut Request<'_, M::PerRoute>) -> u32,
 ) -> u32 {
     let mut req = Request::<M::PerRoute>::new(filter_envoy_ptr);
+    // Set once the hook has returned: a panic after that (in finish_hook) must not finish the
+    // hook a second time.
+    let hook_returned = std::cell::Cell::new(false);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         if filter_module_ptr.is_null() {
             panic!("{hook_name} without a stream");
@@ -290,11 +293,12 @@ unsafe fn stream_hook<M: FilterModule>(
             (&*(*p).config, &mut (*p).state)
         };
         let status = hook(config, state, &mut req);
+        hook_returned.set(true);
         // SAFETY: the hook returned, so its borrows of the box have ended.
         unsafe { finish_hook::<M>(p) };
         status
     }));
-    if outcome.is_err() {
+    if outcome.is_err() && !hook_returned.get() {
         // The hook panicked before finish_hook: clear the mark (freeing a box Envoy destroyed
         // meanwhile), so a later destroy frees it.
         guard((), || {
