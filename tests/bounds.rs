@@ -14,7 +14,7 @@ use common::admin::{create_bound_key, create_consumer, create_service, disable_c
 use common::envoy::http_get;
 use common::secrets::{create_secret_model_key, file_ref, get_model_key};
 use common::split;
-use common::{Keygate, Options, metrics_addr, poll_until};
+use common::{Keygate, Options, check_code, metrics_addr, poll_until};
 
 const V1: &str = "sk-proj-boundsVersionOne0000000000000001";
 /// Normal propagation: well under this.
@@ -32,22 +32,6 @@ async fn start(secrets: &Path) -> Keygate {
         ..Default::default()
     })
     .await
-}
-
-/// The ext_authz answer's gRPC code for `key` on `service` (0 = allowed).
-async fn check_code(authz: std::net::SocketAddr, key: &str, service: &str) -> i32 {
-    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-    let mut client = AuthorizationClient::connect(format!("http://{authz}"))
-        .await
-        .unwrap();
-    client
-        .check(keygate::bench::check_request(key, service, "127.0.0.1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .map(|s| s.code)
-        .unwrap_or(-1)
 }
 
 /// `openai` served by the model key `openai-main` on `file:openai-prod` (latest), and a

@@ -15,7 +15,7 @@ use common::secrets::{
     create_secret_consumer_key, create_secret_model_key, file_ref, get_model_key, masked,
     point_model_key,
 };
-use common::{Admin, Keygate, Options, all_file_bytes, contains_bytes};
+use common::{Admin, Keygate, Options, all_file_bytes, check_code, contains_bytes};
 
 const V1: &str = "sk-proj-secretVersionOne000000000000001";
 const V2: &str = "sk-proj-secretVersionTwo000000000000002";
@@ -380,22 +380,6 @@ async fn a_consumer_key_by_reference_is_hashed_masked_and_never_shown() {
             path.display()
         );
     }
-}
-
-/// The ext_authz answer's gRPC code for `key` on `service` (0 = allowed).
-async fn check_code(authz: std::net::SocketAddr, key: &str, service: &str) -> i32 {
-    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-    let mut client = AuthorizationClient::connect(format!("http://{authz}"))
-        .await
-        .unwrap();
-    client
-        .check(keygate::bench::check_request(key, service, "127.0.0.1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .map(|s| s.code)
-        .unwrap_or(-1)
 }
 
 #[tokio::test]

@@ -52,34 +52,12 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Waits (bounded) until the control plane's snapshot includes its last commit (the newest
 /// audit event's revision); returns that snapshot version.
 async fn settle(admin: &mut Admin) -> u64 {
-    let revision = admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            page_size: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .items
-        .first()
-        .expect("an audit event")
-        .revision;
-    let admin = admin.clone();
-    poll_until(
+    let revision = common::admin::latest_revision(admin).await;
+    common::admin::snapshot_reaches(
+        admin,
+        revision,
         SETTLE,
         "the control plane's snapshot to reach the last commit",
-        || {
-            let mut admin = admin.clone();
-            async move {
-                let v = admin
-                    .get_snapshot_status(pb::GetSnapshotStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .version;
-                (v >= revision).then_some(v)
-            }
-        },
     )
     .await
 }

@@ -24,8 +24,8 @@ use keygate::authz::outcome::{
     METADATA_FIELDS, METADATA_NAMESPACE, MetadataSelection, REPLY_CONTENT_TYPE,
 };
 use keygate::authz::{
-    Admit, Decision, DecisionConfig, DenyReason, MetaValue, Outcome, OutcomeRecorder, Refusal,
-    RequestView, decide,
+    Admit, Decision, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView,
+    decide,
 };
 use keygate::domain::Timestamp;
 
@@ -236,19 +236,7 @@ impl FilterConfig {
     /// The check of a held request, with its whole body.
     fn check_body(&self, req: &mut Request<'_, RouteConfig>) -> Checked {
         let body = req.request_body();
-        match self.check(req, Body::Complete(&body)) {
-            // Cannot happen with the whole body in hand; were it to, the request would hang
-            // held: refuse it instead.
-            Checked::NeedBody => self.refuse(
-                req,
-                &Refusal {
-                    reason: DenyReason::ModelUnknown,
-                    key: None,
-                    model: None,
-                },
-            ),
-            checked => checked,
-        }
+        self.check(req, Body::Complete(&body))
     }
 
     fn decide_and_apply(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
@@ -269,7 +257,9 @@ impl FilterConfig {
             let decision = decide(snap, &self.decision, &view, now, |k| {
                 self.feed.hasher.hash(k)
             });
-            if let Decision::NeedBody = decision {
+            // Held only while the body is unread: with the body in hand, `Outcome::of` refuses
+            // what would still need it, so a held request is never left held.
+            if matches!(decision, Decision::NeedBody) && body == Body::Unread {
                 return Checked::NeedBody;
             }
             Outcome::of(decision, &self.decision)

@@ -265,7 +265,7 @@ impl Outbox {
             Ok(sent) => sent.is_ok(),
             Err(_) => {
                 tracing::warn!(
-                    subscriber = %self.subscriber.escape_debug(),
+                    subscriber = %LoggedName(&self.subscriber),
                     deadline_s = self.deadline.as_secs_f64(),
                     "data plane dropped: it read nothing within the send deadline (it reconnects and catches up)"
                 );
@@ -424,10 +424,8 @@ impl DistributionService {
         {
             return h.clone();
         }
-        // Built outside the lock (it copies the keys once, then drops the copy).
-        let mut head = snap.to_full_update();
-        head.keys = Vec::new();
-        let head = Arc::new(head);
+        // Built outside the lock.
+        let head = Arc::new(snap.to_update_without_keys());
         *self.head.lock().expect("head lock") = Some(head.clone());
         head
     }

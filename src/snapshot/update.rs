@@ -227,11 +227,20 @@ impl Snapshot {
     /// The full update that rebuilds this snapshot elsewhere (model key values encrypted).
     pub fn to_full_update(&self) -> Update {
         Update {
+            keys: self.keys.iter().map(|(h, e)| (*h, e.clone())).collect(),
+            ..self.to_update_without_keys()
+        }
+    }
+
+    /// [`Snapshot::to_full_update`] without its consumer keys (which senders stream in
+    /// chunks from the snapshot itself), so the keys are never copied for it.
+    pub fn to_update_without_keys(&self) -> Update {
+        Update {
             store_id: self.store_id.clone(),
             epoch: self.epoch.clone(),
             version: self.version,
             full: true,
-            keys: self.keys.iter().map(|(h, e)| (*h, e.clone())).collect(),
+            keys: Vec::new(),
             removed_keys: vec![],
             consumers: self
                 .consumers

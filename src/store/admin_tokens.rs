@@ -9,8 +9,8 @@ use sqlx::any::AnyRow;
 
 use super::audit::Audit;
 use super::lookup::{ensure_unique_name, find};
-use super::rows::new_id;
-use super::{Actor, Page, PageRequest, Result, Store, StoreError};
+use super::rows::{SqlCode, decode, new_id};
+use super::{Actor, Page, PageRequest, Result, Store};
 use crate::crypto::{self, KeyHash, Secret};
 use crate::domain::{
     ADMIN_TOKEN_PREFIX, AdminToken, NewAdminToken, ResourceKind, Role, Selector, Timestamp, mask,
@@ -38,7 +38,7 @@ impl Store {
         )
         .bind(&id)
         .bind(&req.name)
-        .bind(role_code(req.role))
+        .bind(req.role.code())
         .bind(self.admin_token_hash(value.expose()).to_vec())
         .bind(mask(value.expose()))
         .bind(req.expire_time.map(|t| t.0))
@@ -118,7 +118,7 @@ impl Store {
             "SELECT COUNT(*) FROM admin_tokens WHERE role = $1 \
              AND (expire_time IS NULL OR expire_time > $2)",
         )
-        .bind(role_code(Role::Admin))
+        .bind(Role::Admin.code())
         .bind(now.0)
         .fetch_one(&self.pool)
         .await?;
@@ -134,21 +134,8 @@ impl Store {
     }
 }
 
-fn role_code(role: Role) -> i64 {
-    match role {
-        Role::Viewer => 1,
-        Role::Operator => 2,
-        Role::Admin => 3,
-    }
-}
-
 fn admin_token(r: &AnyRow) -> Result<AdminToken> {
-    let role = match r.try_get::<i64, _>("role")? {
-        1 => Role::Viewer,
-        2 => Role::Operator,
-        3 => Role::Admin,
-        _ => return Err(StoreError::Corrupt("admin token role".into())),
-    };
+    let role = decode(r.try_get("role")?, "admin token role")?;
     Ok(AdminToken {
         id: r.try_get("id")?,
         name: r.try_get("name")?,

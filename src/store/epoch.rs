@@ -6,7 +6,7 @@
 //! within one (store id, epoch) and takes the restored state in full. Depends on nothing
 //! outside the store.
 
-use super::{Backend, Result, Store, changes};
+use super::{Result, Store, changes};
 
 impl Store {
     /// The store's current epoch and revision, read together.
@@ -38,12 +38,7 @@ impl Store {
             return Ok(None);
         };
         changes::record(&mut tx, revision, vec![], true, vec![]).await?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_notify('keygate_changes', $1)")
-                .bind(revision.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
+        self.notify_at_commit(&mut tx, revision).await?;
         tx.commit().await?;
         self.note_committed(revision);
         Ok(Some(new))

@@ -10,6 +10,24 @@ use super::audit::Audit;
 use super::lookup::ensure_unique_name;
 use super::rows::table_of;
 use super::{Actor, Backend, Result, Store, changes};
+
+impl Store {
+    /// On PostgreSQL, queues the notice of `revision` in `tx`: delivered at commit, it wakes
+    /// every replica's snapshot builder (SQLite has one process, which `note_committed` wakes).
+    pub(super) async fn notify_at_commit(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        revision: i64,
+    ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify('keygate_changes', $1)")
+                .bind(revision.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
 use crate::domain::{ResourceKind, Timestamp};
 
 /// An open mutation: the transaction, its revision, and the resources it touched.
@@ -59,13 +77,7 @@ impl Store {
         audit.write(&mut tx, revision, now, &actor).await?;
         changed.push((audit.kind, audit.id.to_string()));
         changes::record(&mut tx, revision, changed, full_reload, removed_hashes).await?;
-        if self.backend == Backend::Postgres {
-            // Delivered at commit: wakes every replica's snapshot builder.
-            sqlx::query("SELECT pg_notify('keygate_changes', $1)")
-                .bind(revision.to_string())
-                .execute(&mut *tx)
-                .await?;
-        }
+        self.notify_at_commit(&mut tx, revision).await?;
         tx.commit().await?;
         self.note_committed(revision);
         audit.log(&actor, revision);

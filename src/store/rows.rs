@@ -91,6 +91,27 @@ impl SqlCode for ModelSource {
     }
 }
 
+impl SqlCode for crate::domain::Role {
+    fn code(self) -> i64 {
+        use crate::domain::Role;
+        match self {
+            Role::Viewer => 1,
+            Role::Operator => 2,
+            Role::Admin => 3,
+        }
+    }
+
+    fn from_code(code: i64) -> Option<Self> {
+        use crate::domain::Role;
+        Some(match code {
+            1 => Role::Viewer,
+            2 => Role::Operator,
+            3 => Role::Admin,
+            _ => return None,
+        })
+    }
+}
+
 /// A stored code read back; `what` names the column in the corruption error.
 pub(super) fn decode<T: SqlCode>(code: i64, what: &str) -> Result<T> {
     T::from_code(code).ok_or_else(|| StoreError::Corrupt(what.into()))

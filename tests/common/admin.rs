@@ -1,8 +1,45 @@
 //! Admin API shorthands the suites share: each call panics with the RPC's name on failure.
 
+use std::time::Duration;
+
 use keygate::proto::admin::v1 as pb;
 
-use super::Admin;
+use super::{Admin, poll_until};
+
+/// The store revision of the last commit: the newest audit event's.
+pub async fn latest_revision(admin: &mut Admin) -> u64 {
+    admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .first()
+        .expect("an audit event")
+        .revision
+}
+
+/// Waits (bounded by `limit`) until the control plane's snapshot includes `revision`;
+/// answers that snapshot's version. `what` names the wait in the timeout panic.
+pub async fn snapshot_reaches(admin: &Admin, revision: u64, limit: Duration, what: &str) -> u64 {
+    let admin = admin.clone();
+    poll_until(limit, what, || {
+        let mut admin = admin.clone();
+        async move {
+            let v = admin
+                .get_snapshot_status(pb::GetSnapshotStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .version;
+            (v >= revision).then_some(v)
+        }
+    })
+    .await
+}
 
 pub async fn create_service(admin: &mut Admin, name: &str, header: &str, template: &str) {
     admin

@@ -7,8 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keygate::proto::admin::v1 as pb;
-
+use super::admin::{latest_revision, snapshot_reaches};
 use super::envoy::{
     ChunkedRequest, Envoy, EnvoyRun, HttpResponse, ModuleFiles, Upstream, http_get, http_post,
 };
@@ -251,34 +250,12 @@ impl Gateway {
     /// Waits (bounded) until keygate's live snapshot includes every committed change, so the
     /// next request is decided on the current state.
     pub async fn settle(&mut self) {
-        let revision = self
-            .admin
-            .list_audit_events(pb::ListAuditEventsRequest {
-                page_size: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .items
-            .first()
-            .expect("an audit event")
-            .revision;
-        let admin = self.admin.clone();
-        poll_until(
+        let revision = latest_revision(&mut self.admin).await;
+        snapshot_reaches(
+            &self.admin,
+            revision,
             Duration::from_secs(10),
             "keygate's snapshot to reach the last commit",
-            || {
-                let mut admin = admin.clone();
-                async move {
-                    let s = admin
-                        .get_snapshot_status(pb::GetSnapshotStatusRequest {})
-                        .await
-                        .ok()?
-                        .into_inner();
-                    (s.version >= revision).then_some(())
-                }
-            },
         )
         .await;
         if self.plane == Plane::Module {

@@ -451,6 +451,22 @@ pub fn metrics_addr(logs: &str) -> SocketAddr {
 }
 
 /// Polls `f` every 5 ms until it returns `Some`, or panics after `limit`.
+/// The ext_authz answer's gRPC code for `key` on `service` (0 = allowed).
+pub async fn check_code(authz: std::net::SocketAddr, key: &str, service: &str) -> i32 {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let mut client = AuthorizationClient::connect(format!("http://{authz}"))
+        .await
+        .unwrap();
+    client
+        .check(keygate::bench::check_request(key, service, "127.0.0.1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .map(|s| s.code)
+        .unwrap_or(-1)
+}
+
 pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
