@@ -30,6 +30,12 @@ pub struct Metrics {
     /// Data planes: snapshot stream messages refused (registered with `staleness`).
     pub(crate) snapshot_rejected: IntCounter,
     pub secret_refresh_failures: IntCounterVec,
+    /// Data planes: metered success responses that gave no token counts, by reason.
+    pub usage_unparsed: IntCounterVec,
+    /// Data planes: usage reports the control plane did not acknowledge (sent again).
+    pub usage_report_failures: IntCounter,
+    /// Data planes: usage rows not yet acknowledged by the control plane.
+    pub usage_pending_rows: IntGauge,
 }
 
 impl Metrics {
@@ -111,8 +117,32 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let usage_unparsed = IntCounterVec::new(
+            Opts::new(
+                "keygate_usage_unparsed_total",
+                "Metered success responses that gave no token counts (counted as requests with \
+                 zero tokens), by reason: unreadable (malformed, compressed, not JSON or SSE) or \
+                 no_usage (readable, without counts).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let usage_report_failures = IntCounter::new(
+            "keygate_usage_report_failures_total",
+            "Usage reports the control plane did not acknowledge; each is sent again unchanged.",
+        )
+        .expect("valid metric");
+        let usage_pending_rows = IntGauge::new(
+            "keygate_usage_pending_rows",
+            "Usage rows (consumer key x model service x model) not yet acknowledged by the \
+             control plane.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(checks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(usage_unparsed.clone()),
+            Box::new(usage_report_failures.clone()),
+            Box::new(usage_pending_rows.clone()),
             Box::new(check_duration.clone()),
             Box::new(consumer_requests.clone()),
             Box::new(snapshot_version.clone()),
@@ -144,6 +174,9 @@ impl Metrics {
             staleness,
             snapshot_rejected,
             secret_refresh_failures,
+            usage_unparsed,
+            usage_report_failures,
+            usage_pending_rows,
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod decision;
 #[cfg(feature = "server")]
 pub mod ext_authz;
+pub mod metering;
 pub mod model;
 pub mod outcome;
 pub mod record;
