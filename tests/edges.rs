@@ -82,6 +82,7 @@ async fn reported_usage_times_are_clamped_to_the_control_planes_clock() {
                 consumer_key_id: id.as_bytes().to_vec(),
                 last_used_time_us: year_9999,
             }],
+            ..Default::default()
         }))
         .await
         .unwrap();

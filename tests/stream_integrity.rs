@@ -154,7 +154,7 @@ impl SnapshotDistribution for Mitm {
         &self,
         _: Request<snap::UsageReport>,
     ) -> Result<Response<snap::UsageReportResponse>, Status> {
-        Ok(Response::new(snap::UsageReportResponse {}))
+        Ok(Response::new(snap::UsageReportResponse::default()))
     }
 }
 

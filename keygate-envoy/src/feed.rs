@@ -19,7 +19,7 @@ use keygate::distribution::bootstrap::{
 use keygate::distribution::subscriber::{ClientTls, EndpointFields, hostname};
 use keygate::health::HealthSources;
 use keygate::snapshot::SnapshotCell;
-use keygate::usage::UsageRecorder;
+use keygate::usage::{Tally, UsageRecorder};
 
 use crate::settings::FilterSettings;
 
@@ -32,6 +32,7 @@ struct FeedKey {
     subscriber_token_file: Option<PathBuf>,
     tls: ClientTls,
     metrics_addr: Option<std::net::SocketAddr>,
+    report_interval: Duration,
 }
 
 /// A running subscription and what the filter reads from it.
@@ -40,6 +41,8 @@ pub struct Feed {
     pub cell: SnapshotCell,
     pub hasher: KeyHasher,
     pub usage: UsageRecorder,
+    /// Metered usage of allowed requests, reported by the feed thread.
+    pub tally: Arc<Tally>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -62,6 +65,7 @@ pub fn feed_for(settings: &FilterSettings) -> Result<Arc<Feed>, String> {
         subscriber_token_file: settings.subscriber_token_file.clone(),
         tls: settings.tls(),
         metrics_addr: settings.metrics_addr,
+        report_interval: settings.report_interval()?,
     };
     let mut feeds = FEEDS.lock().unwrap_or_else(|p| p.into_inner());
     feeds.retain(|w| w.strong_count() > 0);
@@ -130,9 +134,11 @@ fn start(key: FeedKey) -> Result<Feed, String> {
     let (cell, hasher) = (boot.cell.clone(), boot.keys.hasher.clone());
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<UsageRecorder>(1);
+    let tally = Arc::new(Tally::default());
+    let reporting = (tally.clone(), key.report_interval);
     std::thread::Builder::new()
         .name("keygate-feed".into())
-        .spawn(move || run_thread(boot, metrics_listener, health, stop_rx, ready_tx))
+        .spawn(move || run_thread(boot, metrics_listener, health, reporting, stop_rx, ready_tx))
         .map_err(|e| format!("keygate: cannot start the snapshot feed thread: {e}"))?;
     let usage = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -142,16 +148,19 @@ fn start(key: FeedKey) -> Result<Feed, String> {
         cell,
         hasher,
         usage,
+        tally,
         stop,
     })
 }
 
 /// The feed thread: its own runtime, the usage flusher (its recorder goes back on `ready`),
-/// the metrics listener, and the subscription, until `stop` turns true.
+/// the metered-usage reporter, the metrics listener, and the subscription, until `stop`
+/// turns true (then the last usage is reported).
 fn run_thread(
     boot: DataPlaneFeed,
     metrics_listener: Option<std::net::TcpListener>,
     health: HealthSources,
+    (tally, report_interval): (Arc<Tally>, Duration),
     stop: tokio::sync::watch::Receiver<bool>,
     ready: std::sync::mpsc::SyncSender<UsageRecorder>,
 ) {
@@ -179,6 +188,12 @@ fn run_thread(
             keygate::usage::start(boot.usage_sink(), Duration::from_secs(1), stopped());
         let _ = ready.send(recorder);
         let flusher = tokio::spawn(flusher);
+        let reporter = tokio::spawn(keygate::usage::metered::start_reporter(
+            tally,
+            boot.report_sink(),
+            report_interval,
+            stopped(),
+        ));
         if let Some(l) = metrics_listener {
             match l
                 .set_nonblocking(true)
@@ -195,6 +210,7 @@ fn run_thread(
         }
         supervise(&boot, stopped).await;
         let _ = flusher.await;
+        let _ = reporter.await;
     });
 }
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use keygate::authz::decision::{Body, path_without_param};
+use keygate::authz::metering::StreamMetering;
 use keygate::authz::outcome::{
     METADATA_FIELDS, METADATA_NAMESPACE, MetadataSelection, REPLY_CONTENT_TYPE,
 };
@@ -53,6 +54,8 @@ pub struct FilterConfig {
     reported_version: AtomicI64,
     /// Which of `METADATA_FIELDS` an allowed request gets.
     metadata_fields: MetadataSelection,
+    /// Whether allowed requests' responses are metered.
+    metering: bool,
 }
 
 /// A route's settings.
@@ -63,16 +66,41 @@ pub struct RouteConfig {
 }
 
 /// One request's state: whether its headers are held until the body is in (the decision
-/// needs the model and the service reads it from the body).
+/// needs the model and the service reads it from the body), and an allowed request's
+/// metering.
 #[derive(Default)]
 pub struct Stream {
     awaiting_body: bool,
+    metering: Option<Metering>,
 }
 
-/// What a check did with the request.
+/// An allowed request's metering and the tally it goes to: recorded once, at the end of the
+/// response or, if the stream is torn down first (client gone, reset), when it is dropped.
+struct Metering {
+    stream: Option<StreamMetering>,
+    tally: Arc<keygate::usage::Tally>,
+}
+
+impl Metering {
+    fn finish(&mut self) {
+        if let Some(m) = self.stream.take() {
+            m.finish(&self.tally);
+        }
+    }
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// What a check did with the request. (Large only on the stack of one hook: the metering
+/// moves into the stream's own allocation, so no request pays a separate one.)
+#[allow(clippy::large_enum_variant)]
 enum Checked {
-    /// Allowed (headers edited): let it go on.
-    Continue,
+    /// Allowed (headers edited): let it go on, metered when metering is on.
+    Continue(Option<StreamMetering>),
     /// Refused with a local reply.
     Replied,
     /// The decision needs the body: hold the request until it is all in.
@@ -107,6 +135,7 @@ impl FilterModule for Module {
             snapshot_version: envoy.define_gauge("keygate_snapshot_version"),
             reported_version: AtomicI64::new(-1),
             metadata_fields,
+            metering: settings.metering.unwrap_or(true),
         })
     }
 
@@ -134,7 +163,10 @@ impl FilterModule for Module {
             Body::Unread
         };
         match config.check(req, body) {
-            Checked::Continue => HeadersStatus::Continue,
+            Checked::Continue(m) => {
+                config.meter(stream, m);
+                HeadersStatus::Continue
+            }
             Checked::Replied => HeadersStatus::StopIteration,
             Checked::NeedBody => {
                 stream.awaiting_body = true;
@@ -159,7 +191,10 @@ impl FilterModule for Module {
         }
         stream.awaiting_body = false;
         match config.check_body(req) {
-            Checked::Continue => BodyStatus::Continue,
+            Checked::Continue(m) => {
+                config.meter(stream, m);
+                BodyStatus::Continue
+            }
             _ => BodyStatus::StopIterationNoBuffer,
         }
     }
@@ -175,9 +210,58 @@ impl FilterModule for Module {
         }
         stream.awaiting_body = false;
         match config.check_body(req) {
-            Checked::Continue => HeadersStatus::Continue,
+            Checked::Continue(m) => {
+                config.meter(stream, m);
+                HeadersStatus::Continue
+            }
             _ => HeadersStatus::StopIteration,
         }
+    }
+
+    /// Starts reading a metered response (status, content type and encoding); the request is
+    /// recorded here when the response has no body.
+    fn on_response_headers(
+        _config: &FilterConfig,
+        stream: &mut Stream,
+        req: &mut Request<'_, RouteConfig>,
+        end_of_stream: bool,
+    ) -> HeadersStatus {
+        if let Some(m) = &mut stream.metering {
+            if let Some(s) = &mut m.stream {
+                let status = req
+                    .response_header(":status")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+                    .unwrap_or(0);
+                s.response_headers(
+                    status,
+                    req.response_header("content-type"),
+                    req.response_header("content-encoding"),
+                );
+            }
+            if end_of_stream {
+                m.finish();
+            }
+        }
+        HeadersStatus::Continue
+    }
+
+    /// Reads each chunk of a metered response as it passes (never held, never buffered) and
+    /// records the request at its end.
+    fn on_response_body(
+        _config: &FilterConfig,
+        stream: &mut Stream,
+        req: &mut Request<'_, RouteConfig>,
+        end_of_stream: bool,
+    ) -> BodyStatus {
+        if let Some(m) = &mut stream.metering {
+            if let Some(s) = &mut m.stream {
+                req.received_response_body(|chunk| s.response_body(chunk));
+            }
+            if end_of_stream {
+                m.finish();
+            }
+        }
+        BodyStatus::Continue
     }
 }
 
@@ -222,6 +306,16 @@ impl RequestView for View<'_, '_> {
 }
 
 impl FilterConfig {
+    /// Keeps an allowed request's metering in its stream.
+    fn meter(&self, stream: &mut Stream, m: Option<StreamMetering>) {
+        if let Some(m) = m {
+            stream.metering = Some(Metering {
+                stream: Some(m),
+                tally: self.feed.tally.clone(),
+            });
+        }
+    }
+
     /// One decision, observed in the check-duration histogram once it is final (a check that
     /// asks for the body is observed when the body's check decides).
     fn check(&self, req: &mut Request<'_, RouteConfig>, body: Body<'_>) -> Checked {
@@ -326,7 +420,7 @@ impl FilterConfig {
         if let Some(c) = self.allowed {
             req.increment_counter(c, 1);
         }
-        Checked::Continue
+        Checked::Continue(self.metering.then(|| StreamMetering::of(&a.allowed)))
     }
 
     /// Sets string metadata fields under `keygate` in one call (ids formatted on the stack).

@@ -51,6 +51,14 @@ pub struct FilterSettings {
     /// leave it out. Denials always carry `deny_reason` (and the key's name and id).
     #[serde(default)]
     pub dynamic_metadata: Option<Vec<String>>,
+    /// Meter allowed requests' responses (tokens per key, service and model, SPEC §8.2):
+    /// on unless `false`.
+    #[serde(default)]
+    pub metering: Option<bool>,
+    /// How often metered usage is reported to the control plane, e.g. `"1s"` (default) or
+    /// `"500ms"`; between 100 ms and 1 h.
+    #[serde(default)]
+    pub usage_report_interval: Option<String>,
 }
 
 impl FilterSettings {
@@ -63,7 +71,24 @@ impl FilterSettings {
         }
         s.decision()?;
         s.metadata_fields()?;
+        s.report_interval()?;
         Ok(s)
+    }
+
+    /// `usage_report_interval` (1 s unless set).
+    pub fn report_interval(&self) -> Result<std::time::Duration, String> {
+        let Some(v) = &self.usage_report_interval else {
+            return Ok(std::time::Duration::from_secs(1));
+        };
+        let d = humantime::parse_duration(v).map_err(|e| {
+            format!("keygate filter_config: usage_report_interval: {v:?} is not a duration ({e})")
+        })?;
+        if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+            return Err(format!(
+                "keygate filter_config: usage_report_interval: {v:?} must be between 100ms and 1h"
+            ));
+        }
+        Ok(d)
     }
 
     /// Which of [`METADATA_FIELDS`] to set (all unless `dynamic_metadata` says otherwise).

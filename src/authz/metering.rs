@@ -30,6 +30,7 @@
 //! `data` to a fresh scanner. Nothing is buffered and nothing is ever written to the response.
 
 use super::model::{MAX_MODEL_LEN, ModelName};
+use crate::usage::{Counts, Tally, UsageKey};
 
 /// The deepest nesting a metered document may have (vendors' responses have fewer than ten).
 pub const MAX_DEPTH: usize = 32;
@@ -766,11 +767,95 @@ impl Json {
     }
 }
 
-impl From<&Metered> for crate::usage::Counts {
+/// The metering of one allowed request, from the decision to the end of its response: what
+/// both data planes hold per stream. Created on an allow, fed the response, and recorded into
+/// the [`Tally`] exactly once — at the end of the response, or when the stream is torn down
+/// earlier (a client that goes away mid-stream is still charged what the vendor reported).
+#[derive(Debug)]
+pub struct StreamMetering {
+    key: UsageKey,
+    meter: Option<ResponseMeter>,
+}
+
+impl StreamMetering {
+    /// The metering of an allowed request; `model` is the requested model when the decision
+    /// knew it (it wins over the response's).
+    pub fn new(
+        consumer_key: uuid::Uuid,
+        consumer: Option<uuid::Uuid>,
+        model_service: uuid::Uuid,
+        model: Option<&str>,
+    ) -> Self {
+        StreamMetering {
+            key: UsageKey {
+                consumer_key,
+                consumer,
+                model_service,
+                model: model.unwrap_or_default().to_owned(),
+            },
+            meter: None,
+        }
+    }
+
+    /// The metering of an allowed decision.
+    pub fn of(allowed: &super::decision::Allowed<'_>) -> Self {
+        StreamMetering::new(
+            allowed.key.id,
+            allowed.key.consumer,
+            allowed.service.id,
+            allowed.model.as_ref().map(|m| m.as_str()),
+        )
+    }
+
+    /// The response's headers arrived.
+    pub fn response_headers(
+        &mut self,
+        status: u16,
+        content_type: Option<&[u8]>,
+        content_encoding: Option<&[u8]>,
+    ) {
+        self.meter = Some(ResponseMeter::new(status, content_type, content_encoding));
+    }
+
+    /// The next chunk of the response body.
+    pub fn response_body(&mut self, chunk: &[u8]) {
+        if let Some(m) = &mut self.meter {
+            m.feed(chunk);
+        }
+    }
+
+    /// Records the request into `tally` (consumes the metering: once per request). A request
+    /// whose response never started (the client left first) is a request without counts.
+    pub fn finish(self, tally: &Tally) {
+        let metered = match self.meter {
+            Some(m) => m.finish(),
+            None => Metered {
+                reading: Reading::Unreadable,
+                tokens: Tokens::default(),
+                model: None,
+            },
+        };
+        if let Some(reason) = metered.reading.unparsed_reason() {
+            crate::metrics::METRICS
+                .usage_unparsed
+                .with_label_values(&[reason])
+                .inc();
+        }
+        let mut key = self.key;
+        if key.model.is_empty()
+            && let Some(m) = &metered.model
+        {
+            key.model = m.as_str().to_owned();
+        }
+        tally.record(key, Counts::from(&metered));
+    }
+}
+
+impl From<&Metered> for Counts {
     /// One request and its tokens: an error response counts in `error_responses`, a success
     /// without counts in `unparsed`.
     fn from(m: &Metered) -> Self {
-        crate::usage::Counts {
+        Counts {
             requests: 1,
             error_responses: u64::from(m.reading == Reading::Error),
             unparsed: u64::from(m.reading.unparsed_reason().is_some()),

@@ -221,6 +221,11 @@ impl DataPlaneFeed {
     pub fn usage_sink(&self) -> crate::usage::UsageSink {
         usage_sink(&self.config.endpoint, &self.config.token)
     }
+
+    /// Where this data plane's metered-usage reports go (as [`Self::usage_sink`]).
+    pub fn report_sink(&self) -> crate::usage::ReportSink {
+        super::subscriber::report_sink(&self.config.endpoint, &self.config.token)
+    }
 }
 
 #[cfg(test)]

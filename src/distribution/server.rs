@@ -548,7 +548,7 @@ impl SnapshotDistribution for DistributionService {
             tracing::warn!(error = %e, "usage report not stored");
             Status::unavailable("usage not stored; retry")
         })?;
-        Ok(Response::new(pb::UsageReportResponse {}))
+        Ok(Response::new(pb::UsageReportResponse::default()))
     }
 }
 

@@ -58,6 +58,7 @@ pub struct EnvoyHttpHeader {
 
 // envoy_dynamic_module_type_http_header_type
 pub const HEADER_TYPE_REQUEST_HEADER: u32 = 0;
+pub const HEADER_TYPE_RESPONSE_HEADER: u32 = 2;
 // Every on_http_filter_{request,response}_{headers,body,trailers}_status: 0 = Continue.
 pub const STATUS_CONTINUE: u32 = 0;
 // envoy_dynamic_module_type_on_http_filter_{request,response}_headers_status
@@ -71,6 +72,9 @@ pub const BODY_STATUS_STOP_ITERATION_NO_BUFFER: u32 = 3;
 // has buffered so far (a stream's earlier chunks after StopIterationAndBuffer).
 pub const BODY_TYPE_RECEIVED_REQUEST: u32 = 0;
 pub const BODY_TYPE_BUFFERED_REQUEST: u32 = 1;
+// The chunk of the running response body hook (a filter that never buffers sees every chunk
+// of the response exactly once here).
+pub const BODY_TYPE_RECEIVED_RESPONSE: u32 = 2;
 // envoy_dynamic_module_type_metrics_result
 pub const METRICS_SUCCESS: u32 = 0;
 // envoy_dynamic_module_type_attribute_id_SourceAddress ("source.address"), the 25th entry.

@@ -69,17 +69,28 @@ impl<'a, P> Request<'a, P> {
     /// runs*, so the borrow checker forbids calling `set_header`/`remove_header` (or any `&mut self`
     /// method) while they are held; copy them first if needed.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.header_of(abi::HEADER_TYPE_REQUEST_HEADER, name)
+    }
+
+    /// First value of a response header (`name` in lower case), in a response hook; borrowed
+    /// as in [`Self::header`].
+    pub fn response_header(&self, name: &str) -> Option<&[u8]> {
+        self.header_of(abi::HEADER_TYPE_RESPONSE_HEADER, name)
+    }
+
+    fn header_of(&self, header_type: u32, name: &str) -> Option<&[u8]> {
         let mut out = EnvoyBuffer {
             ptr: ptr::null(),
             length: 0,
         };
-        // SAFETY: `self.raw` is the filter_envoy_ptr of the running on_request_headers hook
-        // (Request cannot outlive it); the key buffer borrows `name` for the call; `out` is a
-        // valid out-pointer and optional_size may be null (abi.h).
+        // SAFETY: `self.raw` is the filter_envoy_ptr of the running hook (Request cannot
+        // outlive it); the key buffer borrows `name` for the call; `out` is a valid out-pointer
+        // and optional_size may be null (abi.h). Asking for a header map the stream does not
+        // have yet answers false.
         let found = unsafe {
             abi::envoy_dynamic_module_callback_http_get_header(
                 self.raw,
-                abi::HEADER_TYPE_REQUEST_HEADER,
+                header_type,
                 module_buffer(name.as_bytes()),
                 &mut out,
                 0,
@@ -171,6 +182,48 @@ impl<'a, P> Request<'a, P> {
             self.append_body(abi::BODY_TYPE_RECEIVED_REQUEST, &mut body);
         }
         body
+    }
+
+    /// Calls `f` with each slice of the running response body hook's chunk, in order,
+    /// without copying (no allocation for up to 16 slices).
+    pub fn received_response_body(&self, mut f: impl FnMut(&[u8])) {
+        let body_type = abi::BODY_TYPE_RECEIVED_RESPONSE;
+        // SAFETY: `self.raw` is the live filter_envoy_ptr; the callback only reads the stream.
+        let n = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.raw, body_type)
+        };
+        if n == 0 {
+            return;
+        }
+        let empty = EnvoyBuffer {
+            ptr: ptr::null(),
+            length: 0,
+        };
+        let mut inline = [empty; 16];
+        let mut spilled = Vec::new();
+        let chunks: &mut [EnvoyBuffer] = if n <= inline.len() {
+            &mut inline[..n]
+        } else {
+            spilled.resize(n, empty);
+            &mut spilled
+        };
+        // SAFETY: `chunks` has exactly the `n` entries Envoy asked for; Envoy writes at most
+        // that many (the count it just returned, with no body change in between).
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks(
+                self.raw,
+                body_type,
+                chunks.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return;
+        }
+        for c in chunks.iter() {
+            // SAFETY: each entry is a slice of the response chunk, valid until the hook
+            // returns (nothing here changes the body); `envoy_bytes` treats null as empty.
+            f(unsafe { envoy_bytes(*c) });
+        }
     }
 
     /// Appends the slices of one of the stream's bodies to `out`.
