@@ -379,6 +379,19 @@ pub struct DataPlaneArgs {
     /// (N-th address from the right of x-forwarded-for).
     #[arg(long, env = "KEYGATE_CLIENT_IP_FROM", default_value = "peer")]
     pub client_ip_from: ClientIpSource,
+
+    /// How often metered usage (tokens per key, service and model) is reported: to the
+    /// control plane (`keygate authz`) or to the store (`keygate serve`). Also at shutdown.
+    #[arg(long, env = "KEYGATE_USAGE_REPORT_INTERVAL", default_value = "1s", value_parser = parse_report_interval)]
+    pub usage_report_interval: std::time::Duration,
+}
+
+fn parse_report_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{s:?} must be between 100ms and 1h"));
+    }
+    Ok(d)
 }
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

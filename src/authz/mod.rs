@@ -7,6 +7,8 @@
 pub mod decision;
 #[cfg(feature = "server")]
 pub mod ext_authz;
+#[cfg(feature = "server")]
+pub mod ext_proc;
 pub mod metering;
 pub mod model;
 pub mod outcome;

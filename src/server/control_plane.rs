@@ -67,7 +67,17 @@ pub async fn start_control_plane(
         shutdown.spawn(flusher);
         let svc = ExtAuthzService::new(snapshots.cell.clone(), keys.hasher.clone(), decision)
             .with_usage(recorder);
-        serve_authz(listener, svc, snapshots.cell.clone(), &tls, &mut shutdown).await?;
+        let tally = Arc::new(crate::usage::Tally::default());
+        let metering = crate::authz::ext_proc::ExtProcService::new(snapshots.cell.clone(), tally);
+        serve_authz(
+            listener,
+            svc,
+            metering,
+            snapshots.cell.clone(),
+            &tls,
+            &mut shutdown,
+        )
+        .await?;
     }
     let distribution = subscriber_token.map(|token| {
         let svc = DistributionService::new(

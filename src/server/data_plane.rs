@@ -3,6 +3,7 @@
 //! listeners (ext_authz, metrics), the usage flusher and the subscription.
 //! Depends on `authz`, `config`, `distribution`, `metrics`, `usage` and the rest of `server`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -57,7 +58,23 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     shutdown.spawn(flusher);
     let svc = ExtAuthzService::new(feed.cell.clone(), feed.keys.hasher.clone(), decision)
         .with_usage(recorder);
-    serve_authz(listener, svc, feed.cell.clone(), &tls, &mut shutdown).await?;
+    let tally = Arc::new(crate::usage::Tally::default());
+    shutdown.spawn(crate::usage::metered::start_reporter(
+        tally.clone(),
+        feed.report_sink(),
+        args.data_plane.usage_report_interval,
+        shutdown.recv(),
+    ));
+    let metering = crate::authz::ext_proc::ExtProcService::new(feed.cell.clone(), tally);
+    serve_authz(
+        listener,
+        svc,
+        metering,
+        feed.cell.clone(),
+        &tls,
+        &mut shutdown,
+    )
+    .await?;
 
     let (fatal_tx, fatal) = oneshot::channel();
     let subscription = feed.subscriber().run(shutdown.recv());

@@ -168,6 +168,7 @@ pub const MAX_CHECK_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 pub(super) async fn serve_authz(
     listener: AuthzListener,
     authz: ExtAuthzService,
+    metering: crate::authz::ext_proc::ExtProcService,
     cell: SnapshotCell,
     tls: &Option<ServerTlsConfig>,
     shutdown: &mut Shutdown,
@@ -195,6 +196,10 @@ pub(super) async fn serve_authz(
         .add_service(reflection_v1alpha)
         .add_service(
             envoy_types::ext_authz::v3::pb::AuthorizationServer::new(authz)
+                .max_decoding_message_size(MAX_CHECK_REQUEST_BYTES),
+        )
+        .add_service(
+            crate::authz::ext_proc::ExternalProcessorServer::new(metering)
                 .max_decoding_message_size(MAX_CHECK_REQUEST_BYTES),
         );
     match listener {

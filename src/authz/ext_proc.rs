@@ -1,0 +1,177 @@
+//! Response metering in the ext_authz shape (SPEC §8.2): Envoy's External Processing API
+//! (`envoy.service.ext_proc.v3.ExternalProcessor`), served on the authz listener beside
+//! `Check`. Envoy's ext_proc filter, in observability mode, streams each response to it —
+//! headers, then the body chunk by chunk — without waiting for answers, so metering never
+//! delays a response; the request is correlated with its ext_authz decision through the
+//! dynamic metadata ext_authz set (`consumer_key_id`, `consumer_id`, `model_service`,
+//! `model`), which the filter forwards (`metadata_options.forwarding_namespaces`).
+//!
+//! The bytes go through the same [`StreamMetering`] as the module's, into the data plane's
+//! [`Tally`]. A stream whose metadata is a refusal's (`deny_reason`) or lacks the fields is
+//! not metered. Outside observability mode (a misconfiguration) every message is answered with
+//! "continue, unchanged", so a request is never held.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyResponse, HeadersResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
+    processing_request::Request as Msg, processing_response::Response as Answer,
+};
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use super::metering::StreamMetering;
+use crate::snapshot::SnapshotCell;
+use crate::usage::Tally;
+
+pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+
+/// Where Envoy's ext_authz filter puts the metadata of its decisions.
+pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// The ext_proc service: meters responses into `tally`.
+#[derive(Clone)]
+pub struct ExtProcService {
+    cell: SnapshotCell,
+    tally: Arc<Tally>,
+}
+
+impl ExtProcService {
+    pub fn new(cell: SnapshotCell, tally: Arc<Tally>) -> Self {
+        ExtProcService { cell, tally }
+    }
+
+    /// The metering of the request a stream's metadata describes, if it was allowed.
+    fn metering_for(&self, metadata: &Metadata) -> Option<StreamMetering> {
+        let fields = metadata.filter_metadata.get(EXT_AUTHZ_NAMESPACE)?;
+        if string(fields, "deny_reason").is_some() {
+            return None;
+        }
+        let key = Uuid::parse_str(string(fields, "consumer_key_id")?).ok()?;
+        let consumer = string(fields, "consumer_id").and_then(|c| Uuid::parse_str(c).ok());
+        let service_name = string(fields, "model_service")?;
+        let service = {
+            let guard = self.cell.load_guard();
+            guard.as_ref()?.service(service_name)?.id
+        };
+        Some(StreamMetering::new(
+            key,
+            consumer,
+            service,
+            string(fields, "model"),
+        ))
+    }
+}
+
+fn string<'a>(s: &'a Struct, field: &str) -> Option<&'a str> {
+    match s.fields.get(field)?.kind.as_ref()? {
+        Kind::StringValue(v) if !v.is_empty() => Some(v),
+        _ => None,
+    }
+}
+
+/// First value of `name` (lower case) in an ext_proc header map (`raw_value`, or `value`).
+fn header<'a>(map: &'a Option<HeaderMap>, name: &str) -> Option<&'a [u8]> {
+    let h = map.as_ref()?.headers.iter().find(|h| h.key == name)?;
+    Some(if h.raw_value.is_empty() {
+        h.value.as_bytes()
+    } else {
+        &h.raw_value
+    })
+}
+
+/// What a stream's metering is, as its messages arrive.
+enum State {
+    /// No message with metadata yet.
+    Unknown,
+    Metering(StreamMetering),
+    /// Not an allowed, correlated request.
+    Ignored,
+}
+
+type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = Answers;
+
+    async fn process(
+        &self,
+        req: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = req.into_inner();
+        let svc = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ProcessingResponse, Status>>(4);
+        tokio::spawn(async move {
+            let mut state = State::Unknown;
+            let mut done = false;
+            // Ends when Envoy closes its side (or the stream breaks): what was read is recorded.
+            while let Some(Ok(m)) = inbound.next().await {
+                if let State::Unknown = state
+                    && let Some(md) = &m.metadata_context
+                {
+                    state = match svc.metering_for(md) {
+                        Some(s) => State::Metering(s),
+                        None => State::Ignored,
+                    };
+                }
+                let observe = m.observability_mode;
+                let Some(msg) = m.request else { continue };
+                let answer = match msg {
+                    Msg::ResponseHeaders(h) => {
+                        if let State::Metering(s) = &mut state {
+                            let status = header(&h.headers, ":status")
+                                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
+                                .unwrap_or(0);
+                            s.response_headers(
+                                status,
+                                header(&h.headers, "content-type"),
+                                header(&h.headers, "content-encoding"),
+                            );
+                        }
+                        done |= h.end_of_stream;
+                        Answer::ResponseHeaders(HeadersResponse::default())
+                    }
+                    Msg::ResponseBody(b) => {
+                        if let State::Metering(s) = &mut state {
+                            s.response_body(&b.body);
+                        }
+                        done |= b.end_of_stream;
+                        Answer::ResponseBody(BodyResponse::default())
+                    }
+                    Msg::ResponseTrailers(_) => {
+                        done = true;
+                        Answer::ResponseTrailers(TrailersResponse::default())
+                    }
+                    Msg::RequestHeaders(_) => Answer::RequestHeaders(HeadersResponse::default()),
+                    Msg::RequestBody(_) => Answer::RequestBody(BodyResponse::default()),
+                    Msg::RequestTrailers(_) => Answer::RequestTrailers(TrailersResponse::default()),
+                };
+                if !observe {
+                    let reply = ProcessingResponse {
+                        response: Some(answer),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        break;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            if let State::Metering(s) = state {
+                s.finish(&svc.tally);
+            }
+            // Dropping `tx` ends the answer stream: Envoy sees the processor close.
+        });
+        let answers = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
