@@ -90,7 +90,8 @@ fn header<'a>(map: &'a Option<HeaderMap>, name: &str) -> Option<&'a [u8]> {
 enum State {
     /// No message with metadata yet.
     Unknown,
-    Metering(StreamMetering),
+    /// (Boxed: one allocation per metered stream, against the gRPC stream's own.)
+    Metering(Box<StreamMetering>),
     /// Not an allowed, correlated request.
     Ignored,
 }
@@ -117,7 +118,7 @@ impl ExternalProcessor for ExtProcService {
                     && let Some(md) = &m.metadata_context
                 {
                     state = match svc.metering_for(md) {
-                        Some(s) => State::Metering(s),
+                        Some(s) => State::Metering(Box::new(s)),
                         None => State::Ignored,
                     };
                 }
