@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response};
 use hyper_util::rt::TokioIo;
@@ -32,6 +33,9 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// The request body, as received (everything received when the request was cut short).
     pub body: Vec<u8>,
+    /// The status the upstream answered and the tokens its answer reported.
+    pub status: u16,
+    pub usage: Option<VendorUsage>,
 }
 
 impl Recorded {
@@ -124,48 +128,174 @@ pub const UPSTREAM_BODY: &str =
 /// The text of the vendor answers ([`vendor_answer`]).
 pub const UPSTREAM_REPLY_TEXT: &str = "Hello from the recording upstream.";
 
+/// The tokens a vendor answer reported, normalised like keygate's metering: `input`
+/// includes `cached_input`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VendorUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cached_input: u64,
+}
+
+/// One answer of the recording vendor: status, content type, the body in the chunks it is
+/// written in (one write each, so a stream arrives event by event), and the usage it reports.
+pub struct VendorReply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub chunks: Vec<String>,
+    pub usage: Option<VendorUsage>,
+}
+
+/// A request model that makes the vendor answer 429 `rate_limit_exceeded` (an error response).
+pub const MODEL_RATE_LIMITED: &str = "vendor-says-429";
+
 /// What the upstream answers, like the vendor whose endpoint was called where a client parses
-/// the answer: `POST …/chat/completions`, an OpenAI `chat.completion`; `POST …/messages`, an
-/// Anthropic `message` (each naming the model the request's body asked for, as the vendors
-/// do). Anything else gets [`UPSTREAM_BODY`].
-pub fn vendor_answer(method: &str, target: &str, body: &[u8]) -> String {
+/// the answer: `POST …/chat/completions`, an OpenAI `chat.completion`, or with `"stream": true`
+/// its SSE chunks (the usage chunk only with `stream_options.include_usage`, as OpenAI does);
+/// `POST …/messages`, an Anthropic `message`, or its event stream (`message_start` with the
+/// input and cache-read tokens, `message_delta` with the output). Each names the model the
+/// request asked for and reports tokens that depend on the request body (so sums are not
+/// trivially equal). Anything else gets [`UPSTREAM_BODY`].
+pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
     let path = target.split('?').next().unwrap_or("");
-    let model = || {
-        serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["model"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "unknown".into())
+    let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let model = req["model"].as_str().unwrap_or("unknown").to_string();
+    let stream = req["stream"] == true;
+    let n = body.len() as u64;
+    let usage = VendorUsage {
+        input: 10 + n % 50,
+        output: 3 + n % 11,
+        cached_input: n % 7,
     };
-    if method == "POST" && path.ends_with("/chat/completions") {
-        serde_json::json!({
-            "id": "chatcmpl-e2e",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": model(),
-            "system_fingerprint": null,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": UPSTREAM_REPLY_TEXT, "refusal": null},
-                "logprobs": null,
-                "finish_reason": "stop"
-            }],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
-        })
-        .to_string()
-    } else if method == "POST" && path.ends_with("/messages") {
-        serde_json::json!({
-            "id": "msg_e2e",
-            "type": "message",
-            "role": "assistant",
-            "model": model(),
-            "content": [{"type": "text", "text": UPSTREAM_REPLY_TEXT}],
-            "stop_reason": "end_turn",
-            "stop_sequence": null,
-            "usage": {"input_tokens": 5, "output_tokens": 7}
-        })
-        .to_string()
+    let json = |v: serde_json::Value, usage| VendorReply {
+        status: 200,
+        content_type: "application/json",
+        chunks: vec![v.to_string()],
+        usage,
+    };
+    let sse = |events: Vec<String>, usage| VendorReply {
+        status: 200,
+        content_type: "text/event-stream; charset=utf-8",
+        chunks: events,
+        usage,
+    };
+    let text_parts = ["Hello ", "from the ", "recording upstream."];
+    let is_chat = method == "POST" && path.ends_with("/chat/completions");
+    let is_messages = method == "POST" && path.ends_with("/messages");
+    if (is_chat || is_messages) && model == MODEL_RATE_LIMITED {
+        return VendorReply {
+            status: 429,
+            content_type: "application/json",
+            chunks: vec![serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string()],
+            usage: None,
+        };
+    }
+    if is_chat && stream {
+        let include = req["stream_options"]["include_usage"] == true;
+        let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+            let mut c = serde_json::json!({
+                "id": "chatcmpl-e2e", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                "model": model, "system_fingerprint": null,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+            });
+            if include {
+                c["usage"] = serde_json::Value::Null;
+            }
+            format!("data: {c}\n\n")
+        };
+        let mut events = vec![chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            serde_json::Value::Null,
+        )];
+        for t in text_parts {
+            events.push(chunk(
+                serde_json::json!({"content": t}),
+                serde_json::Value::Null,
+            ));
+        }
+        events.push(chunk(serde_json::json!({}), "stop".into()));
+        if include {
+            let u = serde_json::json!({
+                "id": "chatcmpl-e2e", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                "model": model, "choices": [],
+                "usage": {"prompt_tokens": usage.input, "completion_tokens": usage.output,
+                          "total_tokens": usage.input + usage.output,
+                          "prompt_tokens_details": {"cached_tokens": usage.cached_input}}
+            });
+            events.push(format!("data: {u}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".into());
+        sse(events, include.then_some(usage))
+    } else if is_chat {
+        json(
+            serde_json::json!({
+                "id": "chatcmpl-e2e",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": model,
+                "system_fingerprint": null,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": UPSTREAM_REPLY_TEXT, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": "stop"
+                }],
+                "usage": {"prompt_tokens": usage.input, "completion_tokens": usage.output,
+                          "total_tokens": usage.input + usage.output,
+                          "prompt_tokens_details": {"cached_tokens": usage.cached_input}}
+            }),
+            Some(usage),
+        )
+    } else if is_messages && stream {
+        let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+        let mut events = vec![ev(
+            "message_start",
+            serde_json::json!({"type": "message_start", "message": {
+                "id": "msg_e2e", "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": usage.input - usage.cached_input,
+                          "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": usage.cached_input, "output_tokens": 1}}}),
+        )];
+        events.push(ev("content_block_start", serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})));
+        events.push(ev("ping", serde_json::json!({"type": "ping"})));
+        for t in text_parts {
+            events.push(ev("content_block_delta", serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})));
+        }
+        events.push(ev(
+            "content_block_stop",
+            serde_json::json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push(ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": usage.output}})));
+        events.push(ev(
+            "message_stop",
+            serde_json::json!({"type": "message_stop"}),
+        ));
+        sse(events, Some(usage))
+    } else if is_messages {
+        json(
+            serde_json::json!({
+                "id": "msg_e2e",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": UPSTREAM_REPLY_TEXT}],
+                "stop_reason": "end_turn",
+                "stop_sequence": null,
+                "usage": {"input_tokens": usage.input - usage.cached_input,
+                          "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": usage.cached_input,
+                          "output_tokens": usage.output}
+            }),
+            Some(usage),
+        )
     } else {
-        UPSTREAM_BODY.to_string()
+        VendorReply {
+            status: 200,
+            content_type: "application/json",
+            chunks: vec![UPSTREAM_BODY.to_string()],
+            usage: None,
+        }
     }
 }
 
@@ -234,18 +364,29 @@ impl Upstream {
                                 p[slot].ended = ended;
                                 p[slot].body.clone()
                             };
-                            let answer = vendor_answer(&method, &target, &received);
+                            let reply = vendor_reply(&method, &target, &received);
                             sink.lock().unwrap().push(Recorded {
                                 method,
                                 target,
                                 headers: parts.headers,
                                 body: received,
+                                status: reply.status,
+                                usage: reply.usage,
                             });
+                            // A stream is written event by event, as the vendors do.
+                            let pace = reply.chunks.len() > 1;
+                            let frames =
+                                futures::stream::iter(reply.chunks).then(move |c| async move {
+                                    if pace {
+                                        tokio::time::sleep(Duration::from_millis(2)).await;
+                                    }
+                                    Ok::<_, Infallible>(Frame::data(Bytes::from(c)))
+                                });
                             Ok::<_, Infallible>(
                                 Response::builder()
-                                    .status(200)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(answer)))
+                                    .status(reply.status)
+                                    .header("content-type", reply.content_type)
+                                    .body(StreamBody::new(frames))
                                     .unwrap(),
                             )
                         }

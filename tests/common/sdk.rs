@@ -40,11 +40,24 @@ client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeou
 for call in calls:
     sent.clear()
     try:
-        r = client.chat.completions.create(
-            model=call["model"],
-            messages=[{"role": "user", "content": call.get("prompt", "Say hello.")}])
-        results.append({"ok": True, "model": r.model, "text": r.choices[0].message.content,
-                        "id": r.id, "sent": sent[-1]})
+        messages = [{"role": "user", "content": call.get("prompt", "Say hello.")}]
+        if call.get("stream"):
+            extra = {"stream_options": {"include_usage": True}} if call.get("include_usage") else {}
+            text, model, usage = "", None, None
+            for chunk in client.chat.completions.create(model=call["model"], messages=messages,
+                                                        stream=True, **extra):
+                model = chunk.model
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                if chunk.usage:
+                    usage = chunk.usage.model_dump()
+            results.append({"ok": True, "model": model, "text": text, "usage": usage,
+                            "sent": sent[-1]})
+        else:
+            r = client.chat.completions.create(model=call["model"], messages=messages)
+            results.append({"ok": True, "model": r.model, "text": r.choices[0].message.content,
+                            "id": r.id, "usage": r.usage.model_dump() if r.usage else None,
+                            "sent": sent[-1]})
     except openai.APIStatusError as e:
         results.append(refused(e))
 print(json.dumps(results))
@@ -57,11 +70,18 @@ client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0, 
 for call in calls:
     sent.clear()
     try:
-        r = client.messages.create(
-            model=call["model"], max_tokens=64,
-            messages=[{"role": "user", "content": call.get("prompt", "Say hello.")}])
-        results.append({"ok": True, "model": r.model, "text": r.content[0].text, "id": r.id,
-                        "sent": sent[-1]})
+        messages = [{"role": "user", "content": call.get("prompt", "Say hello.")}]
+        if call.get("stream"):
+            with client.messages.stream(model=call["model"], max_tokens=64,
+                                        messages=messages) as stream:
+                text = "".join(stream.text_stream)
+                r = stream.get_final_message()
+            results.append({"ok": True, "model": r.model, "text": text, "id": r.id,
+                            "usage": r.usage.model_dump(), "sent": sent[-1]})
+        else:
+            r = client.messages.create(model=call["model"], max_tokens=64, messages=messages)
+            results.append({"ok": True, "model": r.model, "text": r.content[0].text, "id": r.id,
+                            "usage": r.usage.model_dump(), "sent": sent[-1]})
     except anthropic.APIStatusError as e:
         results.append(refused(e))
 print(json.dumps(results))
@@ -101,6 +121,52 @@ pub async fn sdk_calls(
     api_key: &str,
     models: &[&str],
 ) -> Vec<SdkResult> {
+    let calls: Vec<SdkCall> = models.iter().map(|m| SdkCall::plain(m)).collect();
+    sdk_run(sdk, listener, base_path, api_key, &calls).await
+}
+
+/// One SDK call: a model, and whether it streams (OpenAI: with `stream_options.include_usage`
+/// when `include_usage`; Anthropic: `messages.stream`).
+#[derive(Clone, Debug)]
+pub struct SdkCall {
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub prompt: String,
+}
+
+impl SdkCall {
+    pub fn plain(model: &str) -> SdkCall {
+        SdkCall {
+            model: model.into(),
+            stream: false,
+            include_usage: false,
+            prompt: "Say hello.".into(),
+        }
+    }
+
+    pub fn streaming(model: &str, include_usage: bool) -> SdkCall {
+        SdkCall {
+            stream: true,
+            include_usage,
+            ..SdkCall::plain(model)
+        }
+    }
+
+    pub fn with_prompt(mut self, prompt: &str) -> SdkCall {
+        self.prompt = prompt.into();
+        self
+    }
+}
+
+/// Runs `calls` through `sdk`, as [`sdk_calls`] does; one result per call, in order.
+pub async fn sdk_run(
+    sdk: Sdk,
+    listener: SocketAddr,
+    base_path: &str,
+    api_key: &str,
+    calls: &[SdkCall],
+) -> Vec<SdkResult> {
     let script = format!(
         "{PRELUDE}{}",
         match sdk {
@@ -108,9 +174,14 @@ pub async fn sdk_calls(
             Sdk::Anthropic => ANTHROPIC,
         }
     );
-    let calls: Vec<serde_json::Value> = models
+    let calls: Vec<serde_json::Value> = calls
         .iter()
-        .map(|m| serde_json::json!({ "model": m }))
+        .map(|c| {
+            serde_json::json!({
+                "model": c.model, "stream": c.stream, "include_usage": c.include_usage,
+                "prompt": c.prompt,
+            })
+        })
         .collect();
     let base_url = format!("http://{listener}{base_path}");
     let out = run_python(
@@ -124,7 +195,7 @@ pub async fn sdk_calls(
     .await;
     let results: Vec<serde_json::Value> = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("the {sdk:?} script printed no JSON list ({e}): {out}"));
-    assert_eq!(results.len(), models.len(), "{sdk:?}: one result per call");
+    assert_eq!(results.len(), calls.len(), "{sdk:?}: one result per call");
     results.into_iter().map(SdkResult).collect()
 }
 
