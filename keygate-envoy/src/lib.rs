@@ -22,7 +22,8 @@ use std::time::Instant;
 use keygate::authz::decision::{Body, path_without_param};
 use keygate::authz::metering::StreamMetering;
 use keygate::authz::outcome::{
-    METADATA_FIELDS, METADATA_NAMESPACE, MetadataSelection, REPLY_CONTENT_TYPE,
+    METADATA_FIELDS, METADATA_NAMESPACE, METERED_ACCEPT_ENCODING, MetadataSelection,
+    REPLY_CONTENT_TYPE,
 };
 use keygate::authz::{
     Admit, Decision, DecisionConfig, MetaValue, Outcome, OutcomeRecorder, Refusal, RequestView,
@@ -403,6 +404,10 @@ impl FilterConfig {
         }
         if let Some(p) = new_path {
             edited &= req.set_header(":path", p.as_bytes());
+        }
+        if self.metering {
+            let (name, value) = METERED_ACCEPT_ENCODING;
+            edited &= req.set_header(name, value.as_bytes());
         }
         if !edited {
             self.recorder.error();

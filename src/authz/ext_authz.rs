@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status};
 use super::decision::{
     Body, DecisionConfig, MODEL_EXTENSION, MODEL_SERVICE_EXTENSION, RequestView, decide,
 };
-use super::outcome::{ALL_METADATA, Admit, MetaValue, Outcome, REPLY_CONTENT_TYPE, Refusal};
+use super::outcome::{
+    ALL_METADATA, Admit, METERED_ACCEPT_ENCODING, MetaValue, Outcome, REPLY_CONTENT_TYPE, Refusal,
+};
 use super::record::OutcomeRecorder;
 use crate::crypto::KeyHasher;
 use crate::domain::Timestamp;
@@ -95,7 +97,10 @@ fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>) -> CheckResponse {
         }),
         dynamic_metadata: Some(metadata(a.metadata(&ALL_METADATA))),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-            headers: vec![overwrite_header(name, value)],
+            headers: vec![
+                overwrite_header(name, value),
+                overwrite_header(METERED_ACCEPT_ENCODING.0, METERED_ACCEPT_ENCODING.1),
+            ],
             headers_to_remove: a.headers_to_remove(view).map(str::to_string).collect(),
             query_parameters_to_remove: a
                 .query_param_to_remove(view)

@@ -36,6 +36,11 @@ pub type MetadataSelection = [bool; METADATA_FIELDS.len()];
 /// Every metadata field on.
 pub const ALL_METADATA: MetadataSelection = [true; METADATA_FIELDS.len()];
 
+/// Set on every metered request toward the vendor: a response is metered from its bytes, so
+/// it must come uncompressed (the SDKs ask for gzip). Envoy's compressor filter, placed before
+/// keygate's, can still compress toward the client after metering.
+pub const METERED_ACCEPT_ENCODING: (&str, &str) = ("accept-encoding", "identity");
+
 /// The content type of every local reply.
 pub const REPLY_CONTENT_TYPE: (&str, &str) = ("content-type", "application/json");
 
