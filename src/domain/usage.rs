@@ -96,11 +96,17 @@ impl PricePerMtok {
             )
         };
         // Leading zeros aside, more than 5 whole digits is above the maximum (and could be
-        // more than a Decimal holds).
-        if whole.trim_start_matches('0').len() > 5 {
-            return Err(too_large());
-        }
-        let d = Decimal::from_str_exact(text).map_err(|_| rule("is not a decimal number"))?;
+        // more than a Decimal holds): parse without them.
+        let whole = match whole.trim_start_matches('0') {
+            "" => "0",
+            w if w.len() > 5 => return Err(too_large()),
+            w => w,
+        };
+        let exact = match fraction {
+            Some(f) => format!("{whole}.{f}"),
+            None => whole.to_string(),
+        };
+        let d = Decimal::from_str_exact(&exact).map_err(|_| rule("is not a decimal number"))?;
         let micro = d
             .checked_mul(Decimal::from(1_000_000u32))
             .filter(|m| m.fract().is_zero())
@@ -633,6 +639,8 @@ mod tests {
             ("0.000001", 1, "0.000001"),
             ("15", 15_000_000, "15"),
             ("007.25", 7_250_000, "7.25"),
+            ("00000000000000000000000000000000002.5", 2_500_000, "2.5"),
+            ("000.000000", 0, "0"),
             ("10000", 10_000_000_000, "10000"),
             ("10000.000000", 10_000_000_000, "10000"),
             ("0.1", 100_000, "0.1"),
