@@ -36,6 +36,12 @@ pub struct Metrics {
     pub usage_report_failures: IntCounter,
     /// Data planes: usage rows not yet acknowledged by the control plane.
     pub usage_pending_rows: IntGauge,
+    /// Control planes: applied usage (SPEC §8.2), per consumer and model service; counted
+    /// by `admin::usage`.
+    pub usage_tokens: IntCounterVec,
+    pub usage_cost: IntCounterVec,
+    pub usage_unpriced: IntCounterVec,
+    pub usage_reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -138,6 +144,40 @@ impl Metrics {
              control plane.",
         )
         .expect("valid metric");
+        let usage_tokens = IntCounterVec::new(
+            Opts::new(
+                "keygate_usage_tokens_total",
+                "Tokens of applied usage reports per consumer and model service; kind input \
+                 (cached input included), output or cached_input.",
+            ),
+            &["consumer", "model_service", "kind"],
+        )
+        .expect("valid metric");
+        let usage_cost = IntCounterVec::new(
+            Opts::new(
+                "keygate_usage_cost_microusd_total",
+                "Cost of applied usage in whole micro-USD per consumer and model service (the \
+                 picodollars below one are carried to the next report).",
+            ),
+            &["consumer", "model_service"],
+        )
+        .expect("valid metric");
+        let usage_unpriced = IntCounterVec::new(
+            Opts::new(
+                "keygate_usage_unpriced_requests_total",
+                "Requests of applied usage whose model the model service has no price for.",
+            ),
+            &["model_service"],
+        )
+        .expect("valid metric");
+        let usage_reports = IntCounterVec::new(
+            Opts::new(
+                "keygate_usage_reports_total",
+                "Usage reports from data planes: applied, duplicate (applied before) or refused.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(checks.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(usage_unparsed.clone()),
@@ -150,6 +190,12 @@ impl Metrics {
             Box::new(snapshot_build.clone()),
             Box::new(snapshot_entries.clone()),
             Box::new(secret_refresh_failures.clone()),
+            // Vectors without children are not exported: only control planes applying usage
+            // show these.
+            Box::new(usage_tokens.clone()),
+            Box::new(usage_cost.clone()),
+            Box::new(usage_unpriced.clone()),
+            Box::new(usage_reports.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -177,6 +223,10 @@ impl Metrics {
             usage_unparsed,
             usage_report_failures,
             usage_pending_rows,
+            usage_tokens,
+            usage_cost,
+            usage_unpriced,
+            usage_reports,
         }
     }
 

@@ -379,13 +379,13 @@ async fn upgrades_from_before_model_scope(backend: &str) {
     // Back to version 3, with a models list the old rule (1–200 printable characters) allowed.
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for sql in [
+    for sql in UNDO_V5.iter().copied().chain([
         "DROP TABLE scope_models",
         "ALTER TABLE model_services DROP COLUMN model_source",
         "ALTER TABLE model_services DROP COLUMN legacy_models",
         "DELETE FROM _sqlx_migrations WHERE version = 4",
         r#"UPDATE model_services SET models = '["gpt 4o (legacy)"]'"#,
-    ] {
+    ]) {
         conn.execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -457,4 +457,125 @@ async fn a_store_from_before_model_scope_upgrades_sqlite() {
 #[tokio::test]
 async fn a_store_from_before_model_scope_upgrades_postgres() {
     upgrades_from_before_model_scope("postgres").await;
+}
+
+/// What schema version 5 (usage and spend) added, undone: a store back at version 4.
+const UNDO_V5: [&str; 5] = [
+    "DROP TABLE usage_buckets",
+    "DROP TABLE usage_cursors",
+    "DROP TABLE usage_names",
+    "ALTER TABLE model_services DROP COLUMN pricing",
+    "DELETE FROM _sqlx_migrations WHERE version = 5",
+];
+
+/// A store written before usage and spend (schema version 4) upgrades in place: its model
+/// services have no prices (usage of them is unpriced) until set, and usage reports apply
+/// and sum at once.
+async fn upgrades_from_before_usage(backend: &str) {
+    use keygate::domain::input::ModelServicePatch;
+    use keygate::domain::usage::{
+        ModelPriceInput, UsageApplied, UsageDelta, UsageQuery, UsageReportInput,
+    };
+    use keygate::domain::{Named, Timestamp};
+    use sqlx::{Connection, Executor};
+
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let store = open(&fx.url, &master).await;
+    let a = actor();
+    let service = NewModelService {
+        name: "openai".into(),
+        ..Default::default()
+    };
+    let service_id = store.create_model_service(&a, service).await.unwrap().id;
+    store.close().await;
+
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
+    for sql in UNDO_V5 {
+        conn.execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    conn.close().await.unwrap();
+
+    let store = open(&fx.url, &master).await;
+    let openai = Selector::Name("openai".into());
+    assert!(
+        store
+            .get_model_service(&openai)
+            .await
+            .unwrap()
+            .pricing
+            .is_empty()
+    );
+    let row = UsageDelta {
+        consumer_key: uuid::Uuid::now_v7(),
+        model_service: uuid::Uuid::parse_str(&service_id).unwrap(),
+        model: "gpt-4o".into(),
+        requests: 2,
+        input_tokens: 1_000_000,
+        ..Default::default()
+    };
+    let report = |sequence, rows| UsageReportInput {
+        data_plane: uuid::Uuid::nil(),
+        sequence,
+        time: Timestamp::now(),
+        rows,
+    };
+    let UsageApplied::Applied(first) = store
+        .apply_usage_report(&report(1, vec![row.clone()]), Timestamp::now())
+        .await
+        .unwrap()
+    else {
+        panic!("the first report applies");
+    };
+    assert_eq!(first.unpriced_requests, 2, "no price yet");
+    let patch = ModelServicePatch {
+        pricing: Some(vec![ModelPriceInput {
+            model: "gpt-4o".into(),
+            input_per_mtok: "2.50".into(),
+            output_per_mtok: "10".into(),
+            cached_input_per_mtok: String::new(),
+        }]),
+        ..Default::default()
+    };
+    let s = store
+        .update_model_service(&a, &openai, patch)
+        .await
+        .unwrap();
+    assert_eq!(s.pricing[0].input.to_string(), "2.5");
+    store
+        .apply_usage_report(&report(2, vec![row]), Timestamp::now())
+        .await
+        .unwrap();
+    let q = UsageQuery {
+        group_by: vec![keygate::domain::usage::UsageDimension::ModelService],
+        ..Default::default()
+    };
+    let rows = store.get_usage(&q).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].model_service,
+        Some(Named {
+            id: service_id,
+            name: "openai".into()
+        })
+    );
+    assert_eq!(
+        (rows[0].totals.requests, rows[0].totals.unpriced_requests),
+        (4, 2)
+    );
+    assert_eq!(rows[0].totals.cost.to_string(), "2.5");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_usage_upgrades_sqlite() {
+    upgrades_from_before_usage("sqlite").await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_usage_upgrades_postgres() {
+    upgrades_from_before_usage("postgres").await;
 }

@@ -7,6 +7,7 @@ use prost_types::{FieldMask, Timestamp as PbTimestamp};
 use tonic::Status;
 
 use crate::domain::text::{nfc, nfc_owned};
+use crate::domain::usage::{ModelPrice, ModelPriceInput};
 use crate::domain::{
     self, FieldViolation, GenerationMethod, KeyStatus, ModelGrant, ModelSource, Named,
     ResourceKind, RuleError, Scope, ScopeInput, ScopePatch, Selector, Timestamp,
@@ -192,6 +193,33 @@ pub fn model_source_out(s: ModelSource) -> i32 {
     s.code() as i32
 }
 
+/// A service's price list as written (parsed and checked by the domain).
+pub fn pricing_in(list: Vec<pb::ModelPrice>) -> Vec<ModelPriceInput> {
+    list.into_iter()
+        .map(|p| ModelPriceInput {
+            model: p.model,
+            input_per_mtok: p.input_per_mtok,
+            output_per_mtok: p.output_per_mtok,
+            cached_input_per_mtok: p.cached_input_per_mtok,
+        })
+        .collect()
+}
+
+/// Stored prices on the wire, as canonical decimals ("2.5"; cached input empty when unset).
+pub fn pricing_out(list: &[ModelPrice]) -> Vec<pb::ModelPrice> {
+    list.iter()
+        .map(|p| {
+            let p = ModelPriceInput::from(p);
+            pb::ModelPrice {
+                model: p.model,
+                input_per_mtok: p.input_per_mtok,
+                output_per_mtok: p.output_per_mtok,
+                cached_input_per_mtok: p.cached_input_per_mtok,
+            }
+        })
+        .collect()
+}
+
 fn names(list: &[Named]) -> Vec<String> {
     list.iter().map(|n| n.name.clone()).collect()
 }
@@ -297,6 +325,7 @@ pub fn service_out(s: domain::ModelService) -> pb::ModelService {
         auth_value_template: s.auth_value_template,
         models: s.models,
         model_source: model_source_out(s.model_source),
+        pricing: pricing_out(&s.pricing),
     }
 }
 

@@ -3,7 +3,8 @@
 //! Depends on `domain`, `crypto`, `secret`, `store`, `snapshot` and `proto`.
 //!
 //! One file per resource holds its handlers (`consumers`, `model_services`, `consumer_keys`,
-//! `model_keys`, `inspect` for references, audit and snapshot status); `auth` checks the
+//! `model_keys`, `inspect` for references, audit and snapshot status, `usage` for GetUsage and
+//! applying data planes' usage reports); `auth` checks the
 //! token, `secret_refs` reads references and key sources, `convert` translates messages and
 //! `status` maps every error to its gRPC status.
 
@@ -18,6 +19,7 @@ mod model_keys;
 mod model_services;
 mod secret_refs;
 mod status;
+mod usage;
 
 use tonic::{Request, Response, Status};
 
@@ -30,6 +32,7 @@ use crate::store::Store;
 
 pub use auth::{AdminAuth, Identity};
 pub use cert_identities::CertIdentities;
+pub use usage::apply_usage_report_and_count;
 
 /// The KeyAdmin implementation.
 #[derive(Clone, Debug)]
@@ -291,6 +294,11 @@ impl KeyAdmin for AdminService {
     ) -> R<pb::GetSnapshotStatusResponse> {
         self.auth.allow(req, Role::Viewer).await?;
         inspect::snapshot_status(self).await
+    }
+
+    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> R<pb::GetUsageResponse> {
+        let req = self.auth.allow(req, Role::Viewer).await?;
+        usage::get(self, req).await
     }
 
     async fn create_admin_token(

@@ -5,7 +5,7 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, model_source_in, page, page_token, selector, service_out,
+    OUTPUT_ONLY, UpdateMask, model_source_in, page, page_token, pricing_in, selector, service_out,
 };
 use super::{AdminService, R, ok};
 use crate::domain::Selector;
@@ -37,6 +37,7 @@ pub(super) async fn create(
         auth_value_template: r.auth_value_template,
         models: r.models,
         model_source: model_source_in("model_source", r.model_source)?,
+        pricing: pricing_in(r.pricing),
     };
     ok(service_out(
         svc.store.create_model_service(&actor, new).await?,
@@ -84,6 +85,7 @@ pub(super) async fn update(
             ("auth_value_template", !s.auth_value_template.is_empty()),
             ("models", !s.models.is_empty()),
             ("model_source", s.model_source != 0),
+            ("pricing", !s.pricing.is_empty()),
         ],
         &[
             "name",
@@ -93,6 +95,7 @@ pub(super) async fn update(
             "auth_value_template",
             "models",
             "model_source",
+            "pricing",
         ],
         ELSEWHERE,
     )?;
@@ -118,6 +121,8 @@ pub(super) async fn update(
         } else {
             None
         },
+        // The path replaces the whole list (empty: no prices).
+        pricing: mask.has("pricing").then(|| pricing_in(s.pricing.clone())),
     };
     ok(service_out(
         svc.store.update_model_service(&actor, &sel, patch).await?,

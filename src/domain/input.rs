@@ -5,6 +5,7 @@
 use ipnet::IpNet;
 
 use super::model::{check_pattern, split_entry};
+use super::usage::{ModelPriceInput, parse_pricing};
 use super::validate::{self, FieldViolation};
 use super::{
     GenerationMethod, Limits, ModelSource, RuleError, ScopeInput, ScopePatch, Secret, SecretRef,
@@ -38,6 +39,8 @@ pub struct NewModelService {
     /// Model patterns the service may be asked for (empty: any), enforced by the data plane.
     pub models: Vec<String>,
     pub model_source: ModelSource,
+    /// Prices of its models (SPEC §8.2), as written: parsed by `usage::parse_pricing`.
+    pub pricing: Vec<ModelPriceInput>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -49,6 +52,8 @@ pub struct ModelServicePatch {
     pub auth_value_template: Option<String>,
     pub models: Option<Vec<String>>,
     pub model_source: Option<ModelSource>,
+    /// Replaces the whole price list.
+    pub pricing: Option<Vec<ModelPriceInput>>,
 }
 
 /// A consumer key's value as the operator chose to provide it.
@@ -255,6 +260,7 @@ impl NewModelService {
             &self.auth_value_template,
         ));
         check_provider_and_models(&mut v, "", Some(&self.provider), Some(&self.models));
+        check_pricing(&mut v, "pricing", Some(&self.pricing));
         v.finish()
     }
 }
@@ -275,6 +281,12 @@ fn check_provider_and_models(
     }
     for (i, m) in models.into_iter().flatten().enumerate() {
         v.check(check_pattern(&format!("{prefix}models[{i}]"), m));
+    }
+}
+
+fn check_pricing(v: &mut Violations, field: &str, pricing: Option<&Vec<ModelPriceInput>>) {
+    if let Some(Err(mut bad)) = pricing.map(|p| parse_pricing(field, p)) {
+        v.0.append(&mut bad);
     }
 }
 
@@ -302,6 +314,7 @@ impl ModelServicePatch {
             self.provider.as_ref(),
             self.models.as_ref(),
         );
+        check_pricing(&mut v, "model_service.pricing", self.pricing.as_ref());
         v.finish()
     }
 }

@@ -6,6 +6,7 @@ pub mod input;
 pub mod model;
 mod secret;
 pub mod text;
+pub mod usage;
 pub mod validate;
 
 pub use admin_token::{ADMIN_TOKEN_PREFIX, AdminToken, BOOTSTRAP_NAME, NewAdminToken, Role};
@@ -218,6 +219,8 @@ pub struct ModelService {
     pub auth_value_template: String,
     pub models: Vec<String>,
     pub model_source: ModelSource,
+    /// Prices of its models, for the cost of usage (SPEC §8.2).
+    pub pricing: Vec<usage::ModelPrice>,
     pub model_keys: Vec<Named>,
     pub create_time: Timestamp,
     pub update_time: Timestamp,

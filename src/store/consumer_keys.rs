@@ -15,6 +15,7 @@ use super::rows::{
 };
 use super::scopes::{read_scope, resolve_scope, update_scope, write_scope};
 use super::secret_values::{resolved, value_in_use, value_in_use_error};
+use super::usage::remember_deleted_name;
 use super::{Actor, Page, PageRequest, Result, Store};
 use crate::crypto::{self, KeyHash, Secret};
 use crate::domain::input::{ConsumerKeyPatch, KeySource, NewConsumerKey};
@@ -309,6 +310,7 @@ impl Store {
             .bind(&key.id)
             .execute(&mut *m.tx)
             .await?;
+        remember_deleted_name(&mut m.tx, KIND, &key.id, &key.name, m.now).await?;
         if let Some(h) = row.try_get::<Option<Vec<u8>>, _>("key_hash")? {
             m.removed_hashes.push(h);
         }

@@ -10,6 +10,7 @@ use super::lookup::{ensure_unique_name, find};
 use super::mutation::{rename_and_describe, touch};
 use super::rows::{CONSUMER_COLUMNS, consumer_base, named, new_id, scope_mode};
 use super::scopes::{read_scope, resolve_scope, update_scope, write_scope};
+use super::usage::remember_deleted_name;
 use super::{Actor, Page, PageRequest, Result, Store};
 use crate::domain::input::{ConsumerPatch, NewConsumer};
 use crate::domain::{Consumer, Named, ResourceKind, Scope, Selector};
@@ -106,6 +107,7 @@ impl Store {
             .bind(&consumer.id)
             .execute(&mut *m.tx)
             .await?;
+        remember_deleted_name(&mut m.tx, KIND, &consumer.id, &consumer.name, m.now).await?;
         let audit = Audit::new("DeleteConsumer", KIND, &consumer.id, &consumer.name, &[]);
         self.commit(m, audit).await?;
         Ok(())

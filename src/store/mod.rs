@@ -10,7 +10,7 @@
 //! `mutation` (begin/commit), `audit`, `changes` and `contents` (what the snapshot builder
 //! reads), `lookup` and `scopes` (resolving names), `rows` (SQL codes and row decoding),
 //! `listen` (commit notifications), `epoch` (which history of revisions the store is in), `schema` (migrations), `admin_tokens` (named admin
-//! credentials, SPEC §9).
+//! credentials, SPEC §9), `usage` (usage reports applied exactly once, the usage query, SPEC §8.2).
 
 mod admin_tokens;
 mod audit;
@@ -30,6 +30,7 @@ mod rows;
 mod schema;
 mod scopes;
 mod secret_values;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,7 @@ pub use contents::{EncryptedModelKeys, KeyRow, StoreContents};
 pub use lookup::{Page, PageRequest};
 pub use model_keys::ModelKeyFilter;
 pub use secret_values::{Refreshed, SECRET_REFRESH_ACTOR, SecretKey};
+pub use usage::USAGE_CURSOR_IDLE_MICROS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

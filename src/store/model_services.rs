@@ -7,10 +7,14 @@ use super::audit::Audit;
 use super::lifecycle::refuse_while_referenced;
 use super::lookup::{ensure_unique_name, find};
 use super::mutation::{rename_and_describe, set_text, touch};
-use super::rows::{SERVICE_COLUMNS, encode_list, named, new_id, service_base, table_of};
+use super::rows::{
+    SERVICE_COLUMNS, encode_list, encode_pricing, named, new_id, service_base, table_of,
+};
+use super::usage::remember_deleted_name;
 use super::{Actor, Page, PageRequest, Result, Store};
 use crate::domain::input::{ModelServicePatch, NewModelService};
-use crate::domain::{ModelService, Named, ResourceKind, Selector};
+use crate::domain::usage::parse_pricing;
+use crate::domain::{ModelService, Named, ResourceKind, RuleError, Selector};
 
 const KIND: ResourceKind = ResourceKind::ModelService;
 
@@ -21,12 +25,13 @@ impl Store {
         mut req: NewModelService,
     ) -> Result<ModelService> {
         req.normalize()?;
+        let pricing = parse_pricing("pricing", &req.pricing).map_err(RuleError::Invalid)?;
         let mut m = self.begin(actor).await?;
         ensure_unique_name(&mut m.tx, KIND, &req.name, None).await?;
         let id = new_id();
         sqlx::query(
-            "INSERT INTO model_services (id, name, description, provider, auth_header, auth_value_template, models, model_source, create_time, update_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            "INSERT INTO model_services (id, name, description, provider, auth_header, auth_value_template, models, model_source, pricing, create_time, update_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)",
         )
         .bind(&id)
         .bind(&req.name)
@@ -36,6 +41,7 @@ impl Store {
         .bind(&req.auth_value_template)
         .bind(encode_list(&req.models))
         .bind(req.model_source.code())
+        .bind(encode_pricing(&pricing))
         .bind(m.now.0)
         .execute(&mut *m.tx)
         .await?;
@@ -47,6 +53,7 @@ impl Store {
             "auth_value_template",
             "models",
             "model_source",
+            "pricing",
         ];
         let audit = Audit::new("CreateModelService", KIND, &id, &req.name, &fields);
         self.commit(m, audit).await?;
@@ -89,6 +96,11 @@ impl Store {
         patch: ModelServicePatch,
     ) -> Result<ModelService> {
         patch.validate()?;
+        let pricing = patch
+            .pricing
+            .as_deref()
+            .map(|p| parse_pricing("model_service.pricing", p).map_err(RuleError::Invalid))
+            .transpose()?;
         let mut m = self.begin(actor).await?;
         let found = find(&mut m.tx, KIND, sel).await?;
         let id = found.id;
@@ -100,6 +112,7 @@ impl Store {
             ("auth_header", patch.auth_header.clone()),
             ("auth_value_template", patch.auth_value_template.clone()),
             ("models", patch.models.as_deref().map(encode_list)),
+            ("pricing", pricing.as_deref().map(encode_pricing)),
         ];
         for (column, value) in text_fields {
             if let Some(v) = value {
@@ -135,6 +148,7 @@ impl Store {
             .bind(&service.id)
             .execute(&mut *m.tx)
             .await?;
+        remember_deleted_name(&mut m.tx, KIND, &service.id, &service.name, m.now).await?;
         let audit = Audit::new("DeleteModelService", KIND, &service.id, &service.name, &[]);
         self.commit(m, audit).await?;
         Ok(())

@@ -9,6 +9,7 @@ use sqlx::any::AnyRow;
 use super::contents::KeyRow;
 use super::{Result, StoreError};
 use crate::crypto::KeyHash;
+use crate::domain::usage::{ModelPrice, PricePerMtok};
 use crate::domain::validate::ip_entry_display;
 use crate::domain::{
     AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, ModelGrant, ModelKey,
@@ -155,7 +156,7 @@ pub(super) const CONSUMER_COLUMNS: &str =
     "id, name, description, scope_mode, create_time, update_time";
 
 pub(super) const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, \
-     auth_value_template, models, model_source, create_time, update_time";
+     auth_value_template, models, model_source, pricing, create_time, update_time";
 
 pub(super) const MODEL_KEY_COLUMNS: &str = "id, name, description, status, generation_method, \
      masked_value, secret_provider, secret_name, secret_version, create_time, update_time";
@@ -173,6 +174,49 @@ pub(super) const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.
 /// The JSON text of a model service's `models`.
 pub(super) fn encode_list(items: &[String]) -> String {
     serde_json::to_string(items).expect("a list of strings serialises")
+}
+
+/// The JSON text of a model service's `pricing`: integer micro-USD per million tokens
+/// (`cached_input` null when unset), never a decimal or a float.
+pub(super) fn encode_pricing(prices: &[ModelPrice]) -> String {
+    let list: Vec<serde_json::Value> = prices
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "model": p.model,
+                "input": p.input.micro_usd(),
+                "output": p.output.micro_usd(),
+                "cached_input": p.cached_input.map(PricePerMtok::micro_usd),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list).to_string()
+}
+
+pub(super) fn decode_pricing(s: &str) -> Result<Vec<ModelPrice>> {
+    let corrupt = || StoreError::Corrupt(format!("pricing list: {s:?}"));
+    let value: serde_json::Value = serde_json::from_str(s).map_err(|_| corrupt())?;
+    let price = |v: &serde_json::Value| {
+        v.as_u64()
+            .and_then(PricePerMtok::from_micro_usd)
+            .ok_or_else(corrupt)
+    };
+    value
+        .as_array()
+        .ok_or_else(corrupt)?
+        .iter()
+        .map(|p| {
+            Ok(ModelPrice {
+                model: p["model"].as_str().ok_or_else(corrupt)?.to_string(),
+                input: price(&p["input"])?,
+                output: price(&p["output"])?,
+                cached_input: match &p["cached_input"] {
+                    serde_json::Value::Null => None,
+                    v => Some(price(v)?),
+                },
+            })
+        })
+        .collect()
 }
 
 fn decode_list(s: &str) -> Result<Vec<String>> {
@@ -263,6 +307,7 @@ pub(super) fn service_base(r: &AnyRow) -> Result<ModelService> {
         auth_value_template: r.try_get("auth_value_template")?,
         models: decode_list(&r.try_get::<String, _>("models")?)?,
         model_source: decode(r.try_get("model_source")?, "model source")?,
+        pricing: decode_pricing(&r.try_get::<String, _>("pricing")?)?,
         model_keys: Vec::new(),
         create_time: Timestamp(r.try_get("create_time")?),
         update_time: Timestamp(r.try_get("update_time")?),

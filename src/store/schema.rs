@@ -157,6 +157,50 @@ ALTER TABLE model_services ADD COLUMN legacy_models TEXT NOT NULL DEFAULT '[]';
 UPDATE model_services SET legacy_models = models, models = '[]';
 "#;
 
+/// SPEC §8.2 usage and spend. `pricing`: a model service's prices (JSON, integer micro-USD per
+/// million tokens). `usage_buckets`: usage per UTC hour (microseconds since the epoch at the
+/// hour's start), consumer key, consumer ('' when the key was unbound), model service and model
+/// ('' unknown), ids kept after their resource is deleted; the cost is whole micro-USD plus the
+/// picodollars below one (0..999999), both exact. `usage_cursors`: per data plane, the last
+/// report sequence applied (a report is applied iff its sequence is above it). `usage_names`:
+/// the last name of each deleted consumer, consumer key and model service, so their usage
+/// keeps a name.
+const V5: &str = r#"
+ALTER TABLE model_services ADD COLUMN pricing TEXT NOT NULL DEFAULT '[]';
+
+CREATE TABLE usage_buckets (
+    hour BIGINT NOT NULL,
+    consumer_key_id TEXT NOT NULL,
+    consumer_id TEXT NOT NULL,
+    model_service_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests BIGINT NOT NULL,
+    error_responses BIGINT NOT NULL,
+    unparsed BIGINT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    cached_input_tokens BIGINT NOT NULL,
+    unpriced_requests BIGINT NOT NULL,
+    cost_micro_usd BIGINT NOT NULL,
+    cost_pico_usd BIGINT NOT NULL,
+    PRIMARY KEY (hour, consumer_key_id, consumer_id, model_service_id, model)
+);
+
+CREATE TABLE usage_cursors (
+    data_plane TEXT PRIMARY KEY,
+    last_sequence BIGINT NOT NULL,
+    update_time BIGINT NOT NULL
+);
+
+CREATE TABLE usage_names (
+    id TEXT PRIMARY KEY,
+    kind BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    time BIGINT NOT NULL
+);
+CREATE INDEX usage_names_name ON usage_names (kind, name);
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -168,6 +212,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (2, "admin tokens", V2),
         (3, "store epoch", V3),
         (4, "scope model entries and model source", V4),
+        (5, "usage and spend", V5),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

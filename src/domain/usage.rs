@@ -1,0 +1,924 @@
+//! Usage and spend (SPEC §8.2): model prices, the cost of usage in exact integer arithmetic,
+//! the usage reports data planes send, and the usage query. Pure data and functions.
+//!
+//! Money is integers: a price is micro-USD per million tokens (`"2.50"` = 2 500 000), so
+//! tokens × price is a cost in picodollars (10⁻¹² USD) exactly. Decimal strings are parsed
+//! and formatted with `rust_decimal`; nothing is ever a float.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use super::model::{check_pattern, pattern_matches};
+use super::validate::FieldViolation;
+use super::{Named, RuleError, Timestamp};
+
+/// Fractional digits a price may have: micro-USD per million tokens.
+pub const PRICE_FRACTION_DIGITS: u32 = 6;
+/// The highest price accepted, in USD per million tokens (one cent a token): far above any
+/// vendor's, low enough to catch a price typed in the wrong unit.
+pub const PRICE_MAX_USD_PER_MTOK: u64 = 10_000;
+/// Price entries one model service may have.
+pub const PRICING_MAX_ENTRIES: usize = 1000;
+
+/// Rows one usage report may carry.
+pub const REPORT_MAX_ROWS: usize = 100_000;
+/// The largest value of any counter of one report row: a trillion. A data plane reports every
+/// few seconds; more is a broken data plane, and refusing it keeps every stored sum far
+/// inside 64 bits.
+pub const REPORT_MAX_COUNT: u64 = 1_000_000_000_000;
+/// The longest model name a report row may carry, in bytes (the data plane's own limit).
+pub const REPORT_MODEL_MAX: usize = 256;
+
+/// One hour and one day, in microseconds (`Timestamp`'s unit).
+pub const HOUR_MICROS: i64 = 3_600_000_000;
+pub const DAY_MICROS: i64 = 24 * HOUR_MICROS;
+/// The most hours an `HOUR` query may span (31 days).
+pub const HOUR_QUERY_MAX_HOURS: i64 = 744;
+/// The most rows one usage query answers.
+pub const USAGE_QUERY_MAX_ROWS: usize = 10_000;
+
+/// A price in micro-USD per million tokens (`"2.50"` is 2 500 000). At most
+/// [`PRICE_MAX_USD_PER_MTOK`] USD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PricePerMtok(u64);
+
+impl PricePerMtok {
+    pub const MAX: PricePerMtok = PricePerMtok(PRICE_MAX_USD_PER_MTOK * 1_000_000);
+
+    /// The price of `micro_usd` micro-USD per million tokens, if within the maximum.
+    pub fn from_micro_usd(micro_usd: u64) -> Option<Self> {
+        (micro_usd <= Self::MAX.0).then_some(PricePerMtok(micro_usd))
+    }
+
+    pub fn micro_usd(self) -> u64 {
+        self.0
+    }
+
+    /// Parses a price as operators write it: digits, optionally a `.` and 1 to 6 digits
+    /// (`"2.50"`, `"0.000001"`, `"15"`); never a sign, an exponent, spaces or separators.
+    /// `field` names the field in the violation.
+    pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
+        let shown: String = text.chars().take(40).collect();
+        let rule = |why: &str| {
+            FieldViolation::new(
+                field,
+                format!(
+                    "{why}: a price is a non-negative decimal number of USD per million tokens \
+                     with at most {PRICE_FRACTION_DIGITS} fractional digits, e.g. \"2.50\" (got {shown:?})"
+                ),
+            )
+        };
+        if text.starts_with('-') {
+            return Err(rule("must not be negative"));
+        }
+        let (whole, fraction) = match text.split_once('.') {
+            Some((w, f)) => (w, Some(f)),
+            None => (text, None),
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !fraction.is_none_or(digits) {
+            return Err(rule("is not a decimal number"));
+        }
+        if fraction.is_some_and(|f| f.len() > PRICE_FRACTION_DIGITS as usize) {
+            return Err(rule(&format!(
+                "has more than {PRICE_FRACTION_DIGITS} fractional digits"
+            )));
+        }
+        let too_large = || {
+            FieldViolation::new(
+                field,
+                format!(
+                    "must be at most {PRICE_MAX_USD_PER_MTOK} USD per million tokens (got {shown:?})"
+                ),
+            )
+        };
+        // Leading zeros aside, more than 5 whole digits is above the maximum (and could be
+        // more than a Decimal holds): parse without them.
+        let whole = match whole.trim_start_matches('0') {
+            "" => "0",
+            w if w.len() > 5 => return Err(too_large()),
+            w => w,
+        };
+        let exact = match fraction {
+            Some(f) => format!("{whole}.{f}"),
+            None => whole.to_string(),
+        };
+        let d = Decimal::from_str_exact(&exact).map_err(|_| rule("is not a decimal number"))?;
+        let micro = d
+            .checked_mul(Decimal::from(1_000_000u32))
+            .filter(|m| m.fract().is_zero())
+            .and_then(|m| u64::try_from(m).ok())
+            .ok_or_else(|| rule("is not a decimal number"))?;
+        Self::from_micro_usd(micro).ok_or_else(too_large)
+    }
+}
+
+/// The canonical decimal: no trailing fractional zeros (`"2.5"`, `"0.000001"`, `"0"`).
+impl fmt::Display for PricePerMtok {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_scaled(f, u128::from(self.0), PRICE_FRACTION_DIGITS)
+    }
+}
+
+/// An amount of money in picodollars (10⁻¹² USD): what tokens × a price per million tokens
+/// come to, exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Picodollars(pub u128);
+
+impl Picodollars {
+    pub const PER_MICRO_USD: u128 = 1_000_000;
+
+    /// Whole micro-USD and the picodollars left over (`0..1_000_000`).
+    pub fn split_micro(self) -> (u128, u128) {
+        (self.0 / Self::PER_MICRO_USD, self.0 % Self::PER_MICRO_USD)
+    }
+}
+
+impl std::ops::Add for Picodollars {
+    type Output = Picodollars;
+    fn add(self, o: Picodollars) -> Picodollars {
+        Picodollars(self.0 + o.0)
+    }
+}
+
+impl std::ops::AddAssign for Picodollars {
+    fn add_assign(&mut self, o: Picodollars) {
+        self.0 += o.0;
+    }
+}
+
+impl std::iter::Sum for Picodollars {
+    fn sum<I: Iterator<Item = Picodollars>>(it: I) -> Picodollars {
+        it.fold(Picodollars(0), |a, b| a + b)
+    }
+}
+
+/// USD as a decimal with trailing fractional zeros trimmed (`"0.0125"`, `"3"`, `"0"`).
+impl fmt::Display for Picodollars {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_scaled(f, self.0, 12)
+    }
+}
+
+/// `value × 10^-scale` as a decimal without trailing fractional zeros: through `rust_decimal`
+/// while it holds the value (96 bits, ≈ 7.9 × 10²⁸), digit by digit beyond.
+fn write_scaled(f: &mut fmt::Formatter<'_>, value: u128, scale: u32) -> fmt::Result {
+    if let Ok(v) = i128::try_from(value)
+        && let Ok(d) = Decimal::try_from_i128_with_scale(v, scale)
+    {
+        return write!(f, "{}", d.normalize());
+    }
+    let digits = value.to_string();
+    let scale = scale as usize;
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    let fraction = fraction.trim_end_matches('0');
+    if fraction.is_empty() {
+        f.write_str(whole)
+    } else {
+        write!(f, "{whole}.{fraction}")
+    }
+}
+
+/// A model service's price for the models `model` matches (a name, or a prefix ending in
+/// `*`). `cached_input` unset: cached input tokens cost the input price.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelPrice {
+    pub model: String,
+    pub input: PricePerMtok,
+    pub output: PricePerMtok,
+    pub cached_input: Option<PricePerMtok>,
+}
+
+impl ModelPrice {
+    /// The cost of usage at this price: input tokens not cached at the input price, cached
+    /// ones at the cached price, output tokens at the output price. `input_tokens` includes
+    /// the cached ones (a larger `cached_input_tokens` counts as all input cached).
+    pub fn cost(
+        &self,
+        input_tokens: u64,
+        cached_input_tokens: u64,
+        output_tokens: u64,
+    ) -> Picodollars {
+        let cached = cached_input_tokens.min(input_tokens);
+        let uncached = input_tokens - cached;
+        let cached_price = self.cached_input.unwrap_or(self.input);
+        // Each product is below 2^64 × 2^34 and their sum far below 2^128.
+        Picodollars(
+            u128::from(uncached) * u128::from(self.input.0)
+                + u128::from(cached) * u128::from(cached_price.0)
+                + u128::from(output_tokens) * u128::from(self.output.0),
+        )
+    }
+}
+
+/// The price for `model` among a service's `prices`: the entry naming it exactly, else the
+/// longest prefix pattern matching it, else none (the usage is unpriced).
+pub fn price_for<'p>(prices: &'p [ModelPrice], model: &str) -> Option<&'p ModelPrice> {
+    prices.iter().find(|p| p.model == model).or_else(|| {
+        prices
+            .iter()
+            .filter(|p| p.model.ends_with('*') && pattern_matches(&p.model, model))
+            .max_by_key(|p| p.model.len())
+    })
+}
+
+/// A price entry as the operator wrote it (the wire's strings).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelPriceInput {
+    pub model: String,
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    pub cached_input_per_mtok: String,
+}
+
+impl From<&ModelPrice> for ModelPriceInput {
+    fn from(p: &ModelPrice) -> Self {
+        ModelPriceInput {
+            model: p.model.clone(),
+            input_per_mtok: p.input.to_string(),
+            output_per_mtok: p.output.to_string(),
+            cached_input_per_mtok: p.cached_input.map(|c| c.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Parses a service's price list; `field` is the list's path (`pricing`,
+/// `model_service.pricing`). Each entry's pattern follows the model pattern rules and appears
+/// once; input and output prices are required (`"0"` for free); an empty cached input price
+/// means the input price. Every broken rule is reported, by its field
+/// (`pricing[1].output_per_mtok`).
+pub fn parse_pricing(
+    field: &str,
+    list: &[ModelPriceInput],
+) -> Result<Vec<ModelPrice>, Vec<FieldViolation>> {
+    let mut bad = Vec::new();
+    if list.len() > PRICING_MAX_ENTRIES {
+        bad.push(FieldViolation::new(
+            field,
+            format!(
+                "has {} entries; at most {PRICING_MAX_ENTRIES} are allowed",
+                list.len()
+            ),
+        ));
+        return Err(bad);
+    }
+    let mut out = Vec::with_capacity(list.len());
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (i, p) in list.iter().enumerate() {
+        let f = |name: &str| format!("{field}[{i}].{name}");
+        if let Err(v) = check_pattern(&f("model"), &p.model) {
+            bad.push(v);
+        } else if !seen.insert(&p.model) {
+            let first = list.iter().position(|q| q.model == p.model).unwrap_or(0);
+            bad.push(FieldViolation::new(
+                &f("model"),
+                format!(
+                    "{:?} is priced twice (also {field}[{first}].model): give each model pattern one price",
+                    p.model
+                ),
+            ));
+        }
+        let mut required = |name: &str, text: &str| {
+            if text.is_empty() {
+                bad.push(FieldViolation::new(
+                    &f(name),
+                    "is required: USD per million tokens, e.g. \"2.50\" (\"0\" for free)",
+                ));
+                None
+            } else {
+                PricePerMtok::parse(&f(name), text)
+                    .map_err(|v| bad.push(v))
+                    .ok()
+            }
+        };
+        let input = required("input_per_mtok", &p.input_per_mtok);
+        let output = required("output_per_mtok", &p.output_per_mtok);
+        let cached = if p.cached_input_per_mtok.is_empty() {
+            Some(None)
+        } else {
+            PricePerMtok::parse(&f("cached_input_per_mtok"), &p.cached_input_per_mtok)
+                .map(Some)
+                .map_err(|v| bad.push(v))
+                .ok()
+        };
+        if let (Some(input), Some(output), Some(cached_input)) = (input, output, cached) {
+            out.push(ModelPrice {
+                model: p.model.clone(),
+                input,
+                output,
+                cached_input,
+            });
+        }
+    }
+    if bad.is_empty() { Ok(out) } else { Err(bad) }
+}
+
+/// A usage report from a data plane. Reports of one data plane carry strictly increasing
+/// `sequence` numbers; a report is resent unchanged until acknowledged, and applied once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageReportInput {
+    /// The reporting data plane's id (its process).
+    pub data_plane: Uuid,
+    pub sequence: u64,
+    /// The data plane's clock at the end of the report.
+    pub time: Timestamp,
+    pub rows: Vec<UsageDelta>,
+}
+
+/// Usage of one consumer key on one model service and model since the previous report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub consumer_key: Uuid,
+    /// The consumer the key was bound to (none: unbound).
+    pub consumer: Option<Uuid>,
+    pub model_service: Uuid,
+    /// The model asked for; empty: unknown.
+    pub model: String,
+    pub requests: u64,
+    /// Answers that were not 2xx.
+    pub error_responses: u64,
+    /// Answers whose token usage could not be read.
+    pub unparsed: u64,
+    /// Input tokens, cached ones included.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The cached part of `input_tokens`.
+    pub cached_input_tokens: u64,
+}
+
+impl UsageReportInput {
+    /// The rules a report must follow to be applied: a time after 1970, a sequence number
+    /// within 63 bits, at most [`REPORT_MAX_ROWS`] rows, each counter at most
+    /// [`REPORT_MAX_COUNT`], cached input tokens within input tokens, a model name of at most
+    /// [`REPORT_MODEL_MAX`] bytes.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        let mut bad = Vec::new();
+        if self.time.0 < 0 {
+            bad.push(FieldViolation::new("time", "must not be before 1970"));
+        }
+        if i64::try_from(self.sequence).is_err() {
+            bad.push(FieldViolation::new("sequence", "must be below 2^63"));
+        }
+        if self.rows.len() > REPORT_MAX_ROWS {
+            bad.push(FieldViolation::new(
+                "rows",
+                format!(
+                    "has {} rows; at most {REPORT_MAX_ROWS} are allowed",
+                    self.rows.len()
+                ),
+            ));
+            return Err(RuleError::Invalid(bad));
+        }
+        for (i, r) in self.rows.iter().enumerate() {
+            for (name, v) in r.counters() {
+                if v > REPORT_MAX_COUNT {
+                    bad.push(FieldViolation::new(
+                        &format!("rows[{i}].{name}"),
+                        format!("must be at most {REPORT_MAX_COUNT} (got {v})"),
+                    ));
+                }
+            }
+            if r.cached_input_tokens > r.input_tokens {
+                bad.push(FieldViolation::new(
+                    &format!("rows[{i}].cached_input_tokens"),
+                    format!(
+                        "must not exceed input_tokens ({} > {}): input tokens include the cached ones",
+                        r.cached_input_tokens, r.input_tokens
+                    ),
+                ));
+            }
+            if r.model.len() > REPORT_MODEL_MAX {
+                bad.push(FieldViolation::new(
+                    &format!("rows[{i}].model"),
+                    format!("must be at most {REPORT_MODEL_MAX} bytes"),
+                ));
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(RuleError::Invalid(bad))
+        }
+    }
+
+    /// The hour the report's usage is counted in: that of its time, or of `now` when the
+    /// data plane's clock is ahead (usage never lands in the future).
+    pub fn bucket(&self, now: Timestamp) -> Timestamp {
+        hour_of(self.time.min(now))
+    }
+}
+
+impl UsageDelta {
+    fn counters(&self) -> [(&'static str, u64); 6] {
+        [
+            ("requests", self.requests),
+            ("error_responses", self.error_responses),
+            ("unparsed", self.unparsed),
+            ("input_tokens", self.input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("cached_input_tokens", self.cached_input_tokens),
+        ]
+    }
+}
+
+/// What applying a report did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageApplied {
+    /// Its usage is counted now (this call counted it).
+    Applied(AppliedUsage),
+    /// A report with this sequence number or a later one was applied before: nothing changed.
+    Duplicate { last_sequence: u64 },
+}
+
+/// A report's usage as applied: the hour it went to and what it came to per consumer and
+/// model service (the metrics' labels: names, or ids of resources never known by name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedUsage {
+    pub hour: Timestamp,
+    pub rows: usize,
+    pub charges: Vec<UsageCharge>,
+    /// Requests of models the service has no price for, and which (service, model) those were.
+    pub unpriced_requests: u64,
+    pub unpriced_models: Vec<(String, String)>,
+}
+
+/// A report's usage of one model service by one consumer.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct UsageCharge {
+    /// The consumer's name; empty for keys bound to none.
+    pub consumer: String,
+    pub model_service: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub unpriced_requests: u64,
+    pub cost: Picodollars,
+}
+
+/// What a usage query groups by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UsageDimension {
+    Consumer,
+    ConsumerKey,
+    ModelService,
+    Model,
+}
+
+impl UsageDimension {
+    pub const ALL: [UsageDimension; 4] = [
+        UsageDimension::Consumer,
+        UsageDimension::ConsumerKey,
+        UsageDimension::ModelService,
+        UsageDimension::Model,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageDimension::Consumer => "consumer",
+            UsageDimension::ConsumerKey => "consumer_key",
+            UsageDimension::ModelService => "model_service",
+            UsageDimension::Model => "model",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+/// How finely a usage query splits time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Granularity {
+    Hour,
+    /// UTC days.
+    Day,
+    /// One row per group for the whole range.
+    #[default]
+    Total,
+}
+
+/// A usage query. Filters are a name or an id (`model`: an exact model name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    pub consumer: Option<String>,
+    pub consumer_key: Option<String>,
+    pub model_service: Option<String>,
+    pub model: Option<String>,
+    /// Rounded down to its hour; none: from the first usage.
+    pub start: Option<Timestamp>,
+    /// Exclusive: hours starting before it are included; none: to the last usage.
+    pub end: Option<Timestamp>,
+    pub group_by: Vec<UsageDimension>,
+    pub granularity: Granularity,
+}
+
+impl UsageQuery {
+    /// The hours the query covers: `[start rounded down to its hour, end)`.
+    pub fn hours(&self) -> (i64, i64) {
+        (
+            self.start.map_or(i64::MIN, |s| hour_of(s).0),
+            self.end.map_or(i64::MAX, |e| e.0),
+        )
+    }
+
+    /// A range that is not empty, and at most [`HOUR_QUERY_MAX_HOURS`] hours for `HOUR`.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        if let (Some(s), Some(e)) = (self.start, self.end)
+            && s >= e
+        {
+            return Err(RuleError::invalid("end_time", "must be after start_time"));
+        }
+        if self.granularity == Granularity::Hour {
+            let limit = format!(
+                "with HOUR granularity a query spans at most {HOUR_QUERY_MAX_HOURS} hours (31 days)"
+            );
+            let (Some(_), Some(_)) = (self.start, self.end) else {
+                let field = if self.start.is_none() {
+                    "start_time"
+                } else {
+                    "end_time"
+                };
+                return Err(RuleError::invalid(
+                    field,
+                    format!("is required: {limit}; set start_time and end_time, or use DAY"),
+                ));
+            };
+            let (start, end) = self.hours();
+            let hours = (i128::from(end) - i128::from(start) + i128::from(HOUR_MICROS) - 1)
+                / i128::from(HOUR_MICROS);
+            if hours > i128::from(HOUR_QUERY_MAX_HOURS) {
+                return Err(RuleError::invalid(
+                    "end_time",
+                    format!(
+                        "{limit}; start_time to end_time spans {hours} hours: narrow it, or use DAY"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Summed usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub error_responses: u64,
+    pub unparsed: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub unpriced_requests: u64,
+    pub cost: Picodollars,
+}
+
+/// One row of a usage answer: the period (none for `TOTAL`), the grouped dimensions (the
+/// others are none) and the sums. A resource's name is empty when it was never known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageSummary {
+    pub start: Option<Timestamp>,
+    pub consumer: Option<Named>,
+    pub consumer_key: Option<Named>,
+    pub model_service: Option<Named>,
+    pub model: Option<String>,
+    pub totals: UsageTotals,
+}
+
+impl UsageSummary {
+    /// The answer's order: period, then consumer, key, service (each by name, then id), model.
+    pub fn sort_key(&self) -> impl Ord + '_ {
+        let named = |n: &'_ Option<Named>| n.as_ref().map(|n| (n.name.clone(), n.id.clone()));
+        (
+            self.start,
+            named(&self.consumer),
+            named(&self.consumer_key),
+            named(&self.model_service),
+            self.model.clone(),
+        )
+    }
+}
+
+/// The start of `t`'s UTC hour.
+pub fn hour_of(t: Timestamp) -> Timestamp {
+    Timestamp(t.0.div_euclid(HOUR_MICROS) * HOUR_MICROS)
+}
+
+/// The start of `t`'s UTC day.
+pub fn day_of(t: Timestamp) -> Timestamp {
+    Timestamp(t.0.div_euclid(DAY_MICROS) * DAY_MICROS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn price(text: &str) -> PricePerMtok {
+        PricePerMtok::parse("f", text).unwrap_or_else(|e| panic!("{text}: {e:?}"))
+    }
+
+    fn entry(model: &str, input: &str, output: &str, cached: &str) -> ModelPriceInput {
+        ModelPriceInput {
+            model: model.into(),
+            input_per_mtok: input.into(),
+            output_per_mtok: output.into(),
+            cached_input_per_mtok: cached.into(),
+        }
+    }
+
+    #[test]
+    fn prices_parse_to_exact_micro_usd_and_print_canonically() {
+        for (text, micro, shown) in [
+            ("2.50", 2_500_000, "2.5"),
+            ("0", 0, "0"),
+            ("0.000001", 1, "0.000001"),
+            ("15", 15_000_000, "15"),
+            ("007.25", 7_250_000, "7.25"),
+            ("00000000000000000000000000000000002.5", 2_500_000, "2.5"),
+            ("000.000000", 0, "0"),
+            ("10000", 10_000_000_000, "10000"),
+            ("10000.000000", 10_000_000_000, "10000"),
+            ("0.1", 100_000, "0.1"),
+        ] {
+            let p = price(text);
+            assert_eq!(p.micro_usd(), micro, "{text}");
+            assert_eq!(p.to_string(), shown, "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_prices_name_the_field_and_the_rule() {
+        for (text, why) in [
+            ("-1", "negative"),
+            ("", "not a decimal"),
+            ("abc", "not a decimal"),
+            ("1e3", "not a decimal"),
+            ("1_000", "not a decimal"),
+            (" 2.5", "not a decimal"),
+            ("+2.5", "not a decimal"),
+            (".5", "not a decimal"),
+            ("5.", "not a decimal"),
+            ("1.2.3", "not a decimal"),
+            ("NaN", "not a decimal"),
+            ("0.0000001", "fractional digits"),
+            ("10000.000001", "at most 10000"),
+            ("99999999999999999999999999999999", "at most 10000"),
+        ] {
+            let v = PricePerMtok::parse("pricing[1].output_per_mtok", text).unwrap_err();
+            assert_eq!(v.field, "pricing[1].output_per_mtok");
+            assert!(v.description.contains(why), "{text:?}: {}", v.description);
+        }
+    }
+
+    #[test]
+    fn price_lists_report_every_broken_entry_by_field() {
+        let ok = parse_pricing(
+            "pricing",
+            &[
+                entry("gpt-4o", "2.50", "10", ""),
+                entry("o3-*", "2", "8", "0.5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            ok[0].cached_input, None,
+            "empty cached price: the input price"
+        );
+        assert_eq!(ok[1].cached_input, Some(price("0.5")));
+        let bad = parse_pricing(
+            "model_service.pricing",
+            &[
+                entry("gpt-4o", "2.50", "10", ""),
+                entry("gpt-4o", "", "x", "-1"),
+                entry("gpt *", "1", "1", ""),
+            ],
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = bad.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "model_service.pricing[1].model",
+                "model_service.pricing[1].input_per_mtok",
+                "model_service.pricing[1].output_per_mtok",
+                "model_service.pricing[1].cached_input_per_mtok",
+                "model_service.pricing[2].model",
+            ]
+        );
+        assert!(bad[0].description.contains("priced twice"), "{:?}", bad[0]);
+        let many = vec![entry("m", "1", "1", ""); PRICING_MAX_ENTRIES + 1];
+        assert_eq!(
+            parse_pricing("pricing", &many).unwrap_err()[0].field,
+            "pricing"
+        );
+    }
+
+    #[test]
+    fn the_exact_pattern_wins_then_the_longest_prefix() {
+        let prices = parse_pricing(
+            "pricing",
+            &[
+                entry("*", "1", "1", ""),
+                entry("gpt-*", "2", "2", ""),
+                entry("gpt-4o-*", "3", "3", ""),
+                entry("gpt-4o-mini", "4", "4", ""),
+            ],
+        )
+        .unwrap();
+        let model_of = |m: &str| price_for(&prices, m).map(|p| p.model.as_str());
+        assert_eq!(model_of("gpt-4o-mini"), Some("gpt-4o-mini"));
+        assert_eq!(model_of("gpt-4o-mini-2024"), Some("gpt-4o-*"));
+        assert_eq!(model_of("gpt-4.1"), Some("gpt-*"));
+        assert_eq!(model_of("claude"), Some("*"));
+        assert_eq!(model_of(""), Some("*"), "'*' prices an unknown model too");
+        assert_eq!(price_for(&prices[1..], "claude"), None);
+        assert_eq!(price_for(&[], "gpt-4o"), None);
+    }
+
+    #[test]
+    fn cost_charges_cached_input_apart_from_the_rest_of_the_input() {
+        let p = ModelPrice {
+            model: "m".into(),
+            input: price("2.50"),
+            output: price("10"),
+            cached_input: Some(price("1.25")),
+        };
+        // 1000 input of which 200 cached, 500 output:
+        // 800 × 2.50 + 200 × 1.25 + 500 × 10 = 2000 + 250 + 5000 = 7250 USD per Mtok-units.
+        let c = p.cost(1000, 200, 500);
+        assert_eq!(c, Picodollars(7_250 * 1_000_000));
+        assert_eq!(c.to_string(), "0.00725");
+        // Without a cached price, cached tokens cost the input price.
+        let no_cache = ModelPrice {
+            cached_input: None,
+            ..p.clone()
+        };
+        assert_eq!(no_cache.cost(1000, 200, 0), no_cache.cost(1000, 0, 0));
+        // One token at the smallest price is 10^-12 USD.
+        let tiny = ModelPrice {
+            model: "m".into(),
+            input: price("0.000001"),
+            output: price("0"),
+            cached_input: None,
+        };
+        assert_eq!(tiny.cost(1, 0, 0), Picodollars(1));
+        assert_eq!(tiny.cost(1, 0, 0).to_string(), "0.000000000001");
+        let million: Picodollars = (0..1_000_000).map(|_| tiny.cost(1, 0, 0)).sum();
+        assert_eq!(million.to_string(), "0.000001");
+    }
+
+    #[test]
+    fn money_prints_exactly_even_beyond_what_a_decimal_holds() {
+        assert_eq!(Picodollars(0).to_string(), "0");
+        assert_eq!(Picodollars(12_500_000_000).to_string(), "0.0125");
+        assert_eq!(Picodollars(3_000_000_000_000).to_string(), "3");
+        assert_eq!(Picodollars(3_000_000_000_001).to_string(), "3.000000000001");
+        assert_eq!(
+            Picodollars(u128::MAX).to_string(),
+            "340282366920938463463374607.431768211455"
+        );
+        assert_eq!(
+            Picodollars(10u128.pow(30)).to_string(),
+            "1000000000000000000"
+        );
+        assert_eq!(Picodollars(1_234_567).split_micro(), (1, 234_567));
+    }
+
+    #[test]
+    fn reports_outside_the_rules_are_refused_by_field() {
+        let row = UsageDelta {
+            consumer_key: Uuid::nil(),
+            model: "gpt-4o".into(),
+            requests: 1,
+            input_tokens: 10,
+            cached_input_tokens: 4,
+            ..Default::default()
+        };
+        let good = UsageReportInput {
+            data_plane: Uuid::nil(),
+            sequence: 1,
+            time: Timestamp(0),
+            rows: vec![row.clone()],
+        };
+        assert!(good.validate().is_ok());
+        let bad = UsageReportInput {
+            sequence: u64::MAX,
+            time: Timestamp(-1),
+            rows: vec![
+                row.clone(),
+                UsageDelta {
+                    cached_input_tokens: 11,
+                    output_tokens: REPORT_MAX_COUNT + 1,
+                    model: "m".repeat(REPORT_MODEL_MAX + 1),
+                    ..row
+                },
+            ],
+            ..good
+        };
+        let RuleError::Invalid(v) = bad.validate().unwrap_err() else {
+            panic!("expected field violations");
+        };
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "time",
+                "sequence",
+                "rows[1].output_tokens",
+                "rows[1].cached_input_tokens",
+                "rows[1].model"
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_lands_in_the_hour_of_the_report_never_in_the_future() {
+        let t = Timestamp(5 * HOUR_MICROS + 123);
+        let r = UsageReportInput {
+            data_plane: Uuid::nil(),
+            sequence: 0,
+            time: t,
+            rows: vec![],
+        };
+        assert_eq!(
+            r.bucket(Timestamp(9 * HOUR_MICROS)),
+            Timestamp(5 * HOUR_MICROS)
+        );
+        assert_eq!(
+            r.bucket(Timestamp(3 * HOUR_MICROS + 1)),
+            Timestamp(3 * HOUR_MICROS),
+            "a clock ahead of ours counts at our time"
+        );
+        assert_eq!(day_of(Timestamp(DAY_MICROS + 5)), Timestamp(DAY_MICROS));
+    }
+
+    #[test]
+    fn queries_check_their_range() {
+        let h = |n: i64| Some(Timestamp(n * HOUR_MICROS));
+        let q = |start, end, granularity| UsageQuery {
+            start,
+            end,
+            granularity,
+            ..Default::default()
+        };
+        let field = |q: UsageQuery| match q.validate() {
+            Err(RuleError::Invalid(v)) => v[0].field.clone(),
+            other => panic!("expected a field violation, got {other:?}"),
+        };
+        assert_eq!(field(q(h(5), h(5), Granularity::Total)), "end_time");
+        assert!(q(None, None, Granularity::Total).validate().is_ok());
+        assert!(q(None, None, Granularity::Day).validate().is_ok());
+        assert_eq!(field(q(None, h(5), Granularity::Hour)), "start_time");
+        assert_eq!(field(q(h(0), None, Granularity::Hour)), "end_time");
+        assert!(q(h(0), h(744), Granularity::Hour).validate().is_ok());
+        // The start is rounded down: 743.5 hours touch 744 hours, 744.5 touch 745.
+        let half = HOUR_MICROS / 2;
+        let at = |n: i64, plus: i64| Some(Timestamp(n * HOUR_MICROS + plus));
+        assert!(
+            q(at(0, half), at(744, 0), Granularity::Hour)
+                .validate()
+                .is_ok()
+        );
+        let e = q(h(0), at(744, half), Granularity::Hour)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 744 hours"), "{e}");
+    }
+
+    proptest! {
+        /// Cost is linear: the cost of summed usage is the sum of the costs, to the
+        /// picodollar, so merging rows or buckets never changes an amount.
+        #[test]
+        fn cost_of_a_sum_is_the_sum_of_costs(
+            input in 0u64..=PricePerMtok::MAX.micro_usd(),
+            output in 0u64..=PricePerMtok::MAX.micro_usd(),
+            cached in proptest::option::of(0u64..=PricePerMtok::MAX.micro_usd()),
+            rows in proptest::collection::vec(
+                (0u64..=REPORT_MAX_COUNT, 0u64..=REPORT_MAX_COUNT, 0u64..=REPORT_MAX_COUNT), 0..20),
+        ) {
+            let p = ModelPrice {
+                model: "m".into(),
+                input: PricePerMtok::from_micro_usd(input).unwrap(),
+                output: PricePerMtok::from_micro_usd(output).unwrap(),
+                cached_input: cached.map(|c| PricePerMtok::from_micro_usd(c).unwrap()),
+            };
+            // (input, cached ≤ input, output) per row.
+            let rows: Vec<(u64, u64, u64)> = rows
+                .into_iter()
+                .map(|(i, c, o)| (i.max(c), i.min(c), o))
+                .collect();
+            let each: Picodollars = rows.iter().map(|&(i, c, o)| p.cost(i, c, o)).sum();
+            let (i, c, o) = rows.iter().fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+            prop_assert_eq!(p.cost(i, c, o), each);
+            // And the decimal shown is that amount exactly.
+            let shown: Decimal = each.to_string().parse().unwrap();
+            let exact = Decimal::try_from_i128_with_scale(each.0 as i128, 12).unwrap();
+            prop_assert_eq!(shown, exact);
+        }
+    }
+}
