@@ -6,6 +6,7 @@
 //! for `SEND_DEADLINE` is dropped (it reconnects and catches up).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,6 +89,8 @@ pub struct DistributionService {
     head: Arc<Mutex<Option<Arc<Update>>>>,
     /// Where data planes' last-used reports are written.
     usage: Option<crate::usage::UsageSink>,
+    /// Where data planes' metered-usage reports are applied (exactly once, by the store).
+    metered: Option<MeteredSink>,
     /// Told of every subscriber ahead of the served snapshot in its (store, epoch): the
     /// store may have gone back (the snapshot builder checks and starts a new epoch).
     seen_ahead: Option<tokio::sync::mpsc::Sender<SeenAhead>>,
@@ -137,6 +140,7 @@ impl DistributionService {
             send_deadline: SEND_DEADLINE,
             head: Arc::default(),
             usage: None,
+            metered: None,
             seen_ahead: None,
         }
     }
@@ -163,6 +167,12 @@ impl DistributionService {
     /// Accept data planes' last-used reports into `sink`.
     pub fn with_usage(mut self, sink: crate::usage::UsageSink) -> Self {
         self.usage = Some(sink);
+        self
+    }
+
+    /// Accept data planes' metered-usage reports into `sink`.
+    pub fn with_metered(mut self, sink: MeteredSink) -> Self {
+        self.metered = Some(sink);
         self
     }
 
@@ -544,12 +554,89 @@ impl SnapshotDistribution for DistributionService {
                 .map_err(|_| Status::invalid_argument("consumer_key_id: must be a 16-byte id"))?;
             batch.push((id, clamp_reported(i.last_used_time_us, now)));
         }
-        sink(batch).await.map_err(|e| {
-            tracing::warn!(error = %e, "usage report not stored");
-            Status::unavailable("usage not stored; retry")
-        })?;
-        Ok(Response::new(pb::UsageReportResponse::default()))
+        if !batch.is_empty() {
+            sink(batch).await.map_err(|e| {
+                tracing::warn!(error = %e, "usage report not stored");
+                Status::unavailable("usage not stored; retry")
+            })?;
+        }
+        let r = req.into_inner();
+        if r.sequence == 0 {
+            return Ok(Response::new(pb::UsageReportResponse::default()));
+        }
+        let Some(metered) = &self.metered else {
+            return Err(Status::unimplemented(
+                "this control plane does not apply metered usage",
+            ));
+        };
+        let input = metered_from_wire(r)?;
+        match metered(input).await {
+            Ok(()) => Ok(Response::new(pb::UsageReportResponse {
+                metered_applied: true,
+            })),
+            Err(MeteredError::Refused(why)) => Err(Status::invalid_argument(why)),
+            Err(MeteredError::Unavailable(why)) => {
+                tracing::warn!(error = %why, "metered usage report not applied");
+                Err(Status::unavailable("usage not applied; retry"))
+            }
+        }
     }
+}
+
+/// Applies a data plane's metered-usage report (the store applies each (data plane,
+/// sequence) once: `Ok` also for a report applied before).
+pub type MeteredSink = Arc<
+    dyn Fn(
+            crate::domain::usage::UsageReportInput,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), MeteredError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Why a metered report was not applied.
+#[derive(Debug)]
+pub enum MeteredError {
+    /// It breaks a rule (the message names the field): sending it again cannot help.
+    Refused(String),
+    /// The store could not apply it now: the data plane sends it again.
+    Unavailable(String),
+}
+
+/// A metered-usage report off the wire; ids must be 16 bytes (the rest of the rules are the
+/// store's).
+fn metered_from_wire(r: pb::UsageReport) -> Result<crate::domain::usage::UsageReportInput, Status> {
+    let id = |b: &[u8], field: &str| {
+        uuid::Uuid::from_slice(b)
+            .map_err(|_| Status::invalid_argument(format!("{field}: must be a 16-byte id")))
+    };
+    let mut rows = Vec::with_capacity(r.metered.len());
+    for (i, m) in r.metered.into_iter().enumerate() {
+        rows.push(crate::domain::usage::UsageDelta {
+            consumer_key: id(&m.consumer_key_id, &format!("metered[{i}].consumer_key_id"))?,
+            consumer: if m.consumer_id.is_empty() {
+                None
+            } else {
+                Some(id(&m.consumer_id, &format!("metered[{i}].consumer_id"))?)
+            },
+            model_service: id(
+                &m.model_service_id,
+                &format!("metered[{i}].model_service_id"),
+            )?,
+            model: m.model,
+            requests: m.requests,
+            error_responses: m.error_responses,
+            unparsed: m.unparsed,
+            input_tokens: m.input_tokens,
+            output_tokens: m.output_tokens,
+            cached_input_tokens: m.cached_input_tokens,
+        });
+    }
+    Ok(crate::domain::usage::UsageReportInput {
+        data_plane: id(&r.data_plane_id, "data_plane_id")?,
+        sequence: r.sequence,
+        time: crate::domain::Timestamp(r.time_us),
+        rows,
+    })
 }
 
 /// A reported last-used time, never later than the control plane's `now` (SPEC §9: a

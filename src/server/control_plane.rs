@@ -25,6 +25,7 @@ use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
 use crate::config::{AuthzAddr, ControlPlaneArgs};
 use crate::crypto::Secret;
+use crate::distribution::server::{MeteredError, MeteredSink};
 use crate::distribution::{DistributionService, SubscriberAuth};
 use crate::domain::Limits;
 use crate::secret::Secrets;
@@ -36,7 +37,7 @@ use crate::usage::UsageSink;
 /// once every listener is bound.
 pub async fn start_control_plane(
     args: &ControlPlaneArgs,
-    authz: Option<(AuthzAddr, DecisionConfig)>,
+    authz: Option<(AuthzAddr, DecisionConfig, Duration)>,
 ) -> Result<Running, StartError> {
     let limits = args.limits().map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
@@ -48,7 +49,7 @@ pub async fn start_control_plane(
         fingerprint,
     } = open(args, limits).await?;
     let snapshots = Snapshots::build(&store, args).await?;
-    let listeners = Listeners::bind(args, authz.as_ref().map(|(addr, _)| addr)).await?;
+    let listeners = Listeners::bind(args, authz.as_ref().map(|(addr, _, _)| addr)).await?;
     let addrs = listeners.addrs;
     let mut shutdown = Shutdown::new(args.shutdown_grace);
     spawn_tasks(
@@ -61,13 +62,21 @@ pub async fn start_control_plane(
     let usage = store_usage_sink(&store);
     // The store holds the sub-keys derived when it opened: no second derivation.
     let keys = store.keys().clone();
-    if let (Some(listener), Some((_, decision))) = (listeners.authz, authz) {
+    if let (Some(listener), Some((_, decision, report_interval))) = (listeners.authz, authz) {
         let (recorder, flusher) =
             crate::usage::start(usage.clone(), Duration::from_secs(1), shutdown.recv());
         shutdown.spawn(flusher);
         let svc = ExtAuthzService::new(snapshots.cell.clone(), keys.hasher.clone(), decision)
             .with_usage(recorder);
+        // Usage metered here is applied to the store directly, exactly once like a data
+        // plane's (the same reporter, with this process as the data plane).
         let tally = Arc::new(crate::usage::Tally::default());
+        shutdown.spawn(crate::usage::metered::start_reporter(
+            tally.clone(),
+            store_report_sink(&store),
+            report_interval,
+            shutdown.recv(),
+        ));
         let metering = crate::authz::ext_proc::ExtProcService::new(snapshots.cell.clone(), tally);
         serve_authz(
             listener,
@@ -88,6 +97,7 @@ pub async fn start_control_plane(
         )
         .with_max_subscribers(args.max_subscribers as usize)
         .with_usage(usage)
+        .with_metered(store_metered_sink(&store))
         .with_seen_ahead(snapshots.seen_ahead);
         (svc, SubscriberAuth::new(token))
     });
@@ -288,6 +298,39 @@ fn store_usage_sink(store: &Store) -> UsageSink {
                 .record_last_used(&batch)
                 .await
                 .map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// Applies data planes' metered-usage reports to the store (exactly once) and counts them.
+fn store_metered_sink(store: &Store) -> MeteredSink {
+    let store = store.clone();
+    Arc::new(move |report| {
+        let store = store.clone();
+        Box::pin(async move {
+            let now = crate::domain::Timestamp::now();
+            match crate::admin::apply_usage_report_and_count(&store, &report, now).await {
+                Ok(_) => Ok(()),
+                Err(crate::store::StoreError::Rule(rule)) => {
+                    Err(MeteredError::Refused(rule.to_string()))
+                }
+                Err(e) => Err(MeteredError::Unavailable(e.to_string())),
+            }
+        })
+    })
+}
+
+/// The embedded data plane's metered usage, applied to the store like a data plane's report.
+/// A report the store refuses by its rules is dropped (logged by the store's counting).
+fn store_report_sink(store: &Store) -> crate::usage::ReportSink {
+    let sink = store_metered_sink(store);
+    Arc::new(move |report| {
+        let applied = sink(report.to_input());
+        Box::pin(async move {
+            match applied.await {
+                Ok(()) | Err(MeteredError::Refused(_)) => Ok(()),
+                Err(MeteredError::Unavailable(e)) => Err(e),
+            }
         })
     })
 }

@@ -123,6 +123,33 @@ pub struct Report {
     pub rows: Vec<(UsageKey, Counts)>,
 }
 
+impl Report {
+    /// The report as the store applies it.
+    pub fn to_input(&self) -> crate::domain::usage::UsageReportInput {
+        crate::domain::usage::UsageReportInput {
+            data_plane: self.data_plane,
+            sequence: self.sequence,
+            time: self.time,
+            rows: self
+                .rows
+                .iter()
+                .map(|(k, c)| crate::domain::usage::UsageDelta {
+                    consumer_key: k.consumer_key,
+                    consumer: k.consumer,
+                    model_service: k.model_service,
+                    model: k.model.clone(),
+                    requests: c.requests,
+                    error_responses: c.error_responses,
+                    unparsed: c.unparsed,
+                    input_tokens: c.input_tokens,
+                    output_tokens: c.output_tokens,
+                    cached_input_tokens: c.cached_input_tokens,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Where reports go: the control plane, or (in `keygate serve`) the store. `Ok` means
 /// applied or already applied; `Err` means send it again.
 pub type ReportSink =
