@@ -274,3 +274,114 @@ grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"name":"1-bad"}' 127.0
     assert!(!ok);
     assert!(stderr.contains("Unauthenticated"), "{stderr}");
 }
+
+/// README's "who spent what": prices set and replaced with grpcurl, then (after a data
+/// plane's usage report, sent here through the distribution API as a data plane sends it) the
+/// README's GetUsage queries show the tokens and the exact cost.
+#[tokio::test]
+async fn readme_usage_walkthrough_runs_verbatim_with_grpcurl() {
+    use keygate::proto::admin::v1 as pb;
+    use keygate::proto::snapshot::v1 as spb;
+    use keygate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient;
+
+    const SUBSCRIBER_TOKEN: &str = "readme-usage-subscriber-token-0123456789";
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = Keygate::start_with(Options {
+        data_dir: Some(tmp.path().join("keygate-data")),
+        env: vec![("KEYGATE_SUBSCRIBER_TOKEN".into(), SUBSCRIBER_TOKEN.into())],
+        ..Default::default()
+    })
+    .await;
+    let setup = readme_block("usage-walkthrough");
+    let (ok, stdout, stderr) = run_script(tmp.path(), &setup, kg.admin_addr);
+    assert!(
+        ok,
+        "usage walkthrough failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // Prices read back in canonical decimal form, the replaced list with its third entry.
+    assert!(stdout.contains("\"o3*\""), "{stdout}");
+    assert!(
+        stdout.contains("\"cachedInputPerMtok\": \"0.5\""),
+        "{stdout}"
+    );
+
+    // 1,000 input tokens (200 cached) and 500 output tokens of gpt-4o-mini on reporting-1.
+    let mut admin = kg.admin().await;
+    let key = admin
+        .get_consumer_key(GetConsumerKeyRequest {
+            selector: Some(Selector::Name("reporting-1".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let service = admin
+        .get_model_service(pb::GetModelServiceRequest {
+            selector: Some(pb::get_model_service_request::Selector::Name(
+                "openai".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", kg.admin_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let uuid = |s: &str| uuid::Uuid::parse_str(s).unwrap().as_bytes().to_vec();
+    let mut report = tonic::Request::new(spb::UsageReport {
+        data_plane_id: uuid::Uuid::new_v4().as_bytes().to_vec(),
+        sequence: 1,
+        time_us: keygate::domain::Timestamp::now().0,
+        metered: vec![spb::MeteredUsage {
+            consumer_key_id: uuid(&key.id),
+            consumer_id: uuid(&key.consumer_id),
+            model_service_id: uuid(&service.id),
+            model: "gpt-4o-mini".into(),
+            requests: 3,
+            input_tokens: 1000,
+            output_tokens: 500,
+            cached_input_tokens: 200,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    report.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {SUBSCRIBER_TOKEN}").parse().unwrap(),
+    );
+    let answer = SnapshotDistributionClient::new(channel)
+        .report_usage(report)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.metered_applied);
+
+    // The query block, with the walkthrough's `kg` helper (its first lines).
+    let helper: String = setup.split("\n\n").next().unwrap().to_string();
+    let query = format!("{helper}\n{}", readme_block("usage-query"));
+    let (ok, stdout, stderr) = run_script(tmp.path(), &query, kg.admin_addr);
+    assert!(
+        ok,
+        "usage queries failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // (800 × 0.15 + 200 × 0.075 + 500 × 0.60) / 1,000,000 USD, exactly, in both queries.
+    assert_eq!(
+        stdout.matches("\"costUsd\": \"0.000435\"").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"consumer\": \"reporting-app\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"consumerKey\": \"reporting-1\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"inputTokens\": \"1000\""), "{stdout}");
+    assert!(
+        stdout.contains("\"cachedInputTokens\": \"200\""),
+        "{stdout}"
+    );
+}
