@@ -209,10 +209,21 @@ pub fn report_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::ReportS
             if let Some(b) = bearer {
                 req.metadata_mut().insert("authorization", b);
             }
-            let answer = client
-                .report_usage(req)
-                .await
-                .map_err(|e| e.message().to_string())?;
+            let answer = match client.report_usage(req).await {
+                Ok(a) => a,
+                // It breaks the store's rules: sending it again cannot help, and holding it
+                // would stop every later report.
+                Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                    tracing::error!(
+                        sequence = report.sequence,
+                        rows = report.rows.len(),
+                        error = %e.message(),
+                        "usage report refused by the control plane; dropped"
+                    );
+                    return Ok(());
+                }
+                Err(e) => return Err(e.message().to_string()),
+            };
             if answer.get_ref().metered_applied {
                 Ok(())
             } else {
