@@ -12,6 +12,7 @@ pub mod ext_proc;
 pub mod metering;
 pub mod model;
 pub mod outcome;
+pub mod ratelimit;
 pub mod record;
 
 pub use decision::{ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide};

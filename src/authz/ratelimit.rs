@@ -1,0 +1,369 @@
+//! Rate limits (SPEC §8.3): requests and tokens per minute on consumer keys and consumers,
+//! enforced by every data plane from its own counts, optionally shared with the other data
+//! planes through a counter store (Redis) in batches, so that no request waits on it.
+//!
+//! Each limit is a bucket holding one minute's allowance that refills continuously: a client may
+//! burst a whole minute's allowance, then goes at the limit's pace. Requests are taken at
+//! admission; tokens are charged after the response (the metering's counts), so a request is
+//! admitted while its token allowance is not negative and a large answer can drive it below zero
+//! (the next requests then wait until the refill brings it back).
+//!
+//! Arithmetic is exact integers: a bucket's level is kept in units of 1/60,000,000 of a request
+//! (or token) — one minute in microseconds — so a limit of `L` per minute refills exactly `L`
+//! units per microsecond and a request costs 60,000,000 units. No floating point, no drift.
+//!
+//! Sharing: every data plane adds what it took since the last synchronisation to one counter per
+//! (subject, kind, UTC minute) in the store and reads the counter's new total back; whatever the
+//! total grew by beyond its own additions was taken by the other data planes, and is taken from
+//! the local bucket too (a data plane that first looks at a minute's counter takes all the
+//! others' share of that minute). So each data plane's bucket sees every data plane's traffic, late by at most one
+//! synchronisation interval (the overshoot this allows is that interval's traffic). While the
+//! store cannot be reached, each data plane enforces its own counts (and says so in a metric).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+/// Microseconds in a minute: the units of one request or token in a bucket.
+pub const UNIT: i128 = 60_000_000;
+
+/// The most a per-minute limit may be (10¹² tokens a minute): keeps every level far inside
+/// 128 bits, and is beyond any vendor's limit.
+pub const MAX_PER_MINUTE: u64 = 1_000_000_000_000;
+
+/// What a rate limit applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    Key(Uuid),
+    Consumer(Uuid),
+}
+
+/// Which limit refused a request (`type` of the 429 body: `requests` or `tokens`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+        }
+    }
+}
+
+/// A subject's per-minute limits (`None`: no limit of that kind).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerMinute {
+    pub requests: Option<u32>,
+    pub tokens: Option<u64>,
+}
+
+impl PerMinute {
+    pub fn is_unlimited(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none()
+    }
+
+    fn limit(&self, kind: LimitKind) -> Option<u64> {
+        match kind {
+            LimitKind::Requests => self.requests.map(u64::from),
+            LimitKind::Tokens => self.tokens,
+        }
+        .map(|l| l.min(MAX_PER_MINUTE))
+    }
+}
+
+/// The answer to a request's admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// Refused: which limit, and in how many whole seconds it will admit again (at least 1).
+    Refuse {
+        kind: LimitKind,
+        retry_after_secs: u64,
+    },
+}
+
+/// One limit's bucket.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    /// Units available (may be negative for tokens).
+    level: i128,
+    /// When `level` was last brought up to date (µs).
+    at: i64,
+    /// The limit it was last refilled at (per minute).
+    limit: u64,
+}
+
+impl Bucket {
+    fn full(limit: u64, now: i64) -> Bucket {
+        Bucket {
+            level: i128::from(limit) * UNIT,
+            at: now,
+            limit,
+        }
+    }
+
+    /// Refills to `now` at `limit` per minute, never above a minute's allowance. A clock that
+    /// goes back refills nothing.
+    fn refill(&mut self, limit: u64, now: i64) {
+        let elapsed = i128::from(now.saturating_sub(self.at).max(0));
+        let cap = i128::from(limit) * UNIT;
+        self.level = (self.level + elapsed * i128::from(limit)).min(cap);
+        self.at = self.at.max(now);
+        self.limit = limit;
+    }
+
+    /// Refilled to `now`, it holds a whole minute's allowance: forgetting it changes nothing.
+    fn full_at(&self, now: i64) -> bool {
+        let mut b = *self;
+        b.refill(self.limit, now);
+        b.level >= i128::from(self.limit) * UNIT
+    }
+
+    /// Whole seconds until the level reaches `need` units at `limit` per minute (≥ 1).
+    fn wait_secs(&self, need: i128, limit: u64) -> u64 {
+        if limit == 0 {
+            return 60;
+        }
+        let missing = (need - self.level).max(0);
+        let micros = (missing + i128::from(limit) - 1) / i128::from(limit);
+        let secs = (micros + 999_999) / 1_000_000;
+        u64::try_from(secs.max(1)).unwrap_or(u64::MAX)
+    }
+}
+
+/// A subject's buckets and what it took since the last synchronisation.
+#[derive(Clone, Debug, Default)]
+struct State {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    /// Taken here since the last synchronisation (requests, tokens).
+    unsynced: (u64, u64),
+}
+
+impl State {
+    fn bucket(&mut self, kind: LimitKind) -> &mut Option<Bucket> {
+        match kind {
+            LimitKind::Requests => &mut self.requests,
+            LimitKind::Tokens => &mut self.tokens,
+        }
+    }
+
+    /// The bucket of `kind` refilled to `now` (created full), or `None` without a limit.
+    fn current(&mut self, kind: LimitKind, limits: &PerMinute, now: i64) -> Option<&mut Bucket> {
+        let limit = limits.limit(kind)?;
+        let b = self
+            .bucket(kind)
+            .get_or_insert_with(|| Bucket::full(limit, now));
+        b.refill(limit, now);
+        Some(b)
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// The shared counters' window: each counter counts one UTC minute (a counter never holds more
+/// than a minute of history, so a data plane that first sees it takes all of it as recent).
+pub fn window(now: i64) -> i64 {
+    now.div_euclid(60_000_000)
+}
+
+/// What a data plane knows of the shared counters: the window and total it last saw of each
+/// (subject, kind). A counter grows by every data plane's additions within its minute; what it
+/// grew by beyond this data plane's own is the others' share.
+#[derive(Debug, Default)]
+pub struct SharedCounts {
+    seen: HashMap<(Subject, LimitKind), (i64, u64)>,
+}
+
+impl SharedCounts {
+    /// This data plane added `own` to the counter of `(subject, kind)` for minute `window` and
+    /// the counter now reads `total`: what the others added since this data plane last looked
+    /// (all of the minute's others' share when it first looks at this minute's counter).
+    pub fn others(
+        &mut self,
+        subject: Subject,
+        kind: LimitKind,
+        window: i64,
+        own: u64,
+        total: u64,
+    ) -> u64 {
+        let since = match self.seen.insert((subject, kind), (window, total)) {
+            Some((w, prev)) if w == window => prev,
+            _ => 0,
+        };
+        total.saturating_sub(since).saturating_sub(own)
+    }
+
+    /// Forgets counters of subjects no longer tracked.
+    pub fn retain(&mut self, keep: impl Fn(&Subject) -> bool) {
+        self.seen.retain(|(s, _), _| keep(s));
+    }
+}
+
+/// Every subject's buckets on this data plane.
+pub struct RateLimiter {
+    hasher: std::collections::hash_map::RandomState,
+    shards: [Mutex<HashMap<Subject, State>>; SHARDS],
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        RateLimiter {
+            hasher: Default::default(),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    fn shard(&self, s: &Subject) -> std::sync::MutexGuard<'_, HashMap<Subject, State>> {
+        use std::hash::BuildHasher;
+        let i = (self.hasher.hash_one(s) as usize) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a request of `key` (limits `key_limits`) and of its consumer, if any (limits
+    /// `consumer_limits`) at `now` (µs): both must have a request and a non-negative token
+    /// allowance; an admitted request takes one request from both. A refusal takes nothing.
+    pub fn admit(
+        &self,
+        key: (Uuid, &PerMinute),
+        consumer: Option<(Uuid, &PerMinute)>,
+        now: i64,
+    ) -> Admission {
+        let subjects = [
+            Some((Subject::Key(key.0), key.1)),
+            consumer.map(|(id, l)| (Subject::Consumer(id), l)),
+        ];
+        let limited = || subjects.iter().flatten().filter(|(_, l)| !l.is_unlimited());
+        // Check every bucket first, then take: a refusal by the consumer takes nothing from
+        // the key. (Each subject's shard is locked on its own; two requests racing between the
+        // check and the take can each pass, which the next request sees: an overshoot of at
+        // most the requests in flight.)
+        for (s, limits) in limited() {
+            let mut shard = self.shard(s);
+            let state = shard.entry(*s).or_default();
+            if let Some(b) = state.current(LimitKind::Requests, limits, now)
+                && b.level < UNIT
+            {
+                let wait = b.wait_secs(UNIT, limits.limit(LimitKind::Requests).unwrap_or(0));
+                return Admission::Refuse {
+                    kind: LimitKind::Requests,
+                    retry_after_secs: wait,
+                };
+            }
+            if let Some(b) = state.current(LimitKind::Tokens, limits, now)
+                && b.level < 0
+            {
+                let wait = b.wait_secs(0, limits.limit(LimitKind::Tokens).unwrap_or(0));
+                return Admission::Refuse {
+                    kind: LimitKind::Tokens,
+                    retry_after_secs: wait,
+                };
+            }
+        }
+        for (s, limits) in limited() {
+            let mut shard = self.shard(s);
+            let state = shard.entry(*s).or_default();
+            if let Some(b) = state.current(LimitKind::Requests, limits, now) {
+                b.level -= UNIT;
+            }
+            state.unsynced.0 = state.unsynced.0.saturating_add(1);
+        }
+        Admission::Admit
+    }
+
+    /// Charges `tokens` (a response's input + output) to `key` and its consumer, after the
+    /// response. Subjects without a token limit are not tracked.
+    pub fn charge_tokens(
+        &self,
+        key: (Uuid, &PerMinute),
+        consumer: Option<(Uuid, &PerMinute)>,
+        tokens: u64,
+        now: i64,
+    ) {
+        let subjects = [
+            Some((Subject::Key(key.0), key.1)),
+            consumer.map(|(id, l)| (Subject::Consumer(id), l)),
+        ];
+        for (s, limits) in subjects.iter().flatten() {
+            if limits.tokens.is_none() {
+                continue;
+            }
+            let mut shard = self.shard(s);
+            let state = shard.entry(*s).or_default();
+            if let Some(b) = state.current(LimitKind::Tokens, limits, now) {
+                b.level -= i128::from(tokens) * UNIT;
+            }
+            state.unsynced.1 = state.unsynced.1.saturating_add(tokens);
+        }
+    }
+
+    /// Every tracked subject with what it took since the last call (requests, tokens; zero
+    /// too: the shared store is asked for the others' share of every active subject).
+    pub fn take_unsynced(&self) -> Vec<(Subject, u64, u64)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (s, state) in shard.iter_mut() {
+                let (r, t) = std::mem::take(&mut state.unsynced);
+                out.push((*s, r, t));
+            }
+        }
+        out
+    }
+
+    /// The other data planes took `requests` and `tokens` from `subject`: take them here too,
+    /// from the buckets it has (at the limits they were last used with).
+    pub fn take_remote(&self, subject: Subject, requests: u64, tokens: u64, now: i64) {
+        let mut shard = self.shard(&subject);
+        let Some(state) = shard.get_mut(&subject) else {
+            return;
+        };
+        for (b, n) in [(&mut state.requests, requests), (&mut state.tokens, tokens)] {
+            if let Some(b) = b {
+                b.refill(b.limit, now);
+                b.level -= i128::from(n) * UNIT;
+            }
+        }
+    }
+
+    /// Forgets subjects whose buckets are full again and that have nothing unsynchronised
+    /// (a forgotten subject starts full: the same): memory follows the active subjects only.
+    pub fn forget_idle(&self, now: i64) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, state| {
+                let full = |b: &Option<Bucket>| b.is_none_or(|b| b.full_at(now));
+                !(full(&state.requests) && full(&state.tokens) && state.unsynced == (0, 0))
+            });
+        }
+    }
+
+    /// Subjects tracked now.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+#[path = "ratelimit_tests.rs"]
+mod tests;
