@@ -42,6 +42,10 @@ pub struct Metrics {
     pub usage_cost: IntCounterVec,
     pub usage_unpriced: IntCounterVec,
     pub usage_reports: IntCounterVec,
+    /// Data planes with `--rate-limit-redis`: 1 while counts are shared, 0 while local only.
+    pub rate_limit_shared: IntGauge,
+    /// Data planes with `--rate-limit-redis`: synchronisations that failed.
+    pub rate_limit_sync_failures: IntCounter,
 }
 
 impl Metrics {
@@ -178,8 +182,22 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let rate_limit_shared = IntGauge::new(
+            "keygate_rate_limit_shared",
+            "1 while this data plane shares rate-limit counts through Redis, 0 while Redis cannot \
+             be reached and it enforces its own counts only.",
+        )
+        .expect("valid metric");
+        let rate_limit_sync_failures = IntCounter::new(
+            "keygate_rate_limit_sync_failures_total",
+            "Rate-limit count synchronisations with Redis that failed (unreachable, late, or an \
+             unexpected reply).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(checks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rate_limit_shared.clone()),
+            Box::new(rate_limit_sync_failures.clone()),
             Box::new(usage_unparsed.clone()),
             Box::new(usage_report_failures.clone()),
             Box::new(usage_pending_rows.clone()),
@@ -227,6 +245,8 @@ impl Metrics {
             usage_cost,
             usage_unpriced,
             usage_reports,
+            rate_limit_shared,
+            rate_limit_sync_failures,
         }
     }
 

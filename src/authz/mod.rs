@@ -13,6 +13,7 @@ pub mod metering;
 pub mod model;
 pub mod outcome;
 pub mod ratelimit;
+pub mod ratelimit_redis;
 pub mod record;
 
 pub use decision::{ClientIpSource, Decision, DecisionConfig, DenyReason, RequestView, decide};

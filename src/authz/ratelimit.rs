@@ -205,6 +205,15 @@ impl SharedCounts {
     }
 }
 
+/// What one subject took on this data plane since the last synchronisation, per kind it has a
+/// limit of (`None`: no limit of that kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsynced {
+    pub subject: Subject,
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
 /// Every subject's buckets on this data plane.
 pub struct RateLimiter {
     hasher: std::collections::hash_map::RandomState,
@@ -310,15 +319,19 @@ impl RateLimiter {
         }
     }
 
-    /// Every tracked subject with what it took since the last call (requests, tokens; zero
+    /// Every tracked subject with what it took since the last call, per limited kind (zero
     /// too: the shared store is asked for the others' share of every active subject).
-    pub fn take_unsynced(&self) -> Vec<(Subject, u64, u64)> {
+    pub fn take_unsynced(&self) -> Vec<Unsynced> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (s, state) in shard.iter_mut() {
                 let (r, t) = std::mem::take(&mut state.unsynced);
-                out.push((*s, r, t));
+                out.push(Unsynced {
+                    subject: *s,
+                    requests: state.requests.map(|_| r),
+                    tokens: state.tokens.map(|_| t),
+                });
             }
         }
         out

@@ -128,11 +128,13 @@ fn shared_counts_give_each_data_plane_the_others_share() {
     let mut counters: HashMap<i64, u64> = HashMap::new();
     let limits = rpm(60);
     let mut sync = |l: &RateLimiter, shared: &mut SharedCounts, now: i64| {
-        for (subject, r, _) in l.take_unsynced() {
+        for u in l.take_unsynced() {
+            let r = u.requests.expect("a request limit");
+            assert_eq!(u.tokens, None, "no token limit: nothing to share");
             let counter = counters.entry(window(now)).or_default();
             *counter += r;
-            let others = shared.others(subject, LimitKind::Requests, window(now), r, *counter);
-            l.take_remote(subject, others, 0, now);
+            let others = shared.others(u.subject, LimitKind::Requests, window(now), r, *counter);
+            l.take_remote(u.subject, others, 0, now);
         }
     };
     // Each takes 20, then both synchronise (a first, then b, then a again).
