@@ -14,6 +14,9 @@
 //! whose answer is therefore held, and kills control plane 1 then: the answer dies with the
 //! connection. The restarted control plane must count that report's resend as a duplicate.
 //!
+//! A second test stops a data plane (SIGTERM) while a response is still streaming to its
+//! ExternalProcessor: the stream's usage must be in its last report.
+//!
 //! `KEYGATE_EXACTLY_ONCE_REQUESTS` (default 10000, at least 1000) scales the load. Nothing sleeps
 //! to wait for a state: everything is polled with a bound.
 
@@ -25,6 +28,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, processing_request,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -575,13 +583,14 @@ fn diagnostics(cp1: &ControlPlane, cp2: &ControlPlane, a: &DataPlane, b: &DataPl
     )
 }
 
-/// The last 20 lines of a log, without the store's statements (sqlx logs each at debug).
+/// The last 30 lines of a log, without the store's statements and the HTTP/2 frames (sqlx and
+/// h2 log each at debug).
 fn log_tail(logs: &str) -> String {
     let lines: Vec<&str> = logs
         .lines()
-        .filter(|l| !l.contains("\"db.statement\""))
+        .filter(|l| !l.contains("\"db.statement\"") && !l.contains("\"target\":\"h2::"))
         .collect();
-    tail(&lines.join("\n"), 20)
+    tail(&lines.join("\n"), 30)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -776,4 +785,144 @@ async fn metered_usage_is_counted_exactly_once_across_a_control_plane_kill_and_r
     drop(cp1);
     drop(cp2);
     drop_postgres_database(&db).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A data plane told to stop while a response is still streaming.
+
+/// One ext_proc message as Envoy's filter sends it in observability mode, with the ext_authz
+/// decision's metadata.
+fn ext_proc_message(
+    metadata: &envoy_types::pb::google::protobuf::Struct,
+    request: processing_request::Request,
+) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        metadata_context: Some(Metadata {
+            filter_metadata: [("envoy.filters.http.ext_authz".to_string(), metadata.clone())]
+                .into(),
+            ..Default::default()
+        }),
+        observability_mode: true,
+        ..Default::default()
+    }
+}
+
+/// SIGTERM while Envoy is still streaming a response to the data plane's ExternalProcessor
+/// (a long LLM answer): the data plane drains the stream, and its last report, after the drain,
+/// carries the stream's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_stopping_mid_stream_reports_the_stream_it_was_metering() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let cp = ControlPlane::start(&ControlPlaneOptions::new(&dir.path().join("cp"), &token)).await;
+    let mut opts = DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dir.path().join("dp"),
+        &cp.master_key_file(),
+        &token,
+    );
+    opts.args = vec!["--usage-report-interval".into(), "100ms".into()];
+    let mut dp = DataPlane::start(&opts).await;
+    dp.wait_serving(SETTLE).await;
+    let mut admin = cp.admin().await;
+    let keys = provision(&mut admin).await;
+
+    // The metadata of the ext_authz decision, which Envoy forwards to the ExternalProcessor.
+    let metadata = poll_until(SETTLE, "the data plane to allow a1", || async {
+        let r = dp
+            .check(keygate::bench::check_request(
+                &keys["a1"],
+                "openai",
+                "127.0.0.1",
+            ))
+            .await
+            .ok()?;
+        (r.status.as_ref().map_or(0, |s| s.code) == 0).then_some(r.dynamic_metadata?)
+    })
+    .await;
+    let request = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Tell me a long story."}],"stream":true,"stream_options":{"include_usage":true}}"#;
+    let reply = common::envoy::vendor_reply("POST", "/openai/v1/chat/completions", request);
+    let sent = reply.usage.expect("the vendor reports usage");
+    let (first, rest) = reply.chunks.split_at(2);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut client = ExternalProcessorClient::connect(format!("http://{}", dp.authz_addr))
+        .await
+        .unwrap();
+    let header = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        raw_value: v.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    tx.send(ext_proc_message(
+        &metadata,
+        processing_request::Request::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    header(":status", "200"),
+                    header("content-type", reply.content_type),
+                ],
+            }),
+            ..Default::default()
+        }),
+    ))
+    .await
+    .unwrap();
+    let body = |chunk: &String, end_of_stream: bool| {
+        ext_proc_message(
+            &metadata,
+            processing_request::Request::ResponseBody(HttpBody {
+                body: chunk.as_bytes().to_vec(),
+                end_of_stream,
+                ..Default::default()
+            }),
+        )
+    };
+    for c in first {
+        tx.send(body(c, false)).await.unwrap();
+    }
+    let mut answers = client
+        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the ExternalProcessor stream")
+        .into_inner();
+
+    // Told to stop mid-stream; the rest of the answer arrives during the drain.
+    let pid = dp.proc.pid().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    poll_until(SETTLE, "the data plane to begin shutting down", || async {
+        (!dp.proc.log_messages("shutting down").is_empty()).then_some(())
+    })
+    .await;
+    for (i, c) in rest.iter().enumerate() {
+        tx.send(body(c, i + 1 == rest.len())).await.unwrap();
+    }
+    drop(tx);
+    // The data plane ends the stream once it has read the end of the response.
+    while let Ok(Some(_)) = answers.message().await {}
+    assert_eq!(dp.proc.wait_exit(SETTLE).await, Some(0), "{}", dp.logs());
+
+    let rows = usage_rows(&mut admin).await;
+    let got = rows
+        .get(&(
+            "a1".to_string(),
+            "openai".to_string(),
+            "gpt-4o-mini".to_string(),
+        ))
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        (got.requests, got.input, got.output, got.cached),
+        (1, sent.input, sent.output, sent.cached_input),
+        "the stream's usage (left) against what the vendor sent (right): {rows:?}\n{}",
+        log_tail(&dp.logs())
+    );
 }
