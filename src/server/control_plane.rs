@@ -70,12 +70,14 @@ pub async fn start_control_plane(
             .with_usage(recorder);
         // Usage metered here is applied to the store directly, exactly once like a data
         // plane's (the same reporter, with this process as the data plane).
+        // Its last report after the drain, as a data plane's (`data_plane::start_authz`).
         let tally = Arc::new(crate::usage::Tally::default());
-        shutdown.spawn(crate::usage::metered::start_reporter(
+        let drained = shutdown.drained();
+        shutdown.spawn_last(crate::usage::metered::start_reporter(
             tally.clone(),
             store_report_sink(&store),
             report_interval,
-            shutdown.recv(),
+            drained,
         ));
         let metering = crate::authz::ext_proc::ExtProcService::new(snapshots.cell.clone(), tally);
         serve_authz(

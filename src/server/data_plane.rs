@@ -58,12 +58,15 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     shutdown.spawn(flusher);
     let svc = ExtAuthzService::new(feed.cell.clone(), feed.keys.hasher.clone(), decision)
         .with_usage(recorder);
+    // The last report comes after the drain: responses still streaming when shutdown begins
+    // are metered into the tally as they end.
     let tally = Arc::new(crate::usage::Tally::default());
-    shutdown.spawn(crate::usage::metered::start_reporter(
+    let drained = shutdown.drained();
+    shutdown.spawn_last(crate::usage::metered::start_reporter(
         tally.clone(),
         feed.report_sink(),
         args.data_plane.usage_report_interval,
-        shutdown.recv(),
+        drained,
     ));
     let metering = crate::authz::ext_proc::ExtProcService::new(feed.cell.clone(), tally);
     serve_authz(

@@ -1,8 +1,9 @@
 //! Graceful shutdown, one pattern for every listener and background task: the trigger
 //! (an OS signal, or whatever the caller of `run` chooses) → each listener's health turns
-//! NOT_SERVING → listeners stop accepting → in-flight work drains within a grace period.
-//! [`Shutdown`] is the trigger and the set of tasks it drains; a [`Signal`] is what each task
-//! waits on. Depends on nothing in the crate.
+//! NOT_SERVING → listeners stop accepting → in-flight work drains within a grace period → the
+//! tasks that must come after it (the last usage report, which must carry what the drained
+//! responses metered) run. [`Shutdown`] is the trigger and the set of tasks it drains; a
+//! [`Signal`] is what each task waits on. Depends on nothing in the crate.
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,7 +14,11 @@ use tokio::task::JoinHandle;
 /// Owns every task of a running keygate and stops them together.
 pub struct Shutdown {
     notify: watch::Sender<bool>,
+    /// Set once the tasks of [`Shutdown::spawn`] have finished (or the grace period passed).
+    drained: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Tasks of [`Shutdown::spawn_last`]: waited for after the others.
+    last: Vec<JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -37,7 +42,9 @@ impl Shutdown {
     pub fn new(grace: Duration) -> Self {
         Shutdown {
             notify: watch::channel(false).0,
+            drained: watch::channel(false).0,
             tasks: Vec::new(),
+            last: Vec::new(),
             grace,
         }
     }
@@ -51,17 +58,39 @@ impl Shutdown {
         self.signal().recv()
     }
 
+    /// A future that resolves once the in-flight work has drained: every task of
+    /// [`Shutdown::spawn`] has finished, or the grace period has passed.
+    pub fn drained(&self) -> impl Future<Output = ()> + Send + 'static + use<> {
+        let mut rx = self.drained.subscribe();
+        async move {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
     /// Spawns `task`; [`Shutdown::drain`] waits for it.
     pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.push(tokio::spawn(task));
     }
 
-    /// Begins shutdown and waits for every task to finish, at most the grace period.
+    /// Spawns `task`, which [`Shutdown::drain`] waits for after the others, at most another
+    /// grace period: for work that must see everything the in-flight requests did (it waits
+    /// on [`Shutdown::drained`], not on the signal).
+    pub fn spawn_last(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.last.push(tokio::spawn(task));
+    }
+
+    /// Begins shutdown and waits for every task to finish, at most the grace period; then for
+    /// the tasks of [`Shutdown::spawn_last`], at most another.
     pub async fn drain(self) {
         self.notify.send_replace(true);
         let drain = futures::future::join_all(self.tasks);
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "in-flight requests did not finish within the grace period");
+        }
+        self.drained.send_replace(true);
+        let last = futures::future::join_all(self.last);
+        if tokio::time::timeout(self.grace, last).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "shutdown tasks did not finish within the grace period");
         }
     }
 }
@@ -115,5 +144,42 @@ mod tests {
         }
         // A signal taken before the drain resolves after it too.
         late.recv().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn last_tasks_run_after_the_others_have_drained() {
+        let mut shutdown = Shutdown::new(Duration::from_secs(10));
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, o) = (shutdown.recv(), order.clone());
+        shutdown.spawn(async move {
+            stop.await;
+            // In-flight work that takes a while to drain.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            o.lock().unwrap().push("drained request");
+        });
+        let (drained, o) = (shutdown.drained(), order.clone());
+        shutdown.spawn_last(async move {
+            drained.await;
+            o.lock().unwrap().push("last report");
+        });
+        let started = tokio::time::Instant::now();
+        shutdown.drain().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert_eq!(*order.lock().unwrap(), ["drained request", "last report"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn last_tasks_run_even_when_the_drain_runs_out_of_grace() {
+        let mut shutdown = Shutdown::new(Duration::from_secs(10));
+        shutdown.spawn(std::future::pending());
+        let (drained, (tx, mut ran)) = (shutdown.drained(), tokio::sync::oneshot::channel());
+        shutdown.spawn_last(async move {
+            drained.await;
+            let _ = tx.send(tokio::time::Instant::now());
+        });
+        let started = tokio::time::Instant::now();
+        shutdown.drain().await;
+        let at = ran.try_recv().expect("the last task ran");
+        assert_eq!(at - started, Duration::from_secs(10));
     }
 }

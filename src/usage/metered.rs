@@ -229,7 +229,9 @@ impl Reporter {
 }
 
 /// The reporter task: a flush every `interval` and, after `shutdown`, until everything is
-/// delivered or [`SHUTDOWN_DEADLINE`] passes.
+/// delivered or [`SHUTDOWN_DEADLINE`] passes. `shutdown` must resolve only once nothing more
+/// can be recorded in the tally (the servers' in-flight responses have drained,
+/// `Shutdown::drained`): what is recorded after the last flush is lost.
 pub fn start_reporter(
     tally: Arc<Tally>,
     sink: ReportSink,
