@@ -146,6 +146,23 @@ mod tests {
         msgs.into_iter().try_for_each(|mut m| o.open(&mut m))
     }
 
+    /// The protocol-1 format, frozen: the exact bytes a control plane sent before protocol 2
+    /// (a full snapshot in chunks and a heartbeat, under a fixed key and nonce). Data planes
+    /// that do not ask for protocol 2 verify these bytes; they must never change.
+    #[test]
+    fn the_protocol_1_stream_is_byte_for_byte_as_before() {
+        use sha2::Digest;
+        let key = MasterKey::from_bytes([5; 32]);
+        let mut bytes = Vec::new();
+        for m in sealed(&key, &[9u8; NONCE_LEN]) {
+            bytes.extend_from_slice(&m.encode_to_vec());
+        }
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            "dc3992d5ad0d00db4b77f42f9de976d864f147568991f7b9f5ec2db89da39165"
+        );
+    }
+
     #[test]
     fn a_sealed_stream_opens_and_any_change_is_refused() {
         let key = MasterKey::generate();
