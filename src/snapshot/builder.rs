@@ -396,12 +396,13 @@ impl SnapshotBuilder {
                 "snapshot published"
             );
             if let Some(tx) = &self.updates {
-                let base_version = current
+                let base = current
                     .as_ref()
-                    .filter(|c| c.same_history(&shared.store_id, &shared.epoch) && !shared.full)
-                    .map(|c| c.version);
+                    .filter(|c| c.same_history(&shared.store_id, &shared.epoch) && !shared.full);
                 let _ = tx.send(Published {
-                    base_version,
+                    base_version: base.map(|c| c.version),
+                    base_digest: base.map(|c| c.digest()),
+                    digest: snap.digest(),
                     update: shared,
                 });
             }
