@@ -157,7 +157,7 @@ pub fn load(data_dir: &Path, keys: &Keys) -> Result<Option<Update>, CacheError> 
         .map_err(|e| malformed(ApplyError::Malformed(e.to_string())))?;
     let mut a = wire::Assembler::default();
     let u = match a.push(msg).map_err(malformed)? {
-        Some((_, u)) if u.full => u,
+        Some(wire::Assembled { update: u, .. }) if u.full => u,
         _ => {
             return Err(malformed(ApplyError::Malformed(
                 "not a full snapshot".into(),
