@@ -157,6 +157,12 @@ ALTER TABLE model_services ADD COLUMN legacy_models TEXT NOT NULL DEFAULT '[]';
 UPDATE model_services SET legacy_models = models, models = '[]';
 "#;
 
+/// SPEC §5 "Versions": what an audit event that no admin request made says happened (a new
+/// epoch's old and new epoch).
+const V5: &str = r#"
+ALTER TABLE audit_events ADD COLUMN details TEXT NOT NULL DEFAULT '';
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -168,6 +174,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (2, "admin tokens", V2),
         (3, "store epoch", V3),
         (4, "scope model entries and model source", V4),
+        (5, "audit event details", V5),
     ]
     .into_iter()
     .map(|(version, description, sql)| {
