@@ -391,6 +391,7 @@ mod tests {
                 snap = snap.apply(u, &keys).unwrap();
                 let rebuilt = Snapshot::from_full(snap.to_full_update(), &keys).unwrap();
                 prop_assert_eq!(snap.digest(), rebuilt.digest());
+                prop_assert_eq!(snap.digest(), snap.digest_from_scratch());
             }
         }
     }
