@@ -182,14 +182,14 @@ impl DistributionService {
     }
 
     /// The incremental updates that lead from `(store, epoch, version)` to the newest
-    /// recorded one. With `held` (`Some`: the subscriber checks digests), only from a state
-    /// of that content digest: increments applied to other content would not lead here.
+    /// recorded one. With `held` (the content digest the subscriber presented), only from a
+    /// state of that content: increments applied to other content would not lead here.
     fn chain_from(
         &self,
         store_id: &str,
         epoch: &str,
         version: i64,
-        held: Option<Option<ContentDigest>>,
+        held: Option<ContentDigest>,
     ) -> Vec<Published> {
         let h = self.history.lock().expect("history lock");
         let Some(start) = h.iter().position(|p| {
@@ -197,7 +197,7 @@ impl DistributionService {
                 && p.update.store_id == store_id
                 && p.update.epoch == epoch
                 && p.base_version == Some(version)
-                && held.is_none_or(|d| d.is_some() && p.base_digest == d)
+                && held.is_none_or(|d| p.base_digest == Some(d))
         }) else {
             return vec![];
         };
@@ -337,30 +337,32 @@ impl DistributionService {
     }
 
     /// The initial state for a subscriber at `r`'s version: nothing (a heartbeat), the missed
-    /// changes, or everything; and the version it then has. A subscriber that checks digests
-    /// (protocol 2) is up to date, or sent increments, only when the content it holds is the
-    /// one this control plane had at its version; otherwise (a store restored and changed
-    /// back up to or past that version, or it asks for a full snapshot) it gets everything.
+    /// changes, or everything; and the version it then has. A subscriber that presents the
+    /// digest of what it holds (protocol 2) is up to date, or sent increments, only when that
+    /// content is the one this control plane had at its version; otherwise (a store restored
+    /// and changed back up to or past that version) it gets everything.
     fn initial(&self, r: &pb::SubscribeRequest, snap: Arc<Snapshot>) -> (Next, i64) {
         let same = snap.same_history(&r.store_id, &r.epoch);
-        let held = (r.protocol >= seal::PROTOCOL).then(|| ContentDigest::from_bytes(&r.digest));
+        let held = if r.protocol >= seal::PROTOCOL {
+            ContentDigest::from_bytes(&r.digest)
+        } else {
+            None
+        };
         if same && r.version > snap.version {
             self.report_ahead(r, &snap);
         }
         if same && r.version == snap.version {
-            match held {
-                Some(Some(d)) if d != snap.digest() => {
-                    tracing::warn!(
-                        subscriber = %LoggedName(&r.subscriber),
-                        version = r.version,
-                        digest = %d,
-                        served_digest = %snap.digest(),
-                        "a data plane holds the served version with other content (the store was restored and changed back up to it): sending it the full snapshot"
-                    );
-                    return (Next::Full(snap.clone()), snap.version);
-                }
-                Some(None) => return (Next::Full(snap.clone()), snap.version),
-                _ => {}
+            if let Some(d) = held
+                && d != snap.digest()
+            {
+                tracing::warn!(
+                    subscriber = %LoggedName(&r.subscriber),
+                    version = r.version,
+                    digest = %d,
+                    served_digest = %snap.digest(),
+                    "a data plane holds the served version with other content (the store was restored and changed back up to it): sending it the full snapshot"
+                );
+                return (Next::Full(snap.clone()), snap.version);
             }
             let beat = pb::SnapshotMessage {
                 store_id: snap.store_id.clone(),

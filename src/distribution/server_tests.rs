@@ -205,9 +205,9 @@ async fn a_subscriber_without_a_protocol_gets_the_protocol_1_stream_byte_for_byt
 }
 
 /// Protocol 2: a subscriber at the served version is up to date only with the served
-/// content; with other content (a restored store changed back up to that version), or asking
-/// for everything (no digest), it gets the full snapshot. A protocol-1 subscriber cannot say,
-/// and is answered as before.
+/// content; with other content (a restored store changed back up to that version) it gets the
+/// full snapshot. A subscriber that presents no digest (protocol 1, or one whose digests
+/// differ from its control plane's) cannot say, and is answered as before.
 #[tokio::test(start_paused = true)]
 async fn a_subscriber_at_the_served_version_with_other_content_gets_the_full_snapshot() {
     let master = MasterKey::generate();
@@ -227,8 +227,11 @@ async fn a_subscriber_at_the_served_version_with_other_content_gets_the_full_sna
     assert!(m.heartbeat, "same content: up to date");
     let m = first(request(Some(&other), seal::PROTOCOL, Some(other.digest()))).await;
     assert!(m.full && !m.heartbeat, "other content: everything");
-    let m = first(request(Some(&snap), seal::PROTOCOL, None)).await;
-    assert!(m.full, "no digest: everything");
+    let m = first(request(Some(&other), seal::PROTOCOL, None)).await;
+    assert!(
+        m.heartbeat,
+        "no digest (one that cannot digest alike): as protocol 1"
+    );
     let m = first(request(Some(&other), 0, None)).await;
     assert!(m.heartbeat, "protocol 1: as before");
 }

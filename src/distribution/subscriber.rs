@@ -492,12 +492,17 @@ impl Subscriber {
         }
     }
 
-    /// What this data plane subscribes with: what it serves (version 0 and no digest when it
-    /// asks for a full snapshot), the stream protocol it verifies, and its nonce.
+    /// What this data plane subscribes with: what it serves and the digest of that content
+    /// (unless its digests differ from its control plane's), the stream protocol it verifies,
+    /// and its nonce. Asking for a full snapshot, it presents nothing, as a data plane that
+    /// holds nothing does: every control plane answers that with everything.
     fn request(&self, nonce: &[u8]) -> pb::SubscribeRequest {
-        let current = self.cell.load();
-        let want_full = self.want_full.load(Ordering::Relaxed);
-        let digests = !want_full && !self.digest_skew.load(Ordering::Relaxed);
+        let current = if self.want_full.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.cell.load()
+        };
+        let digests = !self.digest_skew.load(Ordering::Relaxed);
         pb::SubscribeRequest {
             store_id: current
                 .as_ref()
@@ -507,10 +512,7 @@ impl Subscriber {
                 .as_ref()
                 .map(|s| s.epoch.clone())
                 .unwrap_or_default(),
-            version: match &current {
-                Some(s) if !want_full => s.version,
-                _ => 0,
-            },
+            version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
             nonce: nonce.to_vec(),
             protocol: seal::PROTOCOL,

@@ -179,7 +179,7 @@ fn refused_messages_are_counted_in_metrics() {
 /// A data plane holding content the store no longer has at its version (a restored store
 /// changed back up to it): the control plane's next increment does not lead to the digest it
 /// carries. The data plane refuses it, keeps serving what it had, counts it, and asks for a
-/// full snapshot (version 0, no digest), which then applies.
+/// full snapshot (version 0, nothing held), which then applies.
 #[test]
 fn an_increment_that_does_not_lead_to_the_control_planes_digest_is_refused() {
     let keys = MasterKey::generate().keys();
@@ -222,8 +222,8 @@ fn an_increment_that_does_not_lead_to_the_control_planes_digest_is_refused() {
     let r = s.request(&[1; seal::NONCE_LEN]);
     assert_eq!(
         (r.store_id.as_str(), r.version, r.digest.len(), r.protocol),
-        ("bench", 0, 0, seal::PROTOCOL),
-        "it asks for everything"
+        ("", 0, 0, seal::PROTOCOL),
+        "it asks for everything, as a data plane holding nothing"
     );
     // The full snapshot comes with its digest and applies.
     let full6 = wire::with_digest(wire::encode(&cp6.to_full_update(), 0, 10), cp6.digest());
