@@ -294,7 +294,8 @@ mod tests {
         let keys = keys();
         let digest = |u: Update| Snapshot::from_full(u, &keys).unwrap().digest();
         let base = digest(rich(&keys));
-        let changes: Vec<(&str, Box<dyn Fn(&mut Update)>)> = vec![
+        type Change<'a> = (&'a str, Box<dyn Fn(&mut Update) + 'a>);
+        let changes: Vec<Change> = vec![
             ("key hash", Box::new(|u| u.keys[0].0[31] ^= 1)),
             ("key id", Box::new(|u| u.keys[0].1.id = Uuid::from_u128(9))),
             ("key consumer", Box::new(|u| u.keys[0].1.consumer = None)),

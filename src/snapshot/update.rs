@@ -101,12 +101,14 @@ fn consumer_entry(
     })
 }
 
-/// The services as the decision uses them (model key values decrypted), and their term of
-/// the content digest.
+/// Services by name, as the decision uses them (model key values decrypted).
+type ServiceMap = HashMap<Box<str>, Arc<ServiceEntry>>;
+
+/// The services as the decision uses them, and their term of the content digest.
 fn services(
     records: &[ServiceRecord],
     keys: &Keys,
-) -> Result<(HashMap<Box<str>, Arc<ServiceEntry>>, ContentDigest), ApplyError> {
+) -> Result<(ServiceMap, ContentDigest), ApplyError> {
     let mut decrypted = Vec::with_capacity(records.len());
     for s in records {
         let mut injected = Vec::with_capacity(s.model_keys.len());
