@@ -1,5 +1,6 @@
-//! Snapshot build time and live heap per key at 10k / 100k / 1M consumer keys, and the cost of
-//! one incremental change at 1M keys. Run: `cargo bench --bench snapshot`.
+//! Snapshot build time and live heap per key at 10k / 100k / 1M consumer keys, the cost of
+//! one incremental change at 1M keys, and the content digest's share of a full build (every
+//! record hashed again). Run: `cargo bench --bench snapshot`.
 
 use std::alloc::System;
 use std::hint::black_box;
@@ -64,6 +65,14 @@ fn build(c: &mut Criterion) {
             };
             base.apply(u, &keys).unwrap()
         })
+    });
+    g.finish();
+
+    // What the content digest adds to a full build of 1M keys: one hash per record.
+    let mut g = c.benchmark_group("snapshot_digest");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    g.bench_function("from_scratch/1000000", |b| {
+        b.iter(|| black_box(base.digest_from_scratch()))
     });
     g.finish();
 }

@@ -127,6 +127,7 @@ impl MasterKey {
             cipher: ModelKeyCipher::new(&self.derive(b"model-key-aes-256-gcm")),
             cache: ModelKeyCipher::new(&self.derive(b"snapshot-cache-aes-256-gcm")),
             stream: KeyHasher::new(&self.derive(b"snapshot-stream-hmac")),
+            digest: KeyHasher::new(&self.derive(b"snapshot-digest-hmac")),
         }
     }
 }
@@ -171,6 +172,8 @@ pub struct Keys {
     pub cache: ModelKeyCipher,
     /// Authenticates the snapshot stream, control plane → data plane (`distribution::seal`).
     pub stream: KeyHasher,
+    /// Keys the services term of a snapshot's content digest (`snapshot::digest`).
+    pub digest: KeyHasher,
 }
 
 impl fmt::Debug for Keys {

@@ -40,6 +40,13 @@ impl HealthSources {
         if subscriber.is_some() {
             let _ = m.registry.register(Box::new(m.staleness.clone()));
             let _ = m.registry.register(Box::new(m.snapshot_rejected.clone()));
+            // Every reason from 0, so an alert on any increase sees the first one.
+            for r in crate::distribution::subscriber::Rejected::ALL {
+                m.snapshot_rejected(r.reason());
+            }
+        } else {
+            // A control plane (its snapshot builder starts epochs).
+            let _ = m.registry.register(Box::new(m.epoch_changes.clone()));
         }
         HealthSources {
             cell,

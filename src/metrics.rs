@@ -27,8 +27,11 @@ pub struct Metrics {
     pub(crate) snapshot_entries: IntGaugeVec,
     pub(crate) subscribers: IntGauge,
     pub(crate) staleness: Gauge,
-    /// Data planes: snapshot stream messages refused (registered with `staleness`).
-    pub(crate) snapshot_rejected: IntCounter,
+    /// Data planes: snapshot stream messages refused, by reason (registered with `staleness`).
+    pub(crate) snapshot_rejected: IntCounterVec,
+    /// Control planes: new epochs this process started (registered with the control plane's
+    /// metrics).
+    pub(crate) epoch_changes: IntCounter,
     pub secret_refresh_failures: IntCounterVec,
     /// Data planes: metered success responses that gave no token counts, by reason.
     pub usage_unparsed: IntCounterVec,
@@ -113,10 +116,19 @@ impl Metrics {
             "Seconds since this data plane last heard from its control plane.",
         )
         .expect("valid metric");
-        let snapshot_rejected = IntCounter::new(
-            "keygate_snapshot_messages_rejected_total",
-            "Snapshot stream messages this data plane refused (MAC, order, epoch, stale or \
-             malformed); the served snapshot is kept and the data plane resubscribes.",
+        let snapshot_rejected = IntCounterVec::new(
+            Opts::new(
+                "keygate_snapshot_messages_rejected_total",
+                "Snapshot stream messages this data plane refused, by reason (mac, malformed, \
+                 stale, digest); the served snapshot is kept and the data plane resubscribes.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let epoch_changes = IntCounter::new(
+            "keygate_store_epoch_changes_total",
+            "New epochs this control plane started: the store's revision went back (a restore \
+             or a failover to a lagging replica); every data plane reloads in full.",
         )
         .expect("valid metric");
         let secret_refresh_failures = IntCounterVec::new(
@@ -237,6 +249,7 @@ impl Metrics {
             subscribers,
             staleness,
             snapshot_rejected,
+            epoch_changes,
             secret_refresh_failures,
             usage_unparsed,
             usage_report_failures,
@@ -248,6 +261,16 @@ impl Metrics {
             rate_limit_shared,
             rate_limit_sync_failures,
         }
+    }
+
+    /// The refused-message counter for `reason`.
+    pub fn snapshot_rejected(&self, reason: &str) -> IntCounter {
+        self.snapshot_rejected.with_label_values(&[reason])
+    }
+
+    /// Counts a new epoch this control plane started.
+    pub fn epoch_changed(&self) {
+        self.epoch_changes.inc();
     }
 
     #[inline]

@@ -7,7 +7,13 @@
 //! an already-connected data plane on the state it had moved past: the control plane starts a
 //! new epoch and every data plane takes the restored store's full snapshot, then every later
 //! change (a leaked key disabled) within the normal propagation time: `keygate authz` on
-//! SQLite and on PostgreSQL, and Envoy with the keygate module.
+//! SQLite and on PostgreSQL, and Envoy with the keygate module. The new epoch is audited
+//! (`StartEpoch` on the `STORE`) and counted (`keygate_store_epoch_changes_total`).
+//!
+//! Equal versions with different content: a data plane holding (store, epoch, N) from before
+//! the restore meets a control plane whose store was restored, epoch row included, and changed
+//! back up to revision N with the leaked key disabled. No version tells them apart; the
+//! content digest does, and the data plane takes the store's state.
 //!
 //! Every test has its own processes, ports and data dirs. Nothing sleeps to wait for a state.
 
@@ -19,7 +25,7 @@ use keygate::proto::admin::v1 as pb;
 
 use common::admin::{
     bearer, create_bound_key, create_consumer, create_model_key, create_service,
-    disable_consumer_key,
+    disable_consumer_key, latest_revision, snapshot_reaches,
 };
 use common::envoy::{Envoy, EnvoyRun, ModuleFiles, Upstream, http_get};
 use common::postgres::{copy_postgres_database, drop_postgres_database, fresh_postgres_database};
@@ -145,6 +151,17 @@ impl Backup {
         cp.restart().await;
     }
 
+    /// The backup restored while the control plane is stopped; it starts on the restored
+    /// store, remembering nothing of what it published.
+    async fn restore_stopped(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
+        cp.proc.stop();
+        match self {
+            Backup::Sqlite => copy_sqlite(&dir.join("backup"), &cp.opts.data_dir),
+            Backup::Postgres { store, backup } => copy_postgres_database(backup, store).await,
+        }
+        cp.restart().await;
+    }
+
     async fn restore(&self, cp: &mut ControlPlane, dir: &std::path::Path) {
         match self {
             Backup::Sqlite => {
@@ -230,6 +247,170 @@ async fn restored_store_scenario(backup: Backup, store: Option<String>) {
         },
     )
     .await;
+
+    // The new epoch is in the audit trail and in the control plane's metrics.
+    let mut admin = cp.admin().await;
+    let epochs = epoch_events(&mut admin).await;
+    let e = epochs.first().unwrap_or_else(|| {
+        panic!(
+            "no StartEpoch audit event after the restore\n{}",
+            tail(&cp.logs(), 30)
+        )
+    });
+    assert_eq!(
+        (e.actor.as_str(), e.kind, e.changed_fields.as_slice()),
+        (
+            "keygate:control-plane",
+            pb::ResourceKind::Store as i32,
+            ["epoch".to_string()].as_slice()
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.details.starts_with("epoch (first) -> ") && e.details.contains("revision"),
+        "the old and new epoch: {e:?}"
+    );
+    assert!(!e.resource_id.is_empty() && e.resource_id == e.resource_name);
+    let changes = epoch_changes(&cp).await;
+    assert!(
+        changes >= 1.0,
+        "keygate_store_epoch_changes_total = {changes}"
+    );
+}
+
+/// The store's `StartEpoch` audit events, newest first (filtered by kind, as an operator would).
+async fn epoch_events(admin: &mut common::Admin) -> Vec<pb::AuditEvent> {
+    admin
+        .list_audit_events(pb::ListAuditEventsRequest {
+            kind: pb::ResourceKind::Store as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .filter(|e| e.action == "StartEpoch")
+        .collect()
+}
+
+/// `keygate_store_epoch_changes_total` on the control plane's `/metrics`.
+async fn epoch_changes(cp: &ControlPlane) -> f64 {
+    let text = http_get(common::metrics_addr(&cp.logs()), "/metrics", &[])
+        .await
+        .unwrap()
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("keygate_store_epoch_changes_total "))
+        .unwrap_or_else(|| panic!("no keygate_store_epoch_changes_total in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A data plane holding version N of (store, epoch) stops; its control plane's store is
+/// restored to an older backup (its epoch row included) and changed back up to revision N,
+/// the leaked key disabled and the newer key gone. The data plane restarts from its cache
+/// (the content it had at N) and subscribes at N: it takes the store's state within the
+/// normal propagation time. No epoch starts (nothing went back that anyone saw): the content
+/// digest alone tells the two states at N apart.
+async fn equal_version_scenario(backup: Backup, store: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = subscriber_token();
+    let mut cp_opts = ControlPlaneOptions::new(&dir.path().join("cp"), &token);
+    cp_opts.store = store;
+    let mut cp = ControlPlane::start(&cp_opts).await;
+    let mut admin = cp.admin().await;
+    create_service(&mut admin, "openai", "", "").await;
+    create_model_key(&mut admin, "openai-primary", MODEL_KEY, "openai").await;
+    create_consumer(&mut admin, "app").await;
+    let leaked = create_bound_key(&mut admin, "leaked", "app").await;
+    let opts = DataPlaneOptions::new(
+        "data plane",
+        &cp.url(),
+        &dir.path().join("dp"),
+        &cp.master_key_file(),
+        &token,
+    );
+    backup.take(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    let newer = create_bound_key(&mut admin, "newer", "app").await;
+    for i in 0..4 {
+        create_consumer(&mut admin, &format!("later-{i}")).await;
+    }
+    let n = latest_revision(&mut admin).await;
+    let mut dp = DataPlane::start(&opts).await;
+    poll_until(SETTLE, "the data plane to allow both keys", || async {
+        (dp.verdict(&leaked, "openai").await.allowed()
+            && dp.verdict(&newer, "openai").await.allowed())
+        .then_some(())
+    })
+    .await;
+    dp.wait_cache_written(n, SETTLE).await;
+
+    // The data plane goes away; the store goes back to the backup and is changed back up to
+    // revision N, the leaked key disabled last.
+    dp.proc.stop();
+    backup.restore_stopped(&mut cp, dir.path()).await;
+    let mut admin = cp.admin().await;
+    let restored = latest_revision(&mut admin).await;
+    assert!(
+        restored + 1 < n,
+        "the backup ({restored}) is older than N ({n})"
+    );
+    for i in 0..n - restored - 1 {
+        create_consumer(&mut admin, &format!("restored-{i}")).await;
+    }
+    disable_consumer_key(&mut admin, "leaked").await;
+    assert_eq!(latest_revision(&mut admin).await, n, "back at revision N");
+    snapshot_reaches(&admin, n, SETTLE, "the control plane's snapshot at N").await;
+
+    // The data plane starts from its cache (the old content at N) and subscribes at N.
+    dp.restart().await;
+    poll_until(
+        SETTLE,
+        "the data plane to refuse the disabled key and the key the store lost",
+        || async {
+            (!dp.verdict(&leaked, "openai").await.allowed()
+                && !dp.verdict(&newer, "openai").await.allowed())
+            .then_some(())
+        },
+    )
+    .await;
+    let told = cp.proc.log_messages(
+        "a data plane holds the served version with other content (the store was restored and changed back up to it): sending it the full snapshot",
+    );
+    assert_eq!(
+        told.first().map(|l| l["fields"]["version"].as_u64()),
+        Some(Some(n)),
+        "the control plane told the contents apart at version N\n{}",
+        tail(&cp.logs(), 30)
+    );
+    assert!(
+        epoch_events(&mut admin).await.is_empty(),
+        "no epoch started: the versions were equal throughout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_versions_with_other_content_are_told_apart_on_sqlite() {
+    equal_version_scenario(Backup::Sqlite, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_versions_with_other_content_are_told_apart_on_postgres() {
+    let store = fresh_postgres_database("kg_equal").await;
+    let backup = fresh_postgres_database("kg_equal_backup").await;
+    equal_version_scenario(
+        Backup::Postgres {
+            store: store.clone(),
+            backup: backup.clone(),
+        },
+        Some(store.clone()),
+    )
+    .await;
+    drop_postgres_database(&store).await;
+    drop_postgres_database(&backup).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

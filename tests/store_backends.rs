@@ -459,8 +459,11 @@ async fn a_store_from_before_model_scope_upgrades_postgres() {
     upgrades_from_before_model_scope("postgres").await;
 }
 
-/// What schema version 5 (usage and spend) added, undone: a store back at version 4.
-const UNDO_V5: [&str; 5] = [
+/// What schema versions 6 (audit event details) and 5 (usage and spend) added, undone: a
+/// store back at version 4.
+const UNDO_V5: [&str; 7] = [
+    "ALTER TABLE audit_events DROP COLUMN details",
+    "DELETE FROM _sqlx_migrations WHERE version = 6",
     "DROP TABLE usage_buckets",
     "DROP TABLE usage_cursors",
     "DROP TABLE usage_names",

@@ -2,7 +2,8 @@
 //! real `keygate authz` data plane and a real `keygate control-plane` — a relaying gRPC proxy
 //! on plain HTTP, holding the subscriber token it relays, as an attacker on the path would —
 //! changes what the control plane sends. Whatever it changes (one flipped bit, a rewritten
-//! field, a dropped fingerprint), the data plane refuses the message, counts and logs it, keeps
+//! field, a dropped fingerprint, the request's protocol so the control plane answers in the
+//! older format), the data plane refuses the message, counts and logs it, keeps
 //! serving its last good snapshot (a disabled key stays refused, an enabled key stays allowed
 //! through `Check`), and takes genuine changes again once the path is clean.
 //!
@@ -45,14 +46,29 @@ enum Tamper {
     Enable(&'static str),
     /// Strips the master key fingerprint from the first message, and re-enables the key.
     DropFingerprint(&'static str),
+    /// Strips the protocol from the data plane's request (so the control plane answers in
+    /// the protocol-1 format), and re-enables the key in that format.
+    Downgrade(&'static str),
 }
 
 impl Tamper {
-    /// Changes `m`; true when it did.
+    /// Changes `m`; true when it did. A protocol-2 envelope is opened (decoded without
+    /// checking anything), changed inside and sealed back with the MAC it had, as an attacker
+    /// without the master key would.
     fn apply(self, m: &mut snap::SnapshotMessage, first: bool) -> bool {
+        use prost::Message;
+        if !m.sealed.is_empty() {
+            let mut inner = snap::SnapshotMessage::decode(m.sealed.as_slice()).unwrap();
+            let changed = self.apply(&mut inner, false);
+            m.sealed = inner.encode_to_vec();
+            if first && matches!(self, Tamper::DropFingerprint(_)) {
+                m.master_key_fingerprint.clear();
+            }
+            return changed;
+        }
         let (name, enable) = match self {
             Tamper::FlipBit(n) => (n, false),
-            Tamper::Enable(n) | Tamper::DropFingerprint(n) => (n, true),
+            Tamper::Enable(n) | Tamper::DropFingerprint(n) | Tamper::Downgrade(n) => (n, true),
         };
         let mut changed = false;
         if first && matches!(self, Tamper::DropFingerprint(_)) {
@@ -106,6 +122,10 @@ impl SnapshotDistribution for Mitm {
         if tamper.is_some() {
             r.version = 0;
             r.store_id.clear();
+            r.digest.clear();
+        }
+        if matches!(tamper, Some(Tamper::Downgrade(_))) {
+            r.protocol = 0;
         }
         let mut client =
             SnapshotDistributionClient::with_interceptor(self.upstream.clone(), BearerToken(token))
@@ -333,4 +353,11 @@ async fn a_stream_without_the_fingerprint_is_refused() {
         "carries no master key fingerprint",
     )
     .await;
+}
+
+/// The protocol-1 format a stripped request gets is MACed under the same key: a change in it
+/// is refused like a change inside an envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgraded_stream_is_still_authenticated() {
+    tampered_stream_is_refused(Tamper::Downgrade("revoked"), "MAC does not verify").await;
 }

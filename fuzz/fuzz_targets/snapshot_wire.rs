@@ -1,13 +1,15 @@
 //! Fuzzes the data plane's side of the snapshot stream: arbitrary bytes decoded as
 //! `SnapshotMessage`s (prost), opened with the seal `Opener`, assembled by
-//! `distribution::wire::Assembler` and applied by `Subscriber::apply` (→ `Snapshot::apply` /
-//! `from_full`), exactly as a subscription session does.
+//! `distribution::wire::Assembler` and applied by `Subscriber::apply_checked` (→
+//! `Snapshot::apply` / `from_full`, then the content digest), exactly as a subscription
+//! session does.
 //! Input: frames `[flags u8][len u16 le][len bytes of a SnapshotMessage]`. Flags: bit 0 = the
 //! control plane sealed this message (the harness seals it, as a genuine stream would);
 //! bit 1 = a man in the middle then flips bit `flags >> 2` of byte `len / 2` of its encoding;
 //! a first frame with bit 7 also set is preceded by a genuine sealed full snapshot (store
 //! `fuzz`, version 10, with decryptable model keys), so later frames exercise incremental
-//! updates on a real snapshot.
+//! updates on a real snapshot; a first frame with bit 6 set makes the stream protocol 2
+//! (envelopes: the message's own encoding sealed as bytes), protocol 1 otherwise.
 //! Invariants: never panics; a message opens exactly when it is what the control plane sealed,
 //! in order (anything forged, changed or after a dropped message is refused); a message that
 //! fails to open is never applied (the session ends, the served snapshot is unchanged).
@@ -79,8 +81,7 @@ fn frames(mut data: &[u8], sealer: &mut Sealer, w: &World) -> Vec<Frame> {
         data = &data[3 + len..];
         if first && flags & 0x80 != 0 {
             for m in &w.prelude {
-                let mut m = m.clone();
-                sealer.seal(&mut m);
+                let m = sealer.seal(m.clone());
                 out.push(Frame {
                     sent: Some(m.clone()),
                     arrives: Some(m),
@@ -88,7 +89,7 @@ fn frames(mut data: &[u8], sealer: &mut Sealer, w: &World) -> Vec<Frame> {
             }
         }
         first = false;
-        let Ok(mut m) = pb::SnapshotMessage::decode(body) else {
+        let Ok(m) = pb::SnapshotMessage::decode(body) else {
             continue;
         };
         if flags & 1 == 0 {
@@ -98,7 +99,7 @@ fn frames(mut data: &[u8], sealer: &mut Sealer, w: &World) -> Vec<Frame> {
             });
             continue;
         }
-        sealer.seal(&mut m);
+        let m = sealer.seal(m);
         let arrives = if flags & 2 != 0 {
             let mut bytes = m.encode_to_vec();
             if !bytes.is_empty() {
@@ -119,7 +120,11 @@ fn frames(mut data: &[u8], sealer: &mut Sealer, w: &World) -> Vec<Frame> {
 
 fuzz_target!(|data: &[u8]| {
     let w = &*WORLD;
-    let mut sealer = Sealer::new(&w.keys.stream, &NONCE, w.fingerprint.clone());
+    let protocol = match data.first() {
+        Some(f) if f & 0x40 != 0 => keygate::distribution::seal::PROTOCOL,
+        _ => 0,
+    };
+    let mut sealer = Sealer::new(&w.keys.stream, &NONCE, w.fingerprint.clone(), protocol);
     let mut opener = Opener::new(&w.keys.stream, &NONCE, w.fingerprint.clone());
     let cell = SnapshotCell::new();
     let sub = subscriber(w, cell.clone());
@@ -127,24 +132,27 @@ fuzz_target!(|data: &[u8]| {
     // Whether every sealed message so far arrived: after a drop nothing opens.
     let mut in_sync = true;
     for f in frames(data, &mut sealer, w) {
-        let Some(mut m) = f.arrives else {
+        let Some(m) = f.arrives else {
             in_sync = false;
             continue;
         };
         let genuine = in_sync && f.sent.as_ref() == Some(&m);
         let before = cell.load().map(|s| (s.store_id.clone(), s.version));
-        match opener.open(&mut m) {
-            Ok(()) => assert!(genuine, "a forged or changed message opened"),
+        let m = match opener.open(m) {
+            Ok(m) => {
+                assert!(genuine, "a forged or changed message opened");
+                m
+            }
             Err(_) => {
                 assert!(!genuine, "a genuine message was refused");
                 // The session ends here; nothing of this message was applied.
                 assert_eq!(cell.load().map(|s| (s.store_id.clone(), s.version)), before);
                 return;
             }
-        }
+        };
         match assembler.push(m) {
-            Ok(Some((base, update))) => {
-                let _ = sub.apply(base, update);
+            Ok(Some(a)) => {
+                let _ = sub.apply_checked(a.base_version, a.update, a.digest);
             }
             Ok(None) => {}
             // A session ends on a malformed message.

@@ -278,6 +278,7 @@ pub fn kind_in(field: &str, v: i32, required: bool) -> Result<Option<ResourceKin
         Ok(pb::ResourceKind::ModelService) => Ok(Some(ResourceKind::ModelService)),
         Ok(pb::ResourceKind::ModelKey) => Ok(Some(ResourceKind::ModelKey)),
         Ok(pb::ResourceKind::AdminToken) => Ok(Some(ResourceKind::AdminToken)),
+        Ok(pb::ResourceKind::Store) => Ok(Some(ResourceKind::Store)),
         Err(_) => Err(invalid(field, "is not a known resource kind")),
     }
 }
@@ -289,6 +290,7 @@ pub fn kind_out(k: ResourceKind) -> i32 {
         ResourceKind::ModelService => pb::ResourceKind::ModelService,
         ResourceKind::ModelKey => pb::ResourceKind::ModelKey,
         ResourceKind::AdminToken => pb::ResourceKind::AdminToken,
+        ResourceKind::Store => pb::ResourceKind::Store,
     }) as i32
 }
 
@@ -385,6 +387,7 @@ pub fn audit_out(e: domain::AuditEvent) -> pb::AuditEvent {
         resource_id: e.resource_id,
         resource_name: e.resource_name,
         changed_fields: e.changed_fields,
+        details: e.details,
     }
 }
 

@@ -9,6 +9,9 @@
 //! its place) or without one is refused at start, so a data plane never starts serving a
 //! state it has already moved past. (Both files replaced together by older copies of both
 //! are not detected: that needs state outside the data dir.)
+//!
+//! The cache holds no content digest: loading builds the snapshot, which computes it again
+//! (`snapshot::digest`), so what a restarted data plane presents is what it serves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -157,7 +160,7 @@ pub fn load(data_dir: &Path, keys: &Keys) -> Result<Option<Update>, CacheError> 
         .map_err(|e| malformed(ApplyError::Malformed(e.to_string())))?;
     let mut a = wire::Assembler::default();
     let u = match a.push(msg).map_err(malformed)? {
-        Some((_, u)) if u.full => u,
+        Some(wire::Assembled { update: u, .. }) if u.full => u,
         _ => {
             return Err(malformed(ApplyError::Malformed(
                 "not a full snapshot".into(),

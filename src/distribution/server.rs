@@ -21,7 +21,7 @@ use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_server::{
     SnapshotDistribution, SnapshotDistributionServer,
 };
-use crate::snapshot::{Published, SeenAhead, Snapshot, SnapshotCell, Update};
+use crate::snapshot::{ContentDigest, Published, SeenAhead, Snapshot, SnapshotCell, Update};
 
 const HISTORY: usize = 1024;
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -192,14 +192,22 @@ impl DistributionService {
     }
 
     /// The incremental updates that lead from `(store, epoch, version)` to the newest
-    /// recorded one.
-    fn chain_from(&self, store_id: &str, epoch: &str, version: i64) -> Vec<Published> {
+    /// recorded one. With `held` (the content digest the subscriber presented), only from a
+    /// state of that content: increments applied to other content would not lead here.
+    fn chain_from(
+        &self,
+        store_id: &str,
+        epoch: &str,
+        version: i64,
+        held: Option<ContentDigest>,
+    ) -> Vec<Published> {
         let h = self.history.lock().expect("history lock");
         let Some(start) = h.iter().position(|p| {
             !p.update.full
                 && p.update.store_id == store_id
                 && p.update.epoch == epoch
                 && p.base_version == Some(version)
+                && held.is_none_or(|d| p.base_digest == Some(d))
         }) else {
             return vec![];
         };
@@ -269,8 +277,8 @@ impl tokio_stream::Stream for Held {
 
 impl Outbox {
     /// False when the subscriber is gone or did not read in time (then it is dropped).
-    async fn send(&mut self, mut m: pb::SnapshotMessage) -> bool {
-        self.sealer.seal(&mut m);
+    async fn send(&mut self, m: pb::SnapshotMessage) -> bool {
+        let m = self.sealer.seal(m);
         match tokio::time::timeout(self.deadline, self.tx.send(Ok(m))).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => {
@@ -339,13 +347,33 @@ impl DistributionService {
     }
 
     /// The initial state for a subscriber at `r`'s version: nothing (a heartbeat), the missed
-    /// changes, or everything; and the version it then has.
+    /// changes, or everything; and the version it then has. A subscriber that presents the
+    /// digest of what it holds (protocol 2) is up to date, or sent increments, only when that
+    /// content is the one this control plane had at its version; otherwise (a store restored
+    /// and changed back up to or past that version) it gets everything.
     fn initial(&self, r: &pb::SubscribeRequest, snap: Arc<Snapshot>) -> (Next, i64) {
         let same = snap.same_history(&r.store_id, &r.epoch);
+        let held = if r.protocol >= seal::PROTOCOL {
+            ContentDigest::from_bytes(&r.digest)
+        } else {
+            None
+        };
         if same && r.version > snap.version {
             self.report_ahead(r, &snap);
         }
         if same && r.version == snap.version {
+            if let Some(d) = held
+                && d != snap.digest()
+            {
+                tracing::warn!(
+                    subscriber = %LoggedName(&r.subscriber),
+                    version = r.version,
+                    digest = %d,
+                    served_digest = %snap.digest(),
+                    "a data plane holds the served version with other content (the store was restored and changed back up to it): sending it the full snapshot"
+                );
+                return (Next::Full(snap.clone()), snap.version);
+            }
             let beat = pb::SnapshotMessage {
                 store_id: snap.store_id.clone(),
                 epoch: snap.epoch.clone(),
@@ -356,7 +384,7 @@ impl DistributionService {
             return (Next::Send(vec![beat]), snap.version);
         }
         let chain = if same && r.version < snap.version {
-            self.chain_from(&r.store_id, &r.epoch, r.version)
+            self.chain_from(&r.store_id, &r.epoch, r.version, held)
         } else {
             vec![]
         };
@@ -365,12 +393,7 @@ impl DistributionService {
             return (Next::Full(snap), version);
         }
         let sent = chain.last().map(|p| p.update.version).unwrap_or(r.version);
-        let msgs = chain
-            .iter()
-            .flat_map(|p| {
-                wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK)
-            })
-            .collect();
+        let msgs = chain.iter().flat_map(increment).collect();
         (Next::Send(msgs), sent)
     }
 
@@ -405,11 +428,7 @@ impl DistributionService {
             Ok(p) if same(&p.update) && p.update.version <= *sent => Next::Skip,
             Ok(p) if !p.update.full && p.base_version == Some(*sent) && same(&p.update) => {
                 *sent = p.update.version;
-                Next::Send(wire::encode(
-                    &p.update,
-                    p.base_version.unwrap_or(0),
-                    wire::KEYS_PER_CHUNK,
-                ))
+                Next::Send(increment(&p))
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 // A full rebuild, or a gap: send the published snapshot.
@@ -453,7 +472,10 @@ impl DistributionService {
                 .map(|(h, e)| (*h, e.clone()))
                 .collect();
             let last = keys.peek().is_none();
-            let m = encode_chunk(&head, part, first, last);
+            let mut m = encode_chunk(&head, part, first, last);
+            if last {
+                m.digest = snap.digest().to_bytes().to_vec();
+            }
             if !out.send(m).await {
                 return false;
             }
@@ -463,6 +485,14 @@ impl DistributionService {
             first = false;
         }
     }
+}
+
+/// The messages of a published increment, the last with the digest it leads to.
+fn increment(p: &Published) -> Vec<pb::SnapshotMessage> {
+    wire::with_digest(
+        wire::encode(&p.update, p.base_version.unwrap_or(0), wire::KEYS_PER_CHUNK),
+        p.digest,
+    )
 }
 
 /// One message of a full update: the first carries `head` (consumers, services, counts),
@@ -523,7 +553,12 @@ impl SnapshotDistribution for DistributionService {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out = Outbox {
             tx,
-            sealer: seal::Sealer::new(&self.stream_key, &r.nonce, self.fingerprint.clone()),
+            sealer: seal::Sealer::new(
+                &self.stream_key,
+                &r.nonce,
+                self.fingerprint.clone(),
+                r.protocol,
+            ),
             deadline: self.send_deadline,
             subscriber: r.subscriber.clone(),
         };
@@ -532,7 +567,7 @@ impl SnapshotDistribution for DistributionService {
             _slot: slot,
             _gauge: Gauge(self.subscribers.clone()),
         };
-        tracing::info!(subscriber = %LoggedName(&r.subscriber), store_id = %LoggedName(&r.store_id), version = r.version, "data plane subscribed");
+        tracing::info!(subscriber = %LoggedName(&r.subscriber), store_id = %LoggedName(&r.store_id), version = r.version, protocol = r.protocol, "data plane subscribed");
         tokio::spawn(self.clone().feed(r, snap, rx, out));
         Ok(Response::new(Box::pin(stream)))
     }

@@ -15,7 +15,7 @@ use super::{cache, seal, wire};
 use crate::crypto::{Keys, Secret};
 use crate::proto::snapshot::v1 as pb;
 use crate::proto::snapshot::v1::snapshot_distribution_client::SnapshotDistributionClient;
-use crate::snapshot::{ApplyError, Snapshot, SnapshotCell, Update};
+use crate::snapshot::{ApplyError, ContentDigest, Snapshot, SnapshotCell, Update};
 
 #[derive(Clone)]
 pub struct SubscriberConfig {
@@ -244,6 +244,12 @@ pub struct Subscriber {
     keys: Keys,
     fingerprint: String,
     pub status: Arc<SubscriberStatus>,
+    /// The next subscription asks for a full snapshot (an update did not lead to the control
+    /// plane's content digest: what is served diverged from the store).
+    want_full: AtomicBool,
+    /// This data plane's digests differ from its control plane's for the same content (a
+    /// full snapshot's did): digests are then neither checked nor presented.
+    digest_skew: AtomicBool,
 }
 
 /// What one message did to the served snapshot.
@@ -264,6 +270,8 @@ impl Subscriber {
             keys,
             fingerprint,
             status: Arc::default(),
+            want_full: AtomicBool::new(false),
+            digest_skew: AtomicBool::new(false),
         }
     }
 
@@ -307,6 +315,60 @@ impl Subscriber {
     /// Applies one assembled update to the served snapshot. Refuses (and keeps serving the
     /// old snapshot) an update that is older, from a gap, or malformed.
     pub fn apply(&self, base: i64, update: Update) -> Result<Applied, ApplyError> {
+        self.apply_checked(base, update, None)
+    }
+
+    /// [`Subscriber::apply`], and the state it leads to must have the content digest
+    /// `expected` (when the control plane sent one). An increment that leads elsewhere is
+    /// refused (`Diverged`): it applied on top of a state the store no longer has. A full
+    /// snapshot replaces everything, so it cannot diverge: one whose digest differs means
+    /// this data plane digests content unlike its control plane (a version skew); it is
+    /// served, logged and counted, and digests are no longer used.
+    pub fn apply_checked(
+        &self,
+        base: i64,
+        update: Update,
+        expected: Option<ContentDigest>,
+    ) -> Result<Applied, ApplyError> {
+        let full = update.full;
+        let next = self.next_snapshot(base, update)?;
+        if let Some(expected) = expected
+            && !self.digest_skew.load(Ordering::Relaxed)
+            && next.digest() != expected
+        {
+            if !full {
+                return Err(ApplyError::Diverged {
+                    version: next.version,
+                    expected,
+                    actual: next.digest(),
+                });
+            }
+            self.digest_skew.store(true, Ordering::Relaxed);
+            self.rejected(Rejected::Digest);
+            tracing::error!(
+                version = next.version,
+                digest = %next.digest(),
+                control_plane_digest = %expected,
+                "this data plane's content digest of a full snapshot differs from the control plane's (a version skew): serving it; digests are no longer checked"
+            );
+        }
+        let v = next.version;
+        if self.cell.publish(Arc::new(next)) {
+            if full {
+                self.want_full.store(false, Ordering::Relaxed);
+            }
+            Ok(Applied::Swapped { version: v })
+        } else {
+            Err(ApplyError::Stale {
+                current: self.cell.load().map(|s| s.version).unwrap_or(0),
+                update: v,
+            })
+        }
+    }
+
+    /// The snapshot `update` makes of the served one, unless it is older, from a gap, or
+    /// malformed.
+    fn next_snapshot(&self, base: i64, update: Update) -> Result<Snapshot, ApplyError> {
         let current = self.cell.load();
         if let Some(c) = &current
             && c.same_history(&update.store_id, &update.epoch)
@@ -351,15 +413,7 @@ impl Subscriber {
                 ));
             }
         };
-        let v = next.version;
-        if self.cell.publish(Arc::new(next)) {
-            Ok(Applied::Swapped { version: v })
-        } else {
-            Err(ApplyError::Stale {
-                current: self.cell.load().map(|s| s.version).unwrap_or(0),
-                update: v,
-            })
-        }
+        Ok(next)
     }
 
     /// Runs until `shutdown` resolves, or fails on a master key mismatch.
@@ -413,7 +467,7 @@ impl Subscriber {
         let mut assembler = wire::Assembler::default();
         let mut opener = seal::Opener::new(&self.keys.stream, &nonce, self.fingerprint.clone());
         loop {
-            let mut msg = match stream.message().await {
+            let msg = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     tracing::warn!("control plane closed the snapshot stream");
@@ -424,8 +478,9 @@ impl Subscriber {
                     return Ok(());
                 }
             };
-            match opener.open(&mut msg) {
-                Ok(()) => {}
+            let first = opener.format().is_none();
+            let msg = match opener.open(msg) {
+                Ok(m) => m,
                 Err(seal::SealError::OtherKey { remote }) => {
                     return Err(SubscriberError::MasterKeyMismatch {
                         remote,
@@ -434,11 +489,19 @@ impl Subscriber {
                 }
                 Err(e) => {
                     // Not heard from (staleness keeps growing) and the backoff keeps growing.
-                    self.rejected();
+                    self.rejected(match e {
+                        seal::SealError::Malformed(_) => Rejected::Malformed,
+                        _ => Rejected::Mac,
+                    });
                     let served = self.cell.load().map(|s| s.version);
                     tracing::error!(error = %e, served_version = ?served, "refused an unauthenticated snapshot message; keeping the served snapshot and resubscribing");
                     return Ok(());
                 }
+            };
+            if first && opener.format() == Some(seal::Format::Legacy) {
+                tracing::info!(
+                    "the control plane answers in stream protocol 1 (an older keygate): no content digests; upgrade it"
+                );
             }
             self.status.last_heard_ms.store(now_ms(), Ordering::Relaxed);
             *backoff = self.cfg.min_backoff;
@@ -449,11 +512,13 @@ impl Subscriber {
     }
 
     /// Counts a refused stream message (status and `keygate_snapshot_messages_rejected_total`).
-    fn rejected(&self) {
+    fn rejected(&self, why: Rejected) {
         self.status
             .rejected_messages
             .fetch_add(1, Ordering::Relaxed);
-        crate::metrics::METRICS.snapshot_rejected.inc();
+        crate::metrics::METRICS
+            .snapshot_rejected(why.reason())
+            .inc();
     }
 
     /// Connects and subscribes from the served version; `None` (logged) when the control
@@ -482,8 +547,31 @@ impl Subscriber {
             },
         )
         .max_decoding_message_size(64 * 1024 * 1024);
-        let current = self.cell.load();
-        let req = pb::SubscribeRequest {
+        let req = self.request(nonce);
+        match client.subscribe(req).await {
+            Ok(s) => {
+                self.want_full.store(false, Ordering::Relaxed);
+                Some(s.into_inner())
+            }
+            Err(e) => {
+                tracing::warn!(code = ?e.code(), message = e.message(), "subscription refused; serving the last snapshot");
+                None
+            }
+        }
+    }
+
+    /// What this data plane subscribes with: what it serves and the digest of that content
+    /// (unless its digests differ from its control plane's), the stream protocol it verifies,
+    /// and its nonce. Asking for a full snapshot, it presents nothing, as a data plane that
+    /// holds nothing does: every control plane answers that with everything.
+    fn request(&self, nonce: &[u8]) -> pb::SubscribeRequest {
+        let current = if self.want_full.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.cell.load()
+        };
+        let digests = !self.digest_skew.load(Ordering::Relaxed);
+        pb::SubscribeRequest {
             store_id: current
                 .as_ref()
                 .map(|s| s.store_id.clone())
@@ -495,14 +583,11 @@ impl Subscriber {
             version: current.as_ref().map(|s| s.version).unwrap_or(0),
             subscriber: self.cfg.name.clone(),
             nonce: nonce.to_vec(),
-        };
-        drop(current);
-        match client.subscribe(req).await {
-            Ok(s) => Some(s.into_inner()),
-            Err(e) => {
-                tracing::warn!(code = ?e.code(), message = e.message(), "subscription refused; serving the last snapshot");
-                None
-            }
+            protocol: seal::PROTOCOL,
+            digest: match &current {
+                Some(s) if digests => s.digest().to_bytes().to_vec(),
+                _ => vec![],
+            },
         }
     }
 
@@ -516,9 +601,10 @@ impl Subscriber {
         persist: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
     ) -> bool {
         let applied = assembler.push(msg).and_then(|u| match u {
-            Some((base, update)) => {
+            Some(a) => {
                 let started = Instant::now();
-                self.apply(base, update).map(|a| (a, started.elapsed()))
+                self.apply_checked(a.base_version, a.update, a.digest)
+                    .map(|a| (a, started.elapsed()))
             }
             None => Ok((Applied::Nothing, Duration::ZERO)),
         });
@@ -533,21 +619,62 @@ impl Subscriber {
             }
             Ok((Applied::Nothing, _)) => {}
             Err(ApplyError::Stale { current, update }) => {
-                self.rejected();
+                self.rejected(Rejected::Stale);
                 tracing::warn!(
                     current,
                     update,
                     "ignored a snapshot update older than the one served"
                 );
             }
+            Err(e @ ApplyError::Diverged { .. }) => {
+                self.rejected(Rejected::Digest);
+                self.want_full.store(true, Ordering::Relaxed);
+                let served = self.cell.load().map(|s| s.version);
+                tracing::error!(error = %e, served_version = ?served, "refused a snapshot update that does not lead to the control plane's content; keeping the served snapshot and asking for a full snapshot");
+                return false;
+            }
             Err(e) => {
-                self.rejected();
+                self.rejected(Rejected::Malformed);
                 let served = self.cell.load().map(|s| s.version);
                 tracing::error!(error = %e, served_version = ?served, "rejected a snapshot message; keeping the served snapshot and resubscribing");
                 return false;
             }
         }
         true
+    }
+}
+
+/// Why a stream message was refused: the `reason` of
+/// `keygate_snapshot_messages_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Its MAC does not verify, or the stream lacks the fingerprint.
+    Mac,
+    /// Authenticated but unusable: out of order, a gap, another epoch's increment, an
+    /// envelope that does not decode, a model key that does not decrypt.
+    Malformed,
+    /// Older than what is served.
+    Stale,
+    /// It does not lead to the control plane's content digest (`ApplyError::Diverged`), or a
+    /// full snapshot's digest differs (a version skew).
+    Digest,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 4] = [
+        Rejected::Mac,
+        Rejected::Malformed,
+        Rejected::Stale,
+        Rejected::Digest,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejected::Mac => "mac",
+            Rejected::Malformed => "malformed",
+            Rejected::Stale => "stale",
+            Rejected::Digest => "digest",
+        }
     }
 }
 

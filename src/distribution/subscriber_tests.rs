@@ -158,7 +158,7 @@ fn refused_messages_are_counted_in_metrics() {
     for m in wire::encode(&full(5), 0, 10) {
         assert!(s.take(&mut assembler, m, &persist));
     }
-    let before = crate::metrics::METRICS.snapshot_rejected.get();
+    let before = crate::metrics::METRICS.snapshot_rejected("malformed").get();
     let status_before = s.status.rejected_messages.load(Ordering::Relaxed);
     // An incremental update that does not start from the served version ends the session.
     let gap = Update {
@@ -172,6 +172,95 @@ fn refused_messages_are_counted_in_metrics() {
         s.status.rejected_messages.load(Ordering::Relaxed),
         status_before + 1
     );
-    assert!(crate::metrics::METRICS.snapshot_rejected.get() > before);
+    assert!(crate::metrics::METRICS.snapshot_rejected("malformed").get() > before);
     assert_eq!(s.cell.load().unwrap().version, 5);
+}
+
+/// A data plane holding content the store no longer has at its version (a restored store
+/// changed back up to it): the control plane's next increment does not lead to the digest it
+/// carries. The data plane refuses it, keeps serving what it had, counts it, and asks for a
+/// full snapshot (version 0, nothing held), which then applies.
+#[test]
+fn an_increment_that_does_not_lead_to_the_control_planes_digest_is_refused() {
+    let keys = MasterKey::generate().keys();
+    let s = subscriber(&keys);
+    s.apply(0, full(5)).unwrap();
+    let held = s.cell.load().unwrap();
+    // The control plane's state at version 5: one key disabled.
+    let mut restored = full(5);
+    restored.keys[0].1.enabled = false;
+    let revoked = restored.keys[0].0;
+    let cp = Snapshot::from_full(restored, &keys).unwrap();
+    assert_ne!(cp.digest(), held.digest());
+    let change = Update {
+        store_id: "bench".into(),
+        version: 6,
+        consumers: vec![crate::snapshot::ConsumerRecord {
+            id: uuid::Uuid::from_u128(77),
+            name: "later".into(),
+            scope: crate::snapshot::ScopeSet::All,
+        }],
+        ..Default::default()
+    };
+    let cp6 = cp.apply(change.clone(), &keys).unwrap();
+    let (persist, _rx) = tokio::sync::watch::channel(None);
+    let before = crate::metrics::METRICS.snapshot_rejected("digest").get();
+    let msgs = wire::with_digest(wire::encode(&change, 5, 10), cp6.digest());
+    let mut assembler = wire::Assembler::default();
+    assert!(
+        !s.take(&mut assembler, msgs[0].clone(), &persist),
+        "the session ends"
+    );
+    let served = s.cell.load().unwrap();
+    assert_eq!(served.version, 5);
+    assert_eq!(
+        served.digest(),
+        held.digest(),
+        "the last good snapshot stays"
+    );
+    assert!(crate::metrics::METRICS.snapshot_rejected("digest").get() > before);
+    let r = s.request(&[1; seal::NONCE_LEN]);
+    assert_eq!(
+        (r.store_id.as_str(), r.version, r.digest.len(), r.protocol),
+        ("", 0, 0, seal::PROTOCOL),
+        "it asks for everything, as a data plane holding nothing"
+    );
+    // The full snapshot comes with its digest and applies.
+    let full6 = wire::with_digest(wire::encode(&cp6.to_full_update(), 0, 10), cp6.digest());
+    let mut assembler = wire::Assembler::default();
+    for m in full6 {
+        assert!(s.take(&mut assembler, m, &persist));
+    }
+    let served = s.cell.load().unwrap();
+    assert_eq!((served.version, served.digest()), (6, cp6.digest()));
+    assert!(!served.key(&revoked).unwrap().enabled, "the store's state");
+    let r = s.request(&[1; seal::NONCE_LEN]);
+    assert_eq!(r.version, 6);
+    assert_eq!(ContentDigest::from_bytes(&r.digest), Some(cp6.digest()));
+}
+
+/// A full snapshot replaces everything, so its digest cannot show a divergence: one that
+/// differs (a data plane that digests unlike its control plane) is served, counted, and
+/// digests are no longer presented or checked (no loop of full snapshots).
+#[test]
+fn a_full_snapshot_whose_digest_differs_is_served_and_digests_are_dropped() {
+    let keys = MasterKey::generate().keys();
+    let s = subscriber(&keys);
+    let before = crate::metrics::METRICS.snapshot_rejected("digest").get();
+    let wrong = ContentDigest::from_bytes(&[9; 32]).unwrap();
+    assert_eq!(
+        s.apply_checked(0, full(5), Some(wrong)).unwrap(),
+        Applied::Swapped { version: 5 }
+    );
+    assert!(crate::metrics::METRICS.snapshot_rejected("digest").get() > before);
+    assert!(s.request(&[1; seal::NONCE_LEN]).digest.is_empty());
+    let next = Update {
+        store_id: "bench".into(),
+        version: 6,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.apply_checked(5, next, Some(wrong)).unwrap(),
+        Applied::Swapped { version: 6 }
+    );
 }

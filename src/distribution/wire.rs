@@ -12,8 +12,8 @@ use crate::domain::ModelSource;
 use crate::domain::Timestamp;
 use crate::proto::snapshot::v1 as pb;
 use crate::snapshot::{
-    ApplyError, ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet,
-    ServiceRecord, Update,
+    ApplyError, ConsumerRecord, ContentDigest, KeyEntry, ModelKeyRecord, ModelRule, ScopeList,
+    ScopeSet, ServiceRecord, Update,
 };
 
 /// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
@@ -230,6 +230,8 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
         heartbeat: false,
         master_key_fingerprint: String::new(),
         mac: vec![],
+        sealed: vec![],
+        digest: vec![],
     };
     let chunks: Vec<&[(KeyHash, KeyEntry)]> = if update.keys.is_empty() {
         vec![&[]]
@@ -260,6 +262,29 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
         .collect()
 }
 
+/// Sets `digest` (protocol 2: the content digest of the state after this update) on the
+/// last of an update's messages.
+pub fn with_digest(
+    mut msgs: Vec<pb::SnapshotMessage>,
+    digest: ContentDigest,
+) -> Vec<pb::SnapshotMessage> {
+    if let Some(last) = msgs.last_mut() {
+        last.digest = digest.to_bytes().to_vec();
+    }
+    msgs
+}
+
+/// One update as its messages brought it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Assembled {
+    /// The version an incremental update applies on top of.
+    pub base_version: i64,
+    pub update: Update,
+    /// The control plane's digest of the state after it (protocol 2; `None` from a control
+    /// plane that sends none).
+    pub digest: Option<ContentDigest>,
+}
+
 /// Assembles chunks into updates: feed every message; an update comes out at each last
 /// chunk. A chunk that does not continue the one before is malformed.
 #[derive(Debug, Default)]
@@ -268,10 +293,17 @@ pub struct Assembler {
 }
 
 impl Assembler {
-    pub fn push(&mut self, m: pb::SnapshotMessage) -> Result<Option<(i64, Update)>, ApplyError> {
+    pub fn push(&mut self, m: pb::SnapshotMessage) -> Result<Option<Assembled>, ApplyError> {
         if m.heartbeat {
             return Ok(None);
         }
+        let digest = match m.digest.as_slice() {
+            [] => None,
+            d => Some(
+                ContentDigest::from_bytes(d)
+                    .ok_or_else(|| malformed("a content digest is not 32 bytes"))?,
+            ),
+        };
         if m.store_id.is_empty() {
             return Err(malformed("message without a store id"));
         }
@@ -334,7 +366,11 @@ impl Assembler {
             }
         }
         if last {
-            Ok(self.pending.take().map(|u| (base, u)))
+            Ok(self.pending.take().map(|update| Assembled {
+                base_version: base,
+                update,
+                digest,
+            }))
         } else {
             Ok(None)
         }
@@ -364,7 +400,7 @@ mod tests {
                 out = Some(x);
             }
         }
-        let (_, back) = out.expect("an update after the last chunk");
+        let back = out.expect("an update after the last chunk").update;
         assert_eq!(back, u);
     }
 
@@ -385,11 +421,76 @@ mod tests {
         services[0].models = vec!["gpt-4o-mini".into(), "o3-*".into()];
         services[0].model_source = ModelSource::Path;
         let mut a = Assembler::default();
-        let (_, back) = encode(&u, 0, 10)
+        let back = encode(&u, 0, 10)
             .into_iter()
             .find_map(|m| a.push(m).unwrap())
-            .expect("an update");
+            .expect("an update")
+            .update;
         assert_eq!(back, u);
+    }
+
+    /// A data plane's snapshot of what a control plane sent has the control plane's content
+    /// digest (every field survives the wire as the digest sees it), in full and after an
+    /// increment.
+    #[test]
+    fn the_digest_survives_the_wire() {
+        let master = crate::crypto::MasterKey::generate();
+        let keys = master.keys();
+        let mut u = crate::snapshot::fixtures::synthetic_update(5);
+        let service = Uuid::from_u128(2);
+        u.keys[0].1.scope = ScopeSet::Only(Arc::new(ScopeList {
+            services: vec![Uuid::from_u128(9)].into(),
+            models: vec![ModelRule {
+                service,
+                pattern: "claude-*".into(),
+            }]
+            .into(),
+        }));
+        u.keys[1].1.ip_allowlist = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+            "192.168.1.7/32".parse().unwrap(),
+        ]
+        .into();
+        u.keys[2].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
+        u.keys[3].1.enabled = false;
+        u.keys[4].1.consumer = None;
+        u.consumers[0].scope = u.keys[0].1.scope.clone();
+        let s = &mut u.services.as_mut().unwrap()[0];
+        s.models = vec!["gpt-4o-mini".into(), "o3-*".into()];
+        s.model_source = ModelSource::Path;
+        let id = Uuid::from_u128(0x51);
+        s.model_keys.push(crate::snapshot::ModelKeyRecord {
+            id,
+            name: "primary".into(),
+            ciphertext: keys.cipher.encrypt(
+                &id.to_string(),
+                &crate::crypto::Secret::new("sk-wire-1".into()),
+            ),
+        });
+        let cp = crate::snapshot::Snapshot::from_full(u.clone(), &keys).unwrap();
+        let through = |u: &Update, base: i64| {
+            let mut a = Assembler::default();
+            encode(u, base, 2)
+                .into_iter()
+                .find_map(|m| a.push(m).unwrap())
+                .unwrap()
+                .update
+        };
+        let dp = crate::snapshot::Snapshot::from_full(through(&u, 0), &keys).unwrap();
+        assert_eq!(dp.digest(), cp.digest());
+        let mut inc = Update {
+            store_id: u.store_id.clone(),
+            version: 2,
+            keys: vec![u.keys[3].clone()],
+            removed_keys: vec![u.keys[4].0],
+            ..Default::default()
+        };
+        inc.keys[0].1.enabled = true;
+        let cp2 = cp.apply(inc.clone(), &keys).unwrap();
+        let dp2 = dp.apply(through(&inc, 1), &keys).unwrap();
+        assert_eq!(dp2.digest(), cp2.digest());
+        assert_ne!(cp2.digest(), cp.digest());
     }
 
     /// A snapshot that uses no model feature encodes as it did before model-level scope, so a
@@ -422,10 +523,11 @@ mod tests {
         item.model_source = 42;
         item.models = vec!["Claude 3.5 Sonnet".into()];
         let mut a = Assembler::default();
-        let (_, back) = msgs
+        let back = msgs
             .into_iter()
             .find_map(|m| a.push(m).unwrap())
-            .expect("the snapshot still applies");
+            .expect("the snapshot still applies")
+            .update;
         let s = &back.services.unwrap()[0];
         assert_eq!(s.model_source, ModelSource::None);
         let entry = crate::snapshot::ServiceEntry::new(s.id, &s.name, "authorization", vec![])
@@ -479,7 +581,7 @@ mod tests {
             let Ok(m) = pb::SnapshotMessage::decode(m) else {
                 continue;
             };
-            if let Ok(Some((_, u))) = assembler.push(m) {
+            if let Ok(Some(Assembled { update: u, .. })) = assembler.push(m) {
                 let next = match &snap {
                     None => crate::snapshot::Snapshot::from_full(u, &keys),
                     Some(s) => s.apply(u, &keys),
@@ -563,7 +665,7 @@ mod tests {
         let mut a = Assembler::default();
         let mut snap: Option<crate::snapshot::Snapshot> = None;
         for m in genuine_messages() {
-            if let Some((_, u)) = a
+            if let Some(Assembled { update: u, .. }) = a
                 .push(pb::SnapshotMessage::decode(m.as_slice()).unwrap())
                 .unwrap()
             {

@@ -68,6 +68,8 @@ pub enum ResourceKind {
     ModelKey,
     /// A named admin credential (§9); appears only in audit events, never in snapshots.
     AdminToken,
+    /// The store itself (its epoch, SPEC §5); appears only in audit events.
+    Store,
 }
 
 impl ResourceKind {
@@ -79,6 +81,7 @@ impl ResourceKind {
             ResourceKind::ModelService => "model service",
             ResourceKind::ModelKey => "model key",
             ResourceKind::AdminToken => "admin token",
+            ResourceKind::Store => "store",
         }
     }
 }
@@ -275,6 +278,8 @@ pub struct AuditEvent {
     pub resource_id: String,
     pub resource_name: String,
     pub changed_fields: Vec<String>,
+    /// What happened, for changes no admin request made (e.g. a new epoch); never a value.
+    pub details: String,
 }
 
 /// Why an admin request was refused: the lifecycle and validation rules of SPEC §1.

@@ -296,13 +296,19 @@ impl SnapshotBuilder {
     /// Starts a new epoch after the store `epoch` was found at `revision`, below a version
     /// already published (`seen`). Another replica may have started it already.
     async fn start_epoch(&self, epoch: &str, revision: i64, seen: i64) -> Result<(), BuildError> {
-        match self.store.bump_epoch(epoch).await? {
-            Some(new) => tracing::warn!(
-                revision,
-                published_version = seen,
-                epoch = %new,
-                "the store's revision went back (restored from an older backup or failed over to a lagging replica): started a new epoch; every data plane takes the store's state in full"
-            ),
+        let reason = format!(
+            "the store's revision {revision} is below version {seen}, published or held by a data plane"
+        );
+        match self.store.bump_epoch(epoch, &reason).await? {
+            Some(new) => {
+                crate::metrics::METRICS.epoch_changed();
+                tracing::warn!(
+                    revision,
+                    published_version = seen,
+                    epoch = %new,
+                    "the store's revision went back (restored from an older backup or failed over to a lagging replica): started a new epoch; every data plane takes the store's state in full"
+                )
+            }
             None => tracing::info!(
                 revision,
                 "the store's revision went back; another replica started the new epoch"
@@ -396,12 +402,13 @@ impl SnapshotBuilder {
                 "snapshot published"
             );
             if let Some(tx) = &self.updates {
-                let base_version = current
+                let base = current
                     .as_ref()
-                    .filter(|c| c.same_history(&shared.store_id, &shared.epoch) && !shared.full)
-                    .map(|c| c.version);
+                    .filter(|c| c.same_history(&shared.store_id, &shared.epoch) && !shared.full);
                 let _ = tx.send(Published {
-                    base_version,
+                    base_version: base.map(|c| c.version),
+                    base_digest: base.map(|c| c.digest()),
+                    digest: snap.digest(),
                     update: shared,
                 });
             }

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "server")]
 mod builder;
+mod digest;
 #[cfg(any(test, feature = "server"))]
 #[doc(hidden)]
 pub mod fixtures;
@@ -15,6 +16,7 @@ mod update;
 
 #[cfg(feature = "server")]
 pub use builder::{BuildError, SnapshotBuilder, load_full_update};
+pub use digest::ContentDigest;
 pub use index::KeyIndex;
 pub use scope::{Grant, ModelRule, ScopeList, ScopeSet};
 pub use update::{ApplyError, ConsumerRecord, ModelKeyRecord, ServiceRecord, Update};
@@ -220,6 +222,9 @@ pub struct Snapshot {
     /// The services as distributed (model keys still encrypted), for full updates.
     service_records: Arc<Vec<ServiceRecord>>,
     model_keys: u64,
+    /// The digest of the content (`digest`), and the services block's term of it.
+    digest: ContentDigest,
+    services_term: ContentDigest,
 }
 
 impl Snapshot {
@@ -236,7 +241,15 @@ impl Snapshot {
             services: Arc::default(),
             service_records: Arc::default(),
             model_keys: 0,
+            digest: ContentDigest::default(),
+            services_term: ContentDigest::default(),
         }
+    }
+
+    /// The digest of what this snapshot holds (`snapshot::digest`): equal for equal content
+    /// wherever it was built, control plane or data plane.
+    pub fn digest(&self) -> ContentDigest {
+        self.digest
     }
 
     /// Whether `version`s of `(store_id, epoch)` compare with this snapshot's.
@@ -344,6 +357,10 @@ impl SnapshotCell {
 pub struct Published {
     pub base_version: Option<i64>,
     pub update: Arc<Update>,
+    /// The content digest of the snapshot it made, and (incremental) of the one it applied
+    /// on top of: a subscriber is sent increments only from a state with that digest.
+    pub digest: ContentDigest,
+    pub base_digest: Option<ContentDigest>,
 }
 
 /// A version a data plane presented for `(store_id, epoch)` (distribution tells the builder,

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use uuid::Uuid;
 
+use super::digest::{self, ContentDigest};
 use super::{
     ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells,
 };
@@ -78,6 +79,14 @@ pub enum ApplyError {
     Decrypt { id: Uuid },
     #[error("malformed update: {0}")]
     Malformed(String),
+    #[error(
+        "the state at version {version} is not the control plane's (content digest {actual}, the control plane's {expected}): this data plane's state diverged from the store's (a restored store)"
+    )]
+    Diverged {
+        version: i64,
+        expected: ContentDigest,
+        actual: ContentDigest,
+    },
 }
 
 fn consumer_entry(
@@ -92,11 +101,15 @@ fn consumer_entry(
     })
 }
 
+/// Services by name, as the decision uses them (model key values decrypted).
+type ServiceMap = HashMap<Box<str>, Arc<ServiceEntry>>;
+
+/// The services as the decision uses them, and their term of the content digest.
 fn services(
     records: &[ServiceRecord],
     keys: &Keys,
-) -> Result<HashMap<Box<str>, Arc<ServiceEntry>>, ApplyError> {
-    let mut out = HashMap::with_capacity(records.len());
+) -> Result<(ServiceMap, ContentDigest), ApplyError> {
+    let mut decrypted = Vec::with_capacity(records.len());
     for s in records {
         let mut injected = Vec::with_capacity(s.model_keys.len());
         for mk in &s.model_keys {
@@ -114,6 +127,17 @@ fn services(
                 )),
             });
         }
+        decrypted.push((s, injected));
+    }
+    let term = digest::services_record(
+        &keys.digest,
+        &decrypted
+            .iter()
+            .map(|(s, k)| (*s, k.as_slice()))
+            .collect::<Vec<_>>(),
+    );
+    let mut out = HashMap::with_capacity(records.len());
+    for (s, injected) in decrypted {
         out.insert(
             s.name.as_str().into(),
             Arc::new(
@@ -122,7 +146,24 @@ fn services(
             ),
         );
     }
-    Ok(out)
+    Ok((out, term))
+}
+
+/// The content digest of everything: one hash per key and consumer, and the services term.
+fn full_digest(
+    keys: &KeyIndex,
+    consumers: &HashMap<Uuid, Arc<ConsumerEntry>>,
+    services_term: ContentDigest,
+) -> ContentDigest {
+    let mut d = services_term;
+    let mut buf = Vec::with_capacity(256);
+    for (h, e) in keys.iter() {
+        d.add(digest::key_record(&mut buf, h, e));
+    }
+    for c in consumers.values() {
+        d.add(digest::consumer_record(&mut buf, c));
+    }
+    d
 }
 
 impl Snapshot {
@@ -156,11 +197,26 @@ impl Snapshot {
                 update: update.version,
             });
         }
-        let (services, service_records) = match update.services {
-            Some(s) => (Arc::new(services(&s, keys)?), Arc::new(s)),
-            None if update.full => (Arc::default(), Arc::default()),
-            None => (self.services.clone(), self.service_records.clone()),
+        let (services, service_records, services_term) = match update.services {
+            Some(s) => {
+                let (entries, term) = services(&s, keys)?;
+                (Arc::new(entries), Arc::new(s), term)
+            }
+            None if update.full => (Arc::default(), Arc::default(), ContentDigest::default()),
+            None => (
+                self.services.clone(),
+                self.service_records.clone(),
+                self.services_term,
+            ),
         };
+        // What an incremental update touches, for the digest (taken before it is consumed).
+        let touched_keys = (!update.full).then(|| {
+            let mut t: Vec<KeyHash> = update.removed_keys.clone();
+            t.extend(update.keys.iter().map(|(h, _)| *h));
+            t.sort_unstable();
+            t.dedup();
+            t
+        });
         let (key_index, consumers) = if update.full {
             let consumers: HashMap<Uuid, Arc<ConsumerEntry>> = update
                 .consumers
@@ -210,6 +266,38 @@ impl Snapshot {
             };
             (index, consumers)
         };
+        let digest = match touched_keys {
+            None => full_digest(&key_index, &consumers, services_term),
+            Some(touched) => {
+                let mut d = self.digest;
+                d.sub(self.services_term);
+                d.add(services_term);
+                let mut buf = Vec::with_capacity(256);
+                for h in &touched {
+                    if let Some(old) = self.keys.get(h) {
+                        d.sub(digest::key_record(&mut buf, h, old));
+                    }
+                    if let Some(new) = key_index.get(h) {
+                        d.add(digest::key_record(&mut buf, h, new));
+                    }
+                }
+                if !Arc::ptr_eq(&consumers, &self.consumers) {
+                    let mut ids: Vec<Uuid> = update.removed_consumers.clone();
+                    ids.extend(update.consumers.iter().map(|c| c.id));
+                    ids.sort_unstable();
+                    ids.dedup();
+                    for id in &ids {
+                        if let Some(old) = self.consumers.get(id) {
+                            d.sub(digest::consumer_record(&mut buf, old));
+                        }
+                        if let Some(new) = consumers.get(id) {
+                            d.add(digest::consumer_record(&mut buf, new));
+                        }
+                    }
+                }
+                d
+            }
+        };
         Ok(Snapshot {
             store_id: update.store_id,
             epoch: update.epoch,
@@ -221,7 +309,16 @@ impl Snapshot {
             services,
             service_records,
             model_keys: update.model_key_count,
+            digest,
+            services_term,
         })
+    }
+
+    /// The content digest computed from every record again, as a full build does (what
+    /// `digest` keeps incrementally; for tests and the snapshot benchmark).
+    #[doc(hidden)]
+    pub fn digest_from_scratch(&self) -> ContentDigest {
+        full_digest(&self.keys, &self.consumers, self.services_term)
     }
 
     /// The full update that rebuilds this snapshot elsewhere (model key values encrypted).

@@ -20,6 +20,8 @@ pub(super) struct Audit<'a> {
     pub id: &'a str,
     pub name: &'a str,
     pub fields: &'a [&'a str],
+    /// What happened, for changes no admin request made; empty otherwise.
+    pub details: &'a str,
 }
 
 impl<'a> Audit<'a> {
@@ -36,7 +38,14 @@ impl<'a> Audit<'a> {
             id,
             name,
             fields,
+            details: "",
         }
+    }
+
+    /// With `details` (never a value).
+    pub fn with_details(mut self, details: &'a str) -> Self {
+        self.details = details;
+        self
     }
 
     /// Appends the audit row inside the mutation's transaction.
@@ -48,8 +57,8 @@ impl<'a> Audit<'a> {
         actor: &Actor,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO audit_events (revision, time, actor, action, kind, resource_id, resource_name, changed_fields) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO audit_events (revision, time, actor, action, kind, resource_id, resource_name, changed_fields, details) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(revision)
         .bind(now.0)
@@ -59,6 +68,7 @@ impl<'a> Audit<'a> {
         .bind(self.id)
         .bind(self.name)
         .bind(self.fields.join(","))
+        .bind(self.details)
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -93,7 +103,7 @@ impl Store {
             None => i64::MAX,
         };
         let rows = sqlx::query(
-            "SELECT revision, time, actor, action, kind, resource_id, resource_name, changed_fields FROM audit_events \
+            "SELECT revision, time, actor, action, kind, resource_id, resource_name, changed_fields, details FROM audit_events \
              WHERE revision < $1 AND ($2 = 0 OR kind = $2) AND ($3 = '' OR resource_name = $3) \
              AND time >= $4 AND time <= $5 ORDER BY revision DESC LIMIT $6",
         )

@@ -110,8 +110,8 @@ impl Touched {
                 },
                 ResourceKind::Consumer => t.consumer_ids.push(id),
                 ResourceKind::ModelService | ResourceKind::ModelKey => t.services = true,
-                // Admin credentials are not in snapshots.
-                ResourceKind::AdminToken => {}
+                // Admin credentials and the store's own rows are not in snapshots.
+                ResourceKind::AdminToken | ResourceKind::Store => {}
             }
         }
         t.key_ids.sort();

@@ -153,6 +153,9 @@ impl Store {
             ResourceKind::AdminToken => {
                 return Err(RuleError::invalid("kind", "admin tokens have no references").into());
             }
+            ResourceKind::Store => {
+                return Err(RuleError::invalid("kind", "the store has no references").into());
+            }
         })
     }
 }

@@ -46,6 +46,7 @@ pub use audit::AuditFilter;
 pub use changes::{Changes, Increment};
 pub use consumer_keys::{ConsumerKeyFilter, CreatedConsumerKey};
 pub use contents::{EncryptedModelKeys, KeyRow, StoreContents};
+pub use epoch::EPOCH_ACTOR;
 pub use lookup::{Page, PageRequest};
 pub use model_keys::ModelKeyFilter;
 pub use secret_values::{Refreshed, SECRET_REFRESH_ACTOR, SecretKey};

@@ -30,6 +30,7 @@ impl SqlCode for ResourceKind {
             ResourceKind::ModelService => 3,
             ResourceKind::ModelKey => 4,
             ResourceKind::AdminToken => 5,
+            ResourceKind::Store => 6,
         }
     }
 
@@ -40,6 +41,7 @@ impl SqlCode for ResourceKind {
             3 => ResourceKind::ModelService,
             4 => ResourceKind::ModelKey,
             5 => ResourceKind::AdminToken,
+            6 => ResourceKind::Store,
             _ => return None,
         })
     }
@@ -145,6 +147,7 @@ pub(super) fn table_of(kind: ResourceKind) -> &'static str {
         ResourceKind::ModelService => "model_services",
         ResourceKind::ModelKey => "model_keys",
         ResourceKind::AdminToken => "admin_tokens",
+        ResourceKind::Store => "store_meta",
     }
 }
 
@@ -388,5 +391,6 @@ pub(super) fn audit_event(r: &AnyRow) -> Result<AuditEvent> {
         resource_id: r.try_get("resource_id")?,
         resource_name: r.try_get("resource_name")?,
         changed_fields: split_commas(&r.try_get::<String, _>("changed_fields")?),
+        details: r.try_get("details")?,
     })
 }

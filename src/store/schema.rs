@@ -201,6 +201,12 @@ CREATE TABLE usage_names (
 CREATE INDEX usage_names_name ON usage_names (kind, name);
 "#;
 
+/// SPEC §5 "Versions": what an audit event that no admin request made says happened (a new
+/// epoch's old and new epoch).
+const V6: &str = r#"
+ALTER TABLE audit_events ADD COLUMN details TEXT NOT NULL DEFAULT '';
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -213,6 +219,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (3, "store epoch", V3),
         (4, "scope model entries and model source", V4),
         (5, "usage and spend", V5),
+        (6, "audit event details", V6),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

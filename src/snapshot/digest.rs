@@ -1,0 +1,399 @@
+//! The digest of a snapshot's content (SPEC §5 "Versions"): what tells two snapshots of the
+//! same (store, epoch, version) apart when their content differs — a store restored from a
+//! backup (its epoch row included) and changed back up to a revision some data plane or
+//! cache already holds with other content.
+//!
+//! Order-independent and incremental: the lane-wise wrapping sum (four 64-bit lanes) of one
+//! SHA-256 per record — each consumer key (its HMAC and entry), each consumer — plus one
+//! HMAC-SHA256 (under `Keys::digest`) of the services block, which holds the model keys'
+//! values. An update adds the records it brings and subtracts those it replaces or removes,
+//! so it costs what changed; a full build costs one hash per record. Computed only where a
+//! snapshot is made (`Snapshot::apply`), the same way on control and data planes; nothing on
+//! the Check path. The services term being keyed, the sum reveals nothing about the content
+//! to whoever sees it on the wire.
+//!
+//! Digest v1 covers the records as a protocol-2 data plane holds them. A later keygate that
+//! adds a field or an enum value computes v1 over that projection (new fields left out, new
+//! model sources as `NONE`, as such a data plane reads them), or defines a v2 for the data
+//! planes that ask for a later protocol: the digest must never differ for content a data
+//! plane holds exactly as sent.
+//! Depends on `crypto` and the snapshot's record types.
+
+use std::fmt;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::{ConsumerEntry, InjectedKey, KeyEntry, ScopeSet, ServiceRecord};
+use crate::crypto::{KeyHash, KeyHasher};
+
+/// The digest of a snapshot's content (see the module documentation).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ContentDigest([u64; 4]);
+
+impl ContentDigest {
+    /// The 32 bytes that travel on the wire.
+    pub fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, lane) in self.0.iter().enumerate() {
+            out[i * 8..(i + 1) * 8].copy_from_slice(&lane.to_le_bytes());
+        }
+        out
+    }
+
+    /// A digest from its wire form (`None` unless exactly 32 bytes).
+    pub fn from_bytes(b: &[u8]) -> Option<ContentDigest> {
+        let b: &[u8; 32] = b.try_into().ok()?;
+        let mut lanes = [0u64; 4];
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            *lane = u64::from_le_bytes(b[i * 8..(i + 1) * 8].try_into().expect("8 bytes"));
+        }
+        Some(ContentDigest(lanes))
+    }
+
+    pub(super) fn add(&mut self, other: ContentDigest) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a = a.wrapping_add(b);
+        }
+    }
+
+    pub(super) fn sub(&mut self, other: ContentDigest) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a = a.wrapping_sub(b);
+        }
+    }
+
+    fn of(hash: [u8; 32]) -> ContentDigest {
+        ContentDigest::from_bytes(&hash).expect("32 bytes")
+    }
+}
+
+/// The first 8 bytes, in hex: enough to tell digests apart in a log line.
+impl fmt::Display for ContentDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.to_bytes()[..8]))
+    }
+}
+
+impl fmt::Debug for ContentDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentDigest({self})")
+    }
+}
+
+/// The canonical encoding records are hashed over: fixed-width integers, length-prefixed
+/// strings and lists, one tag per record kind. Frozen: see `digest_v1_is_frozen`.
+struct Enc<'a>(&'a mut Vec<u8>);
+
+impl Enc<'_> {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u32(&mut self, v: usize) -> &mut Self {
+        self.0.extend_from_slice(&(v as u32).to_be_bytes());
+        self
+    }
+    fn i64(&mut self, v: i64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn raw(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len()).raw(v)
+    }
+    fn uuid(&mut self, v: &Uuid) -> &mut Self {
+        self.raw(v.as_bytes())
+    }
+    fn opt_uuid(&mut self, v: Option<&Uuid>) -> &mut Self {
+        match v {
+            Some(u) => self.u8(1).uuid(u),
+            None => self.u8(0),
+        }
+    }
+    fn net(&mut self, n: &IpNet) -> &mut Self {
+        match n {
+            IpNet::V4(v4) => self.u8(4).raw(&v4.addr().octets()),
+            IpNet::V6(v6) => self.u8(6).raw(&v6.addr().octets()),
+        }
+        .u8(n.prefix_len())
+    }
+    fn scope(&mut self, s: &ScopeSet) -> &mut Self {
+        match s {
+            ScopeSet::All => self.u8(0),
+            ScopeSet::Only(list) => {
+                self.u8(1).u32(list.services.len());
+                for id in list.services.iter() {
+                    self.uuid(id);
+                }
+                self.u32(list.models.len());
+                for r in list.models.iter() {
+                    self.uuid(&r.service).bytes(r.pattern.as_bytes());
+                }
+                self
+            }
+        }
+    }
+}
+
+/// The hash one consumer key adds to the digest. `buf` is scratch space (reused).
+pub(super) fn key_record(buf: &mut Vec<u8>, hash: &KeyHash, e: &KeyEntry) -> ContentDigest {
+    buf.clear();
+    let mut w = Enc(buf);
+    w.raw(b"kgd1 key")
+        .raw(hash)
+        .uuid(&e.id)
+        .opt_uuid(e.consumer.as_ref())
+        .u8(e.enabled as u8);
+    match e.expire_time {
+        Some(t) => w.u8(1).i64(t.0),
+        None => w.u8(0),
+    };
+    w.bytes(e.name.as_bytes())
+        .scope(&e.scope)
+        .u32(e.ip_allowlist.len());
+    for n in e.ip_allowlist.iter() {
+        w.net(n);
+    }
+    ContentDigest::of(Sha256::digest(&buf[..]).into())
+}
+
+/// The hash one consumer adds to the digest.
+pub(super) fn consumer_record(buf: &mut Vec<u8>, c: &ConsumerEntry) -> ContentDigest {
+    buf.clear();
+    Enc(buf)
+        .raw(b"kgd1 consumer")
+        .uuid(&c.id)
+        .bytes(c.name.as_bytes())
+        .scope(&c.scope);
+    ContentDigest::of(Sha256::digest(&buf[..]).into())
+}
+
+/// The term the services block adds: every service (in id order) with its model keys in
+/// binding order, each key by its rendered header value (what is injected: the same on every
+/// replica, where ciphertexts of a secret reference differ), keyed under `key`. No services:
+/// nothing (so an empty snapshot's digest is zero).
+pub(super) fn services_record(
+    key: &KeyHasher,
+    services: &[(&ServiceRecord, &[InjectedKey])],
+) -> ContentDigest {
+    if services.is_empty() {
+        return ContentDigest::default();
+    }
+    let mut order: Vec<&(&ServiceRecord, &[InjectedKey])> = services.iter().collect();
+    order.sort_by_key(|(s, _)| s.id);
+    let mut buf = Zeroizing::new(Vec::new());
+    let mut w = Enc(&mut buf);
+    w.raw(b"kgd1 services").u32(order.len());
+    for (s, keys) in order {
+        w.uuid(&s.id)
+            .bytes(s.name.as_bytes())
+            .bytes(s.auth_header.as_bytes())
+            .bytes(s.auth_value_template.as_bytes())
+            .u32(s.models.len());
+        for m in &s.models {
+            w.bytes(m.as_bytes());
+        }
+        w.i64(s.model_source.code()).u32(keys.len());
+        for k in keys.iter() {
+            w.uuid(&k.id)
+                .bytes(k.name.as_bytes())
+                .bytes(k.header_value.expose().as_bytes());
+        }
+    }
+    ContentDigest::of(key.hash(&buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::crypto::{Keys, MasterKey, Secret};
+    use crate::domain::{ModelSource, Timestamp};
+    use crate::snapshot::fixtures::{key_entry, synthetic_update};
+    use crate::snapshot::{ConsumerRecord, ModelKeyRecord, ModelRule, ScopeList, Snapshot, Update};
+
+    fn keys() -> Keys {
+        MasterKey::from_bytes([3; 32]).keys()
+    }
+
+    fn hash(n: u8) -> KeyHash {
+        Sha256::digest([n, 0xd1]).into()
+    }
+
+    fn service(keys: &Keys, value: &str) -> ServiceRecord {
+        let id = Uuid::from_u128(0x51);
+        ServiceRecord {
+            id: Uuid::from_u128(2),
+            name: "openai".into(),
+            auth_header: "authorization".into(),
+            auth_value_template: "Bearer {key}".into(),
+            model_keys: vec![ModelKeyRecord {
+                id,
+                name: "primary".into(),
+                ciphertext: keys
+                    .cipher
+                    .encrypt(&id.to_string(), &Secret::new(value.into())),
+            }],
+            models: vec!["gpt-4o*".into()],
+            model_source: ModelSource::Path,
+        }
+    }
+
+    /// A snapshot using every field a record has.
+    fn rich(keys: &Keys) -> Update {
+        let mut u = synthetic_update(4);
+        let scope = ScopeSet::Only(Arc::new(ScopeList {
+            services: vec![Uuid::from_u128(2)].into(),
+            models: vec![ModelRule {
+                service: Uuid::from_u128(2),
+                pattern: "claude-*".into(),
+            }]
+            .into(),
+        }));
+        u.keys[0].1.scope = scope.clone();
+        u.keys[1].1.ip_allowlist = vec!["10.0.0.0/8".parse().unwrap()].into();
+        u.keys[2].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
+        u.keys[3].1.enabled = false;
+        u.consumers[0].scope = scope;
+        u.services = Some(vec![service(keys, "sk-proj-digest-0001")]);
+        u.model_key_count = 1;
+        u
+    }
+
+    /// The v1 encoding is a contract between control and data planes of different builds:
+    /// this digest of a fixed snapshot must never change (a new field goes into a v2).
+    #[test]
+    fn digest_v1_is_frozen() {
+        let keys = keys();
+        let snap = Snapshot::from_full(rich(&keys), &keys).unwrap();
+        assert_eq!(
+            hex::encode(snap.digest().to_bytes()),
+            "78c9b37a42750629751f578753cc8389fdad013e336cd1654105d1cde4049b08"
+        );
+        assert_eq!(
+            ContentDigest::from_bytes(&snap.digest().to_bytes()),
+            Some(snap.digest())
+        );
+        assert_eq!(Snapshot::empty("s", 0).digest(), ContentDigest::default());
+    }
+
+    /// Every field of every record is in the digest; a model key's ciphertext is not (its
+    /// value is: a secret reference re-encrypted by another replica digests the same).
+    #[test]
+    fn every_field_changes_the_digest_and_a_new_ciphertext_does_not() {
+        let keys = keys();
+        let digest = |u: Update| Snapshot::from_full(u, &keys).unwrap().digest();
+        let base = digest(rich(&keys));
+        type Change<'a> = (&'a str, Box<dyn Fn(&mut Update) + 'a>);
+        let changes: Vec<Change> = vec![
+            ("key hash", Box::new(|u| u.keys[0].0[31] ^= 1)),
+            ("key id", Box::new(|u| u.keys[0].1.id = Uuid::from_u128(9))),
+            ("key consumer", Box::new(|u| u.keys[0].1.consumer = None)),
+            ("key enabled", Box::new(|u| u.keys[3].1.enabled = true)),
+            ("key expiry", Box::new(|u| u.keys[2].1.expire_time = None)),
+            ("key name", Box::new(|u| u.keys[0].1.name = "other".into())),
+            ("key scope", Box::new(|u| u.keys[0].1.scope = ScopeSet::All)),
+            (
+                "key allowlist",
+                Box::new(|u| u.keys[1].1.ip_allowlist = Box::new([])),
+            ),
+            (
+                "consumer name",
+                Box::new(|u| u.consumers[0].name = "x".into()),
+            ),
+            (
+                "consumer scope",
+                Box::new(|u| u.consumers[0].scope = ScopeSet::All),
+            ),
+            (
+                "service models",
+                Box::new(|u| u.services.as_mut().unwrap()[0].models.clear()),
+            ),
+            (
+                "service source",
+                Box::new(|u| u.services.as_mut().unwrap()[0].model_source = ModelSource::Body),
+            ),
+            (
+                "service template",
+                Box::new(|u| u.services.as_mut().unwrap()[0].auth_value_template = "{key}".into()),
+            ),
+            (
+                "model key value",
+                Box::new(|u| u.services = Some(vec![service(&keys, "sk-proj-digest-0002")])),
+            ),
+            ("a key less", Box::new(|u| drop(u.keys.pop()))),
+        ];
+        for (what, change) in changes {
+            let mut u = rich(&keys);
+            change(&mut u);
+            assert_ne!(digest(u), base, "{what}");
+        }
+        let mut u = rich(&keys);
+        u.services = Some(vec![service(&keys, "sk-proj-digest-0001")]);
+        assert_eq!(digest(u), base, "the same value under a new ciphertext");
+    }
+
+    proptest! {
+        /// Whatever increments lead to a state, its digest is the one a full build of that
+        /// state has (what the control plane computes, or a data plane loading its cache).
+        #[test]
+        fn incremental_digests_equal_a_full_build(
+            ops in proptest::collection::vec((0u8..6, 0u8..12, any::<bool>()), 1..40),
+        ) {
+            let keys = keys();
+            let mut snap = Snapshot::from_full(rich(&keys), &keys).unwrap();
+            for chunk in ops.chunks(3) {
+                let mut u = Update {
+                    store_id: snap.store_id.clone(),
+                    version: snap.version + 1,
+                    model_key_count: 1,
+                    ..Default::default()
+                };
+                for &(op, n, flag) in chunk {
+                    match op {
+                        0 => {
+                            let mut e = key_entry(Uuid::from_u128(n.into()), None, format!("k{n}"));
+                            e.enabled = flag;
+                            u.keys.push((hash(n), e));
+                        }
+                        1 => u.removed_keys.push(hash(n)),
+                        2 => u.consumers.push(ConsumerRecord {
+                            id: Uuid::from_u128(n.into()),
+                            name: format!("c{n}{flag}"),
+                            scope: ScopeSet::All,
+                        }),
+                        3 => u.removed_consumers.push(Uuid::from_u128(n.into())),
+                        4 => {
+                            let value = if flag { "sk-proj-digest-0001" } else { "sk-proj-digest-0003" };
+                            u.services = Some(vec![service(&keys, value)]);
+                        }
+                        _ => {
+                            // A synthetic key changed, or removed.
+                            let (h, mut e) = rich(&keys).keys[usize::from(n % 4)].clone();
+                            if flag {
+                                e.name = format!("renamed{n}").into();
+                                u.keys.push((h, e));
+                            } else {
+                                u.removed_keys.push(h);
+                            }
+                        }
+                    }
+                }
+                snap = snap.apply(u, &keys).unwrap();
+                let rebuilt = Snapshot::from_full(snap.to_full_update(), &keys).unwrap();
+                prop_assert_eq!(snap.digest(), rebuilt.digest());
+                prop_assert_eq!(snap.digest(), snap.digest_from_scratch());
+            }
+        }
+    }
+}
