@@ -3,7 +3,9 @@
 //! overlap of "0s" ending the old value at once (checked through the ext_authz listener), a
 //! second rotation ending the older previous value, SECRET_REF keys refused, errors naming
 //! their fields and writing nothing, the audit row without values, and the OPERATOR role.
-//! Runs on SQLite and (KEYGATE_TEST_STORE=postgres) on PostgreSQL.
+//! Runs on SQLite and (KEYGATE_TEST_STORE=postgres) on PostgreSQL. And through a real Envoy
+//! on both data planes: the old value working for a short overlap and refused 401 from its
+//! instant, a third value ending the second at once, and usage of every value on one key.
 //!
 //! Nothing sleeps to wait for a state: snapshots are polled with a bound.
 
@@ -12,6 +14,7 @@ mod common;
 use std::time::Duration;
 
 use common::admin::{create_model_key, create_service, latest_revision, snapshot_reaches};
+use common::gateway::{Gateway, Plane};
 use common::{Admin, Keygate, Options, check_code};
 use keygate::domain::mask;
 use keygate::proto::admin::v1 as pb;
@@ -580,4 +583,163 @@ async fn rotation_is_audited_without_values_and_needs_the_operator_role() {
         assert!(!logs.contains(v), "a value in the logs");
     }
     assert!(logs.contains("RotateConsumerKey"), "the mutation is logged");
+}
+
+// ------------------------------------------------------------- through a real Envoy
+
+on_both_planes!(through_envoy_the_old_value_works_for_the_overlap_and_usage_stays_on_one_key);
+
+/// Reports every 200 ms, so usage arrives without waiting a second per step.
+const METERED: &[(&str, &str)] = &[("usage_report_interval", "200ms")];
+/// The short overlap: long enough to see the old value work after the snapshot moved.
+const SHORT_OVERLAP_S: i64 = 5;
+const CHAT: &str = "/openai/v1/chat/completions";
+const CHAT_BODY: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn timestamp_of(t: &Option<prost_types::Timestamp>) -> std::time::SystemTime {
+    std::time::SystemTime::try_from(t.expect("a timestamp")).unwrap()
+}
+
+async fn through_envoy_the_old_value_works_for_the_overlap_and_usage_stays_on_one_key(
+    plane: Plane,
+) {
+    use common::admin::{bearer, create_consumer_key};
+    use std::time::{Instant, SystemTime};
+
+    let mut gw = Gateway::start_with(plane, METERED).await;
+    provision(&mut gw.admin).await;
+    let v0 = create_consumer_key(
+        &mut gw.admin,
+        pb::CreateConsumerKeyRequest {
+            name: "k".into(),
+            consumer: "app".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    gw.settle().await;
+    // Every answer the gateway let through is counted here, whichever value made it.
+    let allowed = std::cell::Cell::new(0u64);
+    let unknown_401 = gw
+        .post_expect(
+            CHAT,
+            &[("authorization", &bearer("kg-never-issued-000000000000000"))],
+            CHAT_BODY,
+            401,
+        )
+        .await
+        .body;
+    let post = async |gw: &Gateway, value: &str, status: u16| {
+        let r = gw
+            .post_expect(
+                CHAT,
+                &[("authorization", &bearer(value))],
+                CHAT_BODY,
+                status,
+            )
+            .await;
+        if status == 200 {
+            allowed.set(allowed.get() + 1);
+        } else {
+            assert_eq!(r.body, unknown_401, "refused exactly like an unknown key");
+        }
+    };
+    post(&gw, &v0, 200).await;
+
+    // A short overlap: the new value works at once, the old one until its instant.
+    let r = rotate(&mut gw.admin, rotation("k", Some(SHORT_OVERLAP_S), "")).await;
+    let v1 = r.value;
+    let key = r.key.unwrap();
+    let until = timestamp_of(&key.previous_value_expire_time);
+    gw.settle().await;
+    post(&gw, &v1, 200).await;
+    assert!(
+        SystemTime::now() < until,
+        "the snapshot took the whole overlap to arrive: {}",
+        gw.diagnostics()
+    );
+    post(&gw, &v0, 200).await;
+    // Then (bounded) refused with 401 from the instant on, never before, never after again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = SystemTime::now();
+        let r = gw
+            .post(CHAT, &[("authorization", &bearer(&v0))], CHAT_BODY)
+            .await;
+        match r.status {
+            200 => {
+                assert!(sent < until, "the old value worked after its instant");
+                allowed.set(allowed.get() + 1);
+            }
+            401 => {
+                assert!(SystemTime::now() >= until, "the old value stopped early");
+                assert_eq!(r.body, unknown_401, "refused exactly like an unknown key");
+                break;
+            }
+            s => panic!("unexpected {s}: {}\n{}", r.text(), gw.diagnostics()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old value still works after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    post(&gw, &v0, 401).await;
+    post(&gw, &v1, 200).await;
+
+    // A long overlap, then a third value: the second value stops at once (once the snapshot
+    // has it), the third and the one before it work.
+    let v2 = rotate(&mut gw.admin, rotation("k", Some(HOUR), ""))
+        .await
+        .value;
+    gw.settle().await;
+    post(&gw, &v1, 200).await;
+    post(&gw, &v2, 200).await;
+    let v3 = rotate(&mut gw.admin, rotation("k", Some(HOUR), ""))
+        .await
+        .value;
+    gw.settle().await;
+    post(&gw, &v1, 401).await;
+    post(&gw, &v2, 200).await;
+    post(&gw, &v3, 200).await;
+
+    // Usage of every value lands on the one key: one row, every allowed request, the tokens
+    // the vendor reported for all of them.
+    let allowed = allowed.get();
+    assert_eq!(gw.upstream.count() as u64, allowed);
+    let sent: (u64, u64) = gw
+        .upstream
+        .all()
+        .iter()
+        .filter_map(|r| r.usage)
+        .fold((0, 0), |(i, o), u| (i + u.input, o + u.output));
+    let admin = gw.admin.clone();
+    let rows = common::poll_until(
+        Duration::from_secs(30),
+        &format!("usage to reach {allowed} requests"),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let rows = admin
+                    .get_usage(pb::GetUsageRequest {
+                        group_by: vec!["consumer_key".into()],
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("GetUsage")
+                    .into_inner()
+                    .rows;
+                (rows.iter().map(|r| r.requests).sum::<u64>() >= allowed).then_some(rows)
+            }
+        },
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "one key: {rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (row.consumer_key_id.as_str(), row.consumer_key.as_str()),
+        (key.id.as_str(), "k")
+    );
+    assert_eq!(row.requests, allowed, "{row:?}");
+    assert_eq!((row.input_tokens, row.output_tokens), sent, "{row:?}");
 }
