@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use keygate::crypto::{MasterKey, Secret};
 use keygate::domain::input::{
     ConsumerKeyPatch, ConsumerPatch, KeySource, NewConsumer, NewConsumerKey, NewModelKey,
-    NewModelService,
+    NewModelService, Rotation,
 };
 use keygate::domain::{KeyStatus, Limits, RuleError, ScopeInput, Selector};
 use keygate::snapshot::{Snapshot, SnapshotBuilder, SnapshotCell, load_full_update};
@@ -71,7 +71,11 @@ fn actor() -> Actor {
 fn canonical(s: &Snapshot) -> String {
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
     for (h, e) in s.key_index().iter() {
-        keys.insert(hex::encode(h), format!("{e:?}"));
+        // A rotated key is also found by its previous value (SPEC §8.4).
+        let previous = e
+            .previous
+            .map(|p| s.key(&p.hash).map(|by_previous| by_previous.id));
+        keys.insert(hex::encode(h), format!("{e:?} previous finds {previous:?}"));
     }
     let mut consumers: BTreeMap<String, String> = BTreeMap::new();
     for c in s.consumers() {
@@ -213,6 +217,31 @@ async fn incremental_matches_full(backend: &str) {
         .delete_consumer_key(&a, &Selector::Name("k3".into()))
         .await
         .unwrap();
+    // Rotations (SPEC §8.4): k0 twice with an overlap (the second drops the first previous
+    // value), k1 with none; each applied incrementally.
+    let rotate = |name: &'static str, overlap_us: i64| {
+        let store = store.clone();
+        let a = a.clone();
+        async move {
+            store
+                .rotate_consumer_key(
+                    &a,
+                    &Selector::Name(name.into()),
+                    Rotation {
+                        overlap_us,
+                        value: None,
+                    },
+                )
+                .await
+                .unwrap()
+                .value
+                .expect("an AUTO key's new value")
+        }
+    };
+    let k0_second = rotate("k0", 3_600_000_000).await;
+    builder.refresh().await.unwrap();
+    let k0_third = rotate("k0", 3_600_000_000).await;
+    let k1_second = rotate("k1", 0).await;
     store
         .set_model_key_status(&a, &Selector::Name("oa-1".into()), KeyStatus::Disabled)
         .await
@@ -234,10 +263,21 @@ async fn incremental_matches_full(backend: &str) {
     );
 
     // The deleted key's HMAC is gone; a live one is found by its HMAC.
-    let h0 = store.keys().hasher.hash(values[0].expose().as_bytes());
-    let h3 = store.keys().hasher.hash(values[3].expose().as_bytes());
-    assert!(incremental.key(&h0).is_some());
+    let hash = |v: &Secret| store.keys().hasher.hash(v.expose().as_bytes());
+    let h2 = hash(&values[2]);
+    let h3 = hash(&values[3]);
+    assert!(incremental.key(&h2).is_some());
     assert!(incremental.key(&h3).is_none());
+    // A rotated key: by its value and its previous value, not by the one before (k0), nor
+    // by a value replaced without an overlap (k1).
+    for snap in [&incremental, &full] {
+        let id = |v: &Secret| snap.key(&hash(v)).map(|e| e.name.to_string());
+        assert_eq!(id(&k0_third).as_deref(), Some("k0"));
+        assert_eq!(id(&k0_second).as_deref(), Some("k0"));
+        assert_eq!(id(&values[0]), None);
+        assert_eq!(id(&k1_second).as_deref(), Some("k1"));
+        assert_eq!(id(&values[1]), None);
+    }
     store.close().await;
 }
 
@@ -459,9 +499,14 @@ async fn a_store_from_before_model_scope_upgrades_postgres() {
     upgrades_from_before_model_scope("postgres").await;
 }
 
-/// What schema versions 6 (audit event details) and 5 (usage and spend) added, undone: a
-/// store back at version 4.
-const UNDO_V5: [&str; 7] = [
+/// What schema versions 7 (consumer key rotation), 6 (audit event details) and 5 (usage and
+/// spend) added, undone: a store back at version 4.
+const UNDO_V5: [&str; 12] = [
+    "DROP INDEX consumer_keys_previous_hash",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_hash",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_masked_value",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_expire_time",
+    "DELETE FROM _sqlx_migrations WHERE version = 7",
     "ALTER TABLE audit_events DROP COLUMN details",
     "DELETE FROM _sqlx_migrations WHERE version = 6",
     "DROP TABLE usage_buckets",

@@ -124,6 +124,7 @@ fn build_world() -> World {
                 scope,
                 ip_allowlist: Box::new([]),
                 usage: Default::default(),
+                previous: None,
             },
         ));
     };

@@ -192,6 +192,7 @@ fn build_world() -> World {
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
             usage: Default::default(),
+            previous: None,
         };
         f(&mut e);
         key_ids.insert(value, e.id);

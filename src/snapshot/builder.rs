@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, Published, ScopeList, ScopeSet, SeenAhead,
-    ServiceRecord, Snapshot, SnapshotCell, Update,
+    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, PreviousHash, Published, ScopeList,
+    ScopeSet, SeenAhead, ServiceRecord, Snapshot, SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -79,6 +79,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
             scope: scope_set(&k.scope)?,
             ip_allowlist,
             usage: Default::default(),
+            previous: k.previous.map(|(hash, until)| PreviousHash { hash, until }),
         },
     ))
 }

@@ -19,6 +19,7 @@ pub fn key_entry(id: Uuid, consumer: Option<Uuid>, name: impl Into<Box<str>>) ->
         scope: ScopeSet::All,
         ip_allowlist: Box::new([]),
         usage: Default::default(),
+        previous: None,
     }
 }
 

@@ -42,6 +42,9 @@ pub struct KeyRow {
     pub expire_time: Option<Timestamp>,
     /// Canonical allowlist entries.
     pub ip_allowlist: Vec<String>,
+    /// After a rotation: the previous value's HMAC and the instant it stops authorizing (kept
+    /// after that instant, until the next rotation; data planes compare with their clock).
+    pub previous: Option<(KeyHash, Timestamp)>,
 }
 
 /// Model keys with their ciphertext.

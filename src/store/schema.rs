@@ -207,6 +207,17 @@ const V6: &str = r#"
 ALTER TABLE audit_events ADD COLUMN details TEXT NOT NULL DEFAULT '';
 "#;
 
+/// SPEC §8.4 rotation with overlap: a consumer key's previous value (its HMAC and mask) and
+/// the instant it stops authorizing; NULL before the first rotation and after a rotation with
+/// no overlap. An HMAC is never both one key's value and another's previous value (checked
+/// by the writes; each column is unique on its own).
+const V7: &str = r#"
+ALTER TABLE consumer_keys ADD COLUMN previous_hash {BLOB};
+ALTER TABLE consumer_keys ADD COLUMN previous_masked_value TEXT;
+ALTER TABLE consumer_keys ADD COLUMN previous_expire_time BIGINT;
+CREATE UNIQUE INDEX consumer_keys_previous_hash ON consumer_keys (previous_hash);
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -220,6 +231,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (4, "scope model entries and model source", V4),
         (5, "usage and spend", V5),
         (6, "audit event details", V6),
+        (7, "consumer key rotation", V7),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

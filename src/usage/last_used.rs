@@ -115,6 +115,7 @@ mod tests {
             scope: crate::snapshot::ScopeSet::All,
             ip_allowlist: Box::new([]),
             usage: Default::default(),
+            previous: None,
         }
     }
 
