@@ -153,13 +153,37 @@ impl ResponseMeter {
         match self.format {
             Format::Opaque => {}
             Format::Json => {
-                for &b in chunk {
-                    self.json.byte(b, &mut self.raw, &mut self.model);
+                let mut i = 0;
+                while i < chunk.len() {
+                    if self.json.skippable() {
+                        // Inside a string nobody reads: straight to its next quote or escape.
+                        match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
+                            Some(n) => i += n,
+                            None => break,
+                        }
+                    }
+                    self.json.byte(chunk[i], &mut self.raw, &mut self.model);
+                    i += 1;
                 }
             }
             Format::Sse => {
-                for &b in chunk {
-                    self.sse_byte(b);
+                let mut i = 0;
+                while i < chunk.len() {
+                    if self.sse.state == SseState::Data
+                        && !self.sse.after_cr
+                        && self.json.skippable()
+                    {
+                        // As for JSON, stopping at a line end too (it ends the data line).
+                        match chunk[i..]
+                            .iter()
+                            .position(|&b| matches!(b, b'"' | b'\\' | b'\n' | b'\r'))
+                        {
+                            Some(n) => i += n,
+                            None => break,
+                        }
+                    }
+                    self.sse_byte(chunk[i]);
+                    i += 1;
                 }
             }
         }
@@ -565,6 +589,14 @@ fn is_ws(b: u8) -> bool {
 }
 
 impl Json {
+    /// Inside a string whose bytes matter to nobody (not a model being captured, no escape
+    /// pending): every byte up to the next `"` or `\` can be skipped unread. (Control bytes in
+    /// such a string are not checked: the scanner is not a validator.)
+    #[inline]
+    fn skippable(&self) -> bool {
+        self.st == St::InString && !self.escape && self.target != Some(Target::Model)
+    }
+
     /// The document was read to its end without error.
     fn complete(&self) -> bool {
         self.st == St::Done
