@@ -3,6 +3,7 @@
 
 mod admin_token;
 pub mod input;
+pub mod limits;
 pub mod model;
 mod secret;
 pub mod text;
