@@ -6,8 +6,8 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, optional_reference, page, page_token, reference, scope_input,
-    scope_patch, selector, status_filter, ts_in,
+    OUTPUT_ONLY, UpdateMask, limits_in, optional_reference, page, page_token, reference,
+    scope_input, scope_patch, selector, status_filter, ts_in,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
@@ -33,6 +33,7 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "a key's value is never editable: create a new key to rotate",
     ),
     ("secret_status", OUTPUT_ONLY),
+    ("spend", OUTPUT_ONLY),
     ("status", "use EnableConsumerKey / DisableConsumerKey"),
     ("consumer", "use BindConsumerKey / UnbindConsumerKey"),
     ("consumer_id", "use BindConsumerKey / UnbindConsumerKey"),
@@ -57,6 +58,7 @@ pub(super) async fn create(
             .as_ref()
             .map(|t| ts_in("expire_time", t))
             .transpose()?,
+        limits: limits_in(r.limits),
     };
     // Every other rule first: a reference is only read for a request that is otherwise good.
     new.validate(svc.store.limits(), Timestamp::now())?;
@@ -123,6 +125,7 @@ pub(super) async fn update(
             ("status", k.status != 0),
             ("consumer", !k.consumer.is_empty()),
             ("secret_ref", k.secret_ref.is_some()),
+            ("limits", k.limits.is_some()),
         ],
         &[
             "name",
@@ -133,6 +136,7 @@ pub(super) async fn update(
             "ip_allowlist",
             "expire_time",
             "secret_ref",
+            "limits",
         ],
         ELSEWHERE,
     )?;
@@ -162,6 +166,7 @@ pub(super) async fn update(
             None
         },
         secret_ref,
+        limits: mask.has("limits").then(|| limits_in(k.limits.clone())),
     };
     let k = svc.store.update_consumer_key(&actor, &sel, patch).await?;
     ok(svc.consumer_key_out(k, Timestamp::now()))

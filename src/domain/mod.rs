@@ -211,6 +211,10 @@ pub struct Consumer {
     pub consumer_keys: Vec<Named>,
     pub create_time: Timestamp,
     pub update_time: Timestamp,
+    /// Budgets and rate limits (SPEC §8.3), over every key bound to it.
+    pub limits: limits::Limits,
+    /// The spend of the budget's current period (none without a budget).
+    pub spend: Option<limits::Spend>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,6 +250,10 @@ pub struct ConsumerKey {
     pub create_time: Timestamp,
     pub update_time: Timestamp,
     pub last_used_time: Option<Timestamp>,
+    /// Budgets and rate limits (SPEC §8.3).
+    pub limits: limits::Limits,
+    /// The spend of the budget's current period (none without a budget).
+    pub spend: Option<limits::Spend>,
 }
 
 impl ConsumerKey {

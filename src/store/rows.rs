@@ -7,6 +7,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::contents::KeyRow;
+use super::limits::limits_of;
 use super::{Result, StoreError};
 use crate::crypto::KeyHash;
 use crate::domain::usage::{ModelPrice, PricePerMtok};
@@ -155,8 +156,9 @@ pub(super) fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-pub(super) const CONSUMER_COLUMNS: &str =
-    "id, name, description, scope_mode, create_time, update_time";
+pub(super) const CONSUMER_COLUMNS: &str = "id, name, description, scope_mode, create_time, \
+     update_time, budget_micro_usd, budget_tokens, budget_period, requests_per_minute, \
+     tokens_per_minute";
 
 pub(super) const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, \
      auth_value_template, models, model_source, pricing, create_time, update_time";
@@ -168,11 +170,13 @@ pub(super) const MODEL_KEY_COLUMNS: &str = "id, name, description, status, gener
 pub(super) const CONSUMER_KEY_COLUMNS: &str = "k.id, k.name, k.description, k.status, \
      k.generation_method, k.masked_value, k.secret_provider, k.secret_name, k.secret_version, \
      k.consumer_id, c.name AS consumer_name, k.scope_mode, k.ip_allowlist, k.expire_time, \
-     k.create_time, k.update_time, k.last_used_time";
+     k.create_time, k.update_time, k.last_used_time, k.budget_micro_usd, k.budget_tokens, \
+     k.budget_period, k.requests_per_minute, k.tokens_per_minute";
 
 /// What the data plane needs of a consumer key, selected from `consumer_keys k`.
 pub(super) const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.consumer_id, \
-     k.scope_mode, k.ip_allowlist, k.expire_time";
+     k.scope_mode, k.ip_allowlist, k.expire_time, k.budget_micro_usd, k.budget_tokens, \
+     k.budget_period, k.requests_per_minute, k.tokens_per_minute";
 
 /// The JSON text of a model service's `models`.
 pub(super) fn encode_list(items: &[String]) -> String {
@@ -296,6 +300,8 @@ pub(super) fn consumer_base(r: &AnyRow, scope: Scope) -> Result<Consumer> {
         consumer_keys: Vec::new(),
         create_time: Timestamp(r.try_get("create_time")?),
         update_time: Timestamp(r.try_get("update_time")?),
+        limits: limits_of(r)?,
+        spend: None,
     })
 }
 
@@ -356,6 +362,8 @@ pub(super) fn consumer_key_base(r: &AnyRow, scope: Scope) -> Result<ConsumerKey>
         last_used_time: r
             .try_get::<Option<i64>, _>("last_used_time")?
             .map(Timestamp),
+        limits: limits_of(r)?,
+        spend: None,
     })
 }
 
@@ -373,6 +381,7 @@ pub(super) fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
         scope,
         expire_time: r.try_get::<Option<i64>, _>("expire_time")?.map(Timestamp),
         ip_allowlist: split_commas(&r.try_get::<String, _>("ip_allowlist")?),
+        limits: limits_of(r)?,
     }))
 }
 

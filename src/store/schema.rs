@@ -207,6 +207,27 @@ const V6: &str = r#"
 ALTER TABLE audit_events ADD COLUMN details TEXT NOT NULL DEFAULT '';
 "#;
 
+/// SPEC §8.3 budgets and rate limits of consumers and consumer keys, each NULL when not
+/// limited: a budget in whole micro-USD and/or tokens with its period (`BudgetPeriod` codes:
+/// 1 day, 2 week, 3 month, 4 total), requests and tokens per minute. The spend of a budget's
+/// period is summed from `usage_buckets` by key or consumer and hour: indexed so.
+const V7: &str = r#"
+ALTER TABLE consumers ADD COLUMN budget_micro_usd BIGINT;
+ALTER TABLE consumers ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE consumers ADD COLUMN budget_period BIGINT;
+ALTER TABLE consumers ADD COLUMN requests_per_minute BIGINT;
+ALTER TABLE consumers ADD COLUMN tokens_per_minute BIGINT;
+
+ALTER TABLE consumer_keys ADD COLUMN budget_micro_usd BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN budget_period BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN requests_per_minute BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN tokens_per_minute BIGINT;
+
+CREATE INDEX usage_buckets_key_hour ON usage_buckets (consumer_key_id, hour);
+CREATE INDEX usage_buckets_consumer_hour ON usage_buckets (consumer_id, hour);
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -220,6 +241,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (4, "scope model entries and model source", V4),
         (5, "usage and spend", V5),
         (6, "audit event details", V6),
+        (7, "budgets and rate limits", V7),
     ]
     .into_iter()
     .map(|(version, description, sql)| {
