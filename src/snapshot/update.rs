@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::digest::{self, ContentDigest};
 use super::{
-    ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells,
+    ConsumerEntry, EntryLimits, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot,
+    UsageCells,
 };
 use crate::crypto::{KeyHash, Keys, Secret};
 use crate::domain::ModelSource;
@@ -21,6 +22,8 @@ pub struct ConsumerRecord {
     pub id: Uuid,
     pub name: String,
     pub scope: ScopeSet,
+    /// Its rate limits (SPEC §8.3).
+    pub limits: EntryLimits,
 }
 
 /// An enabled model key bound to a service, value encrypted under the master key's model-key
@@ -97,6 +100,7 @@ fn consumer_entry(
         id: r.id,
         name: r.name.as_str().into(),
         scope: r.scope.clone(),
+        limits: r.limits,
         usage: UsageCells::new(services.values().map(|s| s.id)),
     })
 }
@@ -346,6 +350,7 @@ impl Snapshot {
                     id: c.id,
                     name: c.name.to_string(),
                     scope: c.scope.clone(),
+                    limits: c.limits,
                 })
                 .collect(),
             removed_consumers: vec![],
