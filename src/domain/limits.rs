@@ -143,6 +143,15 @@ pub struct Spend {
     pub exhausted: bool,
 }
 
+impl Spend {
+    /// Until when an exhausted budget refuses: the period's end (the latest instant there is
+    /// for `TOTAL`, which never ends); `None` while not exhausted.
+    pub fn exhausted_until(&self) -> Option<Timestamp> {
+        self.exhausted
+            .then(|| self.period_end.unwrap_or(Timestamp(i64::MAX)))
+    }
+}
+
 /// Limits as an operator writes them (the wire's values): `""` / `0` for no limit, the period
 /// by its code (`0`: unspecified).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -568,6 +577,21 @@ mod tests {
             (Timestamp(5 * DAY_MICROS), Some(Timestamp(6 * DAY_MICROS)))
         );
         assert!(!s.exhausted);
+        assert_eq!(s.exhausted_until(), None);
+        let spent = l.spend(now, usd(1_500_000, 0), 0).unwrap();
+        assert_eq!(spent.exhausted_until(), Some(Timestamp(6 * DAY_MICROS)));
+        let total = Limits {
+            period: Some(BudgetPeriod::Total),
+            ..l
+        };
+        assert_eq!(
+            total
+                .spend(now, Picodollars(0), 1000)
+                .unwrap()
+                .exhausted_until(),
+            Some(Timestamp(i64::MAX)),
+            "TOTAL never ends"
+        );
         assert_eq!(Limits::default().spend(now, usd(9, 0), 9), None);
         assert!(!Limits::default().is_exhausted(usd(u128::from(u64::MAX), 0), u64::MAX));
         let rpm_only = Limits {
