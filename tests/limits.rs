@@ -316,7 +316,10 @@ async fn limits_are_set_at_create_replaced_by_the_mask_shown_and_audited(backend
     )
     .await;
     assert_eq!(k.limits, limits("", 5_000, Period::Total, 0, 90_000));
-    let spend = k.spend.clone().expect("a key with a budget shows its spend");
+    let spend = k
+        .spend
+        .clone()
+        .expect("a key with a budget shows its spend");
     assert_eq!(
         spend.period_start.unwrap().seconds,
         0,
