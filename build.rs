@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keygate.admin.v1.CreateConsumerKeyResponse",
             "keygate.admin.v1.CreateModelKeyRequest",
             "keygate.admin.v1.CreateAdminTokenResponse",
+            "keygate.admin.v1.RotateConsumerKeyRequest",
+            "keygate.admin.v1.RotateConsumerKeyResponse",
         ])
         .compile_fds(fds)?;
     Ok(())

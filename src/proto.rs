@@ -22,7 +22,7 @@ mod redacted_debug {
     //! `Debug` for the messages that carry key values: every field but the value.
     use super::admin::v1::{
         CreateAdminTokenResponse, CreateConsumerKeyRequest, CreateConsumerKeyResponse,
-        CreateModelKeyRequest,
+        CreateModelKeyRequest, RotateConsumerKeyRequest, RotateConsumerKeyResponse,
     };
     use std::fmt;
 
@@ -52,6 +52,50 @@ mod redacted_debug {
                 .field("key", &self.key)
                 .field("value", &redacted(&self.value))
                 .finish()
+        }
+    }
+
+    impl fmt::Debug for RotateConsumerKeyRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            use super::admin::v1::rotate_consumer_key_request::Selector;
+            let selector = match &self.selector {
+                Some(Selector::Id(v)) => format!("id {v:?}"),
+                Some(Selector::Name(v)) => format!("name {v:?}"),
+                None => String::new(),
+            };
+            f.debug_struct("RotateConsumerKeyRequest")
+                .field("selector", &selector)
+                .field("overlap", &self.overlap)
+                .field("value", &redacted(&self.value))
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for RotateConsumerKeyResponse {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("RotateConsumerKeyResponse")
+                .field("key", &self.key)
+                .field("value", &redacted(&self.value))
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn a_rotated_value_never_shows_in_debug() {
+        let secret = "kg-rotated-secret-value-0123456789";
+        let req = RotateConsumerKeyRequest {
+            selector: None,
+            overlap: None,
+            value: secret.into(),
+        };
+        let resp = RotateConsumerKeyResponse {
+            key: None,
+            value: secret.into(),
+        };
+        for shown in [format!("{req:?}"), format!("{resp:?}")] {
+            assert!(!shown.contains("rotated-secret"), "{shown}");
+            assert!(shown.contains("[redacted]"), "{shown}");
         }
     }
 

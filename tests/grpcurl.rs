@@ -249,6 +249,62 @@ async fn readme_model_scope_walkthrough_runs_verbatim_with_grpcurl() {
     assert!(!stdout.contains("MODEL_SOURCE_UNSPECIFIED"), "{stdout}");
 }
 
+/// README's "rotate a key without downtime": an AUTO key rotated with an hour's overlap (the
+/// new value printed once, Get showing the previous mask and expiry), a CUSTOM key with "0s".
+#[tokio::test]
+async fn readme_rotation_walkthrough_runs_verbatim_with_grpcurl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kg = keygate_in(tmp.path()).await;
+    let (ok, stdout, stderr) = run_script(
+        tmp.path(),
+        &readme_block("rotation-walkthrough"),
+        kg.admin_addr,
+    );
+    assert!(
+        ok,
+        "rotation walkthrough failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // Two AUTO values printed (create, rotate), then Get with the previous value's fields.
+    assert_eq!(stdout.matches("\"value\": \"kg-").count(), 2, "{stdout}");
+    assert!(stdout.contains("\"previousMaskedValue\""), "{stdout}");
+    assert!(stdout.contains("\"previousValueExpireTime\""), "{stdout}");
+    let mut admin = kg.admin().await;
+    let get = |name: &str| GetConsumerKeyRequest {
+        selector: Some(Selector::Name(name.into())),
+    };
+    let k = admin
+        .get_consumer_key(get("billing-prod"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (expire, updated) = (
+        k.previous_value_expire_time.unwrap(),
+        k.update_time.unwrap(),
+    );
+    assert_eq!(
+        (expire.seconds, expire.nanos),
+        (updated.seconds + 3600, updated.nanos)
+    );
+    // "0s": the CUSTOM key has a new value and no previous one.
+    let p = admin
+        .get_consumer_key(get("partner"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        p.masked_value,
+        keygate::domain::mask("partner-value-2026-9876543210")
+    );
+    assert_eq!(p.previous_masked_value, "");
+    assert!(p.previous_value_expire_time.is_none());
+    for v in [
+        "partner-value-2025-0123456789",
+        "partner-value-2026-9876543210",
+    ] {
+        assert!(!stdout.contains(v), "a CUSTOM value is never printed back");
+    }
+}
+
 #[tokio::test]
 async fn grpcurl_shows_field_violations_and_missing_token_refusals() {
     let tmp = tempfile::tempdir().unwrap();

@@ -151,4 +151,9 @@ async fn with_redis_gone_each_data_plane_enforces_its_own_counts_and_says_so() {
 fn a_bad_redis_url_is_refused_naming_the_setting() {
     let e = RedisSync::new("http://not-redis", "p:").err().unwrap();
     assert!(e.contains("rate_limit_redis"), "{e}");
+    // A password in the URL never reaches a message.
+    let e = RedisSync::new("redis-nope://user:s3cret-pass@127.0.0.1:6379", "p:")
+        .err()
+        .unwrap();
+    assert!(!e.contains("s3cret-pass"), "{e}");
 }

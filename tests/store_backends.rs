@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use keygate::crypto::{MasterKey, Secret};
 use keygate::domain::input::{
     ConsumerKeyPatch, ConsumerPatch, KeySource, NewConsumer, NewConsumerKey, NewModelKey,
-    NewModelService,
+    NewModelService, Rotation,
 };
 use keygate::domain::limits::{BudgetPeriod, LimitsInput};
 use keygate::domain::{KeyStatus, Limits, RuleError, ScopeInput, Selector};
@@ -72,7 +72,11 @@ fn actor() -> Actor {
 fn canonical(s: &Snapshot) -> String {
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
     for (h, e) in s.key_index().iter() {
-        keys.insert(hex::encode(h), format!("{e:?}"));
+        // A rotated key is also found by its previous value (SPEC §8.4).
+        let previous = e
+            .previous
+            .map(|p| s.key(&p.hash).map(|by_previous| by_previous.id));
+        keys.insert(hex::encode(h), format!("{e:?} previous finds {previous:?}"));
     }
     let mut consumers: BTreeMap<String, String> = BTreeMap::new();
     for c in s.consumers() {
@@ -228,6 +232,31 @@ async fn incremental_matches_full(backend: &str) {
         .delete_consumer_key(&a, &Selector::Name("k3".into()))
         .await
         .unwrap();
+    // Rotations (SPEC §8.4): k0 twice with an overlap (the second drops the first previous
+    // value), k1 with none; each applied incrementally.
+    let rotate = |name: &'static str, overlap_us: i64| {
+        let store = store.clone();
+        let a = a.clone();
+        async move {
+            store
+                .rotate_consumer_key(
+                    &a,
+                    &Selector::Name(name.into()),
+                    Rotation {
+                        overlap_us,
+                        value: None,
+                    },
+                )
+                .await
+                .unwrap()
+                .value
+                .expect("an AUTO key's new value")
+        }
+    };
+    let k0_second = rotate("k0", 3_600_000_000).await;
+    builder.refresh().await.unwrap();
+    let k0_third = rotate("k0", 3_600_000_000).await;
+    let k1_second = rotate("k1", 0).await;
     store
         .set_model_key_status(&a, &Selector::Name("oa-1".into()), KeyStatus::Disabled)
         .await
@@ -250,18 +279,33 @@ async fn incremental_matches_full(backend: &str) {
     );
 
     // The deleted key's HMAC is gone; a live one is found by its HMAC.
-    let h0 = store.keys().hasher.hash(values[0].expose().as_bytes());
-    let h3 = store.keys().hasher.hash(values[3].expose().as_bytes());
-    assert!(incremental.key(&h0).is_some());
+    let hash = |v: &Secret| store.keys().hasher.hash(v.expose().as_bytes());
+    let h2 = hash(&values[2]);
+    let h3 = hash(&values[3]);
+    assert!(incremental.key(&h2).is_some());
     assert!(incremental.key(&h3).is_none());
+    // A rotated key: by its value and its previous value, not by the one before (k0), nor
+    // by a value replaced without an overlap (k1).
+    for snap in [&incremental, &full] {
+        let id = |v: &Secret| snap.key(&hash(v)).map(|e| e.name.to_string());
+        assert_eq!(id(&k0_third).as_deref(), Some("k0"));
+        assert_eq!(id(&k0_second).as_deref(), Some("k0"));
+        assert_eq!(id(&values[0]), None);
+        assert_eq!(id(&k1_second).as_deref(), Some("k1"));
+        assert_eq!(id(&values[1]), None);
+    }
     // Rate limits reach the snapshot, created and updated, on keys and consumers.
-    let per_minute = |i: usize| {
-        let h = store.keys().hasher.hash(values[i].expose().as_bytes());
-        incremental.key(&h).unwrap().limits.per_minute()
+    let per_minute = |name: &str| {
+        let (_, e) = incremental
+            .key_index()
+            .iter()
+            .find(|(_, e)| &*e.name == name)
+            .unwrap();
+        e.limits.per_minute()
     };
-    assert_eq!(per_minute(0).requests, Some(100));
-    assert_eq!(per_minute(4).tokens, Some(9_000));
-    assert!(per_minute(1).is_unlimited());
+    assert_eq!(per_minute("k0").requests, Some(100));
+    assert_eq!(per_minute("k4-renamed").tokens, Some(9_000));
+    assert!(per_minute("k1").is_unlimited());
     let app = incremental.consumers().find(|c| &*c.name == "app").unwrap();
     assert_eq!(app.limits.per_minute().requests, Some(7));
     store.close().await;
@@ -406,7 +450,7 @@ async fn upgrades_from_before_model_scope(backend: &str) {
     // Back to version 3, with a models list the old rule (1–200 printable characters) allowed.
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for sql in UNDO_V7.iter().chain(&UNDO_V5).copied().chain([
+    for sql in UNDO_V8.iter().chain(&UNDO_V5).copied().chain([
         "DROP TABLE scope_models",
         "ALTER TABLE model_services DROP COLUMN model_source",
         "ALTER TABLE model_services DROP COLUMN legacy_models",
@@ -486,8 +530,8 @@ async fn a_store_from_before_model_scope_upgrades_postgres() {
     upgrades_from_before_model_scope("postgres").await;
 }
 
-/// What schema version 7 (budgets and rate limits) added, undone: a store back at version 6.
-const UNDO_V7: [&str; 13] = [
+/// What schema version 8 (budgets and rate limits) added, undone: a store back at version 7.
+const UNDO_V8: [&str; 13] = [
     "DROP INDEX usage_buckets_key_hour",
     "DROP INDEX usage_buckets_consumer_hour",
     "ALTER TABLE consumers DROP COLUMN budget_micro_usd",
@@ -500,10 +544,10 @@ const UNDO_V7: [&str; 13] = [
     "ALTER TABLE consumer_keys DROP COLUMN budget_period",
     "ALTER TABLE consumer_keys DROP COLUMN requests_per_minute",
     "ALTER TABLE consumer_keys DROP COLUMN tokens_per_minute",
-    "DELETE FROM _sqlx_migrations WHERE version = 7",
+    "DELETE FROM _sqlx_migrations WHERE version = 8",
 ];
 
-/// A store written before budgets and rate limits (schema version 6) upgrades in place: its
+/// A store written before budgets and rate limits (schema version 7) upgrades in place: its
 /// consumers and keys have no limits and no spend, usage reported before the upgrade counts
 /// toward a budget set after it, and the snapshot carries limits set after it.
 async fn upgrades_from_before_limits(backend: &str) {
@@ -546,7 +590,7 @@ async fn upgrades_from_before_limits(backend: &str) {
 
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for sql in UNDO_V7 {
+    for sql in UNDO_V8 {
         conn.execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -609,7 +653,7 @@ async fn upgrades_from_before_limits(backend: &str) {
             .fetch_all(&mut sqlx::AnyConnection::connect(&fx.url).await.unwrap())
             .await
             .unwrap();
-    assert_eq!(versions.last(), Some(&7));
+    assert_eq!(versions.last(), Some(&8));
     store.close().await;
 }
 
@@ -623,9 +667,14 @@ async fn a_store_from_before_limits_upgrades_postgres() {
     upgrades_from_before_limits("postgres").await;
 }
 
-/// What schema versions 6 (audit event details) and 5 (usage and spend) added, undone: a
-/// store back at version 4 (after `UNDO_V7`).
-const UNDO_V5: [&str; 7] = [
+/// What schema versions 7 (consumer key rotation), 6 (audit event details) and 5 (usage and
+/// spend) added, undone: a store back at version 4 (after `UNDO_V8`).
+const UNDO_V5: [&str; 12] = [
+    "DROP INDEX consumer_keys_previous_hash",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_hash",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_masked_value",
+    "ALTER TABLE consumer_keys DROP COLUMN previous_expire_time",
+    "DELETE FROM _sqlx_migrations WHERE version = 7",
     "ALTER TABLE audit_events DROP COLUMN details",
     "DELETE FROM _sqlx_migrations WHERE version = 6",
     "DROP TABLE usage_buckets",
@@ -659,7 +708,7 @@ async fn upgrades_from_before_usage(backend: &str) {
 
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for &sql in UNDO_V7.iter().chain(&UNDO_V5) {
+    for &sql in UNDO_V8.iter().chain(&UNDO_V5) {
         conn.execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -6,12 +6,15 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, limits_in, optional_reference, page, page_token, reference,
-    scope_input, scope_patch, selector, status_filter, ts_in,
+    OUTPUT_ONLY, UpdateMask, duration_in, limits_in, optional_reference, page, page_token,
+    reference, scope_input, scope_patch, selector, status_filter, ts_in,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
-use crate::domain::input::{ConsumerKeyPatch, NewConsumerKey};
+use crate::crypto::Secret;
+use crate::domain::input::{
+    ConsumerKeyPatch, DEFAULT_ROTATION_OVERLAP_US, NewConsumerKey, Rotation,
+};
 use crate::domain::text::nfc_owned;
 use crate::domain::{KeyStatus, Selector, Timestamp};
 use crate::proto::admin::v1 as pb;
@@ -26,13 +29,25 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("expired", OUTPUT_ONLY),
     (
         "masked_value",
-        "a key's value is never editable: create a new key to rotate",
+        "a key's value is changed only by RotateConsumerKey",
+    ),
+    (
+        "value",
+        "a key's value is changed only by RotateConsumerKey",
     ),
     (
         "generation_method",
-        "a key's value is never editable: create a new key to rotate",
+        "a key's generation method is fixed at creation",
     ),
     ("secret_status", OUTPUT_ONLY),
+    (
+        "previous_masked_value",
+        "it is output only (set by RotateConsumerKey)",
+    ),
+    (
+        "previous_value_expire_time",
+        "it is output only (set by RotateConsumerKey)",
+    ),
     ("spend", OUTPUT_ONLY),
     ("status", "use EnableConsumerKey / DisableConsumerKey"),
     ("consumer", "use BindConsumerKey / UnbindConsumerKey"),
@@ -208,6 +223,35 @@ pub(super) async fn unbind(
     let key = reference("key", &req.get_ref().key)?;
     let k = svc.store.unbind_consumer_key(&actor, &key).await?;
     ok(svc.consumer_key_out(k, Timestamp::now()))
+}
+
+/// RotateConsumerKey (SPEC §8.4): a new value for the same key, the previous one authorizing
+/// for `overlap` (default 24 h). The value is shown here only, and only for an AUTO key.
+pub(super) async fn rotate(
+    svc: &AdminService,
+    req: Request<pb::RotateConsumerKeyRequest>,
+) -> R<pb::RotateConsumerKeyResponse> {
+    let actor = actor(&req)?;
+    let r = req.into_inner();
+    let sel = selector(r.selector, Selector::from)?;
+    let rotation = Rotation {
+        overlap_us: match &r.overlap {
+            Some(d) => duration_in("overlap", d)?,
+            None => DEFAULT_ROTATION_OVERLAP_US,
+        },
+        value: (!r.value.is_empty()).then(|| Secret::new(r.value)),
+    };
+    let rotated = svc
+        .store
+        .rotate_consumer_key(&actor, &sel, rotation)
+        .await?;
+    ok(pb::RotateConsumerKeyResponse {
+        key: Some(svc.consumer_key_out(rotated.key, Timestamp::now())),
+        value: rotated
+            .value
+            .map(|v| v.expose().to_string())
+            .unwrap_or_default(),
+    })
 }
 
 pub(super) async fn delete(

@@ -62,6 +62,7 @@ selector_from!(
     enable_consumer_key_request,
     disable_consumer_key_request,
     delete_consumer_key_request,
+    rotate_consumer_key_request,
     get_model_key_request,
     update_model_key_request,
     enable_model_key_request,
@@ -278,6 +279,24 @@ pub fn ts_in(field: &str, t: &PbTimestamp) -> Result<Timestamp, Status> {
         .ok_or_else(|| invalid(field, "is out of range"))
 }
 
+/// A duration as microseconds (nanoseconds below that are dropped); `field` names it in a
+/// refusal. The range is the caller's rule; this only refuses what is not a duration.
+pub fn duration_in(field: &str, d: &prost_types::Duration) -> Result<i64, Status> {
+    if !(-999_999_999..=999_999_999).contains(&d.nanos)
+        || (d.seconds > 0 && d.nanos < 0)
+        || (d.seconds < 0 && d.nanos > 0)
+    {
+        return Err(invalid(
+            field,
+            "is not a valid duration (nanos out of range or of the other sign than seconds)",
+        ));
+    }
+    d.seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(i64::from(d.nanos / 1000)))
+        .ok_or_else(|| invalid(field, "is out of range"))
+}
+
 pub fn status_out(s: KeyStatus) -> i32 {
     match s {
         KeyStatus::Enabled => pb::KeyStatus::Enabled as i32,
@@ -370,6 +389,7 @@ pub fn service_out(s: domain::ModelService) -> pb::ModelService {
 }
 
 pub fn consumer_key_out(k: domain::ConsumerKey, now: Timestamp) -> pb::ConsumerKey {
+    let previous = k.previous_in_force(now).cloned();
     pb::ConsumerKey {
         expired: k.is_expired(now),
         status: status_out(k.status),
@@ -396,6 +416,8 @@ pub fn consumer_key_out(k: domain::ConsumerKey, now: Timestamp) -> pb::ConsumerK
         id: k.id,
         name: k.name,
         description: k.description,
+        previous_value_expire_time: previous.as_ref().map(|p| ts_out(p.expire_time)),
+        previous_masked_value: previous.map(|p| p.masked_value).unwrap_or_default(),
         masked_value: k.masked_value,
         ip_allowlist: k.ip_allowlist,
     }

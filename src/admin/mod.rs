@@ -219,6 +219,14 @@ impl KeyAdmin for AdminService {
         consumer_keys::delete(self, req).await
     }
 
+    async fn rotate_consumer_key(
+        &self,
+        req: Request<pb::RotateConsumerKeyRequest>,
+    ) -> R<pb::RotateConsumerKeyResponse> {
+        let req = self.auth.allow(req, Role::Operator).await?;
+        consumer_keys::rotate(self, req).await
+    }
+
     async fn create_model_key(&self, req: Request<pb::CreateModelKeyRequest>) -> R<pb::ModelKey> {
         let req = self.auth.allow(req, Role::Operator).await?;
         model_keys::create(self, req).await

@@ -82,7 +82,7 @@ impl AdminService {
         if method != GenerationMethod::SecretRef {
             return Err(invalid(
                 field,
-                "only a SECRET_REF key has a reference to change; any other key's value is never editable (create a new key to rotate)",
+                "only a SECRET_REF key has a reference to change (another consumer key rotates with RotateConsumerKey; another model key's value is never editable: create a new key)",
             ));
         }
         let r = r.unwrap_or_default();

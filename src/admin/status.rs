@@ -23,7 +23,9 @@ impl From<RuleError> for Status {
                     ErrorDetails::with_bad_request(v),
                 )
             }
-            RuleError::AlreadyExists { .. } => Status::already_exists(message),
+            RuleError::AlreadyExists { .. } | RuleError::AlreadyInUse(_) => {
+                Status::already_exists(message)
+            }
             RuleError::NotFound { .. } => Status::not_found(message),
             RuleError::FailedPrecondition(_) => Status::failed_precondition(message),
             RuleError::ResourceExhausted(_) => Status::resource_exhausted(message),

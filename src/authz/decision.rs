@@ -386,10 +386,15 @@ pub fn decide<'s>(
     let Some((presented, _source)) = extract_credential(cfg, req) else {
         return deny(DenyReason::MissingCredential, None);
     };
-    // 2. Look up HMAC(key).
-    let Some(key) = snap.key(&hash(presented.as_bytes())) else {
+    // 2. Look up HMAC(key): a key's value, or a rotated key's previous value, which stops at
+    // its expiry and is then answered exactly like a value in no snapshot.
+    let presented = hash(presented.as_bytes());
+    let Some(key) = snap.key(&presented) else {
         return deny(DenyReason::UnknownKey, None);
     };
+    if key.previous_expired(&presented, now) {
+        return deny(DenyReason::UnknownKey, None);
+    }
     if !key.enabled {
         return deny(DenyReason::Disabled, Some(key));
     }
@@ -549,3 +554,7 @@ mod tests;
 #[cfg(test)]
 #[path = "decision_model_tests.rs"]
 mod model_tests;
+
+#[cfg(test)]
+#[path = "decision_rotation_tests.rs"]
+mod rotation_tests;

@@ -127,6 +127,7 @@ fn build_world() -> World {
                 ip_allowlist: Box::new([]),
                 limits: Default::default(),
                 usage: Default::default(),
+                previous: None,
             },
         ));
     };

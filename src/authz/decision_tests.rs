@@ -196,6 +196,7 @@ fn build_world() -> World {
             ip_allowlist: Box::new([]),
             limits: Default::default(),
             usage: Default::default(),
+            previous: None,
         };
         f(&mut e);
         key_ids.insert(value, e.id);

@@ -73,7 +73,15 @@ impl ExtAuthzService {
         match outcome {
             Outcome::Admit(a) => {
                 self.recorder.allowed(&a.allowed, now);
-                allowed_response(&a, &view)
+                let al = &a.allowed;
+                let tag = super::metering::metering_tag(
+                    &self.hasher,
+                    al.key.id,
+                    al.key.consumer,
+                    &al.service.name,
+                    al.model.as_ref().map_or("", |m| m.as_str()),
+                );
+                allowed_response(&a, &view, &tag)
             }
             Outcome::Refuse(r) => {
                 self.recorder.refused(
@@ -88,14 +96,21 @@ impl ExtAuthzService {
 }
 
 /// Envoy's OK response: the vendor header, the credentials to remove, the metadata.
-fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>) -> CheckResponse {
+fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>, metering_tag: &str) -> CheckResponse {
     let (name, value) = a.vendor_header();
+    let mut meta = metadata(a.metadata(&ALL_METADATA));
+    meta.fields.insert(
+        super::metering::METERING_TAG_FIELD.to_string(),
+        Value {
+            kind: Some(Kind::StringValue(metering_tag.to_string())),
+        },
+    );
     CheckResponse {
         status: Some(rpc::Status {
             code: CODE_OK,
             ..Default::default()
         }),
-        dynamic_metadata: Some(metadata(a.metadata(&ALL_METADATA))),
+        dynamic_metadata: Some(meta),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers: vec![
                 overwrite_header(name, value),

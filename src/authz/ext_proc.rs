@@ -26,7 +26,9 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use super::metering::StreamMetering;
+use super::metering::{METERING_TAG_FIELD, StreamMetering, metering_tag};
+use super::model::ModelName;
+use crate::crypto::{KeyHasher, credentials_equal};
 use crate::snapshot::SnapshotCell;
 use crate::usage::Tally;
 
@@ -39,33 +41,59 @@ pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 #[derive(Clone)]
 pub struct ExtProcService {
     cell: SnapshotCell,
+    hasher: KeyHasher,
     tally: Arc<Tally>,
 }
 
 impl ExtProcService {
-    pub fn new(cell: SnapshotCell, tally: Arc<Tally>) -> Self {
-        ExtProcService { cell, tally }
+    /// `hasher`: the same keyed hasher the ext_authz service signs its metering tags with.
+    pub fn new(cell: SnapshotCell, hasher: KeyHasher, tally: Arc<Tally>) -> Self {
+        ExtProcService {
+            cell,
+            hasher,
+            tally,
+        }
     }
 
-    /// The metering of the request a stream's metadata describes, if it was allowed.
+    /// The metering of the request a stream's metadata describes, if keygate allowed it: the
+    /// fields must carry the tag ext_authz signed them with (anything else reaching this
+    /// listener cannot attribute usage to a key), and name a valid model and a service of the
+    /// served snapshot.
     fn metering_for(&self, metadata: &Metadata) -> Option<StreamMetering> {
         let fields = metadata.filter_metadata.get(EXT_AUTHZ_NAMESPACE)?;
         if string(fields, "deny_reason").is_some() {
             return None;
         }
         let key = Uuid::parse_str(string(fields, "consumer_key_id")?).ok()?;
-        let consumer = string(fields, "consumer_id").and_then(|c| Uuid::parse_str(c).ok());
+        let consumer = match string(fields, "consumer_id") {
+            Some(c) => Some(Uuid::parse_str(c).ok()?),
+            None => None,
+        };
         let service_name = string(fields, "model_service")?;
+        let model = string(fields, "model");
+        if let Some(m) = model {
+            ModelName::new(m)?;
+        }
+        let expected = metering_tag(
+            &self.hasher,
+            key,
+            consumer,
+            service_name,
+            model.unwrap_or(""),
+        );
+        let tag = string(fields, METERING_TAG_FIELD)?;
+        if !credentials_equal(tag.as_bytes(), expected.as_bytes()) {
+            crate::metrics::METRICS
+                .usage_unparsed
+                .with_label_values(&["untrusted"])
+                .inc();
+            return None;
+        }
         let service = {
             let guard = self.cell.load_guard();
             guard.as_ref()?.service(service_name)?.id
         };
-        Some(StreamMetering::new(
-            key,
-            consumer,
-            service,
-            string(fields, "model"),
-        ))
+        Some(StreamMetering::new(key, consumer, service, model))
     }
 }
 

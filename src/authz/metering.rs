@@ -32,8 +32,13 @@
 use super::model::{MAX_MODEL_LEN, ModelName};
 use crate::usage::{Counts, Tally, UsageKey};
 
-/// The deepest nesting a metered document may have (vendors' responses have fewer than ten).
+/// The nesting tracked with keys (vendors' usage sits at depth four at most).
 pub const MAX_DEPTH: usize = 32;
+
+/// Nesting beyond [`MAX_DEPTH`] tracked by bracket type only (no counts are read there): a
+/// response may echo a deeply nested request (a JSON schema, tool definitions) before its usage.
+/// Deeper than both is unreadable.
+pub const MAX_EXTRA_DEPTH: u32 = 128;
 
 /// Token counts, normalised across vendors: `input` includes `cached_input`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -517,6 +522,9 @@ struct Json {
     st: St,
     depth: usize,
     frames: [Frame; MAX_DEPTH],
+    /// Levels beyond `MAX_DEPTH`: one bit each (1: array), the innermost highest.
+    extra: u128,
+    extra_depth: u32,
     key_buf: [u8; KEY_BUF],
     key_len: usize,
     /// The key being read can be none of ours (too long, or escaped).
@@ -537,6 +545,8 @@ impl Default for Json {
             st: St::Start,
             depth: 0,
             frames: [Frame::default(); MAX_DEPTH],
+            extra: 0,
+            extra_depth: 0,
             key_buf: [0; KEY_BUF],
             key_len: 0,
             key_other: false,
@@ -562,6 +572,9 @@ impl Json {
 
     /// What a value starting now at the current position is.
     fn value_target(&self) -> Option<Target> {
+        if self.extra_depth > 0 {
+            return None;
+        }
         // The root array of a Gemini stream: its elements are documents.
         let frames = &self.frames[..self.depth];
         let frames = match frames {
@@ -579,14 +592,18 @@ impl Json {
     }
 
     fn push(&mut self, array: bool) -> St {
-        if self.depth == MAX_DEPTH {
+        if self.depth < MAX_DEPTH {
+            self.frames[self.depth] = Frame {
+                array,
+                key: Key::Other,
+            };
+            self.depth += 1;
+        } else if self.extra_depth < MAX_EXTRA_DEPTH {
+            self.extra |= u128::from(array) << self.extra_depth;
+            self.extra_depth += 1;
+        } else {
             return St::Broken;
         }
-        self.frames[self.depth] = Frame {
-            array,
-            key: Key::Other,
-        };
-        self.depth += 1;
         if array {
             St::ValueOrClose
         } else {
@@ -594,7 +611,24 @@ impl Json {
         }
     }
 
+    /// Whether the innermost open container is an array.
+    fn top_is_array(&self) -> bool {
+        if self.extra_depth > 0 {
+            (self.extra >> (self.extra_depth - 1)) & 1 == 1
+        } else {
+            self.frames[self.depth - 1].array
+        }
+    }
+
     fn pop(&mut self, array: bool) -> St {
+        if self.extra_depth > 0 {
+            if self.top_is_array() != array {
+                return St::Broken;
+            }
+            self.extra_depth -= 1;
+            self.extra &= !(1u128 << self.extra_depth);
+            return St::After;
+        }
         match self.depth.checked_sub(1) {
             Some(top) if self.frames[top].array == array => {
                 self.depth = top;
@@ -678,12 +712,14 @@ impl Json {
                     self.key_other = true;
                     St::InKey
                 } else if b == b'"' {
-                    let key = if self.key_other {
-                        Key::Other
-                    } else {
-                        classify(&self.key_buf[..self.key_len])
-                    };
-                    self.frames[self.depth - 1].key = key;
+                    if self.extra_depth == 0 {
+                        let key = if self.key_other {
+                            Key::Other
+                        } else {
+                            classify(&self.key_buf[..self.key_len])
+                        };
+                        self.frames[self.depth - 1].key = key;
+                    }
                     St::Colon
                 } else if b < 0x20 {
                     St::Broken
@@ -755,7 +791,7 @@ impl Json {
             }
             St::After if is_ws(b) => St::After,
             St::After => match b {
-                b',' if self.frames[self.depth - 1].array => St::Value,
+                b',' if self.top_is_array() => St::Value,
                 b',' => St::Key,
                 b'}' => self.pop(false),
                 b']' => self.pop(true),
@@ -849,6 +885,31 @@ impl StreamMetering {
         }
         tally.record(key, Counts::from(&metered));
     }
+}
+
+/// The metadata field ext_authz adds to an allowed request for the ext_proc metering: a MAC
+/// (under the pepper only keygate holds) over what the usage will be attributed to, so a caller
+/// of the ExternalProcessor cannot bill another key by writing its id into the metadata.
+pub const METERING_TAG_FIELD: &str = "metering_tag";
+
+/// The tag of an allowed request's attribution (hex): key id, consumer id (empty when
+/// unbound), model service name, model (empty when not read).
+pub fn metering_tag(
+    hasher: &crate::crypto::KeyHasher,
+    key: uuid::Uuid,
+    consumer: Option<uuid::Uuid>,
+    service: &str,
+    model: &str,
+) -> String {
+    let consumer = consumer.map(|c| *c.as_bytes());
+    let tag = hasher.hash_parts(&[
+        b"keygate metering tag v1",
+        key.as_bytes(),
+        consumer.as_ref().map_or(&[][..], |c| &c[..]),
+        service.as_bytes(),
+        model.as_bytes(),
+    ]);
+    hex::encode(&tag[..16])
 }
 
 impl From<&Metered> for Counts {

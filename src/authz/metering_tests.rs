@@ -220,10 +220,40 @@ fn odd_numbers_and_models_are_not_taken() {
     // Cached input never exceeds input.
     let body = br#"{"usage":{"prompt_tokens":2,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":7}}}"#;
     assert_eq!(meter(200, JSON, body).tokens, tokens(2, 1, 2));
-    // Nesting deeper than MAX_DEPTH is unreadable.
-    let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+    // Nesting deeper than both limits is unreadable.
+    let n = MAX_DEPTH + MAX_EXTRA_DEPTH as usize + 1;
+    let deep = format!("{}{}", "[".repeat(n), "]".repeat(n));
     assert_eq!(
         meter(200, JSON, deep.as_bytes()).reading,
+        Reading::Unreadable
+    );
+}
+
+#[test]
+fn a_deeply_nested_echo_before_the_usage_does_not_hide_it() {
+    // OpenAI's Responses API echoes the request's tools and JSON schema before `usage`: a
+    // client nesting a schema deeply must not escape metering.
+    for depth in [
+        MAX_DEPTH,
+        MAX_DEPTH + 50,
+        MAX_DEPTH + MAX_EXTRA_DEPTH as usize - 8,
+    ] {
+        let schema = format!(
+            "{}{}",
+            r#"{"a":["#.repeat(depth / 2),
+            "]}".repeat(depth / 2)
+        );
+        let body = format!(
+            r#"{{"model":"gpt-4.1","text":{{"format":{{"schema":{schema}}}}},"usage":{{"input_tokens":36,"output_tokens":87}}}}"#
+        );
+        let got = meter(200, JSON, body.as_bytes());
+        assert_eq!(got.reading, Reading::Usage, "depth {depth}");
+        assert_eq!(got.tokens, tokens(36, 87, 0), "depth {depth}");
+    }
+    // A mismatched bracket deep down is still not JSON.
+    let bad = format!("{}{}", "[".repeat(MAX_DEPTH + 3), "}");
+    assert_eq!(
+        meter(200, JSON, bad.as_bytes()).reading,
         Reading::Unreadable
     );
 }

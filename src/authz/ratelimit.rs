@@ -12,11 +12,11 @@
 //! (or token) — one minute in microseconds — so a limit of `L` per minute refills exactly `L`
 //! units per microsecond and a request costs 60,000,000 units. No floating point, no drift.
 //!
-//! Sharing: every data plane adds what it took since the last synchronisation to one counter per
-//! (subject, kind, UTC minute) in the store and reads the counter's new total back; whatever the
-//! total grew by beyond its own additions was taken by the other data planes, and is taken from
-//! the local bucket too (a data plane that first looks at a minute's counter takes all the
-//! others' share of that minute). So each data plane's bucket sees every data plane's traffic, late by at most one
+//! Sharing: every data plane adds what it took since the last synchronisation to its own field
+//! of one counter per (subject, kind, UTC minute) in the store and reads the other fields back;
+//! whatever they grew by since it last looked was taken by the other data planes, and is taken
+//! from the local bucket too (a data plane that first looks at a minute's counter takes all the
+//! others' share of that minute; what they add after its last look in a minute is not seen). So each data plane's bucket sees every data plane's traffic, late by at most one
 //! synchronisation interval (the overshoot this allows is that interval's traffic). While the
 //! store cannot be reached, each data plane enforces its own counts (and says so in a metric).
 
@@ -172,31 +172,31 @@ pub fn window(now: i64) -> i64 {
     now.div_euclid(60_000_000)
 }
 
-/// What a data plane knows of the shared counters: the window and total it last saw of each
-/// (subject, kind). A counter grows by every data plane's additions within its minute; what it
-/// grew by beyond this data plane's own is the others' share.
+/// What a data plane knows of the shared counters: for each (subject, kind), the minute and
+/// the sum of the *other* data planes' additions it last saw. Each counter holds one field per
+/// data plane, so a data plane's own additions are never mistaken for the others' (whatever
+/// answers it missed or subjects it forgot meanwhile).
 #[derive(Debug, Default)]
 pub struct SharedCounts {
     seen: HashMap<(Subject, LimitKind), (i64, u64)>,
 }
 
 impl SharedCounts {
-    /// This data plane added `own` to the counter of `(subject, kind)` for minute `window` and
-    /// the counter now reads `total`: what the others added since this data plane last looked
-    /// (all of the minute's others' share when it first looks at this minute's counter).
+    /// The other data planes' additions to the counter of `(subject, kind)` for minute
+    /// `window` now sum to `others_total`: what they added since this data plane last looked
+    /// (all of it when it first looks at this minute's counter: it is all within the minute).
     pub fn others(
         &mut self,
         subject: Subject,
         kind: LimitKind,
         window: i64,
-        own: u64,
-        total: u64,
+        others_total: u64,
     ) -> u64 {
-        let since = match self.seen.insert((subject, kind), (window, total)) {
+        let since = match self.seen.insert((subject, kind), (window, others_total)) {
             Some((w, prev)) if w == window => prev,
             _ => 0,
         };
-        total.saturating_sub(since).saturating_sub(own)
+        others_total.saturating_sub(since)
     }
 
     /// Forgets counters of subjects no longer tracked.

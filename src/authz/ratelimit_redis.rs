@@ -1,8 +1,9 @@
 //! Sharing rate-limit counts between data planes through Redis (`--rate-limit-redis`, the
 //! module's `rate_limit_redis`; SPEC §8.3). A task, never the request path: every interval it
-//! sends, in one pipeline, what this data plane took from each active subject (`INCRBY` on the
-//! subject's counter for the current UTC minute, which expires three minutes later) and takes
-//! the others' share the answers reveal ([`SharedCounts`]). No request waits on Redis: while it
+//! sends, in one pipeline, what this data plane took from each active subject (`HINCRBY` of its
+//! own field in the subject's hash for the current UTC minute, which expires three minutes
+//! later, then `HGETALL`) and takes the other fields' growth from its buckets
+//! ([`SharedCounts`]). No request waits on Redis: while it
 //! cannot be reached (or answers late), each data plane enforces its own counts, the counts
 //! taken meanwhile are not shared, and `keygate_rate_limit_shared` reads 0.
 
@@ -30,10 +31,25 @@ pub fn counter_key(prefix: &str, subject: Subject, kind: LimitKind, window: i64)
     format!("{prefix}rl:{s}:{}:{k}:{window}", id.simple())
 }
 
+/// The most one synchronisation adds to a counter (Redis counters are signed 64-bit).
+const MAX_ADD: u64 = 1 << 60;
+
+/// `url` with any user and password replaced, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// The synchronisation task's state.
 pub struct RedisSync {
     client: redis::Client,
     prefix: String,
+    /// This data plane's field in every counter (random per process).
+    field: String,
     conn: Option<redis::aio::MultiplexedConnection>,
     shared: SharedCounts,
 }
@@ -41,11 +57,16 @@ pub struct RedisSync {
 impl RedisSync {
     /// `url`: `redis://host:port[/db]` or `redis+unix:///path`. Checked here; connected lazily.
     pub fn new(url: &str, prefix: &str) -> Result<Self, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("rate_limit_redis: {url:?} is not a Redis URL ({e})"))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            format!(
+                "rate_limit_redis: {:?} is not a Redis URL ({e})",
+                redacted(url)
+            )
+        })?;
         Ok(RedisSync {
             client,
             prefix: prefix.to_string(),
+            field: uuid::Uuid::new_v4().simple().to_string(),
             conn: None,
             shared: SharedCounts::default(),
         })
@@ -55,7 +76,7 @@ impl RedisSync {
     pub async fn sync(&mut self, limiter: &RateLimiter, now: Timestamp) -> bool {
         let batch = limiter.take_unsynced();
         let w = window(now.0);
-        let mut sent: Vec<(Subject, LimitKind, u64)> = Vec::new();
+        let mut sent: Vec<(Subject, LimitKind)> = Vec::new();
         let mut pipe = redis::pipe();
         for u in &batch {
             for (kind, n) in [
@@ -64,9 +85,14 @@ impl RedisSync {
             ] {
                 let Some(n) = n else { continue };
                 let key = counter_key(&self.prefix, u.subject, kind, w);
-                pipe.cmd("INCRBY").arg(&key).arg(n);
+                pipe.cmd("HINCRBY")
+                    .arg(&key)
+                    .arg(&self.field)
+                    .arg(n.min(MAX_ADD))
+                    .ignore();
                 pipe.cmd("EXPIRE").arg(&key).arg(COUNTER_TTL_SECS).ignore();
-                sent.push((u.subject, kind, n));
+                pipe.cmd("HGETALL").arg(&key);
+                sent.push((u.subject, kind));
             }
         }
         self.shared
@@ -74,16 +100,17 @@ impl RedisSync {
         if sent.is_empty() {
             return self.conn.is_some();
         }
-        let totals = tokio::time::timeout(SYNC_TIMEOUT, async {
+        let answers = tokio::time::timeout(SYNC_TIMEOUT, async {
             if self.conn.is_none() {
                 self.conn = Some(self.client.get_multiplexed_async_connection().await?);
             }
             let conn = self.conn.as_mut().expect("connected above");
-            pipe.query_async::<Vec<i64>>(conn).await
+            pipe.query_async::<Vec<std::collections::HashMap<String, i64>>>(conn)
+                .await
         })
         .await;
-        let totals = match totals {
-            Ok(Ok(t)) if t.len() == sent.len() => t,
+        let fields = match answers {
+            Ok(Ok(f)) if f.len() == sent.len() => f,
             Ok(Ok(_)) => {
                 tracing::warn!(
                     "rate-limit counters: Redis answered an unexpected reply; counting locally"
@@ -104,9 +131,13 @@ impl RedisSync {
                 return false;
             }
         };
-        for ((subject, kind, own), total) in sent.into_iter().zip(totals) {
-            let total = u64::try_from(total).unwrap_or(0);
-            let others = self.shared.others(subject, kind, w, own, total);
+        for ((subject, kind), fields) in sent.into_iter().zip(fields) {
+            let others_total: u64 = fields
+                .iter()
+                .filter(|(f, _)| **f != self.field)
+                .map(|(_, n)| u64::try_from(*n).unwrap_or(0))
+                .fold(0, u64::saturating_add);
+            let others = self.shared.others(subject, kind, w, others_total);
             if others > 0 {
                 let (r, t) = match kind {
                     LimitKind::Requests => (others, 0),

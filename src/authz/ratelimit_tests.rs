@@ -124,36 +124,40 @@ fn shared_counts_give_each_data_plane_the_others_share() {
     // Two data planes and one shared counter, as Redis INCRBY would answer.
     let (a, b) = (RateLimiter::default(), RateLimiter::default());
     let (mut sa, mut sb) = (SharedCounts::default(), SharedCounts::default());
-    // One counter per minute, as the store keeps them.
-    let mut counters: HashMap<i64, u64> = HashMap::new();
+    // One counter per minute with a field per data plane, as the store keeps them.
+    let mut counters: HashMap<(i64, &str), u64> = HashMap::new();
     let limits = rpm(60);
-    let mut sync = |l: &RateLimiter, shared: &mut SharedCounts, now: i64| {
+    let mut sync = |me: &'static str, l: &RateLimiter, shared: &mut SharedCounts, now: i64| {
         for u in l.take_unsynced() {
             let r = u.requests.expect("a request limit");
             assert_eq!(u.tokens, None, "no token limit: nothing to share");
-            let counter = counters.entry(window(now)).or_default();
-            *counter += r;
-            let others = shared.others(u.subject, LimitKind::Requests, window(now), r, *counter);
+            *counters.entry((window(now), me)).or_default() += r;
+            let others_total: u64 = counters
+                .iter()
+                .filter(|((w, dp), _)| *w == window(now) && *dp != me)
+                .map(|(_, n)| *n)
+                .sum();
+            let others = shared.others(u.subject, LimitKind::Requests, window(now), others_total);
             l.take_remote(u.subject, others, 0, now);
         }
     };
     // Each takes 20, then both synchronise (a first, then b, then a again).
     assert_eq!(admitted(&a, &limits, 20, 0), 20);
     assert_eq!(admitted(&b, &limits, 20, 0), 20);
-    sync(&a, &mut sa, 0);
-    sync(&b, &mut sb, 0);
-    sync(&a, &mut sa, 0);
+    sync("a", &a, &mut sa, 0);
+    sync("b", &b, &mut sb, 0);
+    sync("a", &a, &mut sa, 0);
     // Each has seen all 40: b has 20 left; it takes 10.
     assert_eq!(admitted(&b, &limits, 100, 0), 20);
-    sync(&b, &mut sb, 0);
-    sync(&a, &mut sa, 0);
+    sync("b", &b, &mut sb, 0);
+    sync("a", &a, &mut sa, 0);
     // a: 60 − 20 (own) − 40 (b's) = 0: the key's 60 were taken once across both.
     assert_eq!(admitted(&a, &limits, 100, 0), 0);
     // A minute later both have their allowance back, and the new minute's counter starts
     // from zero.
     assert_eq!(admitted(&a, &limits, 100, 60 * SEC), 60);
-    sync(&a, &mut sa, 60 * SEC);
-    sync(&b, &mut sb, 60 * SEC);
+    sync("a", &a, &mut sa, 60 * SEC);
+    sync("b", &b, &mut sb, 60 * SEC);
     assert_eq!(
         admitted(&b, &limits, 100, 60 * SEC),
         0,
@@ -165,14 +169,14 @@ fn shared_counts_give_each_data_plane_the_others_share() {
 fn shared_counters_count_the_others_share_per_minute() {
     let mut shared = SharedCounts::default();
     let s = Subject::Consumer(id(7));
-    // First look at minute 0: 5 of the 8 are the others'.
-    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 3, 8), 5);
-    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 5, 20), 7);
-    // A counter that reads less (expired, flushed) counts nothing more.
-    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 3, 3), 0);
+    // First look at minute 0: the others' 5 so far.
+    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 5), 5);
+    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 12), 7);
+    // Fields that read less (expired) count nothing more.
+    assert_eq!(shared.others(s, LimitKind::Tokens, 0, 3), 0);
     // A new minute: its own counter.
-    assert_eq!(shared.others(s, LimitKind::Tokens, 1, 2, 2), 0);
-    assert_eq!(shared.others(s, LimitKind::Tokens, 1, 0, 4), 2);
+    assert_eq!(shared.others(s, LimitKind::Tokens, 1, 2), 2);
+    assert_eq!(shared.others(s, LimitKind::Tokens, 1, 2), 0);
 }
 
 proptest! {

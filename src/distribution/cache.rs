@@ -258,6 +258,34 @@ mod tests {
         assert_eq!(c.limits.per_minute().tokens, Some(7));
     }
 
+    /// SPEC §8.4: a rotated key's previous value survives the cache, so a data plane
+    /// restarted from it still takes the old value until its expiry and not after.
+    #[test]
+    fn the_cache_keeps_previous_values_and_their_expiry() {
+        use crate::domain::Timestamp;
+        use crate::snapshot::PreviousHash;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = MasterKey::generate().keys();
+        let mut u = crate::snapshot::fixtures::synthetic_update(3);
+        let (new_hash, old_hash) = (u.keys[1].0, [9u8; 32]);
+        let previous = PreviousHash {
+            hash: old_hash,
+            until: Timestamp(1_800_000_000_000_000),
+        };
+        u.keys[1].1.previous = Some(previous);
+        let snap = Snapshot::from_full(u, &keys).unwrap();
+        store(dir.path(), &snap, &keys).unwrap();
+        let back = Snapshot::from_full(load(dir.path(), &keys).unwrap().unwrap(), &keys).unwrap();
+        assert_eq!(back.counts().consumer_keys, 3);
+        let by_new = back.key(&new_hash).expect("the key by its value");
+        let by_old = back.key(&old_hash).expect("the key by its previous value");
+        assert_eq!(by_new.id, by_old.id);
+        assert_eq!(by_new.previous, Some(previous));
+        assert!(!by_old.previous_expired(&old_hash, Timestamp(previous.until.0 - 1)));
+        assert!(by_old.previous_expired(&old_hash, previous.until));
+        assert!(!by_new.previous_expired(&new_hash, previous.until));
+    }
+
     #[test]
     fn an_older_copy_of_the_cache_is_refused() {
         let dir = tempfile::tempdir().unwrap();

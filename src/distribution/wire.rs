@@ -13,7 +13,7 @@ use crate::domain::Timestamp;
 use crate::proto::snapshot::v1 as pb;
 use crate::snapshot::{
     ApplyError, ConsumerRecord, ContentDigest, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule,
-    ScopeList, ScopeSet, ServiceRecord, Update,
+    PreviousHash, ScopeList, ScopeSet, ServiceRecord, Update,
 };
 
 /// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
@@ -102,6 +102,9 @@ fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
             .unwrap_or_default(),
         scope: scope_out(&e.scope),
         ip_allowlist: e.ip_allowlist.iter().map(|n| n.to_string()).collect(),
+        // Absent unless rotated: a snapshot without rotations encodes as before them.
+        previous_hash: e.previous.map(|p| p.hash.to_vec()).unwrap_or_default(),
+        previous_expire_time_us: e.previous.map(|p| p.until.0).unwrap_or(0),
         requests_per_minute: e.limits.requests_per_minute.unwrap_or(0),
         tokens_per_minute: e.limits.tokens_per_minute.unwrap_or(0),
     }
@@ -113,6 +116,29 @@ fn limits_in(requests_per_minute: u32, tokens_per_minute: u64) -> EntryLimits {
         requests_per_minute: (requests_per_minute > 0).then_some(requests_per_minute),
         tokens_per_minute: (tokens_per_minute > 0).then_some(tokens_per_minute),
     }
+}
+
+/// A key's previous value: both fields or neither, a 32-byte HMAC other than the key's own.
+fn previous_in(
+    hash: &KeyHash,
+    previous_hash: &[u8],
+    until_us: i64,
+) -> Result<Option<PreviousHash>, ApplyError> {
+    if previous_hash.is_empty() && until_us == 0 {
+        return Ok(None);
+    }
+    let p: KeyHash = previous_hash
+        .try_into()
+        .map_err(|_| malformed("consumer key previous hash is not 32 bytes"))?;
+    if p == *hash {
+        return Err(malformed(
+            "consumer key previous hash is the key's own hash",
+        ));
+    }
+    Ok(Some(PreviousHash {
+        hash: p,
+        until: Timestamp(until_us),
+    }))
 }
 
 fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
@@ -147,6 +173,7 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
             ip_allowlist,
             limits: limits_in(k.requests_per_minute, k.tokens_per_minute),
             usage: Default::default(),
+            previous: previous_in(&hash, &k.previous_hash, k.previous_expire_time_us)?,
         },
     ))
 }
@@ -517,6 +544,66 @@ mod tests {
         let dp2 = dp.apply(through(&inc, 1), &keys).unwrap();
         assert_eq!(dp2.digest(), cp2.digest());
         assert_ne!(cp2.digest(), cp.digest());
+    }
+
+    /// SPEC §8.4: a rotated key's previous HMAC and its expiry travel with the key.
+    #[test]
+    fn previous_values_round_trip() {
+        let mut u = crate::snapshot::fixtures::synthetic_update(25);
+        let previous = PreviousHash {
+            hash: [7; 32],
+            until: Timestamp(1_900_000_000_000_000),
+        };
+        u.keys[3].1.previous = Some(previous);
+        u.keys[21].1.previous = Some(PreviousHash {
+            hash: [8; 32],
+            until: Timestamp(1),
+        });
+        let mut a = Assembler::default();
+        let mut out = None;
+        for m in encode(&u, 0, 10) {
+            if let Some(x) = a.push(m).unwrap() {
+                out = Some(x);
+            }
+        }
+        let back = out.expect("an update after the last chunk").update;
+        assert_eq!(back.keys[3].1.previous, Some(previous));
+        assert_eq!(back, u);
+        // Increments carry it too.
+        let mut inc = u.clone();
+        inc.full = false;
+        inc.keys = vec![inc.keys[3].clone()];
+        let back = encode(&inc, 1, 10)
+            .into_iter()
+            .find_map(|m| Assembler::default().push(m).unwrap())
+            .unwrap()
+            .update;
+        assert_eq!(back, inc);
+    }
+
+    /// A key without a previous value encodes as before rotation existed; a previous value
+    /// that is not a 32-byte HMAC other than the key's own is malformed.
+    #[test]
+    fn previous_values_are_absent_unless_rotated_and_checked_when_present() {
+        let u = crate::snapshot::fixtures::synthetic_update(2);
+        let msgs = encode(&u, 0, 10);
+        for k in &msgs[0].keys {
+            assert!(k.previous_hash.is_empty());
+            assert_eq!(k.previous_expire_time_us, 0);
+        }
+        for (hash, until) in [
+            (vec![1, 2, 3], 5),
+            (vec![], 5),
+            (msgs[0].keys[0].hash.clone(), 5),
+        ] {
+            let mut bad = msgs.clone();
+            bad[0].keys[0].previous_hash = hash;
+            bad[0].keys[0].previous_expire_time_us = until;
+            assert!(matches!(
+                Assembler::default().push(bad[0].clone()),
+                Err(ApplyError::Malformed(_))
+            ));
+        }
     }
 
     /// A snapshot that uses no model feature encodes as it did before model-level scope, so a

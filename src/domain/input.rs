@@ -109,6 +109,40 @@ pub struct ConsumerKeyPatch {
     pub limits: Option<LimitsInput>,
 }
 
+/// How long a rotated key's previous value keeps authorizing when the request does not say.
+pub const DEFAULT_ROTATION_OVERLAP_US: i64 = 24 * 3600 * 1_000_000;
+/// The longest overlap a rotation may ask for: 30 days.
+pub const MAX_ROTATION_OVERLAP_US: i64 = 30 * 24 * 3600 * 1_000_000;
+
+/// A consumer key's rotation (SPEC §8.4): a new value for the same key, the previous one
+/// authorizing for `overlap_us` more.
+#[derive(Clone, Debug)]
+pub struct Rotation {
+    /// Microseconds from the rotation's commit until the previous value stops (0: at once).
+    pub overlap_us: i64,
+    /// The new value of a CUSTOM key (an AUTO key's is generated).
+    pub value: Option<Secret>,
+}
+
+impl Rotation {
+    /// The rules that need no store: the overlap's range and the value's characters.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        let mut v = Violations::default();
+        if self.overlap_us < 0 {
+            v.0.push(FieldViolation::new("overlap", "must not be negative"));
+        } else if self.overlap_us > MAX_ROTATION_OVERLAP_US {
+            v.0.push(FieldViolation::new(
+                "overlap",
+                "must be at most 720h (30 days)",
+            ));
+        }
+        if let Some(value) = &self.value {
+            v.check(validate::key_value("value", value.expose()));
+        }
+        v.finish()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NewModelKey {
     pub name: String,

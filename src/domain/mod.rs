@@ -254,11 +254,28 @@ pub struct ConsumerKey {
     pub limits: limits::Limits,
     /// The spend of the budget's current period (none without a budget).
     pub spend: Option<limits::Spend>,
+    /// The value a rotation replaced, while it is recorded (SPEC §8.4): it authorizes until
+    /// its `expire_time` only, and is kept after that until the next rotation.
+    pub previous: Option<PreviousValue>,
+}
+
+/// A rotated consumer key's previous value: its mask (never the value) and the instant it
+/// stops authorizing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreviousValue {
+    pub masked_value: String,
+    pub expire_time: Timestamp,
 }
 
 impl ConsumerKey {
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expire_time.is_some_and(|t| t <= now)
+    }
+
+    /// The previous value while it still authorizes at `now` (none before the first rotation
+    /// and from its expiry on).
+    pub fn previous_in_force(&self, now: Timestamp) -> Option<&PreviousValue> {
+        self.previous.as_ref().filter(|p| p.expire_time > now)
     }
 }
 
@@ -299,6 +316,10 @@ pub enum RuleError {
     Invalid(Vec<FieldViolation>),
     #[error("{kind} {name:?} already exists")]
     AlreadyExists { kind: ResourceKind, name: String },
+    /// ALREADY_EXISTS for something other than a name (a key value another key holds); the
+    /// message says what, never which resource holds it.
+    #[error("{0}")]
+    AlreadyInUse(String),
     #[error("{kind} {selector} not found")]
     NotFound {
         kind: ResourceKind,

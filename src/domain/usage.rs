@@ -436,6 +436,13 @@ impl UsageReportInput {
                     &format!("rows[{i}].model"),
                     format!("must be at most {REPORT_MODEL_MAX} bytes"),
                 ));
+            } else if !r.model.bytes().all(|b| b.is_ascii_graphic()) {
+                // The data planes' own rule for a model name: it becomes a query group and
+                // appears in logs, so no space, control or non-ASCII character.
+                bad.push(FieldViolation::new(
+                    &format!("rows[{i}].model"),
+                    "must be visible ASCII characters (no space or control character)",
+                ));
             }
         }
         if bad.is_empty() {

@@ -79,7 +79,11 @@ pub async fn start_control_plane(
             report_interval,
             drained,
         ));
-        let metering = crate::authz::ext_proc::ExtProcService::new(snapshots.cell.clone(), tally);
+        let metering = crate::authz::ext_proc::ExtProcService::new(
+            snapshots.cell.clone(),
+            keys.hasher.clone(),
+            tally,
+        );
         serve_authz(
             listener,
             svc,

@@ -68,7 +68,11 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
         args.data_plane.usage_report_interval,
         drained,
     ));
-    let metering = crate::authz::ext_proc::ExtProcService::new(feed.cell.clone(), tally);
+    let metering = crate::authz::ext_proc::ExtProcService::new(
+        feed.cell.clone(),
+        feed.keys.hasher.clone(),
+        tally,
+    );
     serve_authz(
         listener,
         svc,

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule, Published, ScopeList,
-    ScopeSet, SeenAhead, ServiceRecord, Snapshot, SnapshotCell, Update,
+    ConsumerRecord, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule, PreviousHash, Published,
+    ScopeList, ScopeSet, SeenAhead, ServiceRecord, Snapshot, SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -80,6 +80,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
             ip_allowlist,
             limits: EntryLimits::from(&k.limits),
             usage: Default::default(),
+            previous: k.previous.map(|(hash, until)| PreviousHash { hash, until }),
         },
     ))
 }

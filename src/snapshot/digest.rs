@@ -184,6 +184,11 @@ pub(super) fn key_record(buf: &mut Vec<u8>, hash: &KeyHash, e: &KeyEntry) -> Con
     for n in e.ip_allowlist.iter() {
         w.net(n);
     }
+    // A rotated key's previous value (SPEC §8.4), only when it has one: keys never rotated
+    // digest as before rotation existed.
+    if let Some(p) = &e.previous {
+        w.raw(b"previous").raw(&p.hash).i64(p.until.0);
+    }
     w.limits(&e.limits);
     ContentDigest::of(Sha256::digest(&buf[..]).into())
 }
@@ -328,6 +333,15 @@ mod tests {
             ("key enabled", Box::new(|u| u.keys[3].1.enabled = true)),
             ("key expiry", Box::new(|u| u.keys[2].1.expire_time = None)),
             ("key name", Box::new(|u| u.keys[0].1.name = "other".into())),
+            (
+                "key previous value",
+                Box::new(|u| {
+                    u.keys[0].1.previous = Some(crate::snapshot::PreviousHash {
+                        hash: [5; 32],
+                        until: Timestamp(1_900_000_000_000_000),
+                    })
+                }),
+            ),
             ("key scope", Box::new(|u| u.keys[0].1.scope = ScopeSet::All)),
             (
                 "key allowlist",

@@ -20,6 +20,7 @@ pub fn key_entry(id: Uuid, consumer: Option<Uuid>, name: impl Into<Box<str>>) ->
         ip_allowlist: Box::new([]),
         limits: Default::default(),
         usage: Default::default(),
+        previous: None,
     }
 }
 

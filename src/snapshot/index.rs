@@ -36,8 +36,38 @@ fn prefix(h: &KeyHash) -> u64 {
     u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
+/// Whether slot `h` holding `e` is `e`'s previous value (SPEC §8.4): the same entry reached
+/// through the value a rotation replaced, not a key of its own.
+#[inline]
+fn is_alias(h: &KeyHash, e: &KeyEntry) -> bool {
+    e.previous.as_ref().is_some_and(|p| p.hash == *h)
+}
+
+/// An entry whose previous value is its own value has no previous value.
+fn normalized(h: &KeyHash, mut e: KeyEntry) -> KeyEntry {
+    if is_alias(h, &e) {
+        e.previous = None;
+    }
+    e
+}
+
+/// Every slot of `entries`: each key under its HMAC and, after a rotation, under its
+/// previous value's HMAC too (a clone sharing its usage stamp).
+fn with_aliases(entries: Vec<(KeyHash, KeyEntry)>) -> Vec<(KeyHash, KeyEntry)> {
+    let mut out = Vec::with_capacity(entries.len());
+    for (h, e) in entries {
+        let e = normalized(&h, e);
+        if let Some(p) = &e.previous {
+            out.push((p.hash, e.clone()));
+        }
+        out.push((h, e));
+    }
+    out
+}
+
 #[derive(Debug, Default)]
 struct Base {
+    /// Keys under their HMACs, and rotated keys also under their previous HMACs (aliases).
     entries: Vec<(KeyHash, KeyEntry)>,
     /// `dir[b]..dir[b + 1]` is the range of entries whose prefix >> shift == b.
     dir: Vec<u32>,
@@ -45,8 +75,13 @@ struct Base {
 }
 
 impl Base {
+    /// A base holding exactly `slots`; when two share a hash, a key's own slot wins over
+    /// another's previous value.
     fn new(mut entries: Vec<(KeyHash, KeyEntry)>) -> Base {
-        entries.sort_unstable_by_key(|e| e.0);
+        entries.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(is_alias(&a.0, &a.1).cmp(&is_alias(&b.0, &b.1)))
+        });
         entries.dedup_by(|later, earlier| later.0 == earlier.0);
         let bits = (entries.len() / 2)
             .max(2)
@@ -71,6 +106,11 @@ impl Base {
         }
     }
 
+    /// Keys held (aliases are not keys).
+    fn keys(&self) -> usize {
+        self.entries.iter().filter(|(h, e)| !is_alias(h, e)).count()
+    }
+
     #[inline]
     fn get(&self, h: &KeyHash) -> Option<&KeyEntry> {
         if self.entries.is_empty() {
@@ -86,24 +126,117 @@ impl Base {
 }
 
 /// HMAC → consumer key entry. Cloning is O(overlay).
+///
+/// A rotated key is found by either of its HMACs (the entry carries its previous value's
+/// HMAC and expiry: the decision refuses that one from its expiry on); it counts, lists and
+/// distributes once, under its own HMAC. The aliases follow their key: an update of a key
+/// moves them, a removal takes them along.
 #[derive(Debug, Clone, Default)]
 pub struct KeyIndex {
     base: Arc<Base>,
     overlay: Arc<Overlay>,
+    /// Keys held (aliases are not counted).
     len: usize,
 }
 
+/// An index being changed: the base it shares, its own copy of the overlay.
+struct Editing<'a> {
+    base: &'a Base,
+    overlay: Overlay,
+    len: usize,
+}
+
+impl Editing<'_> {
+    fn get(&self, h: &KeyHash) -> Option<&KeyEntry> {
+        match self.overlay.get(h) {
+            Some(slot) => slot.as_deref(),
+            None => self.base.get(h),
+        }
+    }
+
+    /// Empties slot `h`.
+    fn clear(&mut self, h: &KeyHash) {
+        if self.base.get(h).is_some() {
+            self.overlay.insert(*h, None);
+        } else {
+            self.overlay.remove(h);
+        }
+    }
+
+    /// Empties slot `h` if it is the previous value of key `id`.
+    fn clear_alias(&mut self, h: &KeyHash, id: uuid::Uuid) {
+        if self.get(h).is_some_and(|e| e.id == id && is_alias(h, e)) {
+            self.clear(h);
+        }
+    }
+
+    /// Removes what slot `h` holds: a key (with its previous value) or a previous value.
+    fn remove(&mut self, h: &KeyHash) {
+        let Some(old) = self.get(h) else { return };
+        let alias = is_alias(h, old);
+        let (id, previous) = (old.id, old.previous.map(|p| p.hash));
+        if !alias {
+            self.len -= 1;
+            if let Some(p) = previous {
+                self.clear_alias(&p, id);
+            }
+        }
+        self.clear(h);
+    }
+
+    /// Puts key `e` under `h` (and its previous value), replacing what it held there before.
+    fn upsert(&mut self, h: KeyHash, e: KeyEntry) {
+        let mut e = normalized(&h, e);
+        let new_previous = e.previous.map(|p| p.hash);
+        // The same key as held before, under this HMAC or (just rotated) under the previous.
+        let before = [Some(h), new_previous]
+            .into_iter()
+            .flatten()
+            .find_map(|k| self.get(&k).filter(|old| old.id == e.id))
+            .map(|old| (old.usage.clone(), old.previous.map(|p| p.hash)));
+        if let Some((usage, old_previous)) = before {
+            e.usage = usage;
+            // A previous value the key no longer has (rotated again) goes.
+            if let Some(p) = old_previous.filter(|p| Some(*p) != new_previous && *p != h) {
+                self.clear_alias(&p, e.id);
+            }
+        }
+        if self.get(&h).is_none_or(|old| is_alias(&h, old)) {
+            self.len += 1;
+        }
+        let e = Arc::new(e);
+        self.overlay.insert(h, Some(e.clone()));
+        if let Some(p) = new_previous {
+            match self.get(&p) {
+                // The key's own old slot becomes its previous value.
+                Some(old) if !is_alias(&p, old) && old.id == e.id => self.len -= 1,
+                // Never shadow another key's value (the store never lets this happen).
+                Some(old) if !is_alias(&p, old) => return,
+                _ => {}
+            }
+            self.overlay.insert(p, Some(e));
+        }
+    }
+}
+
 impl KeyIndex {
-    /// An index holding exactly `entries` (a later duplicate hash replaces an earlier one).
+    /// An index holding exactly `entries`, each under its HMAC and, after a rotation, its
+    /// previous HMAC too (a later duplicate hash replaces an earlier one).
     pub fn from_entries(entries: Vec<(KeyHash, KeyEntry)>) -> KeyIndex {
-        let base = Base::new(entries);
+        Self::from_slots(with_aliases(entries))
+    }
+
+    fn from_slots(slots: Vec<(KeyHash, KeyEntry)>) -> KeyIndex {
+        let base = Base::new(slots);
         KeyIndex {
-            len: base.entries.len(),
+            len: base.keys(),
             base: Arc::new(base),
             overlay: Arc::default(),
         }
     }
 
+    /// The entry `h` finds: a key by its HMAC, or a rotated key by its previous HMAC (see
+    /// [`KeyEntry::previous_expired`]).
     #[inline]
     pub fn get(&self, h: &KeyHash) -> Option<&KeyEntry> {
         if !self.overlay.is_empty()
@@ -114,6 +247,16 @@ impl KeyIndex {
         self.base.get(h)
     }
 
+    /// This index's entry for the key `e` describes (same id), found by `h` or by `e`'s
+    /// previous HMAC: what an update of it carries its usage stamp from.
+    pub fn held(&self, h: &KeyHash, e: &KeyEntry) -> Option<&KeyEntry> {
+        [Some(*h), e.previous.map(|p| p.hash)]
+            .into_iter()
+            .flatten()
+            .find_map(|k| self.get(&k).filter(|old| old.id == e.id))
+    }
+
+    /// Keys held (a rotated key counts once).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -127,45 +270,28 @@ impl KeyIndex {
         self.overlay.len()
     }
 
-    /// A new index with `removals` removed, then `upserts` inserted or replaced.
+    /// A new index with `removals` removed (a key's HMAC takes its previous value along),
+    /// then `upserts` inserted or replaced (each with its previous value, if any).
     pub fn with_changes(
         &self,
         removals: &[KeyHash],
         upserts: Vec<(KeyHash, KeyEntry)>,
     ) -> KeyIndex {
-        let mut overlay: Overlay = (*self.overlay).clone();
-        let mut len = self.len;
+        let mut edit = Editing {
+            base: &self.base,
+            overlay: (*self.overlay).clone(),
+            len: self.len,
+        };
         for h in removals {
-            let existed = match overlay.get(h) {
-                Some(slot) => slot.is_some(),
-                None => self.base.get(h).is_some(),
-            };
-            if existed {
-                len -= 1;
-            }
-            if self.base.get(h).is_some() {
-                overlay.insert(*h, None);
-            } else {
-                overlay.remove(h);
-            }
+            edit.remove(h);
         }
-        for (h, mut e) in upserts {
-            let existing = match overlay.get(&h) {
-                Some(slot) => slot.as_deref(),
-                None => self.base.get(&h),
-            };
-            match existing {
-                // The same key, changed: it keeps its usage stamp.
-                Some(old) if old.id == e.id => e.usage = old.usage.clone(),
-                Some(_) => {}
-                None => len += 1,
-            }
-            overlay.insert(h, Some(Arc::new(e)));
+        for (h, e) in upserts {
+            edit.upsert(h, e);
         }
         let next = KeyIndex {
             base: self.base.clone(),
-            overlay: Arc::new(overlay),
-            len,
+            overlay: Arc::new(edit.overlay),
+            len: edit.len,
         };
         if next.overlay.len() > (next.base.entries.len() / 32).max(4096) {
             next.compacted()
@@ -176,21 +302,21 @@ impl KeyIndex {
 
     /// The same contents with the overlay merged into a new base.
     pub fn compacted(&self) -> KeyIndex {
-        let mut entries = Vec::with_capacity(self.len);
+        let mut slots = Vec::with_capacity(self.len);
         for (h, e) in &self.base.entries {
             if !self.overlay.contains_key(h) {
-                entries.push((*h, e.clone()));
+                slots.push((*h, e.clone()));
             }
         }
         for (h, slot) in self.overlay.iter() {
             if let Some(e) = slot {
-                entries.push((*h, (**e).clone()));
+                slots.push((*h, (**e).clone()));
             }
         }
-        KeyIndex::from_entries(entries)
+        Self::from_slots(slots)
     }
 
-    /// Every entry (base and overlay), in no particular order.
+    /// Every key (base and overlay), each once under its own HMAC, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&KeyHash, &KeyEntry)> {
         let overlay = &self.overlay;
         self.base
@@ -203,6 +329,7 @@ impl KeyIndex {
                     .iter()
                     .filter_map(|(h, e)| e.as_deref().map(|e| (h, e))),
             )
+            .filter(|(h, e)| !is_alias(h, e))
     }
 }
 
@@ -225,6 +352,7 @@ mod tests {
             ip_allowlist: Box::new([]),
             limits: Default::default(),
             usage: Default::default(),
+            previous: None,
         }
     }
 
@@ -255,7 +383,146 @@ mod tests {
         assert_eq!(c.iter().count(), 100);
     }
 
+    fn rotated(n: u8, previous: u8, until: i64) -> KeyEntry {
+        KeyEntry {
+            previous: Some(crate::snapshot::PreviousHash {
+                hash: hash(previous),
+                until: crate::domain::Timestamp(until),
+            }),
+            ..entry(n)
+        }
+    }
+
+    /// SPEC §8.4: a rotated key is found by both HMACs, counted and listed once, and its
+    /// previous value follows it through rotations, removals and compaction.
+    #[test]
+    fn a_rotated_key_is_found_by_both_values_and_counted_once() {
+        let idx = KeyIndex::from_entries((0..10).map(|i| (hash(i), entry(i))).collect());
+        // Key 3 rotated from value 3 to value 103 (what the store sends: no removal).
+        let stamp = idx.get(&hash(3)).unwrap().usage.stamp().clone();
+        let r1 = idx.with_changes(&[], vec![(hash(103), rotated(3, 3, 50))]);
+        assert_eq!(r1.len(), 10);
+        assert_eq!(r1.iter().count(), 10);
+        for h in [hash(3), hash(103)] {
+            let e = r1.get(&h).unwrap();
+            assert_eq!(e.id, entry(3).id);
+            assert!(Arc::ptr_eq(e.usage.stamp(), &stamp), "one key, one stamp");
+        }
+        let listed: Vec<_> = r1.iter().filter(|(_, e)| e.id == entry(3).id).collect();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(*listed[0].0, hash(103), "listed under its own HMAC");
+        // Rotated again (value 203), the store removing value 3: value 103 is the previous.
+        let r2 = r1.with_changes(&[hash(3)], vec![(hash(203), rotated(3, 103, 60))]);
+        assert_eq!(r2.len(), 10);
+        assert!(r2.get(&hash(3)).is_none());
+        assert_eq!(r2.get(&hash(103)).unwrap().id, entry(3).id);
+        // The same without the removal: the index drops the stale previous value itself.
+        let r2b = r1.with_changes(&[], vec![(hash(203), rotated(3, 103, 60))]);
+        assert!(r2b.get(&hash(3)).is_none());
+        assert_eq!(r2b.len(), 10);
+        for idx in [r2.compacted(), r2b.compacted()] {
+            assert_eq!(idx.len(), 10);
+            assert_eq!(idx.iter().count(), 10);
+            assert_eq!(idx.get(&hash(103)).unwrap().id, entry(3).id);
+            assert_eq!(idx.get(&hash(203)).unwrap().id, entry(3).id);
+        }
+        // Removing the key's HMAC takes its previous value along.
+        let gone = r2.with_changes(&[hash(203)], vec![]);
+        assert_eq!(gone.len(), 9);
+        assert!(gone.get(&hash(103)).is_none());
+        assert!(gone.get(&hash(203)).is_none());
+        // A full build holds both as well.
+        let full = KeyIndex::from_entries(vec![(hash(203), rotated(3, 103, 60))]);
+        assert_eq!((full.len(), full.iter().count()), (1, 1));
+        assert!(full.get(&hash(103)).is_some());
+        // A previous value never shadows another key's value.
+        let clash = idx.with_changes(&[], vec![(hash(150), rotated(4, 5, 70))]);
+        assert_eq!(clash.get(&hash(5)).unwrap().id, entry(5).id);
+        assert_eq!(clash.len(), 11);
+    }
+
+    /// A key of the rotation model: `(id, value seed)`, previous value seed.
+    type ModelKey = (u8, u16, Option<u16>);
+
+    fn seeded(seed: u16) -> KeyHash {
+        use sha2::Digest;
+        sha2::Sha256::digest(seed.to_le_bytes()).into()
+    }
+
+    fn model_entry(id: u8, previous: Option<u16>) -> KeyEntry {
+        KeyEntry {
+            previous: previous.map(|p| crate::snapshot::PreviousHash {
+                hash: seeded(p),
+                until: crate::domain::Timestamp(1),
+            }),
+            ..entry(id)
+        }
+    }
+
     proptest! {
+        /// Under any sequence of creates, rotations (with and without overlap), updates and
+        /// deletes, sent as the store sends them (or without the removal of an earlier
+        /// previous value), every key is found by its value and its previous value and by
+        /// nothing else, and counts and lists once.
+        #[test]
+        fn rotations_keep_every_key_reachable_by_exactly_its_values(
+            ops in proptest::collection::vec((0u8..5, 0u8..6, any::<bool>(), any::<bool>()), 0..120),
+        ) {
+            let mut model: StdMap<u8, ModelKey> = StdMap::new();
+            let mut idx = KeyIndex::default();
+            let mut next_seed = 0u16;
+            let mut fresh = || { next_seed += 1; next_seed };
+            for (op, id, flag, compact) in ops {
+                let (removals, upserts): (Vec<KeyHash>, Vec<(KeyHash, KeyEntry)>) =
+                    match (op, model.get(&id).copied()) {
+                        (_, None) => {
+                            let v = fresh();
+                            model.insert(id, (id, v, None));
+                            (vec![], vec![(seeded(v), model_entry(id, None))])
+                        }
+                        (0, Some((_, cur, prev))) => {
+                            // Rotation with an overlap; `flag`: the store's removal of the
+                            // earlier previous value is lost.
+                            let v = fresh();
+                            model.insert(id, (id, v, Some(cur)));
+                            let removed = if flag { vec![] } else { prev.map(seeded).into_iter().collect() };
+                            (removed, vec![(seeded(v), model_entry(id, Some(cur)))])
+                        }
+                        (1, Some((_, cur, prev))) => {
+                            let v = fresh();
+                            model.insert(id, (id, v, None));
+                            let mut removed = vec![seeded(cur)];
+                            removed.extend(prev.map(seeded));
+                            (removed, vec![(seeded(v), model_entry(id, None))])
+                        }
+                        (2, Some((_, cur, prev))) => {
+                            model.remove(&id);
+                            let mut removed = vec![seeded(cur)];
+                            if !flag {
+                                removed.extend(prev.map(seeded));
+                            }
+                            (removed, vec![])
+                        }
+                        (_, Some((_, cur, prev))) => (vec![], vec![(seeded(cur), model_entry(id, prev))]),
+                    };
+                idx = idx.with_changes(&removals, upserts);
+                if compact {
+                    idx = idx.compacted();
+                }
+            }
+            prop_assert_eq!(idx.len(), model.len());
+            prop_assert_eq!(idx.iter().count(), model.len());
+            for seed in 0..=next_seed {
+                let want = model.values().find(|(_, cur, prev)| *cur == seed || *prev == Some(seed)).map(|k| entry(k.0).id);
+                prop_assert_eq!(idx.get(&seeded(seed)).map(|e| e.id), want, "seed {}", seed);
+            }
+            for (h, e) in idx.iter() {
+                let (_, cur, prev) = model.values().find(|k| entry(k.0).id == e.id).unwrap();
+                prop_assert_eq!(*h, seeded(*cur));
+                prop_assert_eq!(e.previous.map(|p| p.hash), prev.map(seeded));
+            }
+        }
+
         /// The index behaves like a plain map under any sequence of changes.
         #[test]
         fn behaves_like_a_map(base in proptest::collection::vec(any::<u8>(), 0..60),

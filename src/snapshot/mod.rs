@@ -104,6 +104,43 @@ pub struct KeyEntry {
     pub limits: EntryLimits,
     /// When the key was last used (allocated on first use; carried across updates).
     pub usage: UsageSlot,
+    /// After a rotation (SPEC §8.4): the previous value, which finds this same entry until it
+    /// expires (the index holds the entry under both HMACs).
+    pub previous: Option<PreviousHash>,
+}
+
+impl KeyEntry {
+    /// Whether `hash`, by which this entry was found, is its previous value and that value no
+    /// longer authorizes at `now`: then it is answered exactly as a value in no snapshot.
+    #[inline]
+    pub fn previous_expired(&self, hash: &KeyHash, now: Timestamp) -> bool {
+        self.previous
+            .as_ref()
+            .is_some_and(|p| p.hash == *hash && p.until <= now)
+    }
+}
+
+/// A rotated key's previous value: its HMAC, authorizing before `until` and never from then.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PreviousHash {
+    pub hash: KeyHash,
+    pub until: Timestamp,
+}
+
+/// An HMAC is not a value, but it is shown only by a prefix all the same.
+impl std::fmt::Debug for PreviousHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PreviousHash {{ hash: {}…, until: {:?} }}",
+            hex_prefix(&self.hash),
+            self.until
+        )
+    }
+}
+
+fn hex_prefix(h: &KeyHash) -> String {
+    h[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a data plane enforces of a consumer's or consumer key's limits (SPEC §8.3): requests
@@ -295,7 +332,8 @@ impl Snapshot {
         self.store_id == store_id && self.epoch == epoch
     }
 
-    /// The consumer key whose HMAC is `hash`.
+    /// The consumer key whose HMAC is `hash`, or whose previous value's HMAC it is (whether
+    /// that still authorizes is [`KeyEntry::previous_expired`]).
     #[inline]
     pub fn key(&self, hash: &KeyHash) -> Option<&KeyEntry> {
         self.keys.get(hash)

@@ -230,9 +230,7 @@ impl Snapshot {
             let mut keys_in = update.keys;
             if same_store && !self.keys.is_empty() {
                 for (h, e) in keys_in.iter_mut() {
-                    if let Some(old) = self.keys.get(h)
-                        && old.id == e.id
-                    {
+                    if let Some(old) = self.keys.held(h, e) {
                         e.usage = old.usage.clone();
                     }
                 }

@@ -1,6 +1,7 @@
 //! Consumer keys: create (one value per key, never shared), read, list, update, enable and
-//! disable, bind to and unbind from a consumer (within its quota), delete (disabled and
-//! unbound first), and recording last use. Depends on `domain` and `crypto`.
+//! disable, bind to and unbind from a consumer (within its quota), rotate (a new value, the
+//! previous one authorizing for an overlap), delete (disabled and unbound first), and
+//! recording last use. Depends on `domain` and `crypto`.
 
 use ipnet::IpNet;
 use sqlx::Row;
@@ -12,17 +13,17 @@ use super::limits::{spend_of, write_limits};
 use super::lookup::{ensure_unique_name, find, find_ref};
 use super::mutation::{Mutation, rename_and_describe, touch};
 use super::rows::{
-    CONSUMER_KEY_COLUMNS, SqlCode, consumer_key_base, encode_allowlist, new_id, scope_mode,
+    CONSUMER_KEY_COLUMNS, SqlCode, consumer_key_base, decode, encode_allowlist, new_id, scope_mode,
 };
 use super::scopes::{read_scope, resolve_scope, update_scope, write_scope};
 use super::secret_values::{resolved, value_in_use, value_in_use_error};
 use super::usage::remember_deleted_name;
 use super::{Actor, Page, PageRequest, Result, Store};
 use crate::crypto::{self, KeyHash, Secret};
-use crate::domain::input::{ConsumerKeyPatch, KeySource, NewConsumerKey};
+use crate::domain::input::{ConsumerKeyPatch, KeySource, NewConsumerKey, Rotation};
 use crate::domain::{
-    ConsumerKey, KeyStatus, Named, ResourceKind, RuleError, Scope, SecretRef, Selector, Timestamp,
-    mask,
+    ConsumerKey, GenerationMethod, KeyStatus, Named, ResourceKind, RuleError, Scope, SecretRef,
+    Selector, Timestamp, mask,
 };
 
 const KIND: ResourceKind = ResourceKind::ConsumerKey;
@@ -38,6 +39,37 @@ pub struct ConsumerKeyFilter {
 pub struct CreatedConsumerKey {
     pub key: ConsumerKey,
     pub value: Option<Secret>,
+}
+
+/// The result of rotating a consumer key: the record and, for an AUTO key, the new value
+/// (shown once; a CUSTOM key's came from the operator).
+#[derive(Debug)]
+pub struct RotatedConsumerKey {
+    pub key: ConsumerKey,
+    pub value: Option<Secret>,
+}
+
+/// A rotation's new value: generated for an AUTO key, the request's for a CUSTOM key.
+fn new_value(
+    name: &str,
+    method: GenerationMethod,
+    requested: Option<Secret>,
+) -> std::result::Result<Secret, RuleError> {
+    match (method, requested) {
+        (GenerationMethod::SecretRef, _) => Err(RuleError::FailedPrecondition(format!(
+            "consumer key {name:?} is a SECRET_REF key: it rotates through its secret (publish the new value in the secret store, or point secret_ref at a new version with UpdateConsumerKey)"
+        ))),
+        (GenerationMethod::Auto, None) => Ok(crypto::generate_consumer_key()),
+        (GenerationMethod::Auto, Some(_)) => Err(RuleError::invalid(
+            "value",
+            "must be empty for an AUTO key (keygate generates its new value)",
+        )),
+        (GenerationMethod::Custom, Some(v)) => Ok(v),
+        (GenerationMethod::Custom, None) => Err(RuleError::invalid(
+            "value",
+            "is required to rotate a CUSTOM key (the new value)",
+        )),
+    }
 }
 
 /// How many keys a change adds to a consumer, which words its quota refusal.
@@ -308,7 +340,7 @@ impl Store {
         let mut m = self.begin(actor).await?;
         let key = find(&mut m.tx, KIND, sel).await?;
         let row = sqlx::query(
-            "SELECT k.status, k.key_hash, c.name AS consumer_name FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
+            "SELECT k.status, k.key_hash, k.previous_hash, c.name AS consumer_name FROM consumer_keys k LEFT JOIN consumers c ON c.id = k.consumer_id WHERE k.id = $1",
         )
         .bind(&key.id)
         .fetch_one(&mut *m.tx)
@@ -326,12 +358,101 @@ impl Store {
             .execute(&mut *m.tx)
             .await?;
         remember_deleted_name(&mut m.tx, KIND, &key.id, &key.name, m.now).await?;
-        if let Some(h) = row.try_get::<Option<Vec<u8>>, _>("key_hash")? {
-            m.removed_hashes.push(h);
+        for column in ["key_hash", "previous_hash"] {
+            if let Some(h) = row.try_get::<Option<Vec<u8>>, _>(column)? {
+                m.removed_hashes.push(h);
+            }
         }
         let audit = Audit::new("DeleteConsumerKey", KIND, &key.id, &key.name, &[]);
         self.commit(m, audit).await?;
         Ok(())
+    }
+
+    /// Gives a key a new value (SPEC §8.4), keeping everything else: an AUTO key's is
+    /// generated, a CUSTOM key's is `rotation.value`; a SECRET_REF key rotates through its
+    /// secret and is refused. The value it had becomes its previous value, which authorizes
+    /// until the commit time plus `rotation.overlap_us` (none with no overlap); a previous
+    /// value from an earlier rotation stops at once. The new value may be no key's value or
+    /// previous value, this key's included.
+    pub async fn rotate_consumer_key(
+        &self,
+        actor: &Actor,
+        sel: &Selector,
+        rotation: Rotation,
+    ) -> Result<RotatedConsumerKey> {
+        rotation.validate()?;
+        let mut m = self.begin(actor).await?;
+        let key = find(&mut m.tx, KIND, sel).await?;
+        let row = sqlx::query(
+            "SELECT generation_method, key_hash, masked_value, previous_hash FROM consumer_keys WHERE id = $1",
+        )
+        .bind(&key.id)
+        .fetch_one(&mut *m.tx)
+        .await?;
+        let method = decode(row.try_get("generation_method")?, "generation method")?;
+        let value = new_value(&key.name, method, rotation.value)?;
+        let hash = self.keys.hasher.hash(value.expose().as_bytes());
+        let current: Option<Vec<u8>> = row.try_get("key_hash")?;
+        let previous: Option<Vec<u8>> = row.try_get("previous_hash")?;
+        if [&current, &previous]
+            .iter()
+            .any(|h| h.as_deref() == Some(&hash[..]))
+        {
+            return Err(RuleError::invalid(
+                "value",
+                "must differ from the key's current and previous values",
+            )
+            .into());
+        }
+        if value_in_use(&mut m.tx, &hash, Some(&key.id)).await? {
+            // Never say which key holds the value: that would confirm a guessed key.
+            return Err(RuleError::AlreadyInUse(
+                "value is already in use by another consumer key (as its value or its previous value); choose another"
+                    .into(),
+            )
+            .into());
+        }
+        // The old previous value stops now; the current one becomes the previous value for
+        // the overlap, or stops now too.
+        m.removed_hashes.extend(previous.iter().cloned());
+        let kept = match current {
+            Some(h) if rotation.overlap_us > 0 => Some((
+                h,
+                row.try_get::<String, _>("masked_value")?,
+                Timestamp(m.now.0.saturating_add(rotation.overlap_us)),
+            )),
+            Some(h) => {
+                m.removed_hashes.push(h);
+                None
+            }
+            None => None,
+        };
+        sqlx::query(
+            "UPDATE consumer_keys SET key_hash = $1, masked_value = $2, previous_hash = $3, \
+             previous_masked_value = $4, previous_expire_time = $5 WHERE id = $6",
+        )
+        .bind(hash.to_vec())
+        .bind(mask(value.expose()))
+        .bind(kept.as_ref().map(|k| k.0.clone()))
+        .bind(kept.as_ref().map(|k| k.1.clone()))
+        .bind(kept.as_ref().map(|k| k.2.0))
+        .bind(&key.id)
+        .execute(&mut *m.tx)
+        .await?;
+        touch(&mut m, KIND, &key.id).await?;
+        let mut fields = vec!["value"];
+        if kept.is_some() || previous.is_some() {
+            fields.push("previous_value_expire_time");
+        }
+        // Read inside the transaction, like a create: nothing may stand between the caller
+        // and the only copy of a generated value.
+        let rotated = consumer_key_by_id(&mut m.tx, &key.id).await?;
+        let audit = Audit::new("RotateConsumerKey", KIND, &key.id, &key.name, &fields);
+        self.commit(m, audit).await?;
+        Ok(RotatedConsumerKey {
+            key: rotated,
+            value: (method == GenerationMethod::Auto).then_some(value),
+        })
     }
 
     /// Records consumer keys' last use (never moves a time backwards). Not a change of

@@ -45,6 +45,9 @@ pub struct KeyRow {
     pub ip_allowlist: Vec<String>,
     /// Its budgets and rate limits.
     pub limits: Limits,
+    /// After a rotation: the previous value's HMAC and the instant it stops authorizing (kept
+    /// after that instant, until the next rotation; data planes compare with their clock).
+    pub previous: Option<(KeyHash, Timestamp)>,
 }
 
 /// Model keys with their ciphertext.

@@ -37,6 +37,19 @@ impl Store {
         for chunk in keys.chunks(ROWS) {
             self.insert_chunk(&mut m, &consumer.id, chunk).await?;
         }
+        // A rotated key's previous value is as taken as a value (SPEC §8.4).
+        let crossed: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM consumer_keys a JOIN consumer_keys b ON b.previous_hash = a.key_hash LIMIT 1",
+        )
+        .fetch_optional(&mut *m.tx)
+        .await?;
+        if crossed.is_some() {
+            return Err(RuleError::invalid(
+                "keys",
+                "a name or value is already in use by another consumer key",
+            )
+            .into());
+        }
         m.full_reload = true;
         let audit = Audit::new(
             "ImportConsumerKeys",

@@ -46,7 +46,7 @@ use crate::domain::{Limits, RuleError};
 
 pub use audit::AuditFilter;
 pub use changes::{Changes, Increment};
-pub use consumer_keys::{ConsumerKeyFilter, CreatedConsumerKey};
+pub use consumer_keys::{ConsumerKeyFilter, CreatedConsumerKey, RotatedConsumerKey};
 pub use contents::{EncryptedModelKeys, KeyRow, StoreContents};
 pub use epoch::EPOCH_ACTOR;
 pub use lookup::{Page, PageRequest};

@@ -14,7 +14,7 @@ use crate::domain::usage::{ModelPrice, PricePerMtok};
 use crate::domain::validate::ip_entry_display;
 use crate::domain::{
     AuditEvent, Consumer, ConsumerKey, GenerationMethod, KeyStatus, ModelGrant, ModelKey,
-    ModelService, ModelSource, Named, ResourceKind, Scope, SecretRef, Timestamp,
+    ModelService, ModelSource, Named, PreviousValue, ResourceKind, Scope, SecretRef, Timestamp,
 };
 
 /// A domain enum stored as an integer. The codes are part of the schema: never renumber.
@@ -170,13 +170,15 @@ pub(super) const MODEL_KEY_COLUMNS: &str = "id, name, description, status, gener
 pub(super) const CONSUMER_KEY_COLUMNS: &str = "k.id, k.name, k.description, k.status, \
      k.generation_method, k.masked_value, k.secret_provider, k.secret_name, k.secret_version, \
      k.consumer_id, c.name AS consumer_name, k.scope_mode, k.ip_allowlist, k.expire_time, \
-     k.create_time, k.update_time, k.last_used_time, k.budget_micro_usd, k.budget_tokens, \
-     k.budget_period, k.requests_per_minute, k.tokens_per_minute";
+     k.create_time, k.update_time, k.last_used_time, k.previous_masked_value, \
+     k.previous_expire_time, k.budget_micro_usd, k.budget_tokens, k.budget_period, \
+     k.requests_per_minute, k.tokens_per_minute";
 
 /// What the data plane needs of a consumer key, selected from `consumer_keys k`.
 pub(super) const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.consumer_id, \
-     k.scope_mode, k.ip_allowlist, k.expire_time, k.budget_micro_usd, k.budget_tokens, \
-     k.budget_period, k.requests_per_minute, k.tokens_per_minute";
+     k.scope_mode, k.ip_allowlist, k.expire_time, k.previous_hash, k.previous_expire_time, \
+     k.budget_micro_usd, k.budget_tokens, k.budget_period, k.requests_per_minute, \
+     k.tokens_per_minute";
 
 /// The JSON text of a model service's `models`.
 pub(super) fn encode_list(items: &[String]) -> String {
@@ -262,7 +264,11 @@ pub(super) fn model_grant(r: &AnyRow) -> Result<ModelGrant> {
 }
 
 fn key_hash(r: &AnyRow) -> Result<Option<KeyHash>> {
-    Ok(r.try_get::<Option<Vec<u8>>, _>("key_hash")?
+    hash_column(r, "key_hash")
+}
+
+fn hash_column(r: &AnyRow, column: &str) -> Result<Option<KeyHash>> {
+    Ok(r.try_get::<Option<Vec<u8>>, _>(column)?
         .and_then(|h| <KeyHash>::try_from(h.as_slice()).ok()))
 }
 
@@ -362,6 +368,16 @@ pub(super) fn consumer_key_base(r: &AnyRow, scope: Scope) -> Result<ConsumerKey>
         last_used_time: r
             .try_get::<Option<i64>, _>("last_used_time")?
             .map(Timestamp),
+        previous: match (
+            r.try_get::<Option<String>, _>("previous_masked_value")?,
+            r.try_get::<Option<i64>, _>("previous_expire_time")?,
+        ) {
+            (Some(masked_value), Some(t)) => Some(PreviousValue {
+                masked_value,
+                expire_time: Timestamp(t),
+            }),
+            _ => None,
+        },
         limits: limits_of(r)?,
         spend: None,
     })
@@ -381,6 +397,10 @@ pub(super) fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
         scope,
         expire_time: r.try_get::<Option<i64>, _>("expire_time")?.map(Timestamp),
         ip_allowlist: split_commas(&r.try_get::<String, _>("ip_allowlist")?),
+        previous: hash_column(r, "previous_hash")?.zip(
+            r.try_get::<Option<i64>, _>("previous_expire_time")?
+                .map(Timestamp),
+        ),
         limits: limits_of(r)?,
     }))
 }

@@ -207,11 +207,22 @@ const V6: &str = r#"
 ALTER TABLE audit_events ADD COLUMN details TEXT NOT NULL DEFAULT '';
 "#;
 
+/// SPEC §8.4 rotation with overlap: a consumer key's previous value (its HMAC and mask) and
+/// the instant it stops authorizing; NULL before the first rotation and after a rotation with
+/// no overlap. An HMAC is never both one key's value and another's previous value (checked
+/// by the writes; each column is unique on its own).
+const V7: &str = r#"
+ALTER TABLE consumer_keys ADD COLUMN previous_hash {BLOB};
+ALTER TABLE consumer_keys ADD COLUMN previous_masked_value TEXT;
+ALTER TABLE consumer_keys ADD COLUMN previous_expire_time BIGINT;
+CREATE UNIQUE INDEX consumer_keys_previous_hash ON consumer_keys (previous_hash);
+"#;
+
 /// SPEC §8.3 budgets and rate limits of consumers and consumer keys, each NULL when not
 /// limited: a budget in whole micro-USD and/or tokens with its period (`BudgetPeriod` codes:
 /// 1 day, 2 week, 3 month, 4 total), requests and tokens per minute. The spend of a budget's
 /// period is summed from `usage_buckets` by key or consumer and hour: indexed so.
-const V7: &str = r#"
+const V8: &str = r#"
 ALTER TABLE consumers ADD COLUMN budget_micro_usd BIGINT;
 ALTER TABLE consumers ADD COLUMN budget_tokens BIGINT;
 ALTER TABLE consumers ADD COLUMN budget_period BIGINT;
@@ -241,7 +252,8 @@ pub fn migrator(backend: Backend) -> Migrator {
         (4, "scope model entries and model source", V4),
         (5, "usage and spend", V5),
         (6, "audit event details", V6),
-        (7, "budgets and rate limits", V7),
+        (7, "consumer key rotation", V7),
+        (8, "budgets and rate limits", V8),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

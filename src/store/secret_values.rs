@@ -93,7 +93,7 @@ async fn require_secret_ref(
         };
         return Err(RuleError::invalid(
             field,
-            "only a SECRET_REF key has a reference to change; any other key's value is never editable (create a new key to rotate)",
+            "only a SECRET_REF key has a reference to change (another consumer key rotates with RotateConsumerKey; another model key's value is never editable: create a new key)",
         )
         .into());
     }
@@ -152,18 +152,21 @@ async fn stored_hash(conn: &mut sqlx::AnyConnection, id: &str) -> Result<Option<
     )
 }
 
-/// Whether another consumer key (any but `except`) holds the value hashing to `hash`.
+/// Whether another consumer key (any but `except`) holds the value hashing to `hash`, as its
+/// value or as the previous value a rotation left it (SPEC §8.4; even one that no longer
+/// authorizes: a recorded previous value is never given to another key).
 pub(super) async fn value_in_use(
     conn: &mut sqlx::AnyConnection,
     hash: &KeyHash,
     except: Option<&str>,
 ) -> Result<bool> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT 1 FROM consumer_keys WHERE key_hash = $1 AND id <> $2")
-            .bind(hash.to_vec())
-            .bind(except.unwrap_or(""))
-            .fetch_optional(&mut *conn)
-            .await?;
+    let found: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM consumer_keys WHERE (key_hash = $1 OR previous_hash = $1) AND id <> $2",
+    )
+    .bind(hash.to_vec())
+    .bind(except.unwrap_or(""))
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(found.is_some())
 }
 

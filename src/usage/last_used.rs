@@ -116,6 +116,7 @@ mod tests {
             ip_allowlist: Box::new([]),
             limits: Default::default(),
             usage: Default::default(),
+            previous: None,
         }
     }
 

@@ -64,6 +64,26 @@ impl Counts {
     }
 }
 
+impl Counts {
+    /// The counts as a report may carry them (the store refuses a whole report with a row
+    /// beyond its rules, so one absurd vendor answer must not cost every other row): each at
+    /// most [`REPORT_MAX_COUNT`], cached input within input.
+    ///
+    /// [`REPORT_MAX_COUNT`]: crate::domain::usage::REPORT_MAX_COUNT
+    pub fn within_report_rules(self) -> Counts {
+        use crate::domain::usage::REPORT_MAX_COUNT as MAX;
+        let input_tokens = self.input_tokens.min(MAX);
+        Counts {
+            requests: self.requests.min(MAX),
+            error_responses: self.error_responses.min(MAX),
+            unparsed: self.unparsed.min(MAX),
+            input_tokens,
+            output_tokens: self.output_tokens.min(MAX),
+            cached_input_tokens: self.cached_input_tokens.min(input_tokens),
+        }
+    }
+}
+
 const SHARDS: usize = 16;
 
 /// The data plane's running sums since the last drain.
@@ -203,6 +223,7 @@ impl Reporter {
                 let rows = keys
                     .into_iter()
                     .filter_map(|k| self.waiting.remove_entry(&k))
+                    .map(|(k, c)| (k, c.within_report_rules()))
                     .collect();
                 self.outstanding = Some(Report {
                     data_plane: self.data_plane,

@@ -143,3 +143,35 @@ async fn the_task_reports_every_interval_and_delivers_at_shutdown() {
     assert_eq!(sent.len(), 2, "the last usage is reported at shutdown");
     assert_eq!(totals(&sent)[&key(1, "m")].input_tokens, 4);
 }
+
+#[tokio::test]
+async fn an_absurd_count_is_clamped_to_the_report_rules_never_dropping_the_report() {
+    use crate::domain::usage::REPORT_MAX_COUNT;
+    let tally = Arc::new(Tally::default());
+    let (sink, sent) = recording_sink(Arc::new(AtomicBool::new(false)));
+    let mut reporter = Reporter::new(tally.clone(), sink);
+    tally.record(
+        key(1, "m"),
+        Counts {
+            requests: 1,
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            cached_input_tokens: u64::MAX,
+            ..Counts::default()
+        },
+    );
+    tally.record(key(2, "m"), counts(5, 6));
+    assert!(reporter.flush(Timestamp(1)).await);
+    let sent = sent.lock().unwrap();
+    let report = sent[0].to_input();
+    report
+        .validate()
+        .expect("a report within the store's rules");
+    let t = totals(&sent);
+    assert_eq!(t[&key(1, "m")].input_tokens, REPORT_MAX_COUNT);
+    assert_eq!(
+        t[&key(2, "m")],
+        counts(5, 6),
+        "the other rows travel unchanged"
+    );
+}
