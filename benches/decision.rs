@@ -173,6 +173,7 @@ fn build(n: usize, keys: Keys) -> Fixture {
             id: Uuid::from_u128(0x1000 + i),
             name: format!("consumer-{i}"),
             scope: ScopeSet::All,
+            limits: Default::default(),
         })
         .collect();
 

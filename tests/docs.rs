@@ -138,7 +138,8 @@ fn the_parser_reads_the_admin_proto() {
             "consumer",
             "scope",
             "ip_allowlist",
-            "expire_time"
+            "expire_time",
+            "limits"
         ]
     );
     assert_eq!(proto.messages["GetConsumerRequest"], ["id", "name"]);

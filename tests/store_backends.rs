@@ -9,6 +9,7 @@ use keygate::domain::input::{
     ConsumerKeyPatch, ConsumerPatch, KeySource, NewConsumer, NewConsumerKey, NewModelKey,
     NewModelService, Rotation,
 };
+use keygate::domain::limits::{BudgetPeriod, LimitsInput};
 use keygate::domain::{KeyStatus, Limits, RuleError, ScopeInput, Selector};
 use keygate::snapshot::{Snapshot, SnapshotBuilder, SnapshotCell, load_full_update};
 use keygate::store::{Actor, Store, StoreError};
@@ -165,6 +166,10 @@ async fn incremental_matches_full(backend: &str) {
                         vec![]
                     },
                     expire_time: None,
+                    limits: LimitsInput {
+                        requests_per_minute: if i == 0 { 100 } else { 0 },
+                        ..Default::default()
+                    },
                 },
             )
             .await
@@ -185,6 +190,12 @@ async fn incremental_matches_full(backend: &str) {
             &Selector::Name("k4".into()),
             ConsumerKeyPatch {
                 name: Some("k4-renamed".into()),
+                limits: Some(LimitsInput {
+                    budget_usd: "5".into(),
+                    budget_period: BudgetPeriod::Day.code(),
+                    tokens_per_minute: 9_000,
+                    ..Default::default()
+                }),
                 scope: Some(
                     ScopeInput::List {
                         services: vec!["anthropic".into()],
@@ -203,6 +214,10 @@ async fn incremental_matches_full(backend: &str) {
             &Selector::Name("app".into()),
             ConsumerPatch {
                 scope: Some(ScopeInput::All.into()),
+                limits: Some(LimitsInput {
+                    requests_per_minute: 7,
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         )
@@ -256,6 +271,7 @@ async fn incremental_matches_full(backend: &str) {
         Snapshot::from_full(load_full_update(&store, None).await.unwrap(), store.keys()).unwrap();
     assert_eq!(incremental.version, full.version);
     assert_eq!(canonical(&incremental), canonical(&full));
+    assert_eq!(incremental.digest(), full.digest());
     assert_eq!(incremental.counts().consumer_keys, 4);
     assert!(
         incremental.service("openai").unwrap().keys.is_empty(),
@@ -278,6 +294,20 @@ async fn incremental_matches_full(backend: &str) {
         assert_eq!(id(&k1_second).as_deref(), Some("k1"));
         assert_eq!(id(&values[1]), None);
     }
+    // Rate limits reach the snapshot, created and updated, on keys and consumers.
+    let per_minute = |name: &str| {
+        let (_, e) = incremental
+            .key_index()
+            .iter()
+            .find(|(_, e)| &*e.name == name)
+            .unwrap();
+        e.limits.per_minute()
+    };
+    assert_eq!(per_minute("k0").requests, Some(100));
+    assert_eq!(per_minute("k4-renamed").tokens, Some(9_000));
+    assert!(per_minute("k1").is_unlimited());
+    let app = incremental.consumers().find(|c| &*c.name == "app").unwrap();
+    assert_eq!(app.limits.per_minute().requests, Some(7));
     store.close().await;
 }
 
@@ -351,6 +381,7 @@ async fn concurrent_binds_serialise(backend: &str) {
                     scope: ScopeInput::Unset,
                     ip_allowlist: vec![],
                     expire_time: None,
+                    limits: LimitsInput::default(),
                 },
             )
             .await
@@ -419,7 +450,7 @@ async fn upgrades_from_before_model_scope(backend: &str) {
     // Back to version 3, with a models list the old rule (1–200 printable characters) allowed.
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for sql in UNDO_V5.iter().copied().chain([
+    for sql in UNDO_V8.iter().chain(&UNDO_V5).copied().chain([
         "DROP TABLE scope_models",
         "ALTER TABLE model_services DROP COLUMN model_source",
         "ALTER TABLE model_services DROP COLUMN legacy_models",
@@ -499,8 +530,145 @@ async fn a_store_from_before_model_scope_upgrades_postgres() {
     upgrades_from_before_model_scope("postgres").await;
 }
 
+/// What schema version 8 (budgets and rate limits) added, undone: a store back at version 7.
+const UNDO_V8: [&str; 13] = [
+    "DROP INDEX usage_buckets_key_hour",
+    "DROP INDEX usage_buckets_consumer_hour",
+    "ALTER TABLE consumers DROP COLUMN budget_micro_usd",
+    "ALTER TABLE consumers DROP COLUMN budget_tokens",
+    "ALTER TABLE consumers DROP COLUMN budget_period",
+    "ALTER TABLE consumers DROP COLUMN requests_per_minute",
+    "ALTER TABLE consumers DROP COLUMN tokens_per_minute",
+    "ALTER TABLE consumer_keys DROP COLUMN budget_micro_usd",
+    "ALTER TABLE consumer_keys DROP COLUMN budget_tokens",
+    "ALTER TABLE consumer_keys DROP COLUMN budget_period",
+    "ALTER TABLE consumer_keys DROP COLUMN requests_per_minute",
+    "ALTER TABLE consumer_keys DROP COLUMN tokens_per_minute",
+    "DELETE FROM _sqlx_migrations WHERE version = 8",
+];
+
+/// A store written before budgets and rate limits (schema version 7) upgrades in place: its
+/// consumers and keys have no limits and no spend, usage reported before the upgrade counts
+/// toward a budget set after it, and the snapshot carries limits set after it.
+async fn upgrades_from_before_limits(backend: &str) {
+    use keygate::domain::usage::{ModelPriceInput, UsageDelta, UsageReportInput};
+    use keygate::domain::{ResourceKind, Timestamp};
+    use sqlx::{Connection, Executor};
+
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let store = open(&fx.url, &master).await;
+    let a = actor();
+    let service = NewModelService {
+        name: "openai".into(),
+        pricing: vec![ModelPriceInput {
+            model: "gpt-4o".into(),
+            input_per_mtok: "2.50".into(),
+            output_per_mtok: "10".into(),
+            cached_input_per_mtok: String::new(),
+        }],
+        ..Default::default()
+    };
+    let service_id = store.create_model_service(&a, service).await.unwrap().id;
+    let consumer = NewConsumer {
+        name: "app".into(),
+        ..Default::default()
+    };
+    let consumer_id = store.create_consumer(&a, consumer).await.unwrap().id;
+    let key = NewConsumerKey {
+        name: "k".into(),
+        description: String::new(),
+        source: KeySource::Auto,
+        consumer: Some("app".into()),
+        scope: ScopeInput::Unset,
+        ip_allowlist: vec![],
+        expire_time: None,
+        limits: LimitsInput::default(),
+    };
+    let created = store.create_consumer_key(&a, key).await.unwrap();
+    store.close().await;
+
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
+    for sql in UNDO_V8 {
+        conn.execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    conn.close().await.unwrap();
+
+    let store = open(&fx.url, &master).await;
+    let k = Selector::Name("k".into());
+    let app = Selector::Name("app".into());
+    let got = store.get_consumer_key(&k).await.unwrap();
+    assert!(got.limits.is_unlimited() && got.spend.is_none());
+    let c = store.get_consumer(&app).await.unwrap();
+    assert!(c.limits.is_unlimited() && c.spend.is_none());
+    let now = Timestamp::now();
+    let report = UsageReportInput {
+        data_plane: uuid::Uuid::nil(),
+        sequence: 1,
+        time: now,
+        rows: vec![UsageDelta {
+            consumer_key: uuid::Uuid::parse_str(&created.key.id).unwrap(),
+            consumer: Some(uuid::Uuid::parse_str(&consumer_id).unwrap()),
+            model_service: uuid::Uuid::parse_str(&service_id).unwrap(),
+            model: "gpt-4o".into(),
+            requests: 1,
+            input_tokens: 400_000,
+            output_tokens: 100_000,
+            ..Default::default()
+        }],
+    };
+    store.apply_usage_report(&report, now).await.unwrap();
+    let patch = ConsumerKeyPatch {
+        limits: Some(LimitsInput {
+            budget_usd: "2".into(),
+            budget_period: BudgetPeriod::Total.code(),
+            requests_per_minute: 30,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let got = store.update_consumer_key(&a, &k, patch).await.unwrap();
+    assert_eq!(got.limits.budget_usd_text(), "2");
+    // 400k input at 2.50 and 100k output at 10 per million: 1 + 1 = 2 USD, the whole budget.
+    let spend = got.spend.expect("a budget has a spend");
+    assert_eq!(
+        (spend.cost.to_string(), spend.tokens, spend.exhausted),
+        ("2".to_string(), 500_000, true)
+    );
+    assert_eq!(
+        store
+            .spend(ResourceKind::ConsumerKey, &k, Timestamp::now())
+            .await
+            .unwrap(),
+        Some(spend)
+    );
+    let update = load_full_update(&store, None).await.unwrap();
+    let (_, entry) = &update.keys[0];
+    assert_eq!(entry.limits.per_minute().requests, Some(30));
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut sqlx::AnyConnection::connect(&fx.url).await.unwrap())
+            .await
+            .unwrap();
+    assert_eq!(versions.last(), Some(&8));
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_limits_upgrades_sqlite() {
+    upgrades_from_before_limits("sqlite").await;
+}
+
+#[tokio::test]
+async fn a_store_from_before_limits_upgrades_postgres() {
+    upgrades_from_before_limits("postgres").await;
+}
+
 /// What schema versions 7 (consumer key rotation), 6 (audit event details) and 5 (usage and
-/// spend) added, undone: a store back at version 4.
+/// spend) added, undone: a store back at version 4 (after `UNDO_V8`).
 const UNDO_V5: [&str; 12] = [
     "DROP INDEX consumer_keys_previous_hash",
     "ALTER TABLE consumer_keys DROP COLUMN previous_hash",
@@ -540,7 +708,7 @@ async fn upgrades_from_before_usage(backend: &str) {
 
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&fx.url).await.unwrap();
-    for sql in UNDO_V5 {
+    for &sql in UNDO_V8.iter().chain(&UNDO_V5) {
         conn.execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));

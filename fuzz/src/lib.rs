@@ -140,11 +140,13 @@ pub fn full_update(keys: &Keys) -> Update {
                 id: C_ALL,
                 name: "all".into(),
                 scope: ScopeSet::All,
+                limits: Default::default(),
             },
             ConsumerRecord {
                 id: C_OPENAI,
                 name: "openai-only".into(),
                 scope: scope(&[S_OPENAI], &[]),
+                limits: Default::default(),
             },
         ],
         services: Some(vec![

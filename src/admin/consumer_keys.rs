@@ -6,8 +6,8 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, duration_in, optional_reference, page, page_token, reference,
-    scope_input, scope_patch, selector, status_filter, ts_in,
+    OUTPUT_ONLY, UpdateMask, duration_in, limits_in, optional_reference, page, page_token,
+    reference, scope_input, scope_patch, selector, status_filter, ts_in,
 };
 use super::secret_refs::key_source;
 use super::{AdminService, R, ok};
@@ -48,6 +48,7 @@ const ELSEWHERE: &[(&str, &str)] = &[
         "previous_value_expire_time",
         "it is output only (set by RotateConsumerKey)",
     ),
+    ("spend", OUTPUT_ONLY),
     ("status", "use EnableConsumerKey / DisableConsumerKey"),
     ("consumer", "use BindConsumerKey / UnbindConsumerKey"),
     ("consumer_id", "use BindConsumerKey / UnbindConsumerKey"),
@@ -72,6 +73,7 @@ pub(super) async fn create(
             .as_ref()
             .map(|t| ts_in("expire_time", t))
             .transpose()?,
+        limits: limits_in(r.limits),
     };
     // Every other rule first: a reference is only read for a request that is otherwise good.
     new.validate(svc.store.limits(), Timestamp::now())?;
@@ -138,6 +140,7 @@ pub(super) async fn update(
             ("status", k.status != 0),
             ("consumer", !k.consumer.is_empty()),
             ("secret_ref", k.secret_ref.is_some()),
+            ("limits", k.limits.is_some()),
         ],
         &[
             "name",
@@ -148,6 +151,7 @@ pub(super) async fn update(
             "ip_allowlist",
             "expire_time",
             "secret_ref",
+            "limits",
         ],
         ELSEWHERE,
     )?;
@@ -177,6 +181,7 @@ pub(super) async fn update(
             None
         },
         secret_ref,
+        limits: mask.has("limits").then(|| limits_in(k.limits.clone())),
     };
     let k = svc.store.update_consumer_key(&actor, &sel, patch).await?;
     ok(svc.consumer_key_out(k, Timestamp::now()))

@@ -5,7 +5,8 @@ use tonic::Request;
 
 use super::auth::actor;
 use super::convert::{
-    OUTPUT_ONLY, UpdateMask, consumer_out, page, page_token, scope_input, scope_patch, selector,
+    OUTPUT_ONLY, UpdateMask, consumer_out, limits_in, page, page_token, scope_input, scope_patch,
+    selector,
 };
 use super::{AdminService, R, ok};
 use crate::domain::Selector;
@@ -18,6 +19,7 @@ const ELSEWHERE: &[(&str, &str)] = &[
     ("id", OUTPUT_ONLY),
     ("create_time", OUTPUT_ONLY),
     ("update_time", OUTPUT_ONLY),
+    ("spend", OUTPUT_ONLY),
     (
         "consumer_keys",
         "bind keys with BindConsumerKey / UnbindConsumerKey",
@@ -34,6 +36,7 @@ pub(super) async fn create(
         name: nfc_owned(r.name),
         description: r.description,
         scope: scope_input("scope", r.scope)?,
+        limits: limits_in(r.limits),
     };
     ok(consumer_out(svc.store.create_consumer(&actor, new).await?))
 }
@@ -75,6 +78,7 @@ pub(super) async fn update(
             ("name", !c.name.is_empty()),
             ("description", !c.description.is_empty()),
             ("scope", c.scope.is_some()),
+            ("limits", c.limits.is_some()),
         ],
         &[
             "name",
@@ -82,6 +86,7 @@ pub(super) async fn update(
             "scope",
             "scope.model_services",
             "scope.models",
+            "limits",
         ],
         ELSEWHERE,
     )?;
@@ -89,6 +94,7 @@ pub(super) async fn update(
         name: mask.has("name").then(|| nfc_owned(c.name.clone())),
         description: mask.has("description").then(|| c.description.clone()),
         scope: scope_patch(&mask, "consumer.scope", c.scope.clone())?,
+        limits: mask.has("limits").then(|| limits_in(c.limits.clone())),
     };
     ok(consumer_out(
         svc.store.update_consumer(&actor, &sel, patch).await?,

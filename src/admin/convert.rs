@@ -6,6 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use prost_types::{FieldMask, Timestamp as PbTimestamp};
 use tonic::Status;
 
+use crate::domain::limits::{Limits, LimitsInput, Spend};
 use crate::domain::text::{nfc, nfc_owned};
 use crate::domain::usage::{ModelPrice, ModelPriceInput};
 use crate::domain::{
@@ -221,6 +222,41 @@ pub fn pricing_out(list: &[ModelPrice]) -> Vec<pb::ModelPrice> {
         .collect()
 }
 
+/// Limits as written (absent: none); checked by the domain, which names a bad period number.
+pub fn limits_in(l: Option<pb::Limits>) -> LimitsInput {
+    let l = l.unwrap_or_default();
+    LimitsInput {
+        budget_usd: l.budget_usd,
+        budget_tokens: l.budget_tokens,
+        budget_period: i64::from(l.budget_period),
+        requests_per_minute: l.requests_per_minute,
+        tokens_per_minute: l.tokens_per_minute,
+    }
+}
+
+/// Stored limits on the wire (absent when there is none), the budget as a canonical decimal.
+pub fn limits_out(l: &Limits) -> Option<pb::Limits> {
+    (!l.is_unlimited()).then(|| pb::Limits {
+        budget_usd: l.budget_usd_text(),
+        budget_tokens: l.budget_tokens.unwrap_or(0),
+        // The domain's codes are the wire's.
+        budget_period: l.period.map_or(0, |p| p.code() as i32),
+        requests_per_minute: l.requests_per_minute.unwrap_or(0),
+        tokens_per_minute: l.tokens_per_minute.unwrap_or(0),
+    })
+}
+
+/// The spend of a budget's period on the wire, the cost an exact decimal.
+pub fn spend_out(s: &Option<Spend>) -> Option<pb::Spend> {
+    s.as_ref().map(|s| pb::Spend {
+        period_start: Some(ts_out(s.period_start)),
+        period_end: s.period_end.map(ts_out),
+        cost_usd: s.cost.to_string(),
+        tokens: s.tokens,
+        exhausted: s.exhausted,
+    })
+}
+
 fn names(list: &[Named]) -> Vec<String> {
     list.iter().map(|n| n.name.clone()).collect()
 }
@@ -327,6 +363,8 @@ pub fn consumer_out(c: domain::Consumer) -> pb::Consumer {
         consumer_keys: names(&c.consumer_keys),
         create_time: Some(ts_out(c.create_time)),
         update_time: Some(ts_out(c.update_time)),
+        limits: limits_out(&c.limits),
+        spend: spend_out(&c.spend),
         id: c.id,
         name: c.name,
         description: c.description,
@@ -373,6 +411,8 @@ pub fn consumer_key_out(k: domain::ConsumerKey, now: Timestamp) -> pb::ConsumerK
         create_time: Some(ts_out(k.create_time)),
         update_time: Some(ts_out(k.update_time)),
         last_used_time: k.last_used_time.map(ts_out),
+        limits: limits_out(&k.limits),
+        spend: spend_out(&k.spend),
         id: k.id,
         name: k.name,
         description: k.description,

@@ -104,11 +104,13 @@ fn build_world() -> World {
             id: id(C_ALL),
             name: "all".into(),
             scope: ScopeSet::All,
+            limits: Default::default(),
         },
         ConsumerRecord {
             id: id(C_CLAUDE),
             name: "claude-only".into(),
             scope: list(&[], vec![rule(ANTHROPIC, "claude-*")]),
+            limits: Default::default(),
         },
     ];
     let mut records = Vec::new();
@@ -123,6 +125,7 @@ fn build_world() -> World {
                 name: format!("key-{n}").into(),
                 scope,
                 ip_allowlist: Box::new([]),
+                limits: Default::default(),
                 usage: Default::default(),
                 previous: None,
             },

@@ -77,6 +77,7 @@ impl World {
             name: "billing-prod".into(),
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
+            limits: Default::default(),
             usage: Default::default(),
             previous: previous.map(|(v, until)| PreviousHash {
                 hash: self.hash(v),
@@ -104,6 +105,7 @@ impl World {
                 id: CONSUMER_ID,
                 name: "billing-app".into(),
                 scope: ScopeSet::All,
+                limits: Default::default(),
             }],
             services: Some(vec![ServiceRecord {
                 id: SERVICE_ID,

@@ -167,16 +167,19 @@ fn build_world() -> World {
             id: id(C_ALL),
             name: "billing-app".into(),
             scope: ScopeSet::All,
+            limits: Default::default(),
         },
         ConsumerRecord {
             id: id(C_OPENAI_ONLY),
             name: "openai-only-app".into(),
             scope: ScopeSet::services(vec![id(S_OPENAI)]),
+            limits: Default::default(),
         },
         ConsumerRecord {
             id: id(C_OPENAI_AZURE),
             name: "openai-azure-app".into(),
             scope: ScopeSet::services(vec![id(S_OPENAI), id(S_AZURE)]),
+            limits: Default::default(),
         },
     ];
 
@@ -191,6 +194,7 @@ fn build_world() -> World {
             name: format!("key-{n}").into(),
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
+            limits: Default::default(),
             usage: Default::default(),
             previous: None,
         };

@@ -226,6 +226,38 @@ mod tests {
         Snapshot::from_full(u, keys).unwrap()
     }
 
+    /// Rate limits survive the cache: a restarted data plane enforces what it enforced.
+    #[test]
+    fn limits_survive_the_cache() {
+        use crate::snapshot::EntryLimits;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = MasterKey::generate().keys();
+        let mut u = crate::snapshot::fixtures::synthetic_update(3);
+        u.keys[1].1.limits = EntryLimits {
+            requests_per_minute: Some(120),
+            tokens_per_minute: Some(50_000),
+        };
+        u.consumers[0].limits.tokens_per_minute = Some(7);
+        let snap = Snapshot::from_full(u, &keys).unwrap();
+        store(dir.path(), &snap, &keys).unwrap();
+        let back = Snapshot::from_full(load(dir.path(), &keys).unwrap().unwrap(), &keys).unwrap();
+        assert_eq!(back.digest(), snap.digest());
+        let (_, e) = back
+            .key_index()
+            .iter()
+            .find(|(_, e)| e.limits.requests_per_minute.is_some())
+            .expect("the limited key");
+        assert_eq!(
+            e.limits.per_minute(),
+            crate::authz::ratelimit::PerMinute {
+                requests: Some(120),
+                tokens: Some(50_000)
+            }
+        );
+        let c = back.consumers().next().unwrap();
+        assert_eq!(c.limits.per_minute().tokens, Some(7));
+    }
+
     /// SPEC §8.4: a rotated key's previous value survives the cache, so a data plane
     /// restarted from it still takes the old value until its expiry and not after.
     #[test]

@@ -199,6 +199,7 @@ fn an_increment_that_does_not_lead_to_the_control_planes_digest_is_refused() {
             id: uuid::Uuid::from_u128(77),
             name: "later".into(),
             scope: crate::snapshot::ScopeSet::All,
+            limits: Default::default(),
         }],
         ..Default::default()
     };

@@ -12,8 +12,8 @@ use crate::domain::ModelSource;
 use crate::domain::Timestamp;
 use crate::proto::snapshot::v1 as pb;
 use crate::snapshot::{
-    ApplyError, ConsumerRecord, ContentDigest, KeyEntry, ModelKeyRecord, ModelRule, PreviousHash,
-    ScopeList, ScopeSet, ServiceRecord, Update,
+    ApplyError, ConsumerRecord, ContentDigest, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule,
+    PreviousHash, ScopeList, ScopeSet, ServiceRecord, Update,
 };
 
 /// Keys per message of a full snapshot (~100 bytes each: well under gRPC's 4 MB default).
@@ -105,6 +105,16 @@ fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
         // Absent unless rotated: a snapshot without rotations encodes as before them.
         previous_hash: e.previous.map(|p| p.hash.to_vec()).unwrap_or_default(),
         previous_expire_time_us: e.previous.map(|p| p.until.0).unwrap_or(0),
+        requests_per_minute: e.limits.requests_per_minute.unwrap_or(0),
+        tokens_per_minute: e.limits.tokens_per_minute.unwrap_or(0),
+    }
+}
+
+/// Rate limits from the wire: 0 is none.
+fn limits_in(requests_per_minute: u32, tokens_per_minute: u64) -> EntryLimits {
+    EntryLimits {
+        requests_per_minute: (requests_per_minute > 0).then_some(requests_per_minute),
+        tokens_per_minute: (tokens_per_minute > 0).then_some(tokens_per_minute),
     }
 }
 
@@ -161,6 +171,7 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
             name: k.name.into_boxed_str(),
             scope: scope_in(k.scope)?,
             ip_allowlist,
+            limits: limits_in(k.requests_per_minute, k.tokens_per_minute),
             usage: Default::default(),
             previous: previous_in(&hash, &k.previous_hash, k.previous_expire_time_us)?,
         },
@@ -245,6 +256,8 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
                 id: c.id.as_bytes().to_vec(),
                 name: c.name.clone(),
                 scope: scope_out(&c.scope),
+                requests_per_minute: c.limits.requests_per_minute.unwrap_or(0),
+                tokens_per_minute: c.limits.tokens_per_minute.unwrap_or(0),
             })
             .collect(),
         removed_consumers: update
@@ -379,6 +392,7 @@ impl Assembler {
                                 id: uuid_in("consumer id", &c.id)?,
                                 name: c.name,
                                 scope: scope_in(c.scope)?,
+                                limits: limits_in(c.requests_per_minute, c.tokens_per_minute),
                             })
                         })
                         .collect::<Result<_, ApplyError>>()?,
@@ -418,6 +432,12 @@ mod tests {
         ]
         .into();
         u.keys[5].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
+        u.keys[6].1.limits = EntryLimits {
+            requests_per_minute: Some(u32::MAX),
+            tokens_per_minute: Some(1_000_000_000_000),
+        };
+        u.keys[7].1.limits.tokens_per_minute = Some(1);
+        u.consumers[0].limits.requests_per_minute = Some(60);
         let msgs = encode(&u, 0, 10);
         assert_eq!(msgs.len(), 5);
         let mut a = Assembler::default();
@@ -482,7 +502,12 @@ mod tests {
         u.keys[2].1.expire_time = Some(Timestamp(1_900_000_000_000_000));
         u.keys[3].1.enabled = false;
         u.keys[4].1.consumer = None;
+        u.keys[4].1.limits = EntryLimits {
+            requests_per_minute: Some(600),
+            tokens_per_minute: Some(90_000),
+        };
         u.consumers[0].scope = u.keys[0].1.scope.clone();
+        u.consumers[0].limits.tokens_per_minute = Some(1_000_000);
         let s = &mut u.services.as_mut().unwrap()[0];
         s.models = vec!["gpt-4o-mini".into(), "o3-*".into()];
         s.model_source = ModelSource::Path;
@@ -514,6 +539,7 @@ mod tests {
             ..Default::default()
         };
         inc.keys[0].1.enabled = true;
+        inc.keys[0].1.limits.requests_per_minute = Some(1);
         let cp2 = cp.apply(inc.clone(), &keys).unwrap();
         let dp2 = dp.apply(through(&inc, 1), &keys).unwrap();
         assert_eq!(dp2.digest(), cp2.digest());
@@ -596,6 +622,14 @@ mod tests {
             }
             for c in &m.consumers {
                 assert!(c.scope.as_ref().is_none_or(|s| s.models.is_empty()));
+                assert_eq!((c.requests_per_minute, c.tokens_per_minute), (0, 0));
+            }
+            for k in &m.keys {
+                assert_eq!(
+                    (k.requests_per_minute, k.tokens_per_minute),
+                    (0, 0),
+                    "no limit: nothing on the wire"
+                );
             }
         }
     }

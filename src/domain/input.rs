@@ -4,6 +4,7 @@
 
 use ipnet::IpNet;
 
+use super::limits::LimitsInput;
 use super::model::{check_pattern, split_entry};
 use super::usage::{ModelPriceInput, parse_pricing};
 use super::validate::{self, FieldViolation};
@@ -20,6 +21,8 @@ pub struct NewConsumer {
     pub name: String,
     pub description: String,
     pub scope: ScopeInput,
+    /// Budgets and rate limits, as written: parsed by `LimitsInput::parse`.
+    pub limits: LimitsInput,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -27,6 +30,8 @@ pub struct ConsumerPatch {
     pub name: Option<String>,
     pub description: Option<String>,
     pub scope: Option<ScopePatch>,
+    /// Replaces every limit (unset ones are removed).
+    pub limits: Option<LimitsInput>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -86,6 +91,8 @@ pub struct NewConsumerKey {
     pub scope: ScopeInput,
     pub ip_allowlist: Vec<String>,
     pub expire_time: Option<Timestamp>,
+    /// Budgets and rate limits, as written.
+    pub limits: LimitsInput,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -98,6 +105,8 @@ pub struct ConsumerKeyPatch {
     pub expire_time: Option<Option<Timestamp>>,
     /// A SECRET_REF key pointed at another reference, with its resolved value.
     pub secret_ref: Option<(SecretRef, Secret)>,
+    /// Replaces every limit (unset ones are removed).
+    pub limits: Option<LimitsInput>,
 }
 
 /// How long a rotated key's previous value keeps authorizing when the request does not say.
@@ -202,6 +211,12 @@ fn check_scope_lists(
     }
 }
 
+fn check_limits(v: &mut Violations, field: &str, limits: Option<&LimitsInput>) {
+    if let Some(Err(mut bad)) = limits.map(|l| l.parse(field)) {
+        v.0.append(&mut bad);
+    }
+}
+
 fn check_expiry(v: &mut Violations, field: &str, t: Option<Timestamp>, now: Timestamp) {
     if let Some(t) = t
         && t <= now
@@ -256,6 +271,7 @@ impl NewConsumer {
         v.check(validate::name("name", &self.name));
         v.check(validate::description("description", &self.description));
         check_scope(&mut v, "scope", &self.scope);
+        check_limits(&mut v, "limits", Some(&self.limits));
         v.finish()
     }
 }
@@ -272,6 +288,7 @@ impl ConsumerPatch {
         if let Some(s) = &self.scope {
             check_scope_patch(&mut v, "consumer.scope", s);
         }
+        check_limits(&mut v, "consumer.limits", self.limits.as_ref());
         v.finish()
     }
 }
@@ -361,6 +378,7 @@ impl NewConsumerKey {
         check_source(&mut v, &self.source);
         check_scope(&mut v, "scope", &self.scope);
         check_expiry(&mut v, "expire_time", self.expire_time, now);
+        check_limits(&mut v, "limits", Some(&self.limits));
         v.finish()?;
         parse_ip_allowlist(&self.ip_allowlist, limits)
     }
@@ -385,6 +403,7 @@ impl ConsumerKeyPatch {
         if let Some(t) = self.expire_time {
             check_expiry(&mut v, "consumer_key.expire_time", t, now);
         }
+        check_limits(&mut v, "consumer_key.limits", self.limits.as_ref());
         v.finish()?;
         self.ip_allowlist
             .as_ref()

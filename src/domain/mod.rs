@@ -3,6 +3,7 @@
 
 mod admin_token;
 pub mod input;
+pub mod limits;
 pub mod model;
 mod secret;
 pub mod text;
@@ -210,6 +211,10 @@ pub struct Consumer {
     pub consumer_keys: Vec<Named>,
     pub create_time: Timestamp,
     pub update_time: Timestamp,
+    /// Budgets and rate limits (SPEC §8.3), over every key bound to it.
+    pub limits: limits::Limits,
+    /// The spend of the budget's current period (none without a budget).
+    pub spend: Option<limits::Spend>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,6 +250,10 @@ pub struct ConsumerKey {
     pub create_time: Timestamp,
     pub update_time: Timestamp,
     pub last_used_time: Option<Timestamp>,
+    /// Budgets and rate limits (SPEC §8.3).
+    pub limits: limits::Limits,
+    /// The spend of the budget's current period (none without a budget).
+    pub spend: Option<limits::Spend>,
     /// The value a rotation replaced, while it is recorded (SPEC §8.4): it authorizes until
     /// its `expire_time` only, and is kept after that until the next rotation.
     pub previous: Option<PreviousValue>,

@@ -71,22 +71,6 @@ impl PricePerMtok {
                 ),
             )
         };
-        if text.starts_with('-') {
-            return Err(rule("must not be negative"));
-        }
-        let (whole, fraction) = match text.split_once('.') {
-            Some((w, f)) => (w, Some(f)),
-            None => (text, None),
-        };
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        if !digits(whole) || !fraction.is_none_or(digits) {
-            return Err(rule("is not a decimal number"));
-        }
-        if fraction.is_some_and(|f| f.len() > PRICE_FRACTION_DIGITS as usize) {
-            return Err(rule(&format!(
-                "has more than {PRICE_FRACTION_DIGITS} fractional digits"
-            )));
-        }
         let too_large = || {
             FieldViolation::new(
                 field,
@@ -95,25 +79,81 @@ impl PricePerMtok {
                 ),
             )
         };
-        // Leading zeros aside, more than 5 whole digits is above the maximum (and could be
-        // more than a Decimal holds): parse without them.
-        let whole = match whole.trim_start_matches('0') {
-            "" => "0",
-            w if w.len() > 5 => return Err(too_large()),
-            w => w,
-        };
-        let exact = match fraction {
-            Some(f) => format!("{whole}.{f}"),
-            None => whole.to_string(),
-        };
-        let d = Decimal::from_str_exact(&exact).map_err(|_| rule("is not a decimal number"))?;
-        let micro = d
-            .checked_mul(Decimal::from(1_000_000u32))
-            .filter(|m| m.fract().is_zero())
-            .and_then(|m| u64::try_from(m).ok())
-            .ok_or_else(|| rule("is not a decimal number"))?;
-        Self::from_micro_usd(micro).ok_or_else(too_large)
+        match parse_micro(text, Self::MAX.0) {
+            Ok(micro) => Ok(PricePerMtok(micro)),
+            Err(DecimalError::Negative) => Err(rule("must not be negative")),
+            Err(DecimalError::NotDecimal) => Err(rule("is not a decimal number")),
+            Err(DecimalError::FractionDigits) => Err(rule(&format!(
+                "has more than {PRICE_FRACTION_DIGITS} fractional digits"
+            ))),
+            Err(DecimalError::TooLarge) => Err(too_large()),
+        }
     }
+}
+
+/// Why a decimal amount of USD did not parse ([`parse_micro`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecimalError {
+    Negative,
+    NotDecimal,
+    /// More than [`PRICE_FRACTION_DIGITS`] fractional digits.
+    FractionDigits,
+    /// Above the maximum asked for.
+    TooLarge,
+}
+
+/// Parses a decimal as operators write amounts of USD (prices, budgets) into integer
+/// millionths (`"2.50"` is 2 500 000): digits, optionally a `.` and 1 to 6 digits; never a
+/// sign, an exponent, spaces or separators. At most `max` millionths. Exact: `rust_decimal`,
+/// never a float.
+pub fn parse_micro(text: &str, max: u64) -> Result<u64, DecimalError> {
+    if text.starts_with('-') {
+        return Err(DecimalError::Negative);
+    }
+    let (whole, fraction) = match text.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (text, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !fraction.is_none_or(digits) {
+        return Err(DecimalError::NotDecimal);
+    }
+    if fraction.is_some_and(|f| f.len() > PRICE_FRACTION_DIGITS as usize) {
+        return Err(DecimalError::FractionDigits);
+    }
+    // Leading zeros aside, more than 14 whole digits is above any u64 of millionths (and
+    // could be more than a Decimal holds): parse without them.
+    let whole = match whole.trim_start_matches('0') {
+        "" => "0",
+        w if w.len() > 14 => return Err(DecimalError::TooLarge),
+        w => w,
+    };
+    let exact = match fraction {
+        Some(f) => format!("{whole}.{f}"),
+        None => whole.to_string(),
+    };
+    let d = Decimal::from_str_exact(&exact).map_err(|_| DecimalError::NotDecimal)?;
+    let micro = d
+        .checked_mul(Decimal::from(1_000_000u32))
+        .filter(|m| m.fract().is_zero())
+        .and_then(|m| u64::try_from(m).ok())
+        .ok_or(DecimalError::TooLarge)?;
+    if micro > max {
+        return Err(DecimalError::TooLarge);
+    }
+    Ok(micro)
+}
+
+/// `micro` millionths as the canonical decimal: no trailing fractional zeros (`"2.5"`,
+/// `"0.000001"`, `"0"`).
+pub fn micro_text(micro: u64) -> String {
+    struct Text(u64);
+    impl fmt::Display for Text {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write_scaled(f, u128::from(self.0), PRICE_FRACTION_DIGITS)
+        }
+    }
+    Text(micro).to_string()
 }
 
 /// The canonical decimal: no trailing fractional zeros (`"2.5"`, `"0.000001"`, `"0"`).

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, PreviousHash, Published, ScopeList,
-    ScopeSet, SeenAhead, ServiceRecord, Snapshot, SnapshotCell, Update,
+    ConsumerRecord, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule, PreviousHash, Published,
+    ScopeList, ScopeSet, SeenAhead, ServiceRecord, Snapshot, SnapshotCell, Update,
 };
 use crate::crypto::{KeyHash, Keys};
 use crate::domain::validate::ip_entry;
@@ -78,6 +78,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
             name: k.name.into_boxed_str(),
             scope: scope_set(&k.scope)?,
             ip_allowlist,
+            limits: EntryLimits::from(&k.limits),
             usage: Default::default(),
             previous: k.previous.map(|(hash, until)| PreviousHash { hash, until }),
         },
@@ -89,6 +90,7 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
         id: uuid(&c.id)?,
         name: c.name.clone(),
         scope: scope_set(&c.scope)?,
+        limits: EntryLimits::from(&c.limits),
     })
 }
 

@@ -17,6 +17,13 @@
 //! model sources as `NONE`, as such a data plane reads them), or defines a v2 for the data
 //! planes that ask for a later protocol: the digest must never differ for content a data
 //! plane holds exactly as sent.
+//!
+//! Rate limits (SPEC §8.3) extend a key's or consumer's record with a suffix, only when the
+//! record has a limit: every record without one hashes exactly as in v1, so a snapshot that
+//! uses no limit digests the same on every protocol-2 data plane. A data plane built before
+//! limits does not hold a record's limits and digests that record without them: it sees the
+//! first full snapshot with a limit as a version skew (served, digests then off on it, logged
+//! and counted: `Subscriber::apply_checked`) until it is upgraded.
 //! Depends on `crypto` and the snapshot's record types.
 
 use std::fmt;
@@ -26,7 +33,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{ConsumerEntry, InjectedKey, KeyEntry, ScopeSet, ServiceRecord};
+use super::{ConsumerEntry, EntryLimits, InjectedKey, KeyEntry, ScopeSet, ServiceRecord};
 use crate::crypto::{KeyHash, KeyHasher};
 
 /// The digest of a snapshot's content (see the module documentation).
@@ -100,6 +107,23 @@ impl Enc<'_> {
         self.0.extend_from_slice(&v.to_be_bytes());
         self
     }
+    fn opt_u64(&mut self, v: Option<u64>) -> &mut Self {
+        match v {
+            Some(v) => self.u8(1).raw(&v.to_be_bytes()),
+            None => self.u8(0),
+        }
+    }
+    /// Rate limits: nothing at all without one (the v1 record), else a tagged suffix. Every
+    /// record's v1 part ends self-delimited (a length-prefixed list or string), so a suffix
+    /// never reads as another record's v1 part.
+    fn limits(&mut self, l: &EntryLimits) -> &mut Self {
+        if l.is_unlimited() {
+            return self;
+        }
+        self.raw(b"kgd1 limits")
+            .opt_u64(l.requests_per_minute.map(u64::from))
+            .opt_u64(l.tokens_per_minute)
+    }
     fn raw(&mut self, v: &[u8]) -> &mut Self {
         self.0.extend_from_slice(v);
         self
@@ -165,6 +189,7 @@ pub(super) fn key_record(buf: &mut Vec<u8>, hash: &KeyHash, e: &KeyEntry) -> Con
     if let Some(p) = &e.previous {
         w.raw(b"previous").raw(&p.hash).i64(p.until.0);
     }
+    w.limits(&e.limits);
     ContentDigest::of(Sha256::digest(&buf[..]).into())
 }
 
@@ -175,7 +200,8 @@ pub(super) fn consumer_record(buf: &mut Vec<u8>, c: &ConsumerEntry) -> ContentDi
         .raw(b"kgd1 consumer")
         .uuid(&c.id)
         .bytes(c.name.as_bytes())
-        .scope(&c.scope);
+        .scope(&c.scope)
+        .limits(&c.limits);
     ContentDigest::of(Sha256::digest(&buf[..]).into())
 }
 
@@ -346,6 +372,22 @@ mod tests {
                 Box::new(|u| u.services = Some(vec![service(&keys, "sk-proj-digest-0002")])),
             ),
             ("a key less", Box::new(|u| drop(u.keys.pop()))),
+            (
+                "key requests per minute",
+                Box::new(|u| u.keys[0].1.limits.requests_per_minute = Some(60)),
+            ),
+            (
+                "key tokens per minute",
+                Box::new(|u| u.keys[0].1.limits.tokens_per_minute = Some(60)),
+            ),
+            (
+                "consumer requests per minute",
+                Box::new(|u| u.consumers[0].limits.requests_per_minute = Some(60)),
+            ),
+            (
+                "consumer tokens per minute",
+                Box::new(|u| u.consumers[0].limits.tokens_per_minute = Some(60)),
+            ),
         ];
         for (what, change) in changes {
             let mut u = rich(&keys);
@@ -355,6 +397,46 @@ mod tests {
         let mut u = rich(&keys);
         u.services = Some(vec![service(&keys, "sk-proj-digest-0001")]);
         assert_eq!(digest(u), base, "the same value under a new ciphertext");
+    }
+
+    /// Limits are a suffix of their record, pinned like v1: each limit and its value count,
+    /// and which of the two a number limits.
+    #[test]
+    fn limits_digest_frozen_and_apart() {
+        let keys = keys();
+        let digest = |u: Update| Snapshot::from_full(u, &keys).unwrap().digest();
+        let with = |rpm: Option<u32>, tpm: Option<u64>, consumer: bool| {
+            let mut u = rich(&keys);
+            let l = EntryLimits {
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+            };
+            if consumer {
+                u.consumers[0].limits = l;
+            } else {
+                u.keys[1].1.limits = l;
+            }
+            digest(u)
+        };
+        assert_eq!(
+            hex::encode(with(Some(600), Some(90_000), false).to_bytes()),
+            "fd6c536ec68ea9e091efde1b50e19213f78e7d2cbe32f14f8481569d3b42f509"
+        );
+        let all = [
+            with(None, None, false),
+            with(Some(5), None, false),
+            with(None, Some(5), false),
+            with(Some(5), Some(5), false),
+            with(Some(6), Some(5), false),
+            with(Some(5), None, true),
+            with(None, Some(5), true),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(all[0], digest(rich(&keys)), "no limit: the v1 record");
     }
 
     proptest! {
@@ -378,6 +460,7 @@ mod tests {
                         0 => {
                             let mut e = key_entry(Uuid::from_u128(n.into()), None, format!("k{n}"));
                             e.enabled = flag;
+                            e.limits.tokens_per_minute = flag.then_some(u64::from(n) + 1);
                             u.keys.push((hash(n), e));
                         }
                         1 => u.removed_keys.push(hash(n)),
@@ -385,6 +468,10 @@ mod tests {
                             id: Uuid::from_u128(n.into()),
                             name: format!("c{n}{flag}"),
                             scope: ScopeSet::All,
+                            limits: EntryLimits {
+                                requests_per_minute: (!flag).then_some(u32::from(n) + 1),
+                                tokens_per_minute: None,
+                            },
                         }),
                         3 => u.removed_consumers.push(Uuid::from_u128(n.into())),
                         4 => {

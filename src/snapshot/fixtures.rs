@@ -18,6 +18,7 @@ pub fn key_entry(id: Uuid, consumer: Option<Uuid>, name: impl Into<Box<str>>) ->
         name: name.into(),
         scope: ScopeSet::All,
         ip_allowlist: Box::new([]),
+        limits: Default::default(),
         usage: Default::default(),
         previous: None,
     }
@@ -48,6 +49,7 @@ pub fn synthetic_update(n: u64) -> Update {
             id: consumer,
             name: "bench".into(),
             scope: ScopeSet::All,
+            limits: Default::default(),
         }],
         services: Some(vec![ServiceRecord {
             id: Uuid::from_u128(2),

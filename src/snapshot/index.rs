@@ -350,6 +350,7 @@ mod tests {
             name: format!("k{n}").into(),
             scope: ScopeSet::All,
             ip_allowlist: Box::new([]),
+            limits: Default::default(),
             usage: Default::default(),
             previous: None,
         }

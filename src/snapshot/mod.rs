@@ -31,6 +31,7 @@ use arc_swap::ArcSwapOption;
 use ipnet::IpNet;
 use uuid::Uuid;
 
+use crate::authz::ratelimit::PerMinute;
 use crate::crypto::{KeyHash, Secret};
 use crate::domain::{ModelSource, Timestamp};
 
@@ -39,6 +40,8 @@ pub struct ConsumerEntry {
     pub id: Uuid,
     pub name: Box<str>,
     pub scope: ScopeSet,
+    /// Its rate limits, over every key bound to it.
+    pub limits: EntryLimits,
     /// Usage counters per model service, resolved on first use (metrics).
     pub usage: UsageCells,
 }
@@ -97,6 +100,8 @@ pub struct KeyEntry {
     /// The key's own scope (`All` when unset: the consumer's scope then decides).
     pub scope: ScopeSet,
     pub ip_allowlist: Box<[IpNet]>,
+    /// Its own rate limits (the consumer's apply besides).
+    pub limits: EntryLimits,
     /// When the key was last used (allocated on first use; carried across updates).
     pub usage: UsageSlot,
     /// After a rotation (SPEC §8.4): the previous value, which finds this same entry until it
@@ -136,6 +141,39 @@ impl std::fmt::Debug for PreviousHash {
 
 fn hex_prefix(h: &KeyHash) -> String {
     h[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a data plane enforces of a consumer's or consumer key's limits (SPEC §8.3): requests
+/// and tokens per minute, each `None` when not limited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EntryLimits {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl EntryLimits {
+    /// The per-minute limits, as the rate limiter takes them.
+    #[inline]
+    pub fn per_minute(&self) -> PerMinute {
+        PerMinute {
+            requests: self.requests_per_minute,
+            tokens: self.tokens_per_minute,
+        }
+    }
+
+    /// Nothing limited (the record then digests and encodes as before limits existed).
+    pub fn is_unlimited(&self) -> bool {
+        *self == EntryLimits::default()
+    }
+}
+
+impl From<&crate::domain::limits::Limits> for EntryLimits {
+    fn from(l: &crate::domain::limits::Limits) -> Self {
+        EntryLimits {
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+        }
+    }
 }
 
 /// The last-use stamp of one consumer key, shared by every snapshot version that holds it.

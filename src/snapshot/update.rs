@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::digest::{self, ContentDigest};
 use super::{
-    ConsumerEntry, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot, UsageCells,
+    ConsumerEntry, EntryLimits, InjectedKey, KeyEntry, KeyIndex, ScopeSet, ServiceEntry, Snapshot,
+    UsageCells,
 };
 use crate::crypto::{KeyHash, Keys, Secret};
 use crate::domain::ModelSource;
@@ -21,6 +22,8 @@ pub struct ConsumerRecord {
     pub id: Uuid,
     pub name: String,
     pub scope: ScopeSet,
+    /// Its rate limits (SPEC §8.3).
+    pub limits: EntryLimits,
 }
 
 /// An enabled model key bound to a service, value encrypted under the master key's model-key
@@ -97,6 +100,7 @@ fn consumer_entry(
         id: r.id,
         name: r.name.as_str().into(),
         scope: r.scope.clone(),
+        limits: r.limits,
         usage: UsageCells::new(services.values().map(|s| s.id)),
     })
 }
@@ -210,9 +214,19 @@ impl Snapshot {
             ),
         };
         // What an incremental update touches, for the digest (taken before it is consumed).
+        // A rotated key's previous HMAC changes too (its old slot becomes an alias, which is
+        // never digested), as does the previous HMAC of an entry an update replaces.
         let touched_keys = (!update.full).then(|| {
             let mut t: Vec<KeyHash> = update.removed_keys.clone();
-            t.extend(update.keys.iter().map(|(h, _)| *h));
+            for (h, e) in &update.keys {
+                t.push(*h);
+                t.extend(e.previous.map(|p| p.hash));
+            }
+            let held: Vec<KeyHash> = t
+                .iter()
+                .filter_map(|h| self.keys.get(h).and_then(|e| e.previous.map(|p| p.hash)))
+                .collect();
+            t.extend(held);
             t.sort_unstable();
             t.dedup();
             t
@@ -271,11 +285,13 @@ impl Snapshot {
                 d.sub(self.services_term);
                 d.add(services_term);
                 let mut buf = Vec::with_capacity(256);
+                // Aliases (a rotated key under its previous HMAC) are not records.
+                let record = |h: &KeyHash, e: &KeyEntry| e.previous.is_none_or(|p| p.hash != *h);
                 for h in &touched {
-                    if let Some(old) = self.keys.get(h) {
+                    if let Some(old) = self.keys.get(h).filter(|e| record(h, e)) {
                         d.sub(digest::key_record(&mut buf, h, old));
                     }
-                    if let Some(new) = key_index.get(h) {
+                    if let Some(new) = key_index.get(h).filter(|e| record(h, e)) {
                         d.add(digest::key_record(&mut buf, h, new));
                     }
                 }
@@ -344,6 +360,7 @@ impl Snapshot {
                     id: c.id,
                     name: c.name.to_string(),
                     scope: c.scope.clone(),
+                    limits: c.limits,
                 })
                 .collect(),
             removed_consumers: vec![],

@@ -9,6 +9,7 @@ use sqlx::any::AnyRow;
 
 use super::audit::Audit;
 use super::lifecycle::refuse_key_delete;
+use super::limits::{spend_of, write_limits};
 use super::lookup::{ensure_unique_name, find, find_ref};
 use super::mutation::{Mutation, rename_and_describe, touch};
 use super::rows::{
@@ -96,6 +97,7 @@ impl Store {
         req: NewConsumerKey,
     ) -> Result<CreatedConsumerKey> {
         let allowlist = req.validate(&self.limits, Timestamp::now())?;
+        let limits = req.limits.parse("limits").map_err(RuleError::Invalid)?;
         let (value, reference) = match &req.source {
             KeySource::Auto => (crypto::generate_consumer_key(), None),
             KeySource::Custom(v) => (v.clone(), None),
@@ -133,7 +135,11 @@ impl Store {
             reference,
         };
         insert_key(&mut m, &id, &req, &row).await?;
-        let fields = created_fields(&req, &row);
+        let mut fields = created_fields(&req, &row);
+        if !limits.is_unlimited() {
+            write_limits(&mut m, KIND, &id, &limits).await?;
+            fields.push("limits");
+        }
         // Read inside the transaction: once it commits, nothing may stand between the caller
         // and the only copy of a generated value.
         let key = consumer_key_by_id(&mut m.tx, &id).await?;
@@ -222,6 +228,11 @@ impl Store {
         patch: ConsumerKeyPatch,
     ) -> Result<ConsumerKey> {
         let allowlist = patch.validate(&self.limits, Timestamp::now())?;
+        let limits = patch
+            .limits
+            .as_ref()
+            .map(|l| l.parse("consumer_key.limits").map_err(RuleError::Invalid))
+            .transpose()?;
         let mut m = self.begin(actor).await?;
         let found = find(&mut m.tx, KIND, sel).await?;
         let id = found.id;
@@ -250,6 +261,10 @@ impl Store {
         if let Some((r, value)) = &patch.secret_ref {
             self.point_consumer_key(&mut m, &id, r, value).await?;
             fields.push("secret_ref");
+        }
+        if let Some(l) = &limits {
+            write_limits(&mut m, KIND, &id, l).await?;
+            fields.push("limits");
         }
         touch(&mut m, KIND, &id).await?;
         let name = patch.name.clone().unwrap_or(found.name);
@@ -540,5 +555,7 @@ async fn consumer_key_from_row(
 ) -> Result<ConsumerKey> {
     let id: String = row.try_get("id")?;
     let scope = read_scope(conn, &id, row.try_get("scope_mode")?).await?;
-    consumer_key_base(row, scope)
+    let mut key = consumer_key_base(row, scope)?;
+    key.spend = spend_of(conn, KIND, &id, &key.limits, Timestamp::now()).await?;
+    Ok(key)
 }

@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 
 use super::audit::Audit;
 use super::lifecycle::refuse_while_referenced;
+use super::limits::{spend_of, write_limits};
 use super::lookup::{ensure_unique_name, find};
 use super::mutation::{rename_and_describe, touch};
 use super::rows::{CONSUMER_COLUMNS, consumer_base, named, new_id, scope_mode};
@@ -13,13 +14,14 @@ use super::scopes::{read_scope, resolve_scope, update_scope, write_scope};
 use super::usage::remember_deleted_name;
 use super::{Actor, Page, PageRequest, Result, Store};
 use crate::domain::input::{ConsumerPatch, NewConsumer};
-use crate::domain::{Consumer, Named, ResourceKind, Scope, Selector};
+use crate::domain::{Consumer, Named, ResourceKind, RuleError, Scope, Selector, Timestamp};
 
 const KIND: ResourceKind = ResourceKind::Consumer;
 
 impl Store {
     pub async fn create_consumer(&self, actor: &Actor, req: NewConsumer) -> Result<Consumer> {
         req.validate()?;
+        let limits = req.limits.parse("limits").map_err(RuleError::Invalid)?;
         let mut m = self.begin(actor).await?;
         ensure_unique_name(&mut m.tx, KIND, &req.name, None).await?;
         let scope = resolve_scope(&mut m.tx, "scope", &req.scope).await?;
@@ -38,6 +40,10 @@ impl Store {
         let mut fields = vec!["name", "description"];
         if scope != Scope::Unset {
             fields.push("scope");
+        }
+        if !limits.is_unlimited() {
+            write_limits(&mut m, KIND, &id, &limits).await?;
+            fields.push("limits");
         }
         let audit = Audit::new("CreateConsumer", KIND, &id, &req.name, &fields);
         self.commit(m, audit).await?;
@@ -80,6 +86,11 @@ impl Store {
         patch: ConsumerPatch,
     ) -> Result<Consumer> {
         patch.validate()?;
+        let limits = patch
+            .limits
+            .as_ref()
+            .map(|l| l.parse("consumer.limits").map_err(RuleError::Invalid))
+            .transpose()?;
         let mut m = self.begin(actor).await?;
         let found = find(&mut m.tx, KIND, sel).await?;
         let id = found.id;
@@ -88,6 +99,10 @@ impl Store {
         rename_and_describe(&mut m, KIND, &id, name, description, &mut fields).await?;
         if let Some(s) = &patch.scope {
             update_scope(&mut m, KIND, &id, "consumer.scope", s, &mut fields).await?;
+        }
+        if let Some(l) = &limits {
+            write_limits(&mut m, KIND, &id, l).await?;
+            fields.push("limits");
         }
         touch(&mut m, KIND, &id).await?;
         let name = patch.name.clone().unwrap_or(found.name);
@@ -120,6 +135,7 @@ async fn consumer_from_row(conn: &mut sqlx::AnyConnection, row: &AnyRow) -> Resu
     let scope = read_scope(conn, &id, row.try_get("scope_mode")?).await?;
     let mut consumer = consumer_base(row, scope)?;
     consumer.consumer_keys = consumer_keys(conn, &id).await?;
+    consumer.spend = spend_of(conn, KIND, &id, &consumer.limits, Timestamp::now()).await?;
     Ok(consumer)
 }
 

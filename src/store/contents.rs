@@ -13,6 +13,7 @@ use super::rows::{
 };
 use super::{Backend, Result, Store, StoreError};
 use crate::crypto::KeyHash;
+use crate::domain::limits::Limits;
 use crate::domain::{
     Consumer, KeyStatus, ModelGrant, ModelKey, ModelService, Named, Scope, Timestamp,
 };
@@ -42,6 +43,8 @@ pub struct KeyRow {
     pub expire_time: Option<Timestamp>,
     /// Canonical allowlist entries.
     pub ip_allowlist: Vec<String>,
+    /// Its budgets and rate limits.
+    pub limits: Limits,
     /// After a rotation: the previous value's HMAC and the instant it stops authorizing (kept
     /// after that instant, until the next rotation; data planes compare with their clock).
     pub previous: Option<(KeyHash, Timestamp)>,

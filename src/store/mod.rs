@@ -10,7 +10,8 @@
 //! `mutation` (begin/commit), `audit`, `changes` and `contents` (what the snapshot builder
 //! reads), `lookup` and `scopes` (resolving names), `rows` (SQL codes and row decoding),
 //! `listen` (commit notifications), `epoch` (which history of revisions the store is in), `schema` (migrations), `admin_tokens` (named admin
-//! credentials, SPEC §9), `usage` (usage reports applied exactly once, the usage query, SPEC §8.2).
+//! credentials, SPEC §9), `usage` (usage reports applied exactly once, the usage query, SPEC §8.2),
+//! `limits` (budgets and rate limits, and the spend of a budget's period, SPEC §8.3).
 
 mod admin_tokens;
 mod audit;
@@ -21,6 +22,7 @@ mod contents;
 mod epoch;
 mod import;
 mod lifecycle;
+mod limits;
 mod listen;
 mod lookup;
 mod model_keys;

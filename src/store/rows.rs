@@ -7,6 +7,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::contents::KeyRow;
+use super::limits::limits_of;
 use super::{Result, StoreError};
 use crate::crypto::KeyHash;
 use crate::domain::usage::{ModelPrice, PricePerMtok};
@@ -155,8 +156,9 @@ pub(super) fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-pub(super) const CONSUMER_COLUMNS: &str =
-    "id, name, description, scope_mode, create_time, update_time";
+pub(super) const CONSUMER_COLUMNS: &str = "id, name, description, scope_mode, create_time, \
+     update_time, budget_micro_usd, budget_tokens, budget_period, requests_per_minute, \
+     tokens_per_minute";
 
 pub(super) const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, \
      auth_value_template, models, model_source, pricing, create_time, update_time";
@@ -169,11 +171,14 @@ pub(super) const CONSUMER_KEY_COLUMNS: &str = "k.id, k.name, k.description, k.st
      k.generation_method, k.masked_value, k.secret_provider, k.secret_name, k.secret_version, \
      k.consumer_id, c.name AS consumer_name, k.scope_mode, k.ip_allowlist, k.expire_time, \
      k.create_time, k.update_time, k.last_used_time, k.previous_masked_value, \
-     k.previous_expire_time";
+     k.previous_expire_time, k.budget_micro_usd, k.budget_tokens, k.budget_period, \
+     k.requests_per_minute, k.tokens_per_minute";
 
 /// What the data plane needs of a consumer key, selected from `consumer_keys k`.
 pub(super) const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.consumer_id, \
-     k.scope_mode, k.ip_allowlist, k.expire_time, k.previous_hash, k.previous_expire_time";
+     k.scope_mode, k.ip_allowlist, k.expire_time, k.previous_hash, k.previous_expire_time, \
+     k.budget_micro_usd, k.budget_tokens, k.budget_period, k.requests_per_minute, \
+     k.tokens_per_minute";
 
 /// The JSON text of a model service's `models`.
 pub(super) fn encode_list(items: &[String]) -> String {
@@ -301,6 +306,8 @@ pub(super) fn consumer_base(r: &AnyRow, scope: Scope) -> Result<Consumer> {
         consumer_keys: Vec::new(),
         create_time: Timestamp(r.try_get("create_time")?),
         update_time: Timestamp(r.try_get("update_time")?),
+        limits: limits_of(r)?,
+        spend: None,
     })
 }
 
@@ -371,6 +378,8 @@ pub(super) fn consumer_key_base(r: &AnyRow, scope: Scope) -> Result<ConsumerKey>
             }),
             _ => None,
         },
+        limits: limits_of(r)?,
+        spend: None,
     })
 }
 
@@ -392,6 +401,7 @@ pub(super) fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
             r.try_get::<Option<i64>, _>("previous_expire_time")?
                 .map(Timestamp),
         ),
+        limits: limits_of(r)?,
     }))
 }
 

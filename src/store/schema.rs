@@ -218,6 +218,27 @@ ALTER TABLE consumer_keys ADD COLUMN previous_expire_time BIGINT;
 CREATE UNIQUE INDEX consumer_keys_previous_hash ON consumer_keys (previous_hash);
 "#;
 
+/// SPEC §8.3 budgets and rate limits of consumers and consumer keys, each NULL when not
+/// limited: a budget in whole micro-USD and/or tokens with its period (`BudgetPeriod` codes:
+/// 1 day, 2 week, 3 month, 4 total), requests and tokens per minute. The spend of a budget's
+/// period is summed from `usage_buckets` by key or consumer and hour: indexed so.
+const V8: &str = r#"
+ALTER TABLE consumers ADD COLUMN budget_micro_usd BIGINT;
+ALTER TABLE consumers ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE consumers ADD COLUMN budget_period BIGINT;
+ALTER TABLE consumers ADD COLUMN requests_per_minute BIGINT;
+ALTER TABLE consumers ADD COLUMN tokens_per_minute BIGINT;
+
+ALTER TABLE consumer_keys ADD COLUMN budget_micro_usd BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN budget_period BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN requests_per_minute BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN tokens_per_minute BIGINT;
+
+CREATE INDEX usage_buckets_key_hour ON usage_buckets (consumer_key_id, hour);
+CREATE INDEX usage_buckets_consumer_hour ON usage_buckets (consumer_id, hour);
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -232,6 +253,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (5, "usage and spend", V5),
         (6, "audit event details", V6),
         (7, "consumer key rotation", V7),
+        (8, "budgets and rate limits", V8),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

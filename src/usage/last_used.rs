@@ -114,6 +114,7 @@ mod tests {
             name: "k".into(),
             scope: crate::snapshot::ScopeSet::All,
             ip_allowlist: Box::new([]),
+            limits: Default::default(),
             usage: Default::default(),
             previous: None,
         }
