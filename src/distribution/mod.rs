@@ -10,6 +10,7 @@ pub mod seal;
 pub mod server;
 pub mod subscriber;
 pub mod token;
+pub mod usage_wire;
 pub mod wire;
 
 pub use bootstrap::{BootstrapError, DataPlaneFeed, DataPlaneSettings, bootstrap};

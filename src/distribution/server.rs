@@ -6,7 +6,6 @@
 //! for `SEND_DEADLINE` is dropped (it reconnects and catches up).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::usage_wire::{MeteredError, MeteredSink};
 use super::{seal, wire};
 use crate::crypto::{KeyHasher, Secret, credentials_equal};
 use crate::proto::snapshot::v1 as pb;
@@ -604,7 +604,7 @@ impl SnapshotDistribution for DistributionService {
                 "this control plane does not apply metered usage",
             ));
         };
-        let input = metered_from_wire(r)?;
+        let input = super::usage_wire::metered_from_wire(r)?;
         match metered(input).await {
             Ok(()) => Ok(Response::new(pb::UsageReportResponse {
                 metered_applied: true,
@@ -616,62 +616,6 @@ impl SnapshotDistribution for DistributionService {
             }
         }
     }
-}
-
-/// Applies a data plane's metered-usage report (the store applies each (data plane,
-/// sequence) once: `Ok` also for a report applied before).
-pub type MeteredSink = Arc<
-    dyn Fn(
-            crate::domain::usage::UsageReportInput,
-        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), MeteredError>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// Why a metered report was not applied.
-#[derive(Debug)]
-pub enum MeteredError {
-    /// It breaks a rule (the message names the field): sending it again cannot help.
-    Refused(String),
-    /// The store could not apply it now: the data plane sends it again.
-    Unavailable(String),
-}
-
-/// A metered-usage report off the wire; ids must be 16 bytes (the rest of the rules are the
-/// store's).
-fn metered_from_wire(r: pb::UsageReport) -> Result<crate::domain::usage::UsageReportInput, Status> {
-    let id = |b: &[u8], field: &str| {
-        uuid::Uuid::from_slice(b)
-            .map_err(|_| Status::invalid_argument(format!("{field}: must be a 16-byte id")))
-    };
-    let mut rows = Vec::with_capacity(r.metered.len());
-    for (i, m) in r.metered.into_iter().enumerate() {
-        rows.push(crate::domain::usage::UsageDelta {
-            consumer_key: id(&m.consumer_key_id, &format!("metered[{i}].consumer_key_id"))?,
-            consumer: if m.consumer_id.is_empty() {
-                None
-            } else {
-                Some(id(&m.consumer_id, &format!("metered[{i}].consumer_id"))?)
-            },
-            model_service: id(
-                &m.model_service_id,
-                &format!("metered[{i}].model_service_id"),
-            )?,
-            model: m.model,
-            requests: m.requests,
-            error_responses: m.error_responses,
-            unparsed: m.unparsed,
-            input_tokens: m.input_tokens,
-            output_tokens: m.output_tokens,
-            cached_input_tokens: m.cached_input_tokens,
-        });
-    }
-    Ok(crate::domain::usage::UsageReportInput {
-        data_plane: id(&r.data_plane_id, "data_plane_id")?,
-        sequence: r.sequence,
-        time: crate::domain::Timestamp(r.time_us),
-        rows,
-    })
 }
 
 /// A reported last-used time, never later than the control plane's `now` (SPEC §9: a

@@ -166,33 +166,6 @@ pub fn usage_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::UsageSin
     })
 }
 
-/// A metered-usage report as it travels.
-pub fn report_to_wire(r: &crate::usage::Report) -> pb::UsageReport {
-    let id = |u: &uuid::Uuid| u.as_bytes().to_vec();
-    pb::UsageReport {
-        items: Vec::new(),
-        data_plane_id: id(&r.data_plane),
-        sequence: r.sequence,
-        time_us: r.time.0,
-        metered: r
-            .rows
-            .iter()
-            .map(|(k, c)| pb::MeteredUsage {
-                consumer_key_id: id(&k.consumer_key),
-                consumer_id: k.consumer.as_ref().map(id).unwrap_or_default(),
-                model_service_id: id(&k.model_service),
-                model: k.model.clone(),
-                requests: c.requests,
-                error_responses: c.error_responses,
-                unparsed: c.unparsed,
-                input_tokens: c.input_tokens,
-                output_tokens: c.output_tokens,
-                cached_input_tokens: c.cached_input_tokens,
-            })
-            .collect(),
-    }
-}
-
 /// Sends a data plane's metered-usage reports to its control plane (authenticated like the
 /// subscription). A report counts as delivered only when the control plane says it applied
 /// it: one that does not know metering answers without `metered_applied`, and the report is
@@ -205,7 +178,7 @@ pub fn report_sink(endpoint: &Endpoint, token: &Secret) -> crate::usage::ReportS
         let mut client = SnapshotDistributionClient::new(channel.clone());
         let bearer = bearer.clone();
         Box::pin(async move {
-            let mut req = tonic::Request::new(report_to_wire(&report));
+            let mut req = tonic::Request::new(super::usage_wire::report_to_wire(&report));
             if let Some(b) = bearer {
                 req.metadata_mut().insert("authorization", b);
             }

@@ -25,7 +25,7 @@ use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
 use crate::config::{AuthzAddr, ControlPlaneArgs};
 use crate::crypto::Secret;
-use crate::distribution::server::{MeteredError, MeteredSink};
+use crate::distribution::usage_wire::{MeteredError, MeteredSink};
 use crate::distribution::{DistributionService, SubscriberAuth};
 use crate::domain::Limits;
 use crate::secret::Secrets;
