@@ -41,7 +41,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use common::admin::{create_bound_key, create_consumer, create_model_key, latest_revision};
+use common::admin::{
+    create_bound_key, create_consumer, create_priced_vendor_services, latest_revision,
+};
 use common::envoy::{Envoy, MODEL_RATE_LIMITED, Recorded, Upstream, http_get};
 use common::split::{
     ControlPlane, ControlPlaneOptions, DataPlane, DataPlaneOptions, drop_postgres_database,
@@ -225,40 +227,7 @@ async fn hold_an_applied_report(relay: &Relay, cp_metrics: SocketAddr) -> u64 {
 // Provisioning.
 
 async fn provision(admin: &mut Admin) -> BTreeMap<&'static str, String> {
-    let price = |model: &str, i: &str, o: &str, c: &str| pb::ModelPrice {
-        model: model.into(),
-        input_per_mtok: i.into(),
-        output_per_mtok: o.into(),
-        cached_input_per_mtok: c.into(),
-    };
-    for (name, header, template, pricing) in [
-        (
-            "openai",
-            "",
-            "",
-            vec![price("gpt-4o-mini", "0.15", "0.60", "0.075")],
-        ),
-        (
-            "anthropic",
-            "x-api-key",
-            "{key}",
-            vec![price("claude-*", "3", "15.00", "0.30")],
-        ),
-    ] {
-        admin
-            .create_model_service(pb::CreateModelServiceRequest {
-                name: name.into(),
-                provider: name.into(),
-                auth_header: header.into(),
-                auth_value_template: template.into(),
-                pricing,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
-    }
-    create_model_key(admin, "openai-main", OPENAI_KEY, "openai").await;
-    create_model_key(admin, "anthropic-main", ANTHROPIC_KEY, "anthropic").await;
+    create_priced_vendor_services(admin, OPENAI_KEY, ANTHROPIC_KEY).await;
     create_consumer(admin, "team-a").await;
     create_consumer(admin, "team-b").await;
     let mut values = BTreeMap::new();

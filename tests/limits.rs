@@ -10,7 +10,7 @@
 mod common;
 
 use common::admin::latest_revision;
-use common::postgres::fresh_postgres_database;
+use common::postgres::{Backend, fresh_postgres_database};
 use common::{Admin, Keygate, Options};
 use keygate::crypto::MasterKey;
 use keygate::domain::limits::Spend;
@@ -40,12 +40,6 @@ fn utc(month: i64, day: i64, hour: i64, minute: i64) -> Timestamp {
 }
 
 // ------------------------------------------------------------------------------ fixture
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
 
 /// `keygate serve` on a fresh store of `backend`, an admin client, and a second store handle
 /// on the same database.
@@ -89,27 +83,6 @@ impl Env {
     }
 }
 
-/// Runs a scenario on each backend, as two tests.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     limits_are_set_at_create_replaced_by_the_mask_shown_and_audited,

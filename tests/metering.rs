@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use keygate::proto::admin::v1 as pb;
 
-use common::admin::{bearer, create_consumer_key, create_model_key};
+use common::admin::{bearer, create_consumer_key, create_priced_vendor_services};
 use common::envoy::{MODEL_RATE_LIMITED, Recorded, VendorUsage};
 use common::gateway::{Gateway, Plane};
 use common::sdk::{Sdk, SdkCall, sdk_run};
@@ -38,40 +38,7 @@ const CLAUDE: (u64, u64, u64) = (3_000_000, 15_000_000, 300_000);
 /// openai (priced for gpt-4o-mini only) and anthropic (priced for claude-*), one model key
 /// each, consumer `app`, and its key `k` (returned).
 async fn provision(admin: &mut Admin) -> String {
-    let price = |model: &str, i: &str, o: &str, c: &str| pb::ModelPrice {
-        model: model.into(),
-        input_per_mtok: i.into(),
-        output_per_mtok: o.into(),
-        cached_input_per_mtok: c.into(),
-    };
-    for (name, header, template, pricing) in [
-        (
-            "openai",
-            "",
-            "",
-            vec![price("gpt-4o-mini", "0.15", "0.60", "0.075")],
-        ),
-        (
-            "anthropic",
-            "x-api-key",
-            "{key}",
-            vec![price("claude-*", "3", "15.00", "0.30")],
-        ),
-    ] {
-        admin
-            .create_model_service(pb::CreateModelServiceRequest {
-                name: name.into(),
-                provider: name.into(),
-                auth_header: header.into(),
-                auth_value_template: template.into(),
-                pricing,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
-    }
-    create_model_key(admin, "openai-main", OPENAI_KEY, "openai").await;
-    create_model_key(admin, "anthropic-main", ANTHROPIC_KEY, "anthropic").await;
+    create_priced_vendor_services(admin, OPENAI_KEY, ANTHROPIC_KEY).await;
     admin
         .create_consumer(pb::CreateConsumerRequest {
             name: "app".into(),

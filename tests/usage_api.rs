@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::postgres::fresh_postgres_database;
+use common::postgres::{Backend, fresh_postgres_database};
 use common::{Admin, Keygate, Options};
 use keygate::crypto::MasterKey;
 use keygate::domain::usage::{UsageApplied, UsageDelta, UsageReportInput};
@@ -39,12 +39,6 @@ fn pb_ts(t: Timestamp) -> prost_types::Timestamp {
 }
 
 // ------------------------------------------------------------------------------ fixture
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
 
 /// `keygate serve` on a fresh store of `backend`, an admin client, and a second store handle
 /// on the same database (a second control plane).
@@ -95,27 +89,6 @@ async fn open(url: &str, master: &MasterKey) -> Store {
         .unwrap()
 }
 
-/// Runs a scenario on each backend, as two tests.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     pricing_is_set_at_create_replaced_by_update_shown_and_audited,

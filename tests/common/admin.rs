@@ -133,3 +133,47 @@ pub async fn disable_model_key(admin: &mut Admin, name: &str) {
 pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
+
+/// The metering suites' two vendor services, with prices (openai: gpt-4o-mini at 0.15 / 0.60 /
+/// 0.075 USD per million input / output / cached input tokens; anthropic: claude-* at 3 / 15 /
+/// 0.30), and one CUSTOM model key each (`openai-main`, `anthropic-main`).
+pub async fn create_priced_vendor_services(
+    admin: &mut Admin,
+    openai_key: &str,
+    anthropic_key: &str,
+) {
+    let price = |model: &str, i: &str, o: &str, c: &str| pb::ModelPrice {
+        model: model.into(),
+        input_per_mtok: i.into(),
+        output_per_mtok: o.into(),
+        cached_input_per_mtok: c.into(),
+    };
+    for (name, header, template, pricing) in [
+        (
+            "openai",
+            "",
+            "",
+            vec![price("gpt-4o-mini", "0.15", "0.60", "0.075")],
+        ),
+        (
+            "anthropic",
+            "x-api-key",
+            "{key}",
+            vec![price("claude-*", "3", "15.00", "0.30")],
+        ),
+    ] {
+        admin
+            .create_model_service(pb::CreateModelServiceRequest {
+                name: name.into(),
+                provider: name.into(),
+                auth_header: header.into(),
+                auth_value_template: template.into(),
+                pricing,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateModelService {name}: {e}"));
+    }
+    create_model_key(admin, "openai-main", openai_key, "openai").await;
+    create_model_key(admin, "anthropic-main", anthropic_key, "anthropic").await;
+}

@@ -91,3 +91,34 @@ pub async fn copy_postgres_database(from: &str, to: &str) {
         .unwrap_or_else(|e| panic!("CREATE DATABASE {to} TEMPLATE {from}: {e}"));
     let _ = admin.close().await;
 }
+
+/// The two store backends a suite runs each test on (with [`on_both_backends!`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named `async fn name(backend: Backend)` once per backend, as `sqlite::<name>` and
+/// `postgres::<name>` (the suite imports `Backend`).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
