@@ -83,7 +83,6 @@ impl Env {
     }
 }
 
-
 on_both_backends!(
     limits_are_set_at_create_replaced_by_the_mask_shown_and_audited,
     limits_outside_the_rules_are_refused_by_field_and_write_nothing,

@@ -89,7 +89,6 @@ async fn open(url: &str, master: &MasterKey) -> Store {
         .unwrap()
 }
 
-
 on_both_backends!(
     pricing_is_set_at_create_replaced_by_update_shown_and_audited,
     bad_prices_are_refused_naming_the_field_and_change_nothing,
