@@ -384,6 +384,26 @@ pub struct DataPlaneArgs {
     /// control plane (`keygate authz`) or to the store (`keygate serve`). Also at shutdown.
     #[arg(long, env = "KEYGATE_USAGE_REPORT_INTERVAL", default_value = "1s", value_parser = parse_report_interval)]
     pub usage_report_interval: std::time::Duration,
+
+    /// Share rate-limit counts with the other data planes through this Redis
+    /// (redis://HOST:PORT[/DB] or redis+unix:///PATH). Without it each data plane counts
+    /// its own requests and tokens. No request waits on Redis: counts are synchronised in
+    /// batches, and while Redis cannot be reached each data plane enforces its own counts.
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_REDIS")]
+    pub rate_limit_redis: Option<String>,
+
+    /// How often rate-limit counts are synchronised through --rate-limit-redis: the
+    /// overshoot sharing allows is about one interval's traffic across the data planes.
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_SYNC_INTERVAL", default_value = "200ms", value_parser = parse_sync_interval)]
+    pub rate_limit_sync_interval: std::time::Duration,
+}
+
+fn parse_sync_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(60) {
+        return Err(format!("{s:?} must be between 10ms and 60s"));
+    }
+    Ok(d)
 }
 
 fn parse_report_interval(s: &str) -> Result<std::time::Duration, String> {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub usage_cost: IntCounterVec,
     pub usage_unpriced: IntCounterVec,
     pub usage_reports: IntCounterVec,
+    /// Budgets usage brought to exhaustion or re-opened, and refreshes that failed.
+    pub budget_changes: IntCounterVec,
     /// Data planes with `--rate-limit-redis`: 1 while counts are shared, 0 while local only.
     pub rate_limit_shared: IntGauge,
     /// Data planes with `--rate-limit-redis`: synchronisations that failed.
@@ -194,6 +196,17 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let budget_changes = IntCounterVec::new(
+            Opts::new(
+                "keygate_budget_changes_total",
+                "Budgets of consumers and consumer keys that usage brought to exhaustion \
+                 (exhausted) or that re-opened in a new period (reopened), as published in the \
+                 snapshot by this control plane; failed: a refresh the store could not make \
+                 (the next usage report of the key retries it).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
         let rate_limit_shared = IntGauge::new(
             "keygate_rate_limit_shared",
             "1 while this data plane shares rate-limit counts through Redis, 0 while Redis cannot \
@@ -226,6 +239,7 @@ impl Metrics {
             Box::new(usage_cost.clone()),
             Box::new(usage_unpriced.clone()),
             Box::new(usage_reports.clone()),
+            Box::new(budget_changes.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -258,6 +272,7 @@ impl Metrics {
             usage_cost,
             usage_unpriced,
             usage_reports,
+            budget_changes,
             rate_limit_shared,
             rate_limit_sync_failures,
         }

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use keygate::authz::ratelimit::RateLimiter;
+use keygate::authz::ratelimit_redis::RedisSync;
 use keygate::crypto::KeyHasher;
 use keygate::distribution::bootstrap::{
     DataPlaneFeed, DataPlaneSettings, SettingNames, TokenPrecedence, bootstrap,
@@ -33,6 +35,8 @@ struct FeedKey {
     tls: ClientTls,
     metrics_addr: Option<std::net::SocketAddr>,
     report_interval: Duration,
+    rate_limit_redis: Option<String>,
+    rate_limit_sync_interval: Duration,
 }
 
 /// A running subscription and what the filter reads from it.
@@ -43,6 +47,8 @@ pub struct Feed {
     pub usage: UsageRecorder,
     /// Metered usage of allowed requests, reported by the feed thread.
     pub tally: Arc<Tally>,
+    /// Rate-limit counts (SPEC §8.3), shared through Redis when `rate_limit_redis` is set.
+    pub limiter: Arc<RateLimiter>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -66,6 +72,8 @@ pub fn feed_for(settings: &FilterSettings) -> Result<Arc<Feed>, String> {
         tls: settings.tls(),
         metrics_addr: settings.metrics_addr,
         report_interval: settings.report_interval()?,
+        rate_limit_redis: settings.rate_limit_redis.clone(),
+        rate_limit_sync_interval: settings.rate_limit_sync_interval()?,
     };
     let mut feeds = FEEDS.lock().unwrap_or_else(|p| p.into_inner());
     feeds.retain(|w| w.strong_count() > 0);
@@ -136,9 +144,29 @@ fn start(key: FeedKey) -> Result<Feed, String> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<UsageRecorder>(1);
     let tally = Arc::new(Tally::default());
     let reporting = (tally.clone(), key.report_interval);
+    let limiter = Arc::new(RateLimiter::default());
+    let sync = key
+        .rate_limit_redis
+        .as_deref()
+        .map(|url| RedisSync::new(url, "keygate:"))
+        .transpose()
+        .map_err(|e| format!("keygate filter_config: {e}"))?;
+    if sync.is_some() {
+        keygate::metrics::METRICS.rate_limit_shared.set(0);
+    }
+    let limiting = (limiter.clone(), sync, key.rate_limit_sync_interval);
     std::thread::Builder::new()
         .name("keygate-feed".into())
-        .spawn(move || run_thread(boot, metrics_listener, health, reporting, stop_rx, ready_tx))
+        .spawn(move || {
+            run_thread(
+                boot,
+                metrics_listener,
+                health,
+                (reporting, limiting),
+                stop_rx,
+                ready_tx,
+            )
+        })
         .map_err(|e| format!("keygate: cannot start the snapshot feed thread: {e}"))?;
     let usage = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -149,6 +177,7 @@ fn start(key: FeedKey) -> Result<Feed, String> {
         hasher,
         usage,
         tally,
+        limiter,
         stop,
     })
 }
@@ -160,7 +189,10 @@ fn run_thread(
     boot: DataPlaneFeed,
     metrics_listener: Option<std::net::TcpListener>,
     health: HealthSources,
-    (tally, report_interval): (Arc<Tally>, Duration),
+    ((tally, report_interval), (limiter, sync, sync_interval)): (
+        (Arc<Tally>, Duration),
+        (Arc<RateLimiter>, Option<RedisSync>, Duration),
+    ),
     stop: tokio::sync::watch::Receiver<bool>,
     ready: std::sync::mpsc::SyncSender<UsageRecorder>,
 ) {
@@ -188,6 +220,12 @@ fn run_thread(
             keygate::usage::start(boot.usage_sink(), Duration::from_secs(1), stopped());
         let _ = ready.send(recorder);
         let flusher = tokio::spawn(flusher);
+        let limits = tokio::spawn(keygate::authz::ratelimit_redis::run(
+            limiter,
+            sync,
+            sync_interval,
+            stopped(),
+        ));
         let reporter = tokio::spawn(keygate::usage::metered::start_reporter(
             tally,
             boot.report_sink(),
@@ -211,6 +249,7 @@ fn run_thread(
         supervise(&boot, stopped).await;
         let _ = flusher.await;
         let _ = reporter.await;
+        let _ = limits.await;
     });
 }
 

@@ -357,7 +357,7 @@ impl FilterConfig {
             if matches!(decision, Decision::NeedBody) && body == Body::Unread {
                 return Checked::NeedBody;
             }
-            Outcome::of(decision, &self.decision)
+            Outcome::of(decision, &self.decision).rate_limited(&self.feed.limiter, now)
         };
         match outcome {
             Outcome::Admit(a) => self.admit(req, route, &a, now),
@@ -425,7 +425,17 @@ impl FilterConfig {
         if let Some(c) = self.allowed {
             req.increment_counter(c, 1);
         }
-        Checked::Continue(self.metering.then(|| StreamMetering::of(&a.allowed)))
+        Checked::Continue(self.metering.then(|| {
+            let m = StreamMetering::of(&a.allowed);
+            // Tokens are charged to the rate limits that admitted it, when it has any.
+            if a.allowed.key.limits.tokens_per_minute.is_some()
+                || a.allowed.consumer.limits.tokens_per_minute.is_some()
+            {
+                m.charging(self.feed.limiter.clone())
+            } else {
+                m
+            }
+        }))
     }
 
     /// Sets string metadata fields under `keygate` in one call (ids formatted on the stack).
@@ -469,10 +479,16 @@ impl FilterConfig {
         if let Some(c) = self.denied {
             req.increment_counter(c, 1);
         }
-        let (ct, json) = REPLY_CONTENT_TYPE;
+        let mut buf = itoa::Buffer::new();
+        let mut headers = [REPLY_CONTENT_TYPE; 3];
+        let mut n = 1;
+        for h in r.extra_headers(&mut buf) {
+            headers[n] = h;
+            n += 1;
+        }
         req.send_local_reply(
             r.status() as u32,
-            &[(ct, json)],
+            &headers[..n],
             r.body().as_bytes(),
             r.reason.as_str(),
         );

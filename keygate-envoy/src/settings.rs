@@ -59,6 +59,15 @@ pub struct FilterSettings {
     /// `"500ms"`; between 100 ms and 1 h.
     #[serde(default)]
     pub usage_report_interval: Option<String>,
+    /// Share rate-limit counts with the other data planes through this Redis
+    /// (`redis://HOST:PORT[/DB]` or `redis+unix:///PATH`), as `keygate authz
+    /// --rate-limit-redis`. Unset: this Envoy counts on its own.
+    #[serde(default)]
+    pub rate_limit_redis: Option<String>,
+    /// How often rate-limit counts are synchronised through `rate_limit_redis`, e.g.
+    /// `"200ms"` (default); between 10 ms and 60 s.
+    #[serde(default)]
+    pub rate_limit_sync_interval: Option<String>,
 }
 
 impl FilterSettings {
@@ -72,7 +81,30 @@ impl FilterSettings {
         s.decision()?;
         s.metadata_fields()?;
         s.report_interval()?;
+        s.rate_limit_sync_interval()?;
+        if let Some(url) = &s.rate_limit_redis {
+            keygate::authz::ratelimit_redis::RedisSync::new(url, "")
+                .map_err(|e| format!("keygate filter_config: {e}"))?;
+        }
         Ok(s)
+    }
+
+    /// `rate_limit_sync_interval` (200 ms unless set).
+    pub fn rate_limit_sync_interval(&self) -> Result<std::time::Duration, String> {
+        let Some(v) = &self.rate_limit_sync_interval else {
+            return Ok(std::time::Duration::from_millis(200));
+        };
+        let d = humantime::parse_duration(v).map_err(|e| {
+            format!(
+                "keygate filter_config: rate_limit_sync_interval: {v:?} is not a duration ({e})"
+            )
+        })?;
+        if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(60) {
+            return Err(format!(
+                "keygate filter_config: rate_limit_sync_interval: {v:?} must be between 10ms and 60s"
+            ));
+        }
+        Ok(d)
     }
 
     /// `usage_report_interval` (1 s unless set).

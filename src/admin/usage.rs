@@ -82,7 +82,52 @@ pub async fn apply_usage_report_and_count(
             );
         }
     }
+    // Also after a duplicate: the control plane that applied it may have stopped before
+    // refreshing the budgets it charged.
+    refresh_budgets(store, report, now).await;
     Ok(applied)
+}
+
+/// Publishes the budgets `report` brought to exhaustion (SPEC §8.3). A failure is logged and
+/// counted, never the report's: the next report of the same key refreshes it again.
+async fn refresh_budgets(store: &Store, report: &UsageReportInput, now: Timestamp) {
+    let mut keys: Vec<String> = report
+        .rows
+        .iter()
+        .map(|r| r.consumer_key.to_string())
+        .collect();
+    let mut consumers: Vec<String> = report
+        .rows
+        .iter()
+        .filter_map(|r| r.consumer.map(|c| c.to_string()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    consumers.sort();
+    consumers.dedup();
+    match store.refresh_budgets(&keys, &consumers, now).await {
+        Ok(changes) => {
+            for c in changes {
+                let state = if c.exhausted_until.is_some() {
+                    "exhausted"
+                } else {
+                    "reopened"
+                };
+                METRICS.budget_changes.with_label_values(&[state]).inc();
+                tracing::info!(
+                    kind = c.kind.label(),
+                    id = %c.id,
+                    name = %c.name,
+                    until = c.exhausted_until.map(|t| t.0),
+                    "budget {state}"
+                );
+            }
+        }
+        Err(e) => {
+            METRICS.budget_changes.with_label_values(&["failed"]).inc();
+            tracing::warn!(error = %e, "budget refresh failed; the next usage report retries it");
+        }
+    }
 }
 
 /// Picodollars below a whole micro-USD not yet counted, per (consumer, model service).

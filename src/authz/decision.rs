@@ -177,6 +177,13 @@ pub enum DenyReason {
     ModelNotAllowed,
     /// The decision needed the model and the request did not name one it could read.
     ModelUnknown,
+    /// The key's or its consumer's budget is spent for the period (SPEC §8.3).
+    InsufficientQuota,
+    /// A requests-per-minute limit of the key or its consumer (decided by the rate limiter,
+    /// after the decision).
+    RequestRateLimited,
+    /// A tokens-per-minute limit of the key or its consumer is spent.
+    TokenRateLimited,
 }
 
 const BODY_401: &str = r#"{"error":{"message":"Invalid API key provided.","type":"authentication_error","code":"invalid_api_key"}}"#;
@@ -186,10 +193,13 @@ const BODY_ROUTE: &str = r#"{"error":{"message":"This route is not configured fo
 const BODY_NO_KEY: &str = r#"{"error":{"message":"No upstream credential is available for this model service.","type":"service_unavailable","code":"no_model_key"}}"#;
 const BODY_MODEL: &str = r#"{"error":{"message":"This API key is not allowed to use this model.","type":"permission_error","code":"model_not_allowed"}}"#;
 const BODY_MODEL_UNKNOWN: &str = r#"{"error":{"message":"This API key is limited to certain models, and the request does not name its model in a way the gateway can read.","type":"permission_error","code":"model_not_allowed"}}"#;
+const BODY_QUOTA: &str = r#"{"error":{"message":"The budget of this API key (or of its consumer) is spent for the current period.","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+const BODY_RPM: &str = r#"{"error":{"message":"Rate limit reached for requests per minute on this API key.","type":"requests","code":"rate_limit_exceeded"}}"#;
+const BODY_TPM: &str = r#"{"error":{"message":"Rate limit reached for tokens per minute on this API key.","type":"tokens","code":"rate_limit_exceeded"}}"#;
 const BODY_NOT_READY: &str = r#"{"error":{"message":"The gateway is starting and cannot authorize requests yet.","type":"service_unavailable","code":"keygate_not_ready"}}"#;
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 12] = [
+    pub const ALL: [DenyReason; 15] = [
         DenyReason::MissingCredential,
         DenyReason::UnknownKey,
         DenyReason::Disabled,
@@ -202,6 +212,9 @@ impl DenyReason {
         DenyReason::NotReady,
         DenyReason::ModelNotAllowed,
         DenyReason::ModelUnknown,
+        DenyReason::InsufficientQuota,
+        DenyReason::RequestRateLimited,
+        DenyReason::TokenRateLimited,
     ];
 
     /// The metrics / log name of the reason.
@@ -219,6 +232,9 @@ impl DenyReason {
             DenyReason::NotReady => "not_ready",
             DenyReason::ModelNotAllowed => "model_not_allowed",
             DenyReason::ModelUnknown => "model_unknown",
+            DenyReason::InsufficientQuota => "insufficient_quota",
+            DenyReason::RequestRateLimited => "rate_limit_requests",
+            DenyReason::TokenRateLimited => "rate_limit_tokens",
         }
     }
 
@@ -235,6 +251,9 @@ impl DenyReason {
             | DenyReason::ModelServiceNotAllowed
             | DenyReason::ModelNotAllowed
             | DenyReason::ModelUnknown => 403,
+            DenyReason::InsufficientQuota
+            | DenyReason::RequestRateLimited
+            | DenyReason::TokenRateLimited => 429,
             DenyReason::NoModelKey | DenyReason::NotReady => 503,
         }
     }
@@ -251,6 +270,9 @@ impl DenyReason {
                 DenyReason::NoModelKey => BODY_NO_KEY,
                 DenyReason::ModelNotAllowed => BODY_MODEL,
                 DenyReason::ModelUnknown => BODY_MODEL_UNKNOWN,
+                DenyReason::InsufficientQuota => BODY_QUOTA,
+                DenyReason::RequestRateLimited => BODY_RPM,
+                DenyReason::TokenRateLimited => BODY_TPM,
                 _ => BODY_NOT_READY,
             },
         }
@@ -445,7 +467,15 @@ pub fn decide<'s>(
     let Some(model_key) = service.pick() else {
         return deny(DenyReason::NoModelKey, Some(key));
     };
-    // 7. Allow: the adapter injects `model_key` and strips the credentials.
+    // 7. A budget left, the key's and its consumer's (spent until the period's end).
+    if key.limits.budget_exhausted(now) || consumer.limits.budget_exhausted(now) {
+        return Decision::Deny(Denied {
+            reason: DenyReason::InsufficientQuota,
+            key: Some(key),
+            model,
+        });
+    }
+    // 8. Allow: the adapter injects `model_key` and strips the credentials.
     Decision::Allow(Allowed {
         key,
         consumer,

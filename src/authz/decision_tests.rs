@@ -1126,6 +1126,10 @@ fn deny_bodies_are_openai_style_json_per_spec() {
             DenyReason::ModelNotAllowed | DenyReason::ModelUnknown => {
                 (403, "permission_error", "model_not_allowed")
             }
+            // SPEC §8.3: the types and codes OpenAI's clients already handle.
+            DenyReason::InsufficientQuota => (429, "insufficient_quota", "insufficient_quota"),
+            DenyReason::RequestRateLimited => (429, "requests", "rate_limit_exceeded"),
+            DenyReason::TokenRateLimited => (429, "tokens", "rate_limit_exceeded"),
         }
     };
     for r in DenyReason::ALL {

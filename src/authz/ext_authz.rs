@@ -19,6 +19,7 @@ use super::decision::{
 use super::outcome::{
     ALL_METADATA, Admit, METERED_ACCEPT_ENCODING, MetaValue, Outcome, REPLY_CONTENT_TYPE, Refusal,
 };
+use super::ratelimit::RateLimiter;
 use super::record::OutcomeRecorder;
 use crate::crypto::KeyHasher;
 use crate::domain::Timestamp;
@@ -27,6 +28,7 @@ use crate::snapshot::SnapshotCell;
 /// gRPC codes carried in `CheckResponse.status` (a non-OK status is a denial, not an error).
 const CODE_OK: i32 = 0;
 const CODE_PERMISSION_DENIED: i32 = 7;
+const CODE_RESOURCE_EXHAUSTED: i32 = 8;
 const CODE_UNAVAILABLE: i32 = 14;
 const CODE_UNAUTHENTICATED: i32 = 16;
 
@@ -37,6 +39,7 @@ pub struct ExtAuthzService {
     hasher: KeyHasher,
     config: Arc<DecisionConfig>,
     recorder: OutcomeRecorder,
+    limiter: Arc<RateLimiter>,
 }
 
 impl ExtAuthzService {
@@ -46,7 +49,15 @@ impl ExtAuthzService {
             hasher,
             config: Arc::new(config),
             recorder: OutcomeRecorder::new(None),
+            limiter: Default::default(),
         }
+    }
+
+    /// Rate limits counted in `limiter` (shared with the response metering, which charges the
+    /// tokens, and with the Redis synchronisation when there is one).
+    pub fn with_rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     /// Also record each allowed key's last use.
@@ -68,7 +79,8 @@ impl ExtAuthzService {
             Some(snap) => Outcome::of(
                 decide(snap, &self.config, &view, now, |k| self.hasher.hash(k)),
                 &self.config,
-            ),
+            )
+            .rate_limited(&self.limiter, now),
         };
         match outcome {
             Outcome::Admit(a) => {
@@ -164,9 +176,16 @@ fn denied_response(r: &Refusal<'_>) -> CheckResponse {
     let code = match r.status() {
         401 => CODE_UNAUTHENTICATED,
         403 => CODE_PERMISSION_DENIED,
+        429 => CODE_RESOURCE_EXHAUSTED,
         _ => CODE_UNAVAILABLE,
     };
     let (ct_name, ct_value) = REPLY_CONTENT_TYPE;
+    let mut buf = itoa::Buffer::new();
+    let mut headers = vec![overwrite_header(ct_name, ct_value)];
+    headers.extend(
+        r.extra_headers(&mut buf)
+            .map(|(n, v)| overwrite_header(n, v)),
+    );
     CheckResponse {
         status: Some(rpc::Status {
             code,
@@ -177,7 +196,7 @@ fn denied_response(r: &Refusal<'_>) -> CheckResponse {
             status: Some(HttpStatus {
                 code: r.status() as i32,
             }),
-            headers: vec![overwrite_header(ct_name, ct_value)],
+            headers,
             body: r.body().to_string(),
         })),
     }

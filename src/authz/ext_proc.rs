@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use super::metering::{METERING_TAG_FIELD, StreamMetering, metering_tag};
 use super::model::ModelName;
+use super::ratelimit::RateLimiter;
 use crate::crypto::{KeyHasher, credentials_equal};
 use crate::snapshot::SnapshotCell;
 use crate::usage::Tally;
@@ -43,6 +44,7 @@ pub struct ExtProcService {
     cell: SnapshotCell,
     hasher: KeyHasher,
     tally: Arc<Tally>,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl ExtProcService {
@@ -52,7 +54,15 @@ impl ExtProcService {
             cell,
             hasher,
             tally,
+            limiter: None,
         }
+    }
+
+    /// Charges each response's tokens to the rate limits that admitted it (the limiter the
+    /// ext_authz service admits with).
+    pub fn with_rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     /// The metering of the request a stream's metadata describes, if keygate allowed it: the
@@ -93,7 +103,11 @@ impl ExtProcService {
             let guard = self.cell.load_guard();
             guard.as_ref()?.service(service_name)?.id
         };
-        Some(StreamMetering::new(key, consumer, service, model))
+        let metering = StreamMetering::new(key, consumer, service, model);
+        Some(match &self.limiter {
+            Some(l) => metering.charging(l.clone()),
+            None => metering,
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use super::decision::{
     credential_param_present,
 };
 use super::model::ModelName;
+use super::ratelimit::{Admission, LimitKind, RateLimiter};
 use crate::snapshot::KeyEntry;
 
 /// The dynamic-metadata namespace of the fields below
@@ -80,12 +81,50 @@ impl<'s, 'c> Outcome<'s, 'c> {
                 reason: d.reason,
                 key: d.key,
                 model: d.model,
+                retry_after_secs: None,
             }),
             // A data plane that decides without reading the body refuses what needs it.
             Decision::NeedBody => Outcome::Refuse(Refusal {
                 reason: DenyReason::ModelUnknown,
                 key: None,
                 model: None,
+                retry_after_secs: None,
+            }),
+        }
+    }
+
+    /// The rate limits of an admitted request (SPEC §8.3), taken from `limiter` at `now`: the
+    /// key's and its consumer's requests per minute are taken now, and a spent token allowance
+    /// refuses (429 `rate_limit_exceeded`, with `retry-after`). A refusal takes nothing. Keys
+    /// and consumers without per-minute limits cost a branch.
+    #[inline]
+    pub fn rate_limited(self, limiter: &RateLimiter, now: crate::domain::Timestamp) -> Self {
+        let Outcome::Admit(a) = self else {
+            return self;
+        };
+        let key = a.allowed.key;
+        let consumer = a.allowed.consumer;
+        if key.limits.is_rate_unlimited() && consumer.limits.is_rate_unlimited() {
+            return Outcome::Admit(a);
+        }
+        let (key_limits, consumer_limits) = (key.limits.per_minute(), consumer.limits.per_minute());
+        match limiter.admit(
+            (key.id, &key_limits),
+            Some((consumer.id, &consumer_limits)),
+            now.0,
+        ) {
+            Admission::Admit => Outcome::Admit(a),
+            Admission::Refuse {
+                kind,
+                retry_after_secs,
+            } => Outcome::Refuse(Refusal {
+                reason: match kind {
+                    LimitKind::Requests => DenyReason::RequestRateLimited,
+                    LimitKind::Tokens => DenyReason::TokenRateLimited,
+                },
+                key: Some(key),
+                model: a.allowed.model,
+                retry_after_secs: Some(retry_after_secs),
             }),
         }
     }
@@ -158,6 +197,8 @@ pub struct Refusal<'s> {
     pub key: Option<&'s KeyEntry>,
     /// The requested model, when it was read.
     pub model: Option<ModelName>,
+    /// A rate limit's refusal: whole seconds until it admits again (`retry-after`).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl<'s> Refusal<'s> {
@@ -167,7 +208,24 @@ impl<'s> Refusal<'s> {
             reason: DenyReason::NotReady,
             key: None,
             model: None,
+            retry_after_secs: None,
         }
+    }
+
+    /// The headers of the local reply besides the content type: `retry-after` on a rate
+    /// limit's refusal; `x-should-retry: false` on a spent budget, which the vendors' SDKs
+    /// obey (a budget does not re-open in the seconds their retries wait). `buf` holds the
+    /// number's text.
+    pub fn extra_headers<'b>(
+        &self,
+        buf: &'b mut itoa::Buffer,
+    ) -> impl Iterator<Item = (&'static str, &'b str)> + use<'b> {
+        let retry_after = self
+            .retry_after_secs
+            .map(|secs| ("retry-after", buf.format(secs)));
+        let no_retry =
+            (self.reason == DenyReason::InsufficientQuota).then_some(("x-should-retry", "false"));
+        retry_after.into_iter().chain(no_retry)
     }
 
     /// The HTTP status of the local reply.

@@ -143,7 +143,14 @@ struct State {
     tokens: Option<Bucket>,
     /// Taken here since the last synchronisation (requests, tokens).
     unsynced: (u64, u64),
+    /// The last admission (µs): a subject is kept at least [`HOLD_MICROS`] after it, so the
+    /// tokens of a response still running are charged to the bucket that admitted it.
+    last_admit: i64,
 }
+
+/// How long a subject is kept after its last admission, whatever its buckets hold: the
+/// longest response whose tokens are sure to be charged.
+pub const HOLD_MICROS: i64 = 10 * 60_000_000;
 
 impl State {
     fn bucket(&mut self, kind: LimitKind) -> &mut Option<Bucket> {
@@ -288,7 +295,10 @@ impl RateLimiter {
             if let Some(b) = state.current(LimitKind::Requests, limits, now) {
                 b.level -= UNIT;
             }
+            // The token bucket exists from now on (charged after the response).
+            state.current(LimitKind::Tokens, limits, now);
             state.unsynced.0 = state.unsynced.0.saturating_add(1);
+            state.last_admit = state.last_admit.max(now);
         }
         Admission::Admit
     }
@@ -316,6 +326,42 @@ impl RateLimiter {
                 b.level -= i128::from(tokens) * UNIT;
             }
             state.unsynced.1 = state.unsynced.1.saturating_add(tokens);
+        }
+    }
+
+    /// Charges `tokens` (a response's input + output) after the response to the token
+    /// buckets that admitted it — `key`'s and its consumer's, at the limits they were admitted
+    /// with (the response may end after the limits changed, or on a data plane path that no
+    /// longer holds them). Subjects without a token bucket are not limited by tokens.
+    pub fn charge_admitted(&self, key: Uuid, consumer: Option<Uuid>, tokens: u64, now: i64) {
+        if tokens == 0 {
+            return;
+        }
+        for s in [Some(Subject::Key(key)), consumer.map(Subject::Consumer)]
+            .into_iter()
+            .flatten()
+        {
+            let mut shard = self.shard(&s);
+            let Some(state) = shard.get_mut(&s) else {
+                continue;
+            };
+            let Some(b) = &mut state.tokens else {
+                continue;
+            };
+            b.refill(b.limit, now);
+            b.level -= i128::from(tokens) * UNIT;
+            state.unsynced.1 = state.unsynced.1.saturating_add(tokens);
+        }
+    }
+
+    /// Forgets what was taken since the last synchronisation (a data plane that shares its
+    /// counts with no one), so idle subjects can be forgotten.
+    pub fn clear_unsynced(&self) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for state in shard.values_mut() {
+                state.unsynced = (0, 0);
+            }
         }
     }
 
@@ -352,14 +398,16 @@ impl RateLimiter {
         }
     }
 
-    /// Forgets subjects whose buckets are full again and that have nothing unsynchronised
-    /// (a forgotten subject starts full: the same): memory follows the active subjects only.
+    /// Forgets subjects whose buckets are full again, that have nothing unsynchronised and
+    /// admitted nothing for [`HOLD_MICROS`] (a forgotten subject starts full: the same):
+    /// memory follows the active subjects only.
     pub fn forget_idle(&self, now: i64) {
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|_, state| {
                 let full = |b: &Option<Bucket>| b.is_none_or(|b| b.full_at(now));
-                !(full(&state.requests) && full(&state.tokens) && state.unsynced == (0, 0))
+                let held = now.saturating_sub(state.last_admit) < HOLD_MICROS;
+                held || !(full(&state.requests) && full(&state.tokens) && state.unsynced == (0, 0))
             });
         }
     }

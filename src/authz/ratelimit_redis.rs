@@ -168,14 +168,17 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let now = Timestamp::now();
-        if let Some(s) = &mut sync {
-            let shared = s.sync(&limiter, now).await;
-            crate::metrics::METRICS
-                .rate_limit_shared
-                .set(i64::from(shared));
-            if !shared {
-                crate::metrics::METRICS.rate_limit_sync_failures.inc();
+        match &mut sync {
+            Some(s) => {
+                let shared = s.sync(&limiter, now).await;
+                crate::metrics::METRICS
+                    .rate_limit_shared
+                    .set(i64::from(shared));
+                if !shared {
+                    crate::metrics::METRICS.rate_limit_sync_failures.inc();
+                }
             }
+            None => limiter.clear_unsynced(),
         }
         if last_forget.elapsed() >= Duration::from_secs(5) {
             limiter.forget_idle(now.0);

@@ -236,6 +236,7 @@ mod tests {
         u.keys[1].1.limits = EntryLimits {
             requests_per_minute: Some(120),
             tokens_per_minute: Some(50_000),
+            exhausted_until: Some(crate::domain::Timestamp(1_900_000_000_000_000)),
         };
         u.consumers[0].limits.tokens_per_minute = Some(7);
         let snap = Snapshot::from_full(u, &keys).unwrap();

@@ -107,14 +107,20 @@ fn key_out(h: &KeyHash, e: &KeyEntry) -> pb::ConsumerKey {
         previous_expire_time_us: e.previous.map(|p| p.until.0).unwrap_or(0),
         requests_per_minute: e.limits.requests_per_minute.unwrap_or(0),
         tokens_per_minute: e.limits.tokens_per_minute.unwrap_or(0),
+        budget_exhausted_until_us: e.limits.exhausted_until.map_or(0, |t| t.0),
     }
 }
 
-/// Rate limits from the wire: 0 is none.
-fn limits_in(requests_per_minute: u32, tokens_per_minute: u64) -> EntryLimits {
+/// Limits from the wire: 0 is none.
+fn limits_in(
+    requests_per_minute: u32,
+    tokens_per_minute: u64,
+    exhausted_until_us: i64,
+) -> EntryLimits {
     EntryLimits {
         requests_per_minute: (requests_per_minute > 0).then_some(requests_per_minute),
         tokens_per_minute: (tokens_per_minute > 0).then_some(tokens_per_minute),
+        exhausted_until: (exhausted_until_us != 0).then_some(Timestamp(exhausted_until_us)),
     }
 }
 
@@ -171,7 +177,11 @@ fn key_in(k: pb::ConsumerKey) -> Result<(KeyHash, KeyEntry), ApplyError> {
             name: k.name.into_boxed_str(),
             scope: scope_in(k.scope)?,
             ip_allowlist,
-            limits: limits_in(k.requests_per_minute, k.tokens_per_minute),
+            limits: limits_in(
+                k.requests_per_minute,
+                k.tokens_per_minute,
+                k.budget_exhausted_until_us,
+            ),
             usage: Default::default(),
             previous: previous_in(&hash, &k.previous_hash, k.previous_expire_time_us)?,
         },
@@ -258,6 +268,7 @@ pub fn encode(update: &Update, base_version: i64, chunk: usize) -> Vec<pb::Snaps
                 scope: scope_out(&c.scope),
                 requests_per_minute: c.limits.requests_per_minute.unwrap_or(0),
                 tokens_per_minute: c.limits.tokens_per_minute.unwrap_or(0),
+                budget_exhausted_until_us: c.limits.exhausted_until.map_or(0, |t| t.0),
             })
             .collect(),
         removed_consumers: update
@@ -392,7 +403,11 @@ impl Assembler {
                                 id: uuid_in("consumer id", &c.id)?,
                                 name: c.name,
                                 scope: scope_in(c.scope)?,
-                                limits: limits_in(c.requests_per_minute, c.tokens_per_minute),
+                                limits: limits_in(
+                                    c.requests_per_minute,
+                                    c.tokens_per_minute,
+                                    c.budget_exhausted_until_us,
+                                ),
                             })
                         })
                         .collect::<Result<_, ApplyError>>()?,

@@ -13,7 +13,10 @@ fn full_updates_round_trip_in_chunks() {
     u.keys[6].1.limits = EntryLimits {
         requests_per_minute: Some(u32::MAX),
         tokens_per_minute: Some(1_000_000_000_000),
+        exhausted_until: Some(Timestamp(i64::MAX)),
     };
+    u.keys[8].1.limits.exhausted_until = Some(Timestamp(1_900_000_000_000_000));
+    u.consumers[0].limits.exhausted_until = Some(Timestamp(1_800_000_000_000_000));
     u.keys[7].1.limits.tokens_per_minute = Some(1);
     u.consumers[0].limits.requests_per_minute = Some(60);
     let msgs = encode(&u, 0, 10);
@@ -83,6 +86,7 @@ fn the_digest_survives_the_wire() {
     u.keys[4].1.limits = EntryLimits {
         requests_per_minute: Some(600),
         tokens_per_minute: Some(90_000),
+        exhausted_until: Some(Timestamp(1_700_000_000_000_000)),
     };
     u.consumers[0].scope = u.keys[0].1.scope.clone();
     u.consumers[0].limits.tokens_per_minute = Some(1_000_000);

@@ -215,6 +215,9 @@ pub struct Consumer {
     pub limits: limits::Limits,
     /// The spend of the budget's current period (none without a budget).
     pub spend: Option<limits::Spend>,
+    /// Until when its budget refuses every key bound to it (kept by the control plane from
+    /// the usage reports; published in the snapshot).
+    pub budget_exhausted_until: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 use tonic::transport::ServerTlsConfig;
 use tonic_health::ServingStatus;
 
-use super::authz_listener::{AuthzListener, bind_authz};
+use super::authz_listener::{AuthzListener, bind_authz, start_rate_limits};
 use super::data_dir::open_store;
 use super::listeners::{Health, bind, grpc_server, reflection, serve, serve_authz, server_tls};
 use super::secret_refresh::run_refresh;
@@ -23,7 +23,7 @@ use super::shutdown::Shutdown;
 use super::{ADMIN_SERVICE, ControlPlane, DISTRIBUTION_SERVICE, Role, Running, StartError, tokens};
 use crate::admin::{AdminAuth, AdminService};
 use crate::authz::{DecisionConfig, ExtAuthzService};
-use crate::config::{AuthzAddr, ControlPlaneArgs};
+use crate::config::{AuthzAddr, ControlPlaneArgs, DataPlaneArgs};
 use crate::crypto::Secret;
 use crate::distribution::usage_wire::{MeteredError, MeteredSink};
 use crate::distribution::{DistributionService, SubscriberAuth};
@@ -37,7 +37,7 @@ use crate::usage::UsageSink;
 /// once every listener is bound.
 pub async fn start_control_plane(
     args: &ControlPlaneArgs,
-    authz: Option<(AuthzAddr, DecisionConfig, Duration)>,
+    authz: Option<(AuthzAddr, DecisionConfig, DataPlaneArgs)>,
 ) -> Result<Running, StartError> {
     let limits = args.limits().map_err(StartError::Config)?;
     let tls = server_tls(&args.tls)?;
@@ -62,12 +62,14 @@ pub async fn start_control_plane(
     let usage = store_usage_sink(&store);
     // The store holds the sub-keys derived when it opened: no second derivation.
     let keys = store.keys().clone();
-    if let (Some(listener), Some((_, decision, report_interval))) = (listeners.authz, authz) {
+    if let (Some(listener), Some((_, decision, data_plane))) = (listeners.authz, authz) {
         let (recorder, flusher) =
             crate::usage::start(usage.clone(), Duration::from_secs(1), shutdown.recv());
         shutdown.spawn(flusher);
+        let limiter = start_rate_limits(&data_plane, &mut shutdown)?;
         let svc = ExtAuthzService::new(snapshots.cell.clone(), keys.hasher.clone(), decision)
-            .with_usage(recorder);
+            .with_usage(recorder)
+            .with_rate_limiter(limiter.clone());
         // Usage metered here is applied to the store directly, exactly once like a data
         // plane's (the same reporter, with this process as the data plane).
         // Its last report after the drain, as a data plane's (`data_plane::start_authz`).
@@ -76,14 +78,15 @@ pub async fn start_control_plane(
         shutdown.spawn_last(crate::usage::metered::start_reporter(
             tally.clone(),
             store_report_sink(&store),
-            report_interval,
+            data_plane.usage_report_interval,
             drained,
         ));
         let metering = crate::authz::ext_proc::ExtProcService::new(
             snapshots.cell.clone(),
             keys.hasher.clone(),
             tally,
-        );
+        )
+        .with_rate_limiter(limiter);
         serve_authz(
             listener,
             svc,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::authz_listener::{bind_authz, check_exposure};
+use super::authz_listener::{bind_authz, check_exposure, start_rate_limits};
 use super::listeners::{bind, serve_authz, server_tls};
 use super::shutdown::Shutdown;
 use super::{DataPlane, Role, Running, StartError};
@@ -56,8 +56,10 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
     let (recorder, flusher) =
         crate::usage::start(feed.usage_sink(), Duration::from_secs(1), shutdown.recv());
     shutdown.spawn(flusher);
+    let limiter = start_rate_limits(&args.data_plane, &mut shutdown)?;
     let svc = ExtAuthzService::new(feed.cell.clone(), feed.keys.hasher.clone(), decision)
-        .with_usage(recorder);
+        .with_usage(recorder)
+        .with_rate_limiter(limiter.clone());
     // The last report comes after the drain: responses still streaming when shutdown begins
     // are metered into the tally as they end.
     let tally = Arc::new(crate::usage::Tally::default());
@@ -72,7 +74,8 @@ pub async fn start_authz(args: AuthzArgs) -> Result<Running, StartError> {
         feed.cell.clone(),
         feed.keys.hasher.clone(),
         tally,
-    );
+    )
+    .with_rate_limiter(limiter);
     serve_authz(
         listener,
         svc,

@@ -161,10 +161,9 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         .map_err(StartError::Config)?;
     let client_ca = args.control_plane.tls.tls_client_ca.is_some();
     authz_listener::check_exposure(&args.authz, client_ca)?;
-    let interval = args.data_plane.usage_report_interval;
     start_control_plane(
         &args.control_plane,
-        Some((args.authz.authz_addr, decision, interval)),
+        Some((args.authz.authz_addr, decision, args.data_plane)),
     )
     .await
 }

@@ -78,7 +78,7 @@ fn key_entry(k: KeyRow) -> Result<(KeyHash, KeyEntry), BuildError> {
             name: k.name.into_boxed_str(),
             scope: scope_set(&k.scope)?,
             ip_allowlist,
-            limits: EntryLimits::from(&k.limits),
+            limits: EntryLimits::new(&k.limits, k.budget_exhausted_until),
             usage: Default::default(),
             previous: k.previous.map(|(hash, until)| PreviousHash { hash, until }),
         },
@@ -90,7 +90,7 @@ fn consumer_record(c: &Consumer) -> Result<ConsumerRecord, BuildError> {
         id: uuid(&c.id)?,
         name: c.name.clone(),
         scope: scope_set(&c.scope)?,
-        limits: EntryLimits::from(&c.limits),
+        limits: EntryLimits::new(&c.limits, c.budget_exhausted_until),
     })
 }
 

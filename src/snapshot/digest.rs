@@ -122,7 +122,12 @@ impl Enc<'_> {
         }
         self.raw(b"kgd1 limits")
             .opt_u64(l.requests_per_minute.map(u64::from))
-            .opt_u64(l.tokens_per_minute)
+            .opt_u64(l.tokens_per_minute);
+        // A spent budget, only when there is one: records without digest as before budgets.
+        if let Some(t) = l.exhausted_until {
+            self.raw(b"exhausted").i64(t.0);
+        }
+        self
     }
     fn raw(&mut self, v: &[u8]) -> &mut Self {
         self.0.extend_from_slice(v);
@@ -388,6 +393,14 @@ mod tests {
                 "consumer tokens per minute",
                 Box::new(|u| u.consumers[0].limits.tokens_per_minute = Some(60)),
             ),
+            (
+                "key budget exhausted",
+                Box::new(|u| u.keys[0].1.limits.exhausted_until = Some(Timestamp(1))),
+            ),
+            (
+                "consumer budget exhausted",
+                Box::new(|u| u.consumers[0].limits.exhausted_until = Some(Timestamp(i64::MAX))),
+            ),
         ];
         for (what, change) in changes {
             let mut u = rich(&keys);
@@ -410,6 +423,7 @@ mod tests {
             let l = EntryLimits {
                 requests_per_minute: rpm,
                 tokens_per_minute: tpm,
+                exhausted_until: None,
             };
             if consumer {
                 u.consumers[0].limits = l;
@@ -471,6 +485,7 @@ mod tests {
                             limits: EntryLimits {
                                 requests_per_minute: (!flag).then_some(u32::from(n) + 1),
                                 tokens_per_minute: None,
+                                exhausted_until: flag.then_some(Timestamp(i64::from(n))),
                             },
                         }),
                         3 => u.removed_consumers.push(Uuid::from_u128(n.into())),

@@ -144,14 +144,26 @@ fn hex_prefix(h: &KeyHash) -> String {
 }
 
 /// What a data plane enforces of a consumer's or consumer key's limits (SPEC §8.3): requests
-/// and tokens per minute, each `None` when not limited.
+/// and tokens per minute, each `None` when not limited, and until when its budget refuses
+/// (set by the control plane when the spend reaches the budget; the largest instant for a
+/// `TOTAL` budget).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EntryLimits {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u64>,
+    pub exhausted_until: Option<Timestamp>,
 }
 
 impl EntryLimits {
+    /// A record's limits as the store keeps them.
+    pub fn new(l: &crate::domain::limits::Limits, exhausted_until: Option<Timestamp>) -> Self {
+        EntryLimits {
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+            exhausted_until,
+        }
+    }
+
     /// The per-minute limits, as the rate limiter takes them.
     #[inline]
     pub fn per_minute(&self) -> PerMinute {
@@ -161,18 +173,22 @@ impl EntryLimits {
         }
     }
 
+    /// No per-minute limit (the rate limiter is not asked).
+    #[inline]
+    pub fn is_rate_unlimited(&self) -> bool {
+        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
+    }
+
+    /// Whether its budget refuses at `now` (until the period's end, then open again with no
+    /// word from the control plane).
+    #[inline]
+    pub fn budget_exhausted(&self, now: Timestamp) -> bool {
+        self.exhausted_until.is_some_and(|t| now < t)
+    }
+
     /// Nothing limited (the record then digests and encodes as before limits existed).
     pub fn is_unlimited(&self) -> bool {
         *self == EntryLimits::default()
-    }
-}
-
-impl From<&crate::domain::limits::Limits> for EntryLimits {
-    fn from(l: &crate::domain::limits::Limits) -> Self {
-        EntryLimits {
-            requests_per_minute: l.requests_per_minute,
-            tokens_per_minute: l.tokens_per_minute,
-        }
     }
 }
 

@@ -45,6 +45,8 @@ pub struct KeyRow {
     pub ip_allowlist: Vec<String>,
     /// Its budgets and rate limits.
     pub limits: Limits,
+    /// Until when its budget refuses (SPEC §8.3), kept by the control plane.
+    pub budget_exhausted_until: Option<Timestamp>,
     /// After a rotation: the previous value's HMAC and the instant it stops authorizing (kept
     /// after that instant, until the next rotation; data planes compare with their clock).
     pub previous: Option<(KeyHash, Timestamp)>,

@@ -54,7 +54,54 @@ pub(super) fn limits_of(r: &AnyRow) -> Result<Limits> {
     })
 }
 
-/// Sets every limit column of a consumer or consumer key (unset limits to NULL).
+/// Until when a row's budget refuses (`budget_exhausted_until`), NULL while open.
+pub(super) fn exhausted_of(r: &AnyRow) -> Result<Option<Timestamp>> {
+    Ok(r.try_get::<Option<i64>, _>("budget_exhausted_until")?
+        .map(Timestamp))
+}
+
+/// Brings `id`'s stored exhaustion up to date with its limits and its spend at `now` (inside
+/// the caller's transaction, which holds the store's revision row: every such change is
+/// serialised, so replicas agree). Answers the exhaustion now in force, and whether it
+/// changed. An exhaustion of a past period is stale and re-read like an open budget.
+pub(super) async fn refresh_exhaustion(
+    conn: &mut sqlx::AnyConnection,
+    kind: ResourceKind,
+    id: &str,
+    now: Timestamp,
+) -> Result<Option<(Option<Spend>, bool)>> {
+    let Some(row) = sqlx::query(&format!(
+        "SELECT {}, budget_exhausted_until FROM {} WHERE id = $1",
+        limit_columns(""),
+        table_of(kind)
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let limits = limits_of(&row)?;
+    let stored = exhausted_of(&row)?;
+    let spend = spend_of(conn, kind, id, &limits, now).await?;
+    let until = spend.as_ref().and_then(Spend::exhausted_until);
+    if until == stored {
+        return Ok(Some((spend, false)));
+    }
+    sqlx::query(&format!(
+        "UPDATE {} SET budget_exhausted_until = $1 WHERE id = $2",
+        table_of(kind)
+    ))
+    .bind(until.map(|t| t.0))
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some((spend, true)))
+}
+
+/// Sets every limit column of a consumer or consumer key (unset limits to NULL), and its
+/// exhaustion under the new limits: raising a budget re-opens at once, lowering it below
+/// the spend refuses at once.
 pub(super) async fn write_limits(
     m: &mut Mutation,
     kind: ResourceKind,
@@ -76,6 +123,7 @@ pub(super) async fn write_limits(
     .bind(id)
     .execute(&mut *m.tx)
     .await?;
+    refresh_exhaustion(&mut m.tx, kind, id, m.now).await?;
     Ok(())
 }
 
@@ -150,4 +198,126 @@ impl Store {
         let limits = limits_of(&row)?;
         spend_of(&mut conn, kind, &id, &limits, now).await
     }
+}
+
+/// A budget's state changed by usage (not by an operator): what [`Store::refresh_budgets`]
+/// changed, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetChange {
+    pub kind: ResourceKind,
+    pub id: String,
+    pub name: String,
+    /// Refusing until this instant (`None`: re-opened).
+    pub exhausted_until: Option<Timestamp>,
+}
+
+/// The actor of the audit rows budget changes leave (no admin request made them).
+pub const BUDGET_ACTOR: &str = "keygate:budget";
+
+impl Store {
+    /// Re-reads the spend of the given consumer keys and consumers (those a usage report just
+    /// charged) and publishes what reached a budget (or re-opened): one mutation, audited per
+    /// subject under [`BUDGET_ACTOR`], or nothing at all when no exhaustion changed (no
+    /// revision is spent). Serialised with every other mutation on the store's revision row,
+    /// so two control planes applying reports at once agree, and a second refresh of the same
+    /// spend changes nothing.
+    pub async fn refresh_budgets(
+        &self,
+        consumer_keys: &[String],
+        consumers: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<BudgetChange>> {
+        // Only subjects with a budget: most reports charge none, and then take no lock.
+        let mut subjects = Vec::new();
+        {
+            let mut conn = self.pool.acquire().await?;
+            for (kind, ids) in [
+                (ResourceKind::ConsumerKey, consumer_keys),
+                (ResourceKind::Consumer, consumers),
+            ] {
+                for id in ids {
+                    let budgeted: Option<i64> = sqlx::query_scalar(&format!(
+                        "SELECT budget_period FROM {} WHERE id = $1",
+                        table_of(kind)
+                    ))
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .flatten();
+                    if budgeted.is_some() {
+                        subjects.push((kind, id.clone()));
+                    }
+                }
+            }
+        }
+        if subjects.is_empty() {
+            return Ok(Vec::new());
+        }
+        subjects.sort();
+        subjects.dedup();
+        let mut m = self.begin(&super::Actor(BUDGET_ACTOR.into())).await?;
+        let now = now.max(m.now);
+        let mut out = Vec::new();
+        for (kind, id) in subjects {
+            let Some((spend, true)) = refresh_exhaustion(&mut m.tx, kind, &id, now).await? else {
+                continue;
+            };
+            let name: String = sqlx::query_scalar(&format!(
+                "SELECT name FROM {} WHERE id = $1",
+                table_of(kind)
+            ))
+            .bind(&id)
+            .fetch_one(&mut *m.tx)
+            .await?;
+            let until = spend.as_ref().and_then(Spend::exhausted_until);
+            let details = budget_details(spend.as_ref(), until);
+            let action = if until.is_some() {
+                "BudgetExhausted"
+            } else {
+                "BudgetReopened"
+            };
+            super::audit::Audit::new(action, kind, &id, &name, &["budget_exhausted_until"])
+                .with_details(&details)
+                .write(&mut m.tx, m.revision, m.now, &m.actor)
+                .await?;
+            m.changed.push((kind, id.clone()));
+            out.push(BudgetChange {
+                kind,
+                id,
+                name,
+                exhausted_until: until,
+            });
+        }
+        if out.is_empty() {
+            m.tx.rollback().await?;
+            return Ok(out);
+        }
+        self.commit_unaudited(m).await?;
+        Ok(out)
+    }
+}
+
+/// What an exhaustion audit row says: the spend that reached the budget and until when.
+fn budget_details(spend: Option<&Spend>, until: Option<Timestamp>) -> String {
+    let Some(s) = spend else {
+        return "budget removed".into();
+    };
+    let (micro, pico) = s.cost.split_micro();
+    let spent = format!(
+        "spent {} tokens and {}.{:06}{:06} USD since {}",
+        s.tokens,
+        micro / 1_000_000,
+        micro % 1_000_000,
+        pico,
+        time_text(s.period_start)
+    );
+    match until {
+        Some(Timestamp(i64::MAX)) => format!("{spent}; refused for good (TOTAL budget)"),
+        Some(t) => format!("{spent}; refused until {}", time_text(t)),
+        None => format!("{spent}; open again"),
+    }
+}
+
+fn time_text(t: Timestamp) -> String {
+    humantime::format_rfc3339_seconds(t.to_system()).to_string()
 }

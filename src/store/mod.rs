@@ -49,6 +49,7 @@ pub use changes::{Changes, Increment};
 pub use consumer_keys::{ConsumerKeyFilter, CreatedConsumerKey, RotatedConsumerKey};
 pub use contents::{EncryptedModelKeys, KeyRow, StoreContents};
 pub use epoch::EPOCH_ACTOR;
+pub use limits::{BUDGET_ACTOR, BudgetChange};
 pub use lookup::{Page, PageRequest};
 pub use model_keys::ModelKeyFilter;
 pub use secret_values::{Refreshed, SECRET_REFRESH_ACTOR, SecretKey};

@@ -85,6 +85,26 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Records and commits a mutation that wrote its own audit rows (changes no admin
+    /// request made, e.g. budget exhaustion).
+    pub(super) async fn commit_unaudited(&self, m: Mutation) -> Result<i64> {
+        let Mutation {
+            mut tx,
+            revision,
+            changed,
+            full_reload,
+            removed_hashes,
+            ..
+        } = m;
+        changes::record(&mut tx, revision, changed, full_reload, removed_hashes).await?;
+        self.notify_at_commit(&mut tx, revision).await?;
+        tx.commit().await?;
+        self.note_committed(revision);
+        Ok(revision)
+    }
+}
+
 /// Sets a resource's `update_time` to the mutation's time.
 pub(super) async fn touch(m: &mut Mutation, kind: ResourceKind, id: &str) -> Result<()> {
     sqlx::query(&format!(

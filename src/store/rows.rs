@@ -7,7 +7,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::contents::KeyRow;
-use super::limits::limits_of;
+use super::limits::{exhausted_of, limits_of};
 use super::{Result, StoreError};
 use crate::crypto::KeyHash;
 use crate::domain::usage::{ModelPrice, PricePerMtok};
@@ -158,7 +158,7 @@ pub(super) fn new_id() -> String {
 
 pub(super) const CONSUMER_COLUMNS: &str = "id, name, description, scope_mode, create_time, \
      update_time, budget_micro_usd, budget_tokens, budget_period, requests_per_minute, \
-     tokens_per_minute";
+     tokens_per_minute, budget_exhausted_until";
 
 pub(super) const SERVICE_COLUMNS: &str = "id, name, description, provider, auth_header, \
      auth_value_template, models, model_source, pricing, create_time, update_time";
@@ -172,13 +172,13 @@ pub(super) const CONSUMER_KEY_COLUMNS: &str = "k.id, k.name, k.description, k.st
      k.consumer_id, c.name AS consumer_name, k.scope_mode, k.ip_allowlist, k.expire_time, \
      k.create_time, k.update_time, k.last_used_time, k.previous_masked_value, \
      k.previous_expire_time, k.budget_micro_usd, k.budget_tokens, k.budget_period, \
-     k.requests_per_minute, k.tokens_per_minute";
+     k.requests_per_minute, k.tokens_per_minute, k.budget_exhausted_until";
 
 /// What the data plane needs of a consumer key, selected from `consumer_keys k`.
 pub(super) const KEY_ROW_COLUMNS: &str = "k.id, k.name, k.status, k.key_hash, k.consumer_id, \
      k.scope_mode, k.ip_allowlist, k.expire_time, k.previous_hash, k.previous_expire_time, \
      k.budget_micro_usd, k.budget_tokens, k.budget_period, k.requests_per_minute, \
-     k.tokens_per_minute";
+     k.tokens_per_minute, k.budget_exhausted_until";
 
 /// The JSON text of a model service's `models`.
 pub(super) fn encode_list(items: &[String]) -> String {
@@ -308,6 +308,7 @@ pub(super) fn consumer_base(r: &AnyRow, scope: Scope) -> Result<Consumer> {
         update_time: Timestamp(r.try_get("update_time")?),
         limits: limits_of(r)?,
         spend: None,
+        budget_exhausted_until: exhausted_of(r)?,
     })
 }
 
@@ -402,6 +403,7 @@ pub(super) fn key_row(r: &AnyRow, scope: Scope) -> Result<Option<KeyRow>> {
                 .map(Timestamp),
         ),
         limits: limits_of(r)?,
+        budget_exhausted_until: exhausted_of(r)?,
     }))
 }
 

@@ -239,6 +239,15 @@ CREATE INDEX usage_buckets_key_hour ON usage_buckets (consumer_key_id, hour);
 CREATE INDEX usage_buckets_consumer_hour ON usage_buckets (consumer_id, hour);
 "#;
 
+/// SPEC §8.3 budget exhaustion, kept by the control plane (never by an operator): until when a
+/// consumer's or consumer key's budget refuses (µs; the largest value for a `TOTAL` budget, which
+/// never ends; NULL while open). Published in the snapshot, so data planes refuse with no call
+/// and re-open at that instant by themselves.
+const V9: &str = r#"
+ALTER TABLE consumers ADD COLUMN budget_exhausted_until BIGINT;
+ALTER TABLE consumer_keys ADD COLUMN budget_exhausted_until BIGINT;
+"#;
+
 /// The migrator for `backend`, with the schema text embedded in the binary.
 pub fn migrator(backend: Backend) -> Migrator {
     let blob = match backend {
@@ -254,6 +263,7 @@ pub fn migrator(backend: Backend) -> Migrator {
         (6, "audit event details", V6),
         (7, "consumer key rotation", V7),
         (8, "budgets and rate limits", V8),
+        (9, "budget exhaustion", V9),
     ]
     .into_iter()
     .map(|(version, description, sql)| {

@@ -2,6 +2,9 @@
 //! the ext_proc service trust an attribution it did not decide.
 
 use super::{Metered, Reading, ResponseMeter, Tokens};
+use std::sync::Arc;
+
+use crate::authz::ratelimit::RateLimiter;
 use crate::usage::{Counts, Tally, UsageKey};
 
 /// The metering of one allowed request, from the decision to the end of its response: what
@@ -12,6 +15,8 @@ use crate::usage::{Counts, Tally, UsageKey};
 pub struct StreamMetering {
     key: UsageKey,
     meter: Option<ResponseMeter>,
+    /// The rate limiter its tokens are charged to at the end (SPEC §8.3).
+    charge: Option<Arc<RateLimiter>>,
 }
 
 impl StreamMetering {
@@ -31,7 +36,15 @@ impl StreamMetering {
                 model: model.unwrap_or_default().to_owned(),
             },
             meter: None,
+            charge: None,
         }
+    }
+
+    /// Also charges the response's tokens (input + output) to the token limits of the key and
+    /// consumer in `limiter` when it is recorded.
+    pub fn charging(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.charge = Some(limiter);
+        self
     }
 
     /// The metering of an allowed decision.
@@ -77,6 +90,15 @@ impl StreamMetering {
                 .usage_unparsed
                 .with_label_values(&[reason])
                 .inc();
+        }
+        if let Some(limiter) = &self.charge {
+            let tokens = metered.tokens.input.saturating_add(metered.tokens.output);
+            limiter.charge_admitted(
+                self.key.consumer_key,
+                self.key.consumer,
+                tokens,
+                crate::domain::Timestamp::now().0,
+            );
         }
         let mut key = self.key;
         if key.model.is_empty()
