@@ -588,3 +588,7 @@ mod model_tests;
 #[cfg(test)]
 #[path = "decision_rotation_tests.rs"]
 mod rotation_tests;
+
+#[cfg(test)]
+#[path = "decision_limits_tests.rs"]
+mod limits_tests;
