@@ -256,7 +256,6 @@ impl Store {
         subjects.sort();
         subjects.dedup();
         let mut m = self.begin(&super::Actor(BUDGET_ACTOR.into())).await?;
-        let now = now.max(m.now);
         let mut out = Vec::new();
         for (kind, id) in subjects {
             let Some((spend, true)) = refresh_exhaustion(&mut m.tx, kind, &id, now).await? else {
