@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::admin::{bearer, create_consumer, create_consumer_key, create_model_key, create_service};
+use common::admin::{
+    bearer, create_consumer, create_consumer_key, create_model_key, create_service,
+};
 use common::envoy::{Envoy, EnvoyRun, HttpResponse, ModuleFiles, free_port, http_get, http_post};
 use common::gateway::{Gateway, Plane, SUBSCRIBER_TOKEN};
 use common::{poll_until, tail};
@@ -42,7 +44,14 @@ impl OwnRedis {
     fn start() -> OwnRedis {
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -68,12 +77,6 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// One Envoy (data plane) and its module's `/metrics` listener.
-struct Plane2 {
-    envoy_listener: SocketAddr,
-    metrics: SocketAddr,
 }
 
 /// The value of the unlabelled sample `name` on `addr`'s `/metrics`.
@@ -114,7 +117,11 @@ async fn paced_run(planes: [SocketAddr; 2], key: &str, mut before: impl FnMut(us
         first.get_or_insert(last);
         sent.push(tokio::spawn(async move {
             let r = http_post(planes[envoy], TARGET, &[("authorization", &auth)], BODY).await;
-            (envoy, i, r.unwrap_or_else(|e| panic!("POST #{i} to Envoy {envoy}: {e}")))
+            (
+                envoy,
+                i,
+                r.unwrap_or_else(|e| panic!("POST #{i} to Envoy {envoy}: {e}")),
+            )
         }));
     }
     let mut answers = Vec::new();
@@ -135,8 +142,17 @@ fn check_answers(run: &Run, what: &str) {
             429 => {
                 let v = r.json();
                 assert_eq!(v["error"]["type"], "requests", "{what}: #{i} {}", r.text());
-                assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{what}: #{i} {}", r.text());
-                let retry: Vec<u64> = r.values("retry-after").iter().filter_map(|v| v.parse().ok()).collect();
+                assert_eq!(
+                    v["error"]["code"],
+                    "rate_limit_exceeded",
+                    "{what}: #{i} {}",
+                    r.text()
+                );
+                let retry: Vec<u64> = r
+                    .values("retry-after")
+                    .iter()
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
                 assert!(
                     retry.len() == 1 && retry[0] >= 1,
                     "{what}: #{i} (Envoy {e}) 429 needs one retry-after ≥ 1 s: {:?}",
@@ -151,6 +167,7 @@ fn check_answers(run: &Run, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_without_it() {
     let mut redis = OwnRedis::start();
+    // Each data plane's filter_config settings: the same Redis, its own metrics listener.
     let settings = |metrics: SocketAddr| {
         [
             ("rate_limit_redis", redis.url.clone()),
@@ -158,15 +175,9 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
             ("metrics_addr", metrics.to_string()),
         ]
     };
-    let extra = |s: &[(&str, String)]| -> Vec<(String, String)> {
-        s.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-    };
-    let metrics = [
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-        SocketAddr::from(([127, 0, 0, 1], free_port())),
-    ];
-    let first = extra(&settings(metrics[0]));
-    let first: Vec<(&str, &str)> = first.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let metrics = [free_port(), free_port()].map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+    let first = settings(metrics[0]);
+    let first = first.each_ref().map(|(k, v)| (*k, v.as_str()));
     let mut gw = Gateway::start_with(Plane::Module, &first).await;
 
     // The second data plane: another Envoy with the module, its own data_dir, the same keygate.
@@ -186,30 +197,52 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     };
     let second = Envoy::start_module(&files, gw.upstream.addr, &EnvoyRun::module()).await;
     let planes = [gw.listener(), second.listener];
-    let diag = |gw: &Gateway| format!("{}\n--- second Envoy:\n{}", gw.diagnostics(), tail(&second.stderr(), 30));
+    let diag = |gw: &Gateway| {
+        format!(
+            "{}\n--- second Envoy:\n{}",
+            gw.diagnostics(),
+            tail(&second.stderr(), 30)
+        )
+    };
 
     // Provisioning: the openai service, a consumer, two keys limited to 60 requests a minute
     // (one per phase, each starting with a full bucket) and an unlimited one for probing.
     create_service(&mut gw.admin, "openai", "", "").await;
-    create_model_key(&mut gw.admin, "openai-main", "sk-proj-sharedLimits000000000000001", "openai").await;
+    create_model_key(
+        &mut gw.admin,
+        "openai-main",
+        "sk-proj-sharedLimits000000000000001",
+        "openai",
+    )
+    .await;
     create_consumer(&mut gw.admin, "app").await;
-    let mut key = |name: &'static str, rpm: u32| {
-        let mut admin = gw.admin.clone();
-        async move {
-            let limits = Some(pb::Limits { requests_per_minute: rpm, ..Default::default() });
-            let req = pb::CreateConsumerKeyRequest { name: name.into(), consumer: "app".into(), limits, ..Default::default() };
-            create_consumer_key(&mut admin, req).await
-        }
-    };
-    let (limited_1, limited_2, probe) = (key("rpm-1", RPM).await, key("rpm-2", RPM).await, key("probe", 0).await);
+    let mut keys = Vec::new();
+    for (name, rpm) in [("rpm-1", Some(RPM)), ("rpm-2", Some(RPM)), ("probe", None)] {
+        let limits = rpm.map(|rpm| pb::Limits {
+            requests_per_minute: rpm,
+            ..Default::default()
+        });
+        let req = pb::CreateConsumerKeyRequest {
+            name: name.into(),
+            consumer: "app".into(),
+            limits,
+            ..Default::default()
+        };
+        keys.push(create_consumer_key(&mut gw.admin, req).await);
+    }
+    let [limited_1, limited_2, probe] = <[String; 3]>::try_from(keys).unwrap();
 
     // Both data planes decide from the last commit: the probe key is allowed on each.
     gw.settle().await;
     for (n, addr) in planes.iter().enumerate() {
-        poll_until(Duration::from_secs(10), &format!("the probe key to be allowed on Envoy {n}"), || async {
-            let r = http_post(*addr, TARGET, &[("authorization", &bearer(&probe))], BODY).await;
-            (r.ok()?.status == 200).then_some(())
-        })
+        poll_until(
+            Duration::from_secs(10),
+            &format!("the probe key to be allowed on Envoy {n}"),
+            || async {
+                let r = http_post(*addr, TARGET, &[("authorization", &bearer(&probe))], BODY).await;
+                (r.ok()?.status == 200).then_some(())
+            },
+        )
         .await;
     }
 
@@ -236,9 +269,11 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     // Both data planes say they share, and how many syncs failed so far.
     let mut failures_before = [0.0; 2];
     for (n, m) in metrics.iter().enumerate() {
-        poll_until(Duration::from_secs(10), &format!("{SHARED} 1 on Envoy {n}"), || async {
-            (metric(*m, SHARED).await? == 1.0).then_some(())
-        })
+        poll_until(
+            Duration::from_secs(10),
+            &format!("{SHARED} 1 on Envoy {n}"),
+            || async { (metric(*m, SHARED).await? == 1.0).then_some(()) },
+        )
         .await;
         failures_before[n] = metric(*m, FAILURES).await.expect(FAILURES);
     }
@@ -257,7 +292,14 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     check_answers(&run, "phase 2");
     let admitted = run.count(None, 200, 0);
     let elapsed = run.elapsed.as_secs_f64();
-    let after: Vec<(usize, usize)> = (0..2).map(|e| (run.count(Some(e), 200, stop_at), run.count(Some(e), 429, stop_at))).collect();
+    let after: Vec<(usize, usize)> = (0..2)
+        .map(|e| {
+            (
+                run.count(Some(e), 200, stop_at),
+                run.count(Some(e), 429, stop_at),
+            )
+        })
+        .collect();
     eprintln!(
         "phase 2 (Redis stopped at request {stop_at}): admitted {admitted} of {REQUESTS} in {elapsed:.3} s (Envoy 0: {}, Envoy 1: {}); after the stop (admitted, refused): Envoy 0 {:?}, Envoy 1 {:?}",
         run.count(Some(0), 200, 0),
@@ -272,22 +314,49 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
         diag(&gw)
     );
     for (e, (ok, refused)) in after.iter().enumerate() {
-        assert!(*ok > 0 && *refused > 0, "phase 2: Envoy {e} after the stop admitted {ok} and refused {refused}: it must keep enforcing its own counts\n{}", diag(&gw));
+        assert!(
+            *ok > 0 && *refused > 0,
+            "phase 2: Envoy {e} after the stop admitted {ok} and refused {refused}: it must keep enforcing its own counts\n{}",
+            diag(&gw)
+        );
     }
     for (n, m) in metrics.iter().enumerate() {
-        poll_until(Duration::from_secs(10), &format!("{SHARED} 0 on Envoy {n} with Redis stopped"), || async {
-            (metric(*m, SHARED).await? == 0.0).then_some(())
-        })
+        poll_until(
+            Duration::from_secs(10),
+            &format!("{SHARED} 0 on Envoy {n} with Redis stopped"),
+            || async { (metric(*m, SHARED).await? == 0.0).then_some(()) },
+        )
         .await;
         let failures = metric(*m, FAILURES).await.expect(FAILURES);
-        eprintln!("Envoy {n}: {FAILURES} {} before the stop, {failures} after", failures_before[n]);
-        assert!(failures > failures_before[n], "Envoy {n}: {FAILURES} did not grow with Redis stopped");
+        eprintln!(
+            "Envoy {n}: {FAILURES} {} before the stop, {failures} after",
+            failures_before[n]
+        );
+        assert!(
+            failures > failures_before[n],
+            "Envoy {n}: {FAILURES} did not grow with Redis stopped"
+        );
         // Nothing fails open on authentication.
-        let r = http_post(planes[n], TARGET, &[("authorization", &bearer("kg-not-a-key-0000000000000000"))], BODY)
-            .await
-            .unwrap();
-        assert_eq!(r.status, 401, "Envoy {n}, Redis stopped, unknown key: {}", r.text());
+        let r = http_post(
+            planes[n],
+            TARGET,
+            &[("authorization", &bearer("kg-not-a-key-0000000000000000"))],
+            BODY,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            r.status,
+            401,
+            "Envoy {n}, Redis stopped, unknown key: {}",
+            r.text()
+        );
         let r = http_post(planes[n], TARGET, &[], BODY).await.unwrap();
-        assert_eq!(r.status, 401, "Envoy {n}, Redis stopped, no key: {}", r.text());
+        assert_eq!(
+            r.status,
+            401,
+            "Envoy {n}, Redis stopped, no key: {}",
+            r.text()
+        );
     }
 }
