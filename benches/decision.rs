@@ -7,6 +7,12 @@
 //! from a 10 KB JSON body whose `model` comes after its `messages` (allowed and refused), to
 //! compare with `hit` (a service-wide key, decided from headers alone) in the same run.
 //!
+//! Budgets and rate limits (SPEC §8.3), group `limits` at 1M keys: the whole admission a data
+//! plane runs (`decide`, then `Outcome::rate_limited`) for a key without limits (one branch),
+//! a key and consumer with requests- and tokens-per-minute limits (the rate limiter's buckets),
+//! a spent budget (429), and 65,536 distinct keys in turn with and without limits (cold caches,
+//! a bucket per key).
+//!
 //! `cargo bench --bench decision -- --warm-up-time 1 --measurement-time 2`
 
 use std::hint::black_box;
@@ -17,13 +23,15 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use uuid::Uuid;
 
 use keygate::authz::decision::Body;
+use keygate::authz::outcome::Outcome;
+use keygate::authz::ratelimit::RateLimiter;
 use keygate::authz::{Decision, DecisionConfig, RequestView, decide};
 use keygate::crypto::{KeyHasher, Keys, MasterKey, Secret};
 use keygate::domain::Timestamp;
 use keygate::snapshot::fixtures::key_entry;
 use keygate::snapshot::{
-    ConsumerRecord, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet, ServiceRecord,
-    Snapshot, Update,
+    ConsumerRecord, EntryLimits, KeyEntry, ModelKeyRecord, ModelRule, ScopeList, ScopeSet,
+    ServiceRecord, Snapshot, Update,
 };
 
 /// Presented keys (46 characters, like generated `kg-` keys).
@@ -33,11 +41,26 @@ const SCOPED: &str = "kg-benchSCOPEDxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 const UNKNOWN: &str = "kg-benchUNKNOWNxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 /// Scoped to `openai-prod/gpt-4o-mini` only.
 const MODEL_SCOPED: &str = "kg-benchMODELxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+/// Requests and tokens per minute on the key and its consumer (never reached in a run).
+const LIMITED: &str = "kg-benchLIMITEDxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+/// Its budget is spent until far in the future.
+const SPENT: &str = "kg-benchSPENTxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
 const SERVICE: &str = "openai-prod";
 /// How many distinct valid keys `hit_spread` cycles through (cold index lookups at 1M).
 const SPREAD: usize = 65_536;
 const CONSUMERS: u128 = 1_000;
+/// Consumers from this index on have rate limits (the limited keys' consumers).
+const LIMITED_CONSUMERS: u128 = 500;
+
+/// Limits no benchmark run reaches: every admission goes through the buckets and admits.
+fn per_minute() -> EntryLimits {
+    EntryLimits {
+        requests_per_minute: Some(u32::MAX),
+        tokens_per_minute: Some(1_000_000_000_000),
+        exhausted_until: None,
+    }
+}
 
 /// A request as the ext_authz adapter presents it: a few headers, the peer, the route.
 struct Req {
@@ -119,13 +142,31 @@ struct Fixture {
     spread: usize,
 }
 
+/// A key without limits, of a consumer without limits.
 fn record(hash: [u8; 32], n: u128) -> ([u8; 32], KeyEntry) {
     let entry = key_entry(
         Uuid::from_u128(0x1_0000_0000 + n),
-        Some(Uuid::from_u128(0x1000 + n % CONSUMERS)),
+        Some(Uuid::from_u128(0x1000 + n % LIMITED_CONSUMERS)),
         format!("key-{n}"),
     );
     (hash, entry)
+}
+
+/// A key with rate limits, of a consumer with rate limits.
+fn limited_record(hash: [u8; 32], n: u128) -> ([u8; 32], KeyEntry) {
+    let consumer = LIMITED_CONSUMERS + n % (CONSUMERS - LIMITED_CONSUMERS);
+    let mut entry = key_entry(
+        Uuid::from_u128(0x1_0000_0000 + n),
+        Some(Uuid::from_u128(0x1000 + consumer)),
+        format!("key-{n}"),
+    );
+    entry.limits = per_minute();
+    (hash, entry)
+}
+
+/// The i-th valid key with limits (46 characters).
+fn limited_spread_key(i: usize) -> String {
+    format!("kg-benchL-{i:036}")
 }
 
 /// The i-th valid key of the `hit_spread` set (46 characters).
@@ -173,7 +214,11 @@ fn build(n: usize, keys: Keys) -> Fixture {
             id: Uuid::from_u128(0x1000 + i),
             name: format!("consumer-{i}"),
             scope: ScopeSet::All,
-            limits: Default::default(),
+            limits: if i >= LIMITED_CONSUMERS {
+                per_minute()
+            } else {
+                Default::default()
+            },
         })
         .collect();
 
@@ -195,10 +240,17 @@ fn build(n: usize, keys: Keys) -> Fixture {
         .into(),
     }));
     records.push(r);
-    let spread = SPREAD.min(n - records.len());
+    records.push(limited_record(keys.hasher.hash(LIMITED.as_bytes()), 4));
+    let mut r = record(keys.hasher.hash(SPENT.as_bytes()), 5);
+    r.1.limits.exhausted_until = Some(Timestamp(i64::MAX));
+    records.push(r);
+    let spread = SPREAD.min((n - records.len()) / 2);
     for i in 0..spread {
         let idx = records.len() as u128;
         records.push(record(keys.hasher.hash(spread_key(i).as_bytes()), idx));
+        let idx = records.len() as u128;
+        let hash = keys.hasher.hash(limited_spread_key(i).as_bytes());
+        records.push(limited_record(hash, idx));
     }
     let mut state = 0x5EED_u64;
     for i in records.len()..n {
@@ -296,6 +348,59 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// The whole admission a data plane runs: the decision, then the rate limits.
+fn admit(
+    f: &Fixture,
+    cfg: &DecisionConfig,
+    limiter: &RateLimiter,
+    r: &Req,
+    now: Timestamp,
+) -> bool {
+    let hasher: &KeyHasher = &f.keys.hasher;
+    let d = decide(&f.snap, cfg, r, now, |k| hasher.hash(k));
+    let o = Outcome::of(d, cfg).rate_limited(limiter, now);
+    matches!(black_box(o), Outcome::Admit(_))
+}
+
+fn bench_limits(c: &mut Criterion) {
+    let cfg = DecisionConfig::default();
+    let now = Timestamp::now();
+    let (_, f) = fixtures()
+        .iter()
+        .find(|(size, _)| *size == "1M")
+        .expect("1M");
+    let limiter = RateLimiter::default();
+    let mut group = c.benchmark_group("limits");
+    for (name, key, admitted) in [
+        ("hit_unlimited", HIT, true),
+        ("hit_limited", LIMITED, true),
+        ("denied_budget_spent", SPENT, false),
+    ] {
+        let r = req(key);
+        assert_eq!(admit(f, &cfg, &limiter, &r, now), admitted, "{name}");
+        group.bench_function(BenchmarkId::new(name, "1M"), |b| {
+            b.iter(|| admit(f, &cfg, &limiter, black_box(&r), now))
+        });
+    }
+    for (name, key) in [
+        ("hit_spread_unlimited", spread_key as fn(usize) -> String),
+        ("hit_spread_limited", limited_spread_key),
+    ] {
+        let reqs: Vec<Req> = (0..f.spread).map(|i| req(&key(i))).collect();
+        for r in &reqs {
+            assert!(admit(f, &cfg, &limiter, r, now), "{name}");
+        }
+        group.bench_function(BenchmarkId::new(name, "1M"), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) % reqs.len();
+                admit(f, &cfg, &limiter, black_box(&reqs[i]), now)
+            })
+        });
+    }
+    group.finish();
+}
+
 fn bench_hmac(c: &mut Criterion) {
     let hasher = MasterKey::generate().keys().hasher;
     c.bench_function("hmac_presented_key", |b| {
@@ -303,5 +408,5 @@ fn bench_hmac(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_hmac, bench_decide);
+criterion_group!(benches, bench_hmac, bench_decide, bench_limits);
 criterion_main!(benches);

@@ -88,7 +88,10 @@ impl World {
             full: true,
             keys: vec![
                 (self.hash(VALUE), self.entry(KEY_ID, key)),
-                (self.hash(OTHER), self.entry(OTHER_ID, EntryLimits::default())),
+                (
+                    self.hash(OTHER),
+                    self.entry(OTHER_ID, EntryLimits::default()),
+                ),
             ],
             consumers: vec![ConsumerRecord {
                 id: CONSUMER_ID,
@@ -184,10 +187,7 @@ fn a_spent_key_budget_refuses_429_until_the_period_end_then_allows_with_no_updat
 #[test]
 fn a_spent_consumer_budget_stops_every_key_of_the_consumer() {
     let w = World::new();
-    let snap = w.snapshot(
-        EntryLimits::default(),
-        exhausted(Timestamp(NOW.0 + DAY_US)),
-    );
+    let snap = w.snapshot(EntryLimits::default(), exhausted(Timestamp(NOW.0 + DAY_US)));
     for value in [VALUE, OTHER] {
         assert_eq!(
             reason(&w.decide(&snap, value, NOW)),
@@ -206,10 +206,7 @@ fn a_spent_consumer_budget_stops_every_key_of_the_consumer() {
 #[test]
 fn unknown_values_are_401_whatever_a_budget_says() {
     let w = World::new();
-    let snap = w.snapshot(
-        exhausted(Timestamp(NOW.0 + DAY_US)),
-        EntryLimits::default(),
-    );
+    let snap = w.snapshot(exhausted(Timestamp(NOW.0 + DAY_US)), EntryLimits::default());
     // An unknown value is 401 whatever any budget says.
     assert_eq!(
         reason(&w.decide(&snap, "kg-notAKeyAtAll-000000000000", NOW)),
@@ -220,10 +217,7 @@ fn unknown_values_are_401_whatever_a_budget_says() {
 #[test]
 fn the_budget_reply_tells_the_sdks_not_to_retry() {
     let w = World::new();
-    let snap = w.snapshot(
-        exhausted(Timestamp(NOW.0 + DAY_US)),
-        EntryLimits::default(),
-    );
+    let snap = w.snapshot(exhausted(Timestamp(NOW.0 + DAY_US)), EntryLimits::default());
     let cfg = DecisionConfig::default();
     let limiter = RateLimiter::default();
     let o = w.outcome(&snap, &cfg, &limiter, VALUE, NOW);
@@ -250,13 +244,19 @@ fn requests_per_minute_admit_a_minutes_burst_then_refuse_with_retry_after() {
     let limiter = RateLimiter::default();
     for i in 0..3 {
         assert!(
-            matches!(w.outcome(&snap, &cfg, &limiter, VALUE, NOW), Outcome::Admit(_)),
+            matches!(
+                w.outcome(&snap, &cfg, &limiter, VALUE, NOW),
+                Outcome::Admit(_)
+            ),
             "request {i} of the burst"
         );
     }
     let o = w.outcome(&snap, &cfg, &limiter, VALUE, NOW);
     let r = refusal(&o);
-    assert_eq!((r.status(), r.reason), (429, DenyReason::RequestRateLimited));
+    assert_eq!(
+        (r.status(), r.reason),
+        (429, DenyReason::RequestRateLimited)
+    );
     assert_eq!(r.key.map(|k| k.id), Some(KEY_ID));
     // 3 a minute: one request back every 20 s.
     assert_eq!(
@@ -293,16 +293,28 @@ fn a_consumer_rate_limit_counts_every_key_and_a_refusal_takes_nothing() {
     let snap = w.snapshot(EntryLimits::default(), consumer);
     let cfg = DecisionConfig::default();
     let limiter = RateLimiter::default();
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, VALUE, NOW), Outcome::Admit(_)));
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, OTHER, NOW), Outcome::Admit(_)));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, VALUE, NOW),
+        Outcome::Admit(_)
+    ));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, OTHER, NOW),
+        Outcome::Admit(_)
+    ));
     for value in [VALUE, OTHER] {
         let o = w.outcome(&snap, &cfg, &limiter, value, NOW);
         assert_eq!(refusal(&o).reason, DenyReason::RequestRateLimited);
     }
     // Refused requests took nothing: 30 s refill one request (2 a minute), and one only.
     let later = Timestamp(NOW.0 + 30_000_000);
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, OTHER, later), Outcome::Admit(_)));
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, VALUE, later), Outcome::Refuse(_)));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, OTHER, later),
+        Outcome::Admit(_)
+    ));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, VALUE, later),
+        Outcome::Refuse(_)
+    ));
 }
 
 #[test]
@@ -316,8 +328,14 @@ fn tokens_charged_after_a_response_refuse_the_next_request_until_refilled() {
     let cfg = DecisionConfig::default();
     let limiter = RateLimiter::default();
     // Admitted while the allowance is not negative, whatever the answer will cost.
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, VALUE, NOW), Outcome::Admit(_)));
-    assert!(matches!(w.outcome(&snap, &cfg, &limiter, VALUE, NOW), Outcome::Admit(_)));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, VALUE, NOW),
+        Outcome::Admit(_)
+    ));
+    assert!(matches!(
+        w.outcome(&snap, &cfg, &limiter, VALUE, NOW),
+        Outcome::Admit(_)
+    ));
     // The two answers come back with 1,200 tokens between them: 600 in debt.
     limiter.charge_admitted(KEY_ID, Some(CONSUMER_ID), 500, NOW.0);
     limiter.charge_admitted(KEY_ID, Some(CONSUMER_ID), 700, NOW.0);

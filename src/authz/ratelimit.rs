@@ -221,17 +221,21 @@ pub struct Unsynced {
     pub tokens: Option<u64>,
 }
 
+/// A subject's map: hashed with foldhash (seeded per process; subjects are keygate's own ids,
+/// never chosen by a client), the same hash choosing the shard.
+type Subjects = HashMap<Subject, State, foldhash::fast::RandomState>;
+
 /// Every subject's buckets on this data plane.
 pub struct RateLimiter {
-    hasher: std::collections::hash_map::RandomState,
-    shards: [Mutex<HashMap<Subject, State>>; SHARDS],
+    hasher: foldhash::fast::RandomState,
+    shards: [Mutex<Subjects>; SHARDS],
 }
 
 impl Default for RateLimiter {
     fn default() -> Self {
         RateLimiter {
             hasher: Default::default(),
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
         }
     }
 }
@@ -242,65 +246,101 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
+/// Checks every limited subject's buckets, then (only if all admit) takes one request from
+/// each: a refusal by one takes nothing from the other.
+fn admit_states(states: &mut [(&mut State, &PerMinute)], now: i64) -> Admission {
+    for (state, limits) in states.iter_mut() {
+        if let Some(b) = state.current(LimitKind::Requests, limits, now)
+            && b.level < UNIT
+        {
+            let wait = b.wait_secs(UNIT, limits.limit(LimitKind::Requests).unwrap_or(0));
+            return Admission::Refuse {
+                kind: LimitKind::Requests,
+                retry_after_secs: wait,
+            };
+        }
+        if let Some(b) = state.current(LimitKind::Tokens, limits, now)
+            && b.level < 0
+        {
+            let wait = b.wait_secs(0, limits.limit(LimitKind::Tokens).unwrap_or(0));
+            return Admission::Refuse {
+                kind: LimitKind::Tokens,
+                retry_after_secs: wait,
+            };
+        }
+    }
+    for (state, limits) in states.iter_mut() {
+        if let Some(b) = state.current(LimitKind::Requests, limits, now) {
+            b.level -= UNIT;
+        }
+        state.unsynced.0 = state.unsynced.0.saturating_add(1);
+        state.last_admit = state.last_admit.max(now);
+    }
+    Admission::Admit
+}
+
 impl RateLimiter {
-    fn shard(&self, s: &Subject) -> std::sync::MutexGuard<'_, HashMap<Subject, State>> {
+    fn shard_index(&self, s: &Subject) -> usize {
         use std::hash::BuildHasher;
-        let i = (self.hasher.hash_one(s) as usize) % SHARDS;
+        (self.hasher.hash_one(s) as usize) % SHARDS
+    }
+
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Subjects> {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard(&self, s: &Subject) -> std::sync::MutexGuard<'_, Subjects> {
+        self.lock(self.shard_index(s))
     }
 
     /// Admits a request of `key` (limits `key_limits`) and of its consumer, if any (limits
     /// `consumer_limits`) at `now` (µs): both must have a request and a non-negative token
     /// allowance; an admitted request takes one request from both. A refusal takes nothing.
+    /// Both subjects' shards are held together (locked in shard order), so the check and the
+    /// take are one step: concurrent requests never both pass on the last request.
     pub fn admit(
         &self,
         key: (Uuid, &PerMinute),
         consumer: Option<(Uuid, &PerMinute)>,
         now: i64,
     ) -> Admission {
-        let subjects = [
-            Some((Subject::Key(key.0), key.1)),
-            consumer.map(|(id, l)| (Subject::Consumer(id), l)),
-        ];
-        let limited = || subjects.iter().flatten().filter(|(_, l)| !l.is_unlimited());
-        // Check every bucket first, then take: a refusal by the consumer takes nothing from
-        // the key. (Each subject's shard is locked on its own; two requests racing between the
-        // check and the take can each pass, which the next request sees: an overshoot of at
-        // most the requests in flight.)
-        for (s, limits) in limited() {
-            let mut shard = self.shard(s);
-            let state = shard.entry(*s).or_default();
-            if let Some(b) = state.current(LimitKind::Requests, limits, now)
-                && b.level < UNIT
-            {
-                let wait = b.wait_secs(UNIT, limits.limit(LimitKind::Requests).unwrap_or(0));
-                return Admission::Refuse {
-                    kind: LimitKind::Requests,
-                    retry_after_secs: wait,
-                };
+        let k = (!key.1.is_unlimited()).then_some((Subject::Key(key.0), key.1));
+        let c = consumer
+            .filter(|(_, l)| !l.is_unlimited())
+            .map(|(id, l)| (Subject::Consumer(id), l));
+        match (k, c) {
+            (None, None) => Admission::Admit,
+            (Some((s, l)), None) | (None, Some((s, l))) => {
+                let mut shard = self.shard(&s);
+                admit_states(&mut [(shard.entry(s).or_default(), l)], now)
             }
-            if let Some(b) = state.current(LimitKind::Tokens, limits, now)
-                && b.level < 0
-            {
-                let wait = b.wait_secs(0, limits.limit(LimitKind::Tokens).unwrap_or(0));
-                return Admission::Refuse {
-                    kind: LimitKind::Tokens,
-                    retry_after_secs: wait,
-                };
+            (Some((ks, kl)), Some((cs, cl))) => {
+                let (ki, ci) = (self.shard_index(&ks), self.shard_index(&cs));
+                if ki == ci {
+                    let mut shard = self.lock(ki);
+                    shard.entry(ks).or_default();
+                    shard.entry(cs).or_default();
+                    let [Some(kst), Some(cst)] = shard.get_disjoint_mut([&ks, &cs]) else {
+                        unreachable!("a key and a consumer are distinct subjects, both present")
+                    };
+                    admit_states(&mut [(kst, kl), (cst, cl)], now)
+                } else {
+                    let (mut first, mut second) = (self.lock(ki.min(ci)), self.lock(ki.max(ci)));
+                    let (kmap, cmap) = if ki < ci {
+                        (&mut *first, &mut *second)
+                    } else {
+                        (&mut *second, &mut *first)
+                    };
+                    admit_states(
+                        &mut [
+                            (kmap.entry(ks).or_default(), kl),
+                            (cmap.entry(cs).or_default(), cl),
+                        ],
+                        now,
+                    )
+                }
             }
         }
-        for (s, limits) in limited() {
-            let mut shard = self.shard(s);
-            let state = shard.entry(*s).or_default();
-            if let Some(b) = state.current(LimitKind::Requests, limits, now) {
-                b.level -= UNIT;
-            }
-            // The token bucket exists from now on (charged after the response).
-            state.current(LimitKind::Tokens, limits, now);
-            state.unsynced.0 = state.unsynced.0.saturating_add(1);
-            state.last_admit = state.last_admit.max(now);
-        }
-        Admission::Admit
     }
 
     /// Charges `tokens` (a response's input + output) to `key` and its consumer, after the
