@@ -185,14 +185,16 @@ fn start(key: FeedKey) -> Result<Feed, String> {
 /// The feed thread: its own runtime, the usage flusher (its recorder goes back on `ready`),
 /// the metered-usage reporter, the metrics listener, and the subscription, until `stop`
 /// turns true (then the last usage is reported).
+/// The metered-usage tally and its report interval.
+type Reporting = (Arc<Tally>, Duration);
+/// The rate limiter, its Redis synchronisation if any, and its interval.
+type Limiting = (Arc<RateLimiter>, Option<RedisSync>, Duration);
+
 fn run_thread(
     boot: DataPlaneFeed,
     metrics_listener: Option<std::net::TcpListener>,
     health: HealthSources,
-    ((tally, report_interval), (limiter, sync, sync_interval)): (
-        (Arc<Tally>, Duration),
-        (Arc<RateLimiter>, Option<RedisSync>, Duration),
-    ),
+    ((tally, report_interval), (limiter, sync, sync_interval)): (Reporting, Limiting),
     stop: tokio::sync::watch::Receiver<bool>,
     ready: std::sync::mpsc::SyncSender<UsageRecorder>,
 ) {

@@ -89,6 +89,35 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
+/// The data plane's rate limiter (SPEC §8.3) and its task: counts shared through
+/// `--rate-limit-redis` when set (every `--rate-limit-sync-interval`), idle subjects forgotten
+/// either way. A malformed Redis URL stops the start; an unreachable Redis does not (the data
+/// plane enforces its own counts until it can be reached, and says so in
+/// `keygate_rate_limit_shared`).
+pub(super) fn start_rate_limits(
+    args: &crate::config::DataPlaneArgs,
+    shutdown: &mut super::shutdown::Shutdown,
+) -> Result<std::sync::Arc<crate::authz::ratelimit::RateLimiter>, StartError> {
+    use crate::authz::ratelimit_redis::{RedisSync, run};
+    let limiter = std::sync::Arc::new(crate::authz::ratelimit::RateLimiter::default());
+    let sync = args
+        .rate_limit_redis
+        .as_deref()
+        .map(|url| RedisSync::new(url, "keygate:"))
+        .transpose()
+        .map_err(|e| StartError::Config(format!("--{}", e.replace('_', "-"))))?;
+    if sync.is_some() {
+        crate::metrics::METRICS.rate_limit_shared.set(0);
+    }
+    shutdown.spawn(run(
+        limiter.clone(),
+        sync,
+        args.rate_limit_sync_interval,
+        shutdown.recv(),
+    ));
+    Ok(limiter)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,33 +178,4 @@ mod tests {
             "no staging file left"
         );
     }
-}
-
-/// The data plane's rate limiter (SPEC §8.3) and its task: counts shared through
-/// `--rate-limit-redis` when set (every `--rate-limit-sync-interval`), idle subjects forgotten
-/// either way. A malformed Redis URL stops the start; an unreachable Redis does not (the data
-/// plane enforces its own counts until it can be reached, and says so in
-/// `keygate_rate_limit_shared`).
-pub(super) fn start_rate_limits(
-    args: &crate::config::DataPlaneArgs,
-    shutdown: &mut super::shutdown::Shutdown,
-) -> Result<std::sync::Arc<crate::authz::ratelimit::RateLimiter>, StartError> {
-    use crate::authz::ratelimit_redis::{RedisSync, run};
-    let limiter = std::sync::Arc::new(crate::authz::ratelimit::RateLimiter::default());
-    let sync = args
-        .rate_limit_redis
-        .as_deref()
-        .map(|url| RedisSync::new(url, "keygate:"))
-        .transpose()
-        .map_err(|e| StartError::Config(format!("--{}", e.replace('_', "-"))))?;
-    if sync.is_some() {
-        crate::metrics::METRICS.rate_limit_shared.set(0);
-    }
-    shutdown.spawn(run(
-        limiter.clone(),
-        sync,
-        args.rate_limit_sync_interval,
-        shutdown.recv(),
-    ));
-    Ok(limiter)
 }
