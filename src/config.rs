@@ -138,6 +138,16 @@ pub struct SeedArgs {
     /// Model service (created with one model key if missing).
     #[arg(long, default_value = "bench")]
     pub model_service: String,
+    /// Index of the first seeded key (`bench-<i>`, value `kg-bench-<i, 20 digits>-…`), so a
+    /// second seeding can add keys under another consumer.
+    #[arg(long, default_value_t = 0)]
+    pub first: u64,
+    /// Requests per minute of the consumer, when it is created (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub requests_per_minute: u32,
+    /// Tokens per minute of the consumer, when it is created (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub tokens_per_minute: u64,
 }
 
 /// Where the store and its master key live (shared by `serve` and the tools that open a store).

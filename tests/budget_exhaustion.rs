@@ -206,14 +206,24 @@ async fn a_spent_budget_is_published_once_until_the_period_end_and_reopens(backe
     // 700 of 1,000 tokens: open; nothing changes, no revision is spent.
     env.report(1, (k, app, service), (400, 300), now).await;
     let (_, before) = env.published().await;
-    assert!(env.store.refresh_budgets(&ids, &[], now).await.unwrap().is_empty());
+    assert!(
+        env.store
+            .refresh_budgets(&ids, &[], now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(env.published().await.1, before, "no revision for no change");
     assert_eq!(env.exhausted("k").await, None);
 
     // 1,050: exhausted until the day's end (UTC), in one revision; the unbudgeted key and the
     // consumer are untouched.
     env.report(2, (k, app, service), (200, 150), now).await;
-    let changes = env.store.refresh_budgets(&ids, &[app.to_string()], now).await.unwrap();
+    let changes = env
+        .store
+        .refresh_budgets(&ids, &[app.to_string()], now)
+        .await
+        .unwrap();
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!(changes[0].kind, ResourceKind::ConsumerKey);
     let until = next_midnight(now);
@@ -236,15 +246,30 @@ async fn a_spent_budget_is_published_once_until_the_period_end_and_reopens(backe
         .unwrap()
         .items;
     let e = &events[0];
-    assert_eq!((e.actor.as_str(), e.action.as_str()), (BUDGET_ACTOR, "BudgetExhausted"));
+    assert_eq!(
+        (e.actor.as_str(), e.action.as_str()),
+        (BUDGET_ACTOR, "BudgetExhausted")
+    );
     assert_eq!(e.resource_name, "k");
     assert!(e.details.contains("1050 tokens"), "{}", e.details);
 
     // Publishing twice does not matter: the same refresh again, here and from a second
     // control plane on the same store, changes nothing and spends no revision.
     let second = Env::open(&env.url, &env.master).await;
-    assert!(env.store.refresh_budgets(&ids, &[], now).await.unwrap().is_empty());
-    assert!(second.refresh_budgets(&ids, &[], now).await.unwrap().is_empty());
+    assert!(
+        env.store
+            .refresh_budgets(&ids, &[], now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        second
+            .refresh_budgets(&ids, &[], now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(env.published().await.1, revision);
 
     // Raising the budget re-opens at once (in the update's own revision)...
@@ -253,16 +278,29 @@ async fn a_spent_budget_is_published_once_until_the_period_end_and_reopens(backe
         ..Default::default()
     };
     let sel = Selector::Name("k".into());
-    env.store.update_consumer_key(&actor(), &sel, raise(5000)).await.unwrap();
+    env.store
+        .update_consumer_key(&actor(), &sel, raise(5000))
+        .await
+        .unwrap();
     assert_eq!(env.exhausted("k").await, None);
     // ... and lowering it under the spend closes at once.
-    env.store.update_consumer_key(&actor(), &sel, raise(1000)).await.unwrap();
-    assert_eq!(env.exhausted("k").await, Some(next_midnight(Timestamp::now())));
+    env.store
+        .update_consumer_key(&actor(), &sel, raise(1000))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.exhausted("k").await,
+        Some(next_midnight(Timestamp::now()))
+    );
 
     // The next day the spend of the new period is nothing: re-opened (data planes already
     // allow from the instant; the store catches up at the next report of the key).
     let tomorrow = Timestamp(until.0 + 1);
-    let changes = env.store.refresh_budgets(&ids, &[], tomorrow).await.unwrap();
+    let changes = env
+        .store
+        .refresh_budgets(&ids, &[], tomorrow)
+        .await
+        .unwrap();
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!(changes[0].exhausted_until, None);
     assert_eq!(env.exhausted("k").await, None);
@@ -309,15 +347,28 @@ async fn a_consumer_budget_in_usd_closes_on_the_exact_cost(backend: Backend) {
     // short of the budget.
     env.report(1, (t1, team, service), (2000, 999), now).await;
     let ids = [t1.to_string(), t2.to_string()];
-    assert!(env.store.refresh_budgets(&ids, &consumers, now).await.unwrap().is_empty());
+    assert!(
+        env.store
+            .refresh_budgets(&ids, &consumers, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // One more output token from the other key: 0.015 exactly, the budget reached.
     env.report(2, (t2, team, service), (0, 1), now).await;
-    let changes = env.store.refresh_budgets(&ids, &consumers, now).await.unwrap();
+    let changes = env
+        .store
+        .refresh_budgets(&ids, &consumers, now)
+        .await
+        .unwrap();
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!(changes[0].kind, ResourceKind::Consumer);
     // A TOTAL budget never ends: the latest instant there is.
     assert_eq!(changes[0].exhausted_until, Some(Timestamp(i64::MAX)));
-    assert_eq!(env.exhausted("consumer team").await, Some(Timestamp(i64::MAX)));
+    assert_eq!(
+        env.exhausted("consumer team").await,
+        Some(Timestamp(i64::MAX))
+    );
     // Its keys carry no exhaustion of their own: the consumer's stops them all.
     assert_eq!(env.exhausted("t1").await, None);
     assert_eq!(env.exhausted("t2").await, None);

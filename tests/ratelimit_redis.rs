@@ -147,6 +147,21 @@ async fn with_redis_gone_each_data_plane_enforces_its_own_counts_and_says_so() {
     assert!(sync.sync(&limiter, later).await);
 }
 
+/// A data plane with no limited traffic yet still says whether it could share: sharing when
+/// Redis answers (no false alarm on an idle data plane), not sharing when it does not.
+#[tokio::test]
+async fn an_idle_data_plane_reports_whether_redis_answers() {
+    let limiter = RateLimiter::default();
+    let mut up = RedisSync::new(SHARED_REDIS, &prefix()).unwrap();
+    assert!(
+        up.sync(&limiter, Timestamp::now()).await,
+        "Redis at {SHARED_REDIS} must answer"
+    );
+    let mut down =
+        RedisSync::new(&format!("redis://127.0.0.1:{}", free_port()), &prefix()).unwrap();
+    assert!(!down.sync(&limiter, Timestamp::now()).await);
+}
+
 #[test]
 fn a_bad_redis_url_is_refused_naming_the_setting() {
     let e = RedisSync::new("http://not-redis", "p:").err().unwrap();

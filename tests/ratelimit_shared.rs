@@ -87,6 +87,12 @@ async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
 }
 
+/// The second of the current UTC minute.
+fn utc_second() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_secs() % 60
+}
+
 /// What one paced run got: (Envoy index, request index, response), and its elapsed time from
 /// the first request sent to the last.
 struct Run {
@@ -195,13 +201,13 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
             .collect::<Vec<_>>()
             .join(","),
     };
-    let second = Envoy::start_module(&files, gw.upstream.addr, &EnvoyRun::module()).await;
-    let planes = [gw.listener(), second.listener];
+    let other = Envoy::start_module(&files, gw.upstream.addr, &EnvoyRun::module()).await;
+    let planes = [gw.listener(), other.listener];
     let diag = |gw: &Gateway| {
         format!(
             "{}\n--- second Envoy:\n{}",
             gw.diagnostics(),
-            tail(&second.stderr(), 30)
+            tail(&other.stderr(), 30)
         )
     };
 
@@ -246,7 +252,9 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
         .await;
     }
 
-    // Phase 1, Redis up: one allowance between the two data planes.
+    // Phase 1, Redis up: one allowance between the two data planes. (Shared counters are per
+    // UTC minute; the second it starts at is printed, for reading the figures.)
+    let started_at = utc_second();
     let run = paced_run(planes, &limited_1, |_| {}).await;
     check_answers(&run, "phase 1");
     let admitted = run.count(None, 200, 0);
@@ -254,7 +262,7 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     let elapsed = run.elapsed.as_secs_f64();
     let expected = f64::from(RPM) + elapsed.floor();
     eprintln!(
-        "phase 1 (Redis up): admitted {admitted} of {REQUESTS} (Envoy 0: {}, Envoy 1: {}), refused {}, expected {expected} (60 + floor({elapsed:.3} s))",
+        "phase 1 (Redis up, from :{started_at:02} UTC): admitted {admitted} of {REQUESTS} (Envoy 0: {}, Envoy 1: {}), refused {}, expected {expected} (60 + floor({elapsed:.3} s))",
         per_envoy[0],
         per_envoy[1],
         run.count(None, 429, 0)

@@ -52,6 +52,9 @@ pub struct RedisSync {
     field: String,
     conn: Option<redis::aio::MultiplexedConnection>,
     shared: SharedCounts,
+    /// Whether the last synchronisation shared (`None` before the first): the log says when
+    /// it changes, not at every interval.
+    sharing: Option<bool>,
 }
 
 impl RedisSync {
@@ -69,7 +72,22 @@ impl RedisSync {
             field: uuid::Uuid::new_v4().simple().to_string(),
             conn: None,
             shared: SharedCounts::default(),
+            sharing: None,
         })
+    }
+
+    /// A failed synchronisation: the connection is dropped (the next one reconnects), and the
+    /// log says so once, until Redis answers again.
+    fn failed(&mut self, why: String) -> bool {
+        self.conn = None;
+        if self.sharing != Some(false) {
+            tracing::warn!(
+                error = %why,
+                "rate-limit counters: not shared; each data plane counts locally until Redis answers"
+            );
+            self.sharing = Some(false);
+        }
+        false
     }
 
     /// One synchronisation at `now`: answers whether the counts were shared.
@@ -97,8 +115,10 @@ impl RedisSync {
         }
         self.shared
             .retain(|s| batch.iter().any(|u| u.subject == *s));
+        // Nothing to send: still make sure Redis answers (an idle data plane reports the
+        // state it would share in, not a failure).
         if sent.is_empty() {
-            return self.conn.is_some();
+            pipe.cmd("PING").ignore();
         }
         let answers = tokio::time::timeout(SYNC_TIMEOUT, async {
             if self.conn.is_none() {
@@ -111,26 +131,14 @@ impl RedisSync {
         .await;
         let fields = match answers {
             Ok(Ok(f)) if f.len() == sent.len() => f,
-            Ok(Ok(_)) => {
-                tracing::warn!(
-                    "rate-limit counters: Redis answered an unexpected reply; counting locally"
-                );
-                self.conn = None;
-                return false;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "rate-limit counters: Redis unreachable; counting locally");
-                self.conn = None;
-                return false;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "rate-limit counters: Redis did not answer in time; counting locally"
-                );
-                self.conn = None;
-                return false;
-            }
+            Ok(Ok(_)) => return self.failed("Redis answered an unexpected reply".into()),
+            Ok(Err(e)) => return self.failed(format!("Redis unreachable: {e}")),
+            Err(_) => return self.failed("Redis did not answer within 1 s".into()),
         };
+        if self.sharing != Some(true) {
+            tracing::info!("rate-limit counters: shared through Redis");
+            self.sharing = Some(true);
+        }
         for ((subject, kind), fields) in sent.into_iter().zip(fields) {
             let others_total: u64 = fields
                 .iter()

@@ -9,6 +9,7 @@ use super::requests::seeded_key;
 use crate::config::SeedArgs;
 use crate::crypto::Secret;
 use crate::domain::input::{KeySource, NewConsumer, NewModelKey, NewModelService};
+use crate::domain::limits::LimitsInput;
 use crate::domain::{Limits, RuleError, Selector};
 use crate::server::StartError;
 use crate::store::{Actor, Store, StoreError};
@@ -31,9 +32,10 @@ pub(super) async fn run(args: SeedArgs) -> Result<(), StartError> {
         .await
         .map_err(StartError::Store)?;
     let started = Instant::now();
-    let mut i = 0;
-    while i < args.keys {
-        let end = (i + BATCH).min(args.keys);
+    let mut i = args.first;
+    let last = args.first.saturating_add(args.keys);
+    while i < last {
+        let end = (i + BATCH).min(last);
         let keys = (i..end)
             .map(|k| (format!("bench-{k}"), Secret::new(seeded_key(k))))
             .collect();
@@ -60,6 +62,11 @@ async fn create_resources(store: &Store, actor: &Actor, args: &SeedArgs) -> Resu
     };
     let consumer = NewConsumer {
         name: args.consumer.clone(),
+        limits: LimitsInput {
+            requests_per_minute: args.requests_per_minute,
+            tokens_per_minute: args.tokens_per_minute,
+            ..Default::default()
+        },
         ..Default::default()
     };
     exists(store.create_consumer(actor, consumer).await.map(drop))?;
