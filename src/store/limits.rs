@@ -211,6 +211,9 @@ pub struct BudgetChange {
     pub exhausted_until: Option<Timestamp>,
 }
 
+/// Ids looked up per query when a report's subjects are checked for budgets.
+const BUDGET_LOOKUP_CHUNK: usize = 500;
+
 /// The actor of the audit rows budget changes leave (no admin request made them).
 pub const BUDGET_ACTOR: &str = "keygate:budget";
 
@@ -235,17 +238,20 @@ impl Store {
                 (ResourceKind::ConsumerKey, consumer_keys),
                 (ResourceKind::Consumer, consumers),
             ] {
-                for id in ids {
-                    let budgeted: Option<i64> = sqlx::query_scalar(&format!(
-                        "SELECT budget_period FROM {} WHERE id = $1",
-                        table_of(kind)
-                    ))
-                    .bind(id)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                    .flatten();
-                    if budgeted.is_some() {
-                        subjects.push((kind, id.clone()));
+                for chunk in ids.chunks(BUDGET_LOOKUP_CHUNK) {
+                    let placeholders: Vec<String> =
+                        (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!(
+                        "SELECT id FROM {} WHERE budget_period IS NOT NULL AND id IN ({})",
+                        table_of(kind),
+                        placeholders.join(", ")
+                    );
+                    let mut q = sqlx::query_scalar::<_, String>(&sql);
+                    for id in chunk {
+                        q = q.bind(id);
+                    }
+                    for id in q.fetch_all(&mut *conn).await? {
+                        subjects.push((kind, id));
                     }
                 }
             }
