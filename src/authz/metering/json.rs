@@ -284,6 +284,30 @@ impl Json {
         self.st == St::InString && !self.escape && self.target != Some(Target::Model)
     }
 
+    /// Inside a key with no escape pending: its bytes up to the next `"` or `\\` can be taken
+    /// in one go ([`Json::key_bytes`]).
+    #[inline]
+    pub(super) fn in_plain_key(&self) -> bool {
+        self.st == St::InKey && !self.escape
+    }
+
+    /// The next `bytes` of the key being read, none of them `"` or `\\` (what [`Json::byte`]
+    /// does with each, at once).
+    pub(super) fn key_bytes(&mut self, bytes: &[u8]) {
+        debug_assert!(self.in_plain_key());
+        if bytes.iter().any(|&b| b < 0x20) {
+            self.st = St::Broken;
+            return;
+        }
+        match self.key_buf.get_mut(self.key_len..self.key_len + bytes.len()) {
+            Some(room) if !self.key_other => {
+                room.copy_from_slice(bytes);
+                self.key_len += bytes.len();
+            }
+            _ => self.key_other = true,
+        }
+    }
+
     /// The document was read to its end without error.
     pub(super) fn complete(&self) -> bool {
         self.st == St::Done
@@ -405,6 +429,7 @@ impl Json {
         self.target = None;
     }
 
+    #[inline]
     pub(super) fn byte(&mut self, b: u8, raw: &mut Raw, model: &mut Option<ModelName>) {
         self.st = match self.st {
             St::Broken => St::Broken,

@@ -166,6 +166,19 @@ impl ResponseMeter {
                             Some(n) => i += n,
                             None => break,
                         }
+                    } else if self.json.in_plain_key() {
+                        // A key: taken whole up to its closing quote (or an escape).
+                        let rest = &chunk[i..];
+                        match memchr::memchr2(b'"', b'\\', rest) {
+                            Some(n) => {
+                                self.json.key_bytes(&rest[..n]);
+                                i += n;
+                            }
+                            None => {
+                                self.json.key_bytes(rest);
+                                break;
+                            }
+                        }
                     }
                     self.json.byte(chunk[i], &mut self.raw, &mut self.model);
                     i += 1;
@@ -174,17 +187,26 @@ impl ResponseMeter {
             Format::Sse => {
                 let mut i = 0;
                 while i < chunk.len() {
-                    if self.sse.state == SseState::Data
-                        && !self.sse.after_cr
-                        && self.json.skippable()
-                    {
+                    if self.sse.state == SseState::Data && !self.sse.after_cr {
                         // As for JSON, stopping at a line end too (it ends the data line).
-                        match chunk[i..]
-                            .iter()
-                            .position(|&b| matches!(b, b'"' | b'\\' | b'\n' | b'\r'))
-                        {
-                            Some(n) => i += n,
-                            None => break,
+                        let stop = |b: &u8| matches!(b, b'"' | b'\\' | b'\n' | b'\r');
+                        let rest = &chunk[i..];
+                        if self.json.skippable() {
+                            match rest.iter().position(stop) {
+                                Some(n) => i += n,
+                                None => break,
+                            }
+                        } else if self.json.in_plain_key() {
+                            match rest.iter().position(stop) {
+                                Some(n) => {
+                                    self.json.key_bytes(&rest[..n]);
+                                    i += n;
+                                }
+                                None => {
+                                    self.json.key_bytes(rest);
+                                    break;
+                                }
+                            }
                         }
                     }
                     self.sse_byte(chunk[i]);
