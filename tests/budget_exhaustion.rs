@@ -24,6 +24,7 @@ const DAY: i64 = 86_400_000_000;
 on_both_backends!(
     a_spent_budget_is_published_once_until_the_period_end_and_reopens,
     a_consumer_budget_in_usd_closes_on_the_exact_cost,
+    a_key_and_its_consumer_crossing_together_are_both_published_and_reopened,
 );
 
 struct Env {
@@ -372,4 +373,57 @@ async fn a_consumer_budget_in_usd_closes_on_the_exact_cost(backend: Backend) {
     // Its keys carry no exhaustion of their own: the consumer's stops them all.
     assert_eq!(env.exhausted("t1").await, None);
     assert_eq!(env.exhausted("t2").await, None);
+}
+
+/// One report can spend a key's budget and its consumer's at once, and the next day re-opens
+/// both: each is published (and audited) on its own.
+async fn a_key_and_its_consumer_crossing_together_are_both_published_and_reopened(
+    backend: Backend,
+) {
+    let env = Env::start(backend).await;
+    let service = env.service().await;
+    let team = env.consumer("team", token_budget(500)).await;
+    let k = env.key("k", "team", token_budget(300)).await;
+    let now = Timestamp::now();
+    let (keys, consumers) = ([k.to_string()], [team.to_string()]);
+    env.report(1, (k, team, service), (400, 200), now).await;
+    let (_, before) = env.published().await;
+    let changes = env
+        .store
+        .refresh_budgets(&keys, &consumers, now)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    let until = Some(next_midnight(now));
+    assert_eq!(env.exhausted("k").await, until);
+    assert_eq!(env.exhausted("consumer team").await, until);
+    assert_eq!(env.published().await.1, before + 2, "a revision each");
+    let tomorrow = Timestamp(next_midnight(now).0 + 1);
+    let changes = env
+        .store
+        .refresh_budgets(&keys, &consumers, tomorrow)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(env.exhausted("k").await, None);
+    assert_eq!(env.exhausted("consumer team").await, None);
+    let actions: Vec<String> = env
+        .store
+        .list_audit_events(&AuditFilter::default(), &page())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .take(4)
+        .map(|e| format!("{} {}", e.action, e.resource_name))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "BudgetReopened k",
+            "BudgetReopened team",
+            "BudgetExhausted k",
+            "BudgetExhausted team"
+        ]
+    );
 }

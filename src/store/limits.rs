@@ -60,16 +60,20 @@ pub(super) fn exhausted_of(r: &AnyRow) -> Result<Option<Timestamp>> {
         .map(Timestamp))
 }
 
-/// Brings `id`'s stored exhaustion up to date with its limits and its spend at `now` (inside
-/// the caller's transaction, which holds the store's revision row: every such change is
-/// serialised, so replicas agree). Answers the exhaustion now in force, and whether it
-/// changed. An exhaustion of a past period is stale and re-read like an open budget.
-pub(super) async fn refresh_exhaustion(
+/// A subject's exhaustion as stored and as its limits and spend at `now` make it (`None`: no
+/// such row). An exhaustion of a past period is stale and re-read like an open budget.
+struct Exhaustion {
+    spend: Option<Spend>,
+    stored: Option<Timestamp>,
+    due: Option<Timestamp>,
+}
+
+async fn exhaustion(
     conn: &mut sqlx::AnyConnection,
     kind: ResourceKind,
     id: &str,
     now: Timestamp,
-) -> Result<Option<(Option<Spend>, bool)>> {
+) -> Result<Option<Exhaustion>> {
     let Some(row) = sqlx::query(&format!(
         "SELECT {}, budget_exhausted_until FROM {} WHERE id = $1",
         limit_columns(""),
@@ -84,19 +88,34 @@ pub(super) async fn refresh_exhaustion(
     let limits = limits_of(&row)?;
     let stored = exhausted_of(&row)?;
     let spend = spend_of(conn, kind, id, &limits, now).await?;
-    let until = spend.as_ref().and_then(Spend::exhausted_until);
-    if until == stored {
-        return Ok(Some((spend, false)));
+    let due = spend.as_ref().and_then(Spend::exhausted_until);
+    Ok(Some(Exhaustion { spend, stored, due }))
+}
+
+/// Brings `id`'s stored exhaustion up to date with its limits and its spend at `now` (inside
+/// the caller's transaction, which holds the store's revision row: every such change is
+/// serialised, so replicas agree). Answers the spend and whether the exhaustion changed.
+pub(super) async fn refresh_exhaustion(
+    conn: &mut sqlx::AnyConnection,
+    kind: ResourceKind,
+    id: &str,
+    now: Timestamp,
+) -> Result<Option<(Option<Spend>, bool)>> {
+    let Some(e) = exhaustion(conn, kind, id, now).await? else {
+        return Ok(None);
+    };
+    if e.due == e.stored {
+        return Ok(Some((e.spend, false)));
     }
     sqlx::query(&format!(
         "UPDATE {} SET budget_exhausted_until = $1 WHERE id = $2",
         table_of(kind)
     ))
-    .bind(until.map(|t| t.0))
+    .bind(e.due.map(|t| t.0))
     .bind(id)
     .execute(&mut *conn)
     .await?;
-    Ok(Some((spend, true)))
+    Ok(Some((e.spend, true)))
 }
 
 /// Sets every limit column of a consumer or consumer key (unset limits to NULL), and its
@@ -219,11 +238,11 @@ pub const BUDGET_ACTOR: &str = "keygate:budget";
 
 impl Store {
     /// Re-reads the spend of the given consumer keys and consumers (those a usage report just
-    /// charged) and publishes what reached a budget (or re-opened): one mutation, audited per
-    /// subject under [`BUDGET_ACTOR`], or nothing at all when no exhaustion changed (no
-    /// revision is spent). Serialised with every other mutation on the store's revision row,
-    /// so two control planes applying reports at once agree, and a second refresh of the same
-    /// spend changes nothing.
+    /// charged) and publishes what reached a budget (or re-opened): one mutation per changed
+    /// subject, audited under [`BUDGET_ACTOR`]; nothing at all (no lock taken, no revision
+    /// spent) when no exhaustion changes, which is most reports. A change is checked again
+    /// under the store's revision row, so two control planes applying reports at once agree,
+    /// and a second refresh of the same spend changes nothing.
     pub async fn refresh_budgets(
         &self,
         consumer_keys: &[String],
@@ -261,10 +280,22 @@ impl Store {
         }
         subjects.sort();
         subjects.dedup();
-        let mut m = self.begin(&super::Actor(BUDGET_ACTOR.into())).await?;
         let mut out = Vec::new();
         for (kind, id) in subjects {
-            let Some((spend, true)) = refresh_exhaustion(&mut m.tx, kind, &id, now).await? else {
+            // Read without the store's lock: most refreshes find nothing to change.
+            let due = {
+                let mut conn = self.pool.acquire().await?;
+                exhaustion(&mut conn, kind, &id, now).await?
+            };
+            if due.is_none_or(|e| e.due == e.stored) {
+                continue;
+            }
+            // A change is due: one mutation of its own (one audit row per revision), checked
+            // again under the lock, at the later of `now` and the mutation's clock.
+            let mut m = self.begin(&super::Actor(BUDGET_ACTOR.into())).await?;
+            let at = now.max(m.now);
+            let Some((spend, true)) = refresh_exhaustion(&mut m.tx, kind, &id, at).await? else {
+                m.tx.rollback().await?;
                 continue;
             };
             let name: String = sqlx::query_scalar(&format!(
@@ -286,6 +317,7 @@ impl Store {
                 .write(&mut m.tx, m.revision, m.now, &m.actor)
                 .await?;
             m.changed.push((kind, id.clone()));
+            self.commit_unaudited(m).await?;
             out.push(BudgetChange {
                 kind,
                 id,
@@ -293,11 +325,6 @@ impl Store {
                 exhausted_until: until,
             });
         }
-        if out.is_empty() {
-            m.tx.rollback().await?;
-            return Ok(out);
-        }
-        self.commit_unaudited(m).await?;
         Ok(out)
     }
 }

@@ -299,7 +299,10 @@ impl Json {
             self.st = St::Broken;
             return;
         }
-        match self.key_buf.get_mut(self.key_len..self.key_len + bytes.len()) {
+        match self
+            .key_buf
+            .get_mut(self.key_len..self.key_len + bytes.len())
+        {
             Some(room) if !self.key_other => {
                 room.copy_from_slice(bytes);
                 self.key_len += bytes.len();
