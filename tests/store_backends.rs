@@ -648,7 +648,8 @@ async fn upgrades_from_before_limits(backend: &str) {
     let update = load_full_update(&store, None).await.unwrap();
     let (_, entry) = &update.keys[0];
     assert_eq!(entry.limits.per_minute().requests, Some(30));
-    // Version 9: the budget reached by usage applied before it is exhausted for good (TOTAL).
+    // Version 9: the budget (set by this update, over usage applied before it) is exhausted for
+    // good (TOTAL): the update recomputes it.
     assert_eq!(entry.limits.exhausted_until, Some(Timestamp(i64::MAX)));
     let versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")

@@ -194,8 +194,8 @@ const BODY_NO_KEY: &str = r#"{"error":{"message":"No upstream credential is avai
 const BODY_MODEL: &str = r#"{"error":{"message":"This API key is not allowed to use this model.","type":"permission_error","code":"model_not_allowed"}}"#;
 const BODY_MODEL_UNKNOWN: &str = r#"{"error":{"message":"This API key is limited to certain models, and the request does not name its model in a way the gateway can read.","type":"permission_error","code":"model_not_allowed"}}"#;
 const BODY_QUOTA: &str = r#"{"error":{"message":"The budget of this API key (or of its consumer) is spent for the current period.","type":"insufficient_quota","code":"insufficient_quota"}}"#;
-const BODY_RPM: &str = r#"{"error":{"message":"Rate limit reached for requests per minute on this API key.","type":"requests","code":"rate_limit_exceeded"}}"#;
-const BODY_TPM: &str = r#"{"error":{"message":"Rate limit reached for tokens per minute on this API key.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+const BODY_RPM: &str = r#"{"error":{"message":"Rate limit reached for requests per minute on this API key or its consumer.","type":"requests","code":"rate_limit_exceeded"}}"#;
+const BODY_TPM: &str = r#"{"error":{"message":"Rate limit reached for tokens per minute on this API key or its consumer.","type":"tokens","code":"rate_limit_exceeded"}}"#;
 const BODY_NOT_READY: &str = r#"{"error":{"message":"The gateway is starting and cannot authorize requests yet.","type":"service_unavailable","code":"keygate_not_ready"}}"#;
 
 impl DenyReason {

@@ -117,6 +117,15 @@ fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>, metering_tag: &str)
             kind: Some(Kind::StringValue(metering_tag.to_string())),
         },
     );
+    let al = &a.allowed;
+    if al.key.limits.tokens_per_minute.is_some() || al.consumer.limits.tokens_per_minute.is_some() {
+        meta.fields.insert(
+            super::metering::TOKEN_LIMITED_FIELD.to_string(),
+            Value {
+                kind: Some(Kind::StringValue("1".to_string())),
+            },
+        );
+    }
     CheckResponse {
         status: Some(rpc::Status {
             code: CODE_OK,

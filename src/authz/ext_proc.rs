@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use super::metering::{METERING_TAG_FIELD, StreamMetering, metering_tag};
+use super::metering::{METERING_TAG_FIELD, StreamMetering, TOKEN_LIMITED_FIELD, metering_tag};
 use super::model::ModelName;
 use super::ratelimit::RateLimiter;
 use crate::crypto::{KeyHasher, credentials_equal};
@@ -104,9 +104,12 @@ impl ExtProcService {
             guard.as_ref()?.service(service_name)?.id
         };
         let metering = StreamMetering::new(key, consumer, service, model);
+        // Only answers of keys with a token limit are charged (ext_authz says which; the tag
+        // already proves which key the answer is billed to).
+        let token_limited = string(fields, TOKEN_LIMITED_FIELD) == Some("1");
         Some(match &self.limiter {
-            Some(l) => metering.charging(l.clone()),
-            None => metering,
+            Some(l) if token_limited => metering.charging(l.clone()),
+            _ => metering,
         })
     }
 }

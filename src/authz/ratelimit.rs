@@ -152,6 +152,10 @@ struct State {
 /// longest response whose tokens are sure to be charged.
 pub const HOLD_MICROS: i64 = 10 * 60_000_000;
 
+/// How long after its last admission a subject is still synchronised with the other data
+/// planes (every interval, even with nothing to add).
+pub const SYNC_ACTIVE_MICROS: i64 = 2 * 60_000_000;
+
 impl State {
     fn bucket(&mut self, kind: LimitKind) -> &mut Option<Bucket> {
         match kind {
@@ -206,9 +210,10 @@ impl SharedCounts {
         others_total.saturating_sub(since)
     }
 
-    /// Forgets counters of subjects no longer tracked.
-    pub fn retain(&mut self, keep: impl Fn(&Subject) -> bool) {
-        self.seen.retain(|(s, _), _| keep(s));
+    /// Forgets what was seen of counters of minutes before `window` (a new minute's counter
+    /// starts from nothing): memory follows the subjects synchronised this minute.
+    pub fn forget_before(&mut self, window: i64) {
+        self.seen.retain(|_, (w, _)| *w >= window);
     }
 }
 
@@ -382,14 +387,16 @@ impl RateLimiter {
             .flatten()
         {
             let mut shard = self.shard(&s);
-            let Some(state) = shard.get_mut(&s) else {
-                continue;
-            };
-            let Some(b) = &mut state.tokens else {
-                continue;
-            };
-            b.refill(b.limit, now);
-            b.level -= i128::from(tokens) * UNIT;
+            // A subject this data plane did not admit (another data plane behind the same
+            // cluster did, and this one metered the answer): no bucket to charge here, but the
+            // tokens are still shared through the counter store with the one that admitted it.
+            let state = shard.entry(s).or_default();
+            if let Some(b) = &mut state.tokens {
+                b.refill(b.limit, now);
+                b.level -= i128::from(tokens) * UNIT;
+            } else {
+                state.last_admit = state.last_admit.max(now);
+            }
             state.unsynced.1 = state.unsynced.1.saturating_add(tokens);
         }
     }
@@ -405,18 +412,25 @@ impl RateLimiter {
         }
     }
 
-    /// Every tracked subject with what it took since the last call, per limited kind (zero
-    /// too: the shared store is asked for the others' share of every active subject).
-    pub fn take_unsynced(&self) -> Vec<Unsynced> {
+    /// Every subject active in the last two minutes (an admission, or anything taken since the
+    /// last call: the current and the previous minute's counters, so a data plane learns the
+    /// others' use of a key before it admits that key again) with what it took since the last call, per limited kind (zero too: the
+    /// shared store is asked for the others' share of every active subject; tokens also for a
+    /// subject with no token bucket here, when another data plane's request was metered here).
+    pub fn take_unsynced(&self, now: i64) -> Vec<Unsynced> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for (s, state) in shard.iter_mut() {
+                let recent = now.saturating_sub(state.last_admit) < SYNC_ACTIVE_MICROS;
+                if !recent && state.unsynced == (0, 0) {
+                    continue;
+                }
                 let (r, t) = std::mem::take(&mut state.unsynced);
                 out.push(Unsynced {
                     subject: *s,
                     requests: state.requests.map(|_| r),
-                    tokens: state.tokens.map(|_| t),
+                    tokens: (state.tokens.is_some() || t > 0).then_some(t),
                 });
             }
         }

@@ -92,7 +92,7 @@ impl RedisSync {
 
     /// One synchronisation at `now`: answers whether the counts were shared.
     pub async fn sync(&mut self, limiter: &RateLimiter, now: Timestamp) -> bool {
-        let batch = limiter.take_unsynced();
+        let batch = limiter.take_unsynced(now.0);
         let w = window(now.0);
         let mut sent: Vec<(Subject, LimitKind)> = Vec::new();
         let mut pipe = redis::pipe();
@@ -113,8 +113,7 @@ impl RedisSync {
                 sent.push((u.subject, kind));
             }
         }
-        self.shared
-            .retain(|s| batch.iter().any(|u| u.subject == *s));
+        self.shared.forget_before(w);
         // Nothing to send: still make sure Redis answers (an idle data plane reports the
         // state it would share in, not a failure).
         if sent.is_empty() {
@@ -176,19 +175,20 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let now = Timestamp::now();
-        match &mut sync {
-            Some(s) => {
-                let shared = s.sync(&limiter, now).await;
-                crate::metrics::METRICS
-                    .rate_limit_shared
-                    .set(i64::from(shared));
-                if !shared {
-                    crate::metrics::METRICS.rate_limit_sync_failures.inc();
-                }
+        if let Some(s) = &mut sync {
+            let shared = s.sync(&limiter, now).await;
+            crate::metrics::METRICS
+                .rate_limit_shared
+                .set(i64::from(shared));
+            if !shared {
+                crate::metrics::METRICS.rate_limit_sync_failures.inc();
             }
-            None => limiter.clear_unsynced(),
         }
         if last_forget.elapsed() >= Duration::from_secs(5) {
+            if sync.is_none() {
+                // Shared with no one: what was taken needs no synchronisation.
+                limiter.clear_unsynced();
+            }
             limiter.forget_idle(now.0);
             last_forget = tokio::time::Instant::now();
         }

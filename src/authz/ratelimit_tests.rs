@@ -111,12 +111,62 @@ fn idle_subjects_are_forgotten_once_full_again_but_not_while_in_debt() {
     let l = RateLimiter::default();
     let limits = tpm(60);
     assert_eq!(l.admit((id(1), &limits), None, 0), Admission::Admit);
-    l.charge_tokens((id(1), &limits), None, 600, 0); // ten minutes' worth
-    l.take_unsynced();
-    l.forget_idle(2 * 60 * SEC);
-    assert_eq!(l.len(), 1, "still 8 minutes in debt");
+    l.charge_tokens((id(1), &limits), None, 1200, 0); // twenty minutes' worth
+    l.take_unsynced(0);
+    // Past the hold after its admission, but still 9 minutes in debt: kept.
     l.forget_idle(11 * 60 * SEC);
+    assert_eq!(l.len(), 1, "still 9 minutes in debt");
+    l.forget_idle(20 * 60 * SEC);
     assert!(l.is_empty());
+}
+
+#[test]
+fn a_subject_is_held_after_its_admission_so_a_long_answers_tokens_are_charged() {
+    let l = RateLimiter::default();
+    let limits = tpm(60);
+    assert_eq!(l.admit((id(1), &limits), None, 0), Admission::Admit);
+    l.take_unsynced(0);
+    // Its bucket is full and nothing is unsynchronised, but it admitted a request 9 minutes
+    // ago whose answer may still be streaming: kept.
+    l.forget_idle(HOLD_MICROS - SEC);
+    assert_eq!(l.len(), 1);
+    // The answer ends: its tokens are charged to the bucket that admitted it.
+    l.charge_admitted(id(1), None, 120, HOLD_MICROS - SEC);
+    assert!(matches!(
+        l.admit((id(1), &limits), None, HOLD_MICROS - SEC),
+        Admission::Refuse {
+            kind: LimitKind::Tokens,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn tokens_metered_for_another_data_planes_request_are_shared_not_dropped() {
+    // This data plane never admitted the key (no bucket): the tokens go to the shared
+    // counter, where the admitting data plane takes them from its bucket.
+    let l = RateLimiter::default();
+    l.charge_admitted(id(7), Some(id(8)), 500, 0);
+    let mut batch = l.take_unsynced(0);
+    batch.sort_by_key(|u| u.subject);
+    assert_eq!(
+        batch,
+        vec![
+            Unsynced {
+                subject: Subject::Key(id(7)),
+                requests: None,
+                tokens: Some(500),
+            },
+            Unsynced {
+                subject: Subject::Consumer(id(8)),
+                requests: None,
+                tokens: Some(500),
+            },
+        ]
+    );
+    // Inactive subjects are not synchronised every interval forever.
+    assert_eq!(l.take_unsynced(SYNC_ACTIVE_MICROS - 1).len(), 2);
+    assert!(l.take_unsynced(SYNC_ACTIVE_MICROS).is_empty());
 }
 
 #[test]
@@ -128,7 +178,7 @@ fn shared_counts_give_each_data_plane_the_others_share() {
     let mut counters: HashMap<(i64, &str), u64> = HashMap::new();
     let limits = rpm(60);
     let mut sync = |me: &'static str, l: &RateLimiter, shared: &mut SharedCounts, now: i64| {
-        for u in l.take_unsynced() {
+        for u in l.take_unsynced(now) {
             let r = u.requests.expect("a request limit");
             assert_eq!(u.tokens, None, "no token limit: nothing to share");
             *counters.entry((window(now), me)).or_default() += r;

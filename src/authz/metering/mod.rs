@@ -35,7 +35,7 @@ mod stream;
 use super::model::ModelName;
 use json::{Json, Raw};
 
-pub use stream::{METERING_TAG_FIELD, StreamMetering, metering_tag};
+pub use stream::{METERING_TAG_FIELD, StreamMetering, TOKEN_LIMITED_FIELD, metering_tag};
 
 /// The nesting tracked with keys (vendors' usage sits at depth four at most).
 pub const MAX_DEPTH: usize = 32;

@@ -115,6 +115,10 @@ impl StreamMetering {
 /// of the ExternalProcessor cannot bill another key by writing its id into the metadata.
 pub const METERING_TAG_FIELD: &str = "metering_tag";
 
+/// The metadata field ext_authz adds (`"1"`) when the key or its consumer has a tokens-per-minute
+/// limit: the ext_proc metering then charges the answer's tokens to the rate limiter (SPEC §8.3).
+pub const TOKEN_LIMITED_FIELD: &str = "token_limited";
+
 /// The tag of an allowed request's attribution (hex): key id, consumer id (empty when
 /// unbound), model service name, model (empty when not read).
 pub fn metering_tag(
