@@ -1,6 +1,8 @@
-//! Rate limits shared between data planes through Redis, end to end (SPEC §8.3): one
-//! `keygate serve` feeding two Envoys with the keygate module (two data planes, each with its own
-//! limiter), both given the same `rate_limit_redis` (a redis-server of the test's own).
+//! Rate limits shared between data planes through Redis, end to end (SPEC §8.3), in both shapes:
+//! one `keygate serve` feeding two Envoys with the keygate module, or `keygate serve` and a
+//! `keygate authz` subscribed to it, each behind its own Envoy (two data planes, each with its
+//! own limiter), all given the same Redis (`rate_limit_redis` / `--rate-limit-redis`, a
+//! redis-server of the test's own).
 //!
 //! With Redis up, 120 requests in 10 s on a key limited to 60 a minute, alternating between the
 //! Envoys, admit one bucket's worth between them: the minute's allowance (60) plus its refill
@@ -22,6 +24,7 @@ use common::admin::{
 };
 use common::envoy::{Envoy, EnvoyRun, HttpResponse, ModuleFiles, free_port, http_get, http_post};
 use common::gateway::{Gateway, Plane, SUBSCRIBER_TOKEN};
+use common::split::{DataPlane, DataPlaneOptions};
 use common::{poll_until, tail};
 use keygate::proto::admin::v1 as pb;
 
@@ -170,10 +173,81 @@ fn check_answers(run: &Run, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_without_it() {
+on_both_planes!(two_data_planes_share_one_allowance_through_redis_and_keep_answering_without_it);
+
+/// The second data plane beside the gateway's: in the module shape another Envoy with the module
+/// (its own data_dir, the same keygate); in the ext_authz shape a `keygate authz` subscribed to
+/// the gateway's keygate and an Envoy calling it. Both with `settings` (Redis, metrics).
+struct SecondPlane {
+    envoy: Envoy,
+    authz: Option<DataPlane>,
+    _dir: tempfile::TempDir,
+}
+
+impl SecondPlane {
+    async fn start(gw: &Gateway, settings: &[(&str, String)]) -> SecondPlane {
+        let dir = tempfile::tempdir().unwrap();
+        match gw.plane {
+            Plane::Module => {
+                let token = dir.path().join("subscriber.token");
+                common::write_private(&token, SUBSCRIBER_TOKEN);
+                let files = ModuleFiles {
+                    control_plane: format!("http://{}", gw.keygate.admin_addr),
+                    master_key_file: gw.keygate.data_dir.join("master.key"),
+                    data_dir: dir.path().join("module-data"),
+                    subscriber_token_file: token,
+                    extra_settings: settings
+                        .iter()
+                        .map(|(k, v)| format!("\"{k}\":\"{v}\""))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                let envoy =
+                    Envoy::start_module(&files, gw.upstream.addr, &EnvoyRun::module()).await;
+                SecondPlane {
+                    envoy,
+                    authz: None,
+                    _dir: dir,
+                }
+            }
+            Plane::ExtAuthz => {
+                let mut opts = DataPlaneOptions::new(
+                    "data plane 2",
+                    &format!("http://{}", gw.keygate.admin_addr),
+                    &dir.path().join("dp-data"),
+                    &gw.keygate.data_dir.join("master.key"),
+                    SUBSCRIBER_TOKEN,
+                );
+                for (k, v) in settings {
+                    opts.args.push(format!("--{}", k.replace('_', "-")));
+                    opts.args.push(v.clone());
+                }
+                let dp = DataPlane::start(&opts).await;
+                let envoy = Envoy::start(dp.authz_addr, gw.upstream.addr).await;
+                SecondPlane {
+                    envoy,
+                    authz: Some(dp),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        let authz = self
+            .authz
+            .as_ref()
+            .map(|d| tail(&d.logs(), 30))
+            .unwrap_or_default();
+        format!("{authz}\n{}", tail(&self.envoy.stderr(), 30))
+    }
+}
+
+async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_without_it(
+    plane: Plane,
+) {
     let mut redis = OwnRedis::start();
-    // Each data plane's filter_config settings: the same Redis, its own metrics listener.
+    // Each data plane's settings: the same Redis, its own metrics listener.
     let settings = |metrics: SocketAddr| {
         [
             ("rate_limit_redis", redis.url.clone()),
@@ -184,33 +258,16 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     let metrics = [free_port(), free_port()].map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
     let first = settings(metrics[0]);
     let first = first.each_ref().map(|(k, v)| (*k, v.as_str()));
-    let mut gw = Gateway::start_with(Plane::Module, &first).await;
-
-    // The second data plane: another Envoy with the module, its own data_dir, the same keygate.
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("subscriber.token");
-    common::write_private(&token, SUBSCRIBER_TOKEN);
-    let files = ModuleFiles {
-        control_plane: format!("http://{}", gw.keygate.admin_addr),
-        master_key_file: gw.keygate.data_dir.join("master.key"),
-        data_dir: dir.path().join("module-data"),
-        subscriber_token_file: token,
-        extra_settings: settings(metrics[1])
-            .iter()
-            .map(|(k, v)| format!("\"{k}\":\"{v}\""))
-            .collect::<Vec<_>>()
-            .join(","),
-    };
-    let other = Envoy::start_module(&files, gw.upstream.addr, &EnvoyRun::module()).await;
-    let planes = [gw.listener(), other.listener];
+    let mut gw = Gateway::start_with(plane, &first).await;
+    let other = SecondPlane::start(&gw, &settings(metrics[1])).await;
+    let planes = [gw.listener(), other.envoy.listener];
     let diag = |gw: &Gateway| {
         format!(
-            "{}\n--- second Envoy:\n{}",
+            "{}\n--- second data plane:\n{}",
             gw.diagnostics(),
-            tail(&other.stderr(), 30)
+            other.logs()
         )
     };
-
     // Provisioning: the openai service, a consumer, two keys limited to 60 requests a minute
     // (one per phase, each starting with a full bucket) and an unlimited one for probing.
     create_service(&mut gw.admin, "openai", "", "").await;
@@ -262,7 +319,7 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
     let elapsed = run.elapsed.as_secs_f64();
     let expected = f64::from(RPM) + elapsed.floor();
     eprintln!(
-        "phase 1 (Redis up, from :{started_at:02} UTC): admitted {admitted} of {REQUESTS} (Envoy 0: {}, Envoy 1: {}), refused {}, expected {expected} (60 + floor({elapsed:.3} s))",
+        "{plane:?} phase 1 (Redis up, from :{started_at:02} UTC): admitted {admitted} of {REQUESTS} (Envoy 0: {}, Envoy 1: {}), refused {}, expected {expected} (60 + floor({elapsed:.3} s))",
         per_envoy[0],
         per_envoy[1],
         run.count(None, 429, 0)
@@ -309,7 +366,7 @@ async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_wi
         })
         .collect();
     eprintln!(
-        "phase 2 (Redis stopped at request {stop_at}): admitted {admitted} of {REQUESTS} in {elapsed:.3} s (Envoy 0: {}, Envoy 1: {}); after the stop (admitted, refused): Envoy 0 {:?}, Envoy 1 {:?}",
+        "{plane:?} phase 2 (Redis stopped at request {stop_at}): admitted {admitted} of {REQUESTS} in {elapsed:.3} s (Envoy 0: {}, Envoy 1: {}); after the stop (admitted, refused): Envoy 0 {:?}, Envoy 1 {:?}",
         run.count(Some(0), 200, 0),
         run.count(Some(1), 200, 0),
         after[0],
