@@ -414,9 +414,10 @@ impl RateLimiter {
 
     /// Every subject active in the last two minutes (an admission, or anything taken since the
     /// last call: the current and the previous minute's counters, so a data plane learns the
-    /// others' use of a key before it admits that key again) with what it took since the last call, per limited kind (zero too: the
-    /// shared store is asked for the others' share of every active subject; tokens also for a
-    /// subject with no token bucket here, when another data plane's request was metered here).
+    /// others' use of a key before it admits that key again), with what it took since the last
+    /// call, per limited kind (zero too: the shared store is asked for the others' share of
+    /// every active subject; tokens also for a subject with no token bucket here, when another
+    /// data plane's request was metered here).
     pub fn take_unsynced(&self, now: i64) -> Vec<Unsynced> {
         let mut out = Vec::new();
         for shard in &self.shards {
