@@ -216,6 +216,9 @@ enum St {
     After,
     /// The document is over (depth 0): only whitespace may follow.
     Done,
+    /// Inside an object or array no usage path can be in: only its brackets and strings are
+    /// followed, to find its end ([`Json::skip_run`]).
+    Skipping,
     /// Not JSON; the rest of the document is ignored.
     Broken,
 }
@@ -248,6 +251,13 @@ pub(super) struct Json {
     str_len: usize,
     /// The string being captured cannot be a model (escaped, too long, not visible ASCII).
     str_bad: bool,
+    /// While `Skipping`: the open brackets of the skipped subtree, one bit each (1: array), and
+    /// how many (the nesting limit is the scanner's: [`MAX_DEPTH`] + [`MAX_EXTRA_DEPTH`] in
+    /// all); whether in a string, and after a backslash in it.
+    skip_stack: [u64; 3],
+    skip_depth: u32,
+    skip_in_string: bool,
+    skip_escape: bool,
 }
 
 impl Default for Json {
@@ -267,7 +277,28 @@ impl Default for Json {
             str_buf: [0; MAX_MODEL_LEN],
             str_len: 0,
             str_bad: false,
+            skip_stack: [0; 3],
+            skip_depth: 0,
+            skip_in_string: false,
+            skip_escape: false,
         }
+    }
+}
+
+/// Whether a container at `path` (the keys from the root, the root array of a Gemini stream
+/// left out) can hold a value [`target`] reads: the root, `usage`, `usageMetadata`, the
+/// details objects of `usage`, each also under `message` / `response`.
+fn may_hold_target(path: &[Key]) -> bool {
+    use Key::*;
+    fn prefix(p: &[Key]) -> bool {
+        matches!(
+            p,
+            [] | [Usage] | [UsageMetadata] | [Usage, PromptTokensDetails | InputTokensDetails]
+        )
+    }
+    match path {
+        [Message | Response, rest @ ..] => prefix(path) || prefix(rest),
+        _ => prefix(path),
     }
 }
 
@@ -389,8 +420,117 @@ impl Json {
         if self.depth == 0 { St::Done } else { St::After }
     }
 
+    /// Whether an object (or array) starting now can hold a value [`target`] reads.
+    fn container_relevant(&self, array: bool) -> bool {
+        if self.extra_depth > 0 {
+            return false;
+        }
+        let frames = &self.frames[..self.depth];
+        // The root array of a Gemini stream: its elements are documents.
+        let frames = match frames {
+            [first, rest @ ..] if first.array => rest,
+            _ => frames,
+        };
+        if self.depth > 0 && array {
+            return false; // values inside a nested array are never read
+        }
+        if frames.len() > 3 || frames.iter().any(|f| f.array) {
+            return false;
+        }
+        let mut path = [Key::Other; 3];
+        for (p, f) in path.iter_mut().zip(frames) {
+            *p = f.key;
+        }
+        may_hold_target(&path[..frames.len()])
+    }
+
+    /// Enters a container no usage path can be in: followed by its brackets only.
+    fn skip(&mut self, array: bool) -> St {
+        if self.depth as u32 + self.extra_depth >= MAX_DEPTH as u32 + MAX_EXTRA_DEPTH {
+            return St::Broken;
+        }
+        self.skip_stack = [u64::from(array), 0, 0];
+        self.skip_depth = 1;
+        self.skip_in_string = false;
+        self.skip_escape = false;
+        St::Skipping
+    }
+
+    /// Inside a skipped container: moves over `chunk` to the end of the container (its
+    /// closing bracket consumed), answering how many bytes were used; all of them when it goes
+    /// on past the chunk. Only strings (whose brackets do not count) and brackets are read;
+    /// mismatched or too deeply nested brackets break the document.
+    pub(super) fn skip_run(&mut self, chunk: &[u8]) -> usize {
+        debug_assert_eq!(self.st, St::Skipping);
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.skip_in_string {
+                if self.skip_escape {
+                    self.skip_escape = false;
+                    i += 1;
+                    continue;
+                }
+                match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
+                    Some(n) => {
+                        i += n;
+                        if chunk[i] == b'"' {
+                            self.skip_in_string = false;
+                        } else {
+                            self.skip_escape = true;
+                        }
+                        i += 1;
+                    }
+                    None => return chunk.len(),
+                }
+                continue;
+            }
+            let b = chunk[i];
+            i += 1;
+            match b {
+                b'"' => self.skip_in_string = true,
+                b'{' | b'[' => {
+                    let total = self.depth as u32 + self.extra_depth + self.skip_depth;
+                    if total >= MAX_DEPTH as u32 + MAX_EXTRA_DEPTH {
+                        self.st = St::Broken;
+                        return chunk.len();
+                    }
+                    let (word, bit) = ((self.skip_depth / 64) as usize, self.skip_depth % 64);
+                    if b == b'[' {
+                        self.skip_stack[word] |= 1 << bit;
+                    } else {
+                        self.skip_stack[word] &= !(1 << bit);
+                    }
+                    self.skip_depth += 1;
+                }
+                b'}' | b']' => {
+                    self.skip_depth -= 1;
+                    let (word, bit) = ((self.skip_depth / 64) as usize, self.skip_depth % 64);
+                    let array = (self.skip_stack[word] >> bit) & 1 == 1;
+                    if array != (b == b']') {
+                        self.st = St::Broken;
+                        return chunk.len();
+                    }
+                    if self.skip_depth == 0 {
+                        self.st = self.after_value();
+                        return i;
+                    }
+                }
+                _ => {}
+            }
+        }
+        i
+    }
+
+    /// Whether the scanner is inside a skipped container.
+    #[inline]
+    pub(super) fn skipping(&self) -> bool {
+        self.st == St::Skipping
+    }
+
     fn start_value(&mut self, b: u8) -> St {
         match b {
+            b'{' if !self.container_relevant(false) => self.skip(false),
+            b'[' if !self.container_relevant(true) => self.skip(true),
             b'{' => self.push(false),
             b'[' => self.push(true),
             b'"' => {
@@ -546,6 +686,10 @@ impl Json {
             },
             St::Done if is_ws(b) => St::Done,
             St::Done => St::Broken,
+            St::Skipping => {
+                self.skip_run(&[b]);
+                return;
+            }
         };
     }
 }

@@ -160,6 +160,11 @@ impl ResponseMeter {
             Format::Json => {
                 let mut i = 0;
                 while i < chunk.len() {
+                    if self.json.skipping() {
+                        // Inside an object no usage path can be in: to its end.
+                        i += self.json.skip_run(&chunk[i..]);
+                        continue;
+                    }
                     if self.json.skippable() {
                         // Inside a string nobody reads: straight to its next quote or escape.
                         match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
@@ -187,6 +192,18 @@ impl ResponseMeter {
             Format::Sse => {
                 let mut i = 0;
                 while i < chunk.len() {
+                    if self.sse.state == SseState::Data
+                        && !self.sse.after_cr
+                        && self.json.skipping()
+                    {
+                        // An object no usage path can be in, to its end or the line's.
+                        let rest = &chunk[i..];
+                        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+                        if end > 0 {
+                            i += self.json.skip_run(&rest[..end]);
+                            continue;
+                        }
+                    }
                     if self.sse.state == SseState::Data && !self.sse.after_cr {
                         // As for JSON, stopping at a line end too (it ends the data line).
                         let stop = |b: &u8| matches!(b, b'"' | b'\\' | b'\n' | b'\r');

@@ -259,6 +259,25 @@ fn a_deeply_nested_echo_before_the_usage_does_not_hide_it() {
 }
 
 #[test]
+fn objects_no_usage_path_is_in_are_passed_over_by_their_brackets_only() {
+    // `choices` and `completion_tokens_details` cannot hold a count: the meter follows only
+    // their brackets and strings — brackets and quotes inside strings, escaped, do not count.
+    let body = br#"{"model":"gpt-4o-mini","choices":[{"message":{"content":"a } ] \" [ { \\","usage":{"prompt_tokens":999}}}],"usage":{"prompt_tokens":19,"completion_tokens":10,"completion_tokens_details":{"x":[{"y":"]}"}]},"prompt_tokens_details":{"cached_tokens":4}}}"#;
+    for cut in 0..body.len() {
+        let got = chunked(JSON, body, &[cut]);
+        assert_eq!(got.reading, Reading::Usage, "cut at {cut}");
+        assert_eq!(got.tokens, tokens(19, 10, 4), "cut at {cut}");
+        assert_eq!(model(&got), Some("gpt-4o-mini"));
+    }
+    // A mismatched bracket in a passed-over object still breaks the document.
+    let bad = br#"{"choices":[{"message":{"content":"x"]}],"usage":{"prompt_tokens":19}}"#;
+    assert_eq!(meter(200, JSON, bad).reading, Reading::Unreadable);
+    // So does one never closed.
+    let open = br#"{"choices":[{"message":{"content":"x"}],"usage":{"prompt_tokens":19}}"#;
+    assert_eq!(meter(200, JSON, open).reading, Reading::Unreadable);
+}
+
+#[test]
 fn the_meter_is_small() {
     // Bounded memory per stream, whatever the response: no heap, a fixed size.
     assert!(std::mem::size_of::<ResponseMeter>() < 1024);
