@@ -3,14 +3,15 @@
 //! test), and against a Redis of the test's own that it stops and starts again. Time is an
 //! input (`now`); synchronisations are called directly, never waited for.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
 use keygate::authz::ratelimit::{Admission, PerMinute, RateLimiter};
 use keygate::authz::ratelimit_redis::RedisSync;
 use keygate::domain::Timestamp;
 use uuid::Uuid;
+
+use common::envoy::free_port;
+use common::redis::OwnRedis;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -64,61 +65,11 @@ async fn two_data_planes_sharing_redis_admit_one_allowance_between_them() {
     assert_eq!(alone, 120);
 }
 
-/// A Redis server of the test's own, on a free port, that it can stop.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed");
-        // Ready when it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        OwnRedis { child, port }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn with_redis_gone_each_data_plane_enforces_its_own_counts_and_says_so() {
     let port = free_port();
     let mut redis = OwnRedis::start(port);
-    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let url = redis.url.clone();
     let limiter = RateLimiter::default();
     let mut sync = RedisSync::new(&url, &prefix()).unwrap();
     let key = Uuid::new_v4();

@@ -16,7 +16,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::admin::{
@@ -24,6 +23,7 @@ use common::admin::{
 };
 use common::envoy::{Envoy, EnvoyRun, HttpResponse, ModuleFiles, free_port, http_get, http_post};
 use common::gateway::{Gateway, Plane, SUBSCRIBER_TOKEN};
+use common::redis::OwnRedis;
 use common::split::{DataPlane, DataPlaneOptions};
 use common::{poll_until, tail};
 use keygate::proto::admin::v1 as pb;
@@ -36,51 +36,6 @@ const REQUESTS: usize = 120;
 const PER_SECOND: u64 = 12;
 const SHARED: &str = "keygate_rate_limit_shared";
 const FAILURES: &str = "keygate_rate_limit_sync_failures_total";
-
-/// A redis-server of the test's own on a free port, that it can stop. Killed on drop.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    fn start() -> OwnRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        OwnRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// The value of the unlabelled sample `name` on `addr`'s `/metrics`.
 async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
@@ -246,7 +201,7 @@ impl SecondPlane {
 async fn two_data_planes_share_one_allowance_through_redis_and_keep_answering_without_it(
     plane: Plane,
 ) {
-    let mut redis = OwnRedis::start();
+    let mut redis = OwnRedis::start(free_port());
     // Each data plane's settings: the same Redis, its own metrics listener.
     let settings = |metrics: SocketAddr| {
         [

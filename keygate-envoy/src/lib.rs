@@ -428,9 +428,7 @@ impl FilterConfig {
         Checked::Continue(self.metering.then(|| {
             let m = StreamMetering::of(&a.allowed);
             // Tokens are charged to the rate limits that admitted it, when it has any.
-            if a.allowed.key.limits.tokens_per_minute.is_some()
-                || a.allowed.consumer.limits.tokens_per_minute.is_some()
-            {
+            if a.allowed.token_limited() {
                 m.charging(self.feed.limiter.clone())
             } else {
                 m

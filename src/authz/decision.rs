@@ -297,6 +297,15 @@ pub struct Allowed<'s> {
     pub model: Option<ModelName>,
 }
 
+impl Allowed<'_> {
+    /// Whether the key or its consumer has a tokens-per-minute limit: the answer's tokens are
+    /// then charged to the rate limiter when it ends (SPEC §8.3).
+    pub fn token_limited(&self) -> bool {
+        self.key.limits.tokens_per_minute.is_some()
+            || self.consumer.limits.tokens_per_minute.is_some()
+    }
+}
+
 #[derive(Debug)]
 pub struct Denied<'s> {
     pub reason: DenyReason,

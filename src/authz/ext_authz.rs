@@ -117,8 +117,7 @@ fn allowed_response(a: &Admit<'_, '_>, view: &CheckView<'_>, metering_tag: &str)
             kind: Some(Kind::StringValue(metering_tag.to_string())),
         },
     );
-    let al = &a.allowed;
-    if al.key.limits.tokens_per_minute.is_some() || al.consumer.limits.tokens_per_minute.is_some() {
+    if a.allowed.token_limited() {
         meta.fields.insert(
             super::metering::TOKEN_LIMITED_FIELD.to_string(),
             Value {

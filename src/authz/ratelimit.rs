@@ -348,8 +348,10 @@ impl RateLimiter {
         }
     }
 
-    /// Charges `tokens` (a response's input + output) to `key` and its consumer, after the
-    /// response. Subjects without a token limit are not tracked.
+    /// Charges `tokens` to `key` and its consumer at the given limits, creating their buckets
+    /// (the data planes charge through [`RateLimiter::charge_admitted`]; tests set up buckets
+    /// with this). Subjects without a token limit are not tracked.
+    #[cfg(test)]
     pub fn charge_tokens(
         &self,
         key: (Uuid, &PerMinute),

@@ -11,7 +11,7 @@ use sqlx::any::AnyRow;
 
 use super::lookup::find;
 use super::mutation::Mutation;
-use super::rows::table_of;
+use super::rows::{placeholders, table_of};
 use super::{Result, Store, StoreError};
 use crate::domain::limits::{BudgetPeriod, Limits, Spend, period_bounds};
 use crate::domain::usage::Picodollars;
@@ -258,12 +258,10 @@ impl Store {
                 (ResourceKind::Consumer, consumers),
             ] {
                 for chunk in ids.chunks(BUDGET_LOOKUP_CHUNK) {
-                    let placeholders: Vec<String> =
-                        (1..=chunk.len()).map(|i| format!("${i}")).collect();
                     let sql = format!(
                         "SELECT id FROM {} WHERE budget_period IS NOT NULL AND id IN ({})",
                         table_of(kind),
-                        placeholders.join(", ")
+                        placeholders(1, chunk.len())
                     );
                     let mut q = sqlx::query_scalar::<_, String>(&sql);
                     for id in chunk {

@@ -152,6 +152,14 @@ pub(super) fn table_of(kind: ResourceKind) -> &'static str {
     }
 }
 
+/// `n` bind placeholders from `$from` on, for an `IN (…)` list: `"$3, $4, $5"`.
+pub(super) fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(super) fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }

@@ -15,7 +15,7 @@ use sqlx::any::AnyRow;
 use uuid::Uuid;
 
 use super::lookup::find;
-use super::rows::{SqlCode, decode_pricing, table_of};
+use super::rows::{SqlCode, decode_pricing, placeholders, table_of};
 use super::{Result, Store, StoreError};
 use crate::domain::usage::{
     AppliedUsage, DAY_MICROS, Granularity, ModelPrice, Picodollars, USAGE_QUERY_MAX_ROWS,
@@ -454,12 +454,7 @@ async fn names_of(
     let ids: Vec<&String> = ids.iter().filter(|i| !i.is_empty()).collect();
     let mut out = HashMap::new();
     for chunk in ids.chunks(IN_CHUNK) {
-        let marks = |from: usize| {
-            (from..from + chunk.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let marks = |from: usize| placeholders(from, chunk.len());
         let live = format!(
             "SELECT id, name FROM {} WHERE id IN ({})",
             table_of(kind),

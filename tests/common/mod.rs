@@ -7,6 +7,7 @@ pub mod admin;
 pub mod envoy;
 pub mod gateway;
 pub mod postgres;
+pub mod redis;
 pub mod sdk;
 pub mod secrets;
 pub mod split;
