@@ -798,3 +798,181 @@ async fn a_store_from_before_usage_upgrades_sqlite() {
 async fn a_store_from_before_usage_upgrades_postgres() {
     upgrades_from_before_usage("postgres").await;
 }
+
+/// What a restore does to the history: the store back at `to` (later audit and change rows
+/// gone, the revision counter back, `consumers` named here gone as the backup never had
+/// them), its epoch row unchanged.
+async fn restore_to(url: &str, to: i64, gone_consumers: &[&str]) {
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    for sql in [
+        format!("DELETE FROM audit_events WHERE revision > {to}"),
+        format!("DELETE FROM changes WHERE revision > {to}"),
+        format!("UPDATE store_meta SET revision = {to} WHERE id = 1"),
+    ] {
+        conn.execute(sql.as_str()).await.unwrap();
+    }
+    for name in gone_consumers {
+        conn.execute(format!("DELETE FROM consumers WHERE name = '{name}'").as_str())
+            .await
+            .unwrap();
+    }
+    conn.close().await.unwrap();
+}
+
+/// Issue 14 H1, the case a version cannot see: the store restored (its epoch row included)
+/// and changed back up to exactly the revision a running control plane published, or past
+/// it, between two of its reads. The builder tells the histories apart by the revision's
+/// audit row, starts a new epoch (audited) and publishes the store's actual state; a second
+/// replica follows the new epoch. Before, the first case was "up to date" for good and the
+/// second applied the later changes on top of the state the store no longer has.
+async fn restore_changed_back(backend: &str) {
+    let fx = fixture(backend).await;
+    let master = MasterKey::generate();
+    let store = open(&fx.url, &master).await;
+    let replica = open(&fx.url, &master).await;
+    let builder = SnapshotBuilder::new(store.clone(), SnapshotCell::new());
+    let other = SnapshotBuilder::new(replica.clone(), SnapshotCell::new());
+    let a = actor();
+    store
+        .create_model_service(
+            &a,
+            NewModelService {
+                name: "openai".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let consumer = |name: &str| NewConsumer {
+        name: name.into(),
+        ..Default::default()
+    };
+    store.create_consumer(&a, consumer("app")).await.unwrap();
+    let key = NewConsumerKey {
+        name: "leaked".into(),
+        description: String::new(),
+        source: KeySource::Auto,
+        consumer: Some("app".into()),
+        scope: ScopeInput::Unset,
+        ip_allowlist: vec![],
+        expire_time: None,
+        limits: LimitsInput::default(),
+    };
+    store.create_consumer_key(&a, key).await.unwrap();
+    let (epoch0, backup) = store.epoch().await.unwrap();
+    store
+        .create_consumer(&a, consumer("later-1"))
+        .await
+        .unwrap();
+    store
+        .create_consumer(&a, consumer("later-2"))
+        .await
+        .unwrap();
+    let published = builder.refresh().await.unwrap();
+    other.refresh().await.unwrap();
+    let n = published.version;
+    assert_eq!(n, backup + 2);
+    let leaked_enabled = |s: &Snapshot| {
+        s.key_index()
+            .iter()
+            .find(|(_, e)| &*e.name == "leaked")
+            .map(|(_, e)| e.enabled)
+    };
+    assert_eq!(leaked_enabled(&published), Some(true));
+
+    // Restored to the backup, then changed back up to N: the leaked key disabled.
+    restore_to(&fx.url, backup, &["later-1", "later-2"]).await;
+    store
+        .set_consumer_key_status(&a, &Selector::Name("leaked".into()), KeyStatus::Disabled)
+        .await
+        .unwrap();
+    store
+        .create_consumer(&a, consumer("restored-1"))
+        .await
+        .unwrap();
+    assert_eq!(store.epoch().await.unwrap(), (epoch0.clone(), n));
+
+    let after = builder.refresh().await.unwrap();
+    let (epoch1, _) = store.epoch().await.unwrap();
+    assert_ne!(epoch1, epoch0, "a new epoch started");
+    assert_eq!(after.epoch, epoch1);
+    let full =
+        Snapshot::from_full(load_full_update(&store, None).await.unwrap(), store.keys()).unwrap();
+    assert_eq!(
+        canonical(&after),
+        canonical(&full),
+        "the store's actual state"
+    );
+    assert_eq!(after.digest(), full.digest());
+    assert_eq!(leaked_enabled(&after), Some(false));
+    // The other replica follows the new epoch (no second one starts).
+    let followed = other.refresh().await.unwrap();
+    assert_eq!(canonical(&followed), canonical(&full));
+    assert_eq!(store.epoch().await.unwrap().0, epoch1);
+
+    let first = epoch_starts(&store).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].details.contains(&epoch1), "{first:?}");
+
+    // Restored again, to one revision back, and changed past the published version: the
+    // later change must not be applied on top of what the store no longer has.
+    let m = after.version;
+    restore_to(&fx.url, m - 1, &[]).await;
+    store
+        .set_consumer_key_status(&a, &Selector::Name("leaked".into()), KeyStatus::Enabled)
+        .await
+        .unwrap();
+    store
+        .create_consumer(&a, consumer("restored-2"))
+        .await
+        .unwrap();
+    assert_eq!(store.epoch().await.unwrap(), (epoch1.clone(), m + 1));
+    let past = builder.refresh().await.unwrap();
+    let (epoch2, _) = store.epoch().await.unwrap();
+    assert_ne!(epoch2, epoch1, "another epoch started");
+    let full =
+        Snapshot::from_full(load_full_update(&store, None).await.unwrap(), store.keys()).unwrap();
+    assert_eq!(canonical(&past), canonical(&full));
+    assert_eq!(leaked_enabled(&past), Some(true));
+    // (The restore took the first epoch's audit row with it; the new one is there.)
+    let second = epoch_starts(&store).await;
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert!(second[0].details.contains(&epoch2), "{second:?}");
+
+    store.close().await;
+    replica.close().await;
+}
+
+/// The store's `StartEpoch` audit rows: by the control plane, naming the other history.
+async fn epoch_starts(store: &Store) -> Vec<keygate::domain::AuditEvent> {
+    let page = keygate::store::PageRequest {
+        size: 100,
+        after: None,
+    };
+    let events = store
+        .list_audit_events(&Default::default(), &page)
+        .await
+        .unwrap()
+        .items;
+    let starts: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.action == "StartEpoch")
+        .collect();
+    for e in &starts {
+        assert_eq!(e.actor, "keygate:control-plane", "{e:?}");
+        assert!(e.details.contains("another"), "{e:?}");
+    }
+    starts
+}
+
+#[tokio::test]
+async fn a_restore_changed_back_to_the_published_revision_starts_an_epoch_sqlite() {
+    restore_changed_back("sqlite").await;
+}
+
+#[tokio::test]
+async fn a_restore_changed_back_to_the_published_revision_starts_an_epoch_postgres() {
+    restore_changed_back("postgres").await;
+}

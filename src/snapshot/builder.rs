@@ -180,6 +180,14 @@ pub async fn load_full_update(
     store: &Store,
     secrets: Option<&Secrets>,
 ) -> Result<Update, BuildError> {
+    Ok(load_full_update_marked(store, secrets).await?.0)
+}
+
+/// `load_full_update`, and the history mark of its version.
+async fn load_full_update_marked(
+    store: &Store,
+    secrets: Option<&Secrets>,
+) -> Result<(Update, i64), BuildError> {
     let mut keys = Vec::new();
     let mut bad: Option<BuildError> = None;
     let contents = store
@@ -200,7 +208,7 @@ pub async fn load_full_update(
     }
     let mut c = contents?;
     resolve_secret_keys(&mut c.model_keys, secrets, store.keys());
-    Ok(Update {
+    let update = Update {
         store_id: c.store_id.clone(),
         epoch: c.epoch.clone(),
         version: c.revision,
@@ -215,7 +223,8 @@ pub async fn load_full_update(
         removed_consumers: vec![],
         services: Some(service_records(&c.model_services, &c.model_keys)?),
         model_key_count: c.model_keys.len() as u64,
-    })
+    };
+    Ok((update, c.mark))
 }
 
 /// The update for an incremental change set.
@@ -273,6 +282,8 @@ pub struct SnapshotBuilder {
     updates: Option<tokio::sync::broadcast::Sender<Published>>,
     /// Versions data planes presented that this snapshot's history never reached here.
     ahead: Option<tokio::sync::mpsc::Receiver<SeenAhead>>,
+    /// The history mark of the published version: (epoch, version, mark).
+    published_mark: std::sync::Mutex<Option<(String, i64, i64)>>,
 }
 
 impl SnapshotBuilder {
@@ -286,6 +297,7 @@ impl SnapshotBuilder {
             poll_interval: Duration::from_secs(1),
             updates: None,
             ahead: None,
+            published_mark: std::sync::Mutex::new(None),
         }
     }
 
@@ -320,6 +332,36 @@ impl SnapshotBuilder {
         Ok(())
     }
 
+    /// Starts a new epoch after the store `epoch` was found at `revision` with another
+    /// history at the published version `published` (restored, epoch row included, and
+    /// changed back up to or past it). Another replica may have started it already.
+    async fn start_epoch_diverged(
+        &self,
+        epoch: &str,
+        revision: i64,
+        published: i64,
+    ) -> Result<(), BuildError> {
+        let reason = format!(
+            "the store's history at the published version {published} is another (restored and changed back up to it; now at revision {revision})"
+        );
+        match self.store.bump_epoch(epoch, &reason).await? {
+            Some(new) => {
+                crate::metrics::METRICS.epoch_changed();
+                tracing::warn!(
+                    revision,
+                    published_version = published,
+                    epoch = %new,
+                    "the store holds another history at the published version (restored from a backup and changed back up to it): started a new epoch; every data plane takes the store's state in full"
+                )
+            }
+            None => tracing::info!(
+                revision,
+                "the store holds another history at the published version; another replica started the new epoch"
+            ),
+        }
+        Ok(())
+    }
+
     /// A data plane presented `seen`: when it is of the store's current epoch but ahead of
     /// the store's revision, the store lost history that data plane has; start a new epoch.
     async fn check_seen_ahead(&self, seen: SeenAhead) -> Result<(), BuildError> {
@@ -329,6 +371,14 @@ impl SnapshotBuilder {
             self.start_epoch(&epoch, revision, seen.version).await?;
         }
         Ok(())
+    }
+
+    /// The history mark of the published `(epoch, version)`, when this builder published it.
+    fn mark_of(&self, epoch: &str, version: i64) -> Option<i64> {
+        match &*self.published_mark.lock().expect("not poisoned") {
+            Some((e, v, mark)) if e == epoch && *v == version => Some(*mark),
+            _ => None,
+        }
     }
 
     /// Resolve SECRET_REF model keys through `secrets`.
@@ -349,30 +399,41 @@ impl SnapshotBuilder {
         let current = self.cell.load();
         let changes = match &current {
             Some(s) => {
+                let mark = self.mark_of(&s.epoch, s.version);
                 self.store
-                    .load_changes(&s.epoch, s.version, MAX_INCREMENTAL_CHANGES)
+                    .load_changes(&s.epoch, s.version, mark, MAX_INCREMENTAL_CHANGES)
                     .await?
             }
             None => Changes::Full,
         };
         let model_keys = current.as_ref().map(|s| s.counts().model_keys).unwrap_or(0);
-        let update = match changes {
+        let secrets = self.secrets.as_ref();
+        let (update, mark) = match changes {
             Changes::UpToDate { .. } => {
                 if let Some(s) = current {
                     return Ok(s);
                 }
-                load_full_update(&self.store, self.secrets.as_ref()).await?
+                load_full_update_marked(&self.store, secrets).await?
             }
-            Changes::Full => load_full_update(&self.store, self.secrets.as_ref()).await?,
+            Changes::Full => load_full_update_marked(&self.store, secrets).await?,
             Changes::WentBack { epoch, revision } => {
                 let seen = current.as_ref().map_or(0, |s| s.version);
                 self.start_epoch(&epoch, revision, seen).await?;
-                load_full_update(&self.store, self.secrets.as_ref()).await?
+                load_full_update_marked(&self.store, secrets).await?
+            }
+            Changes::Diverged { epoch, revision } => {
+                let published = current.as_ref().map_or(0, |s| s.version);
+                self.start_epoch_diverged(&epoch, revision, published)
+                    .await?;
+                load_full_update_marked(&self.store, secrets).await?
             }
             Changes::Incremental(i) => {
-                increment_to_update(i, model_keys, self.secrets.as_ref(), &self.keys).await?
+                let mark = i.mark;
+                let update = increment_to_update(i, model_keys, secrets, &self.keys).await?;
+                (update, mark)
             }
         };
+        let marked = (update.epoch.clone(), update.version, mark);
         let keys = self.keys.clone();
         let base = current.clone();
         // What distribution needs: an incremental update as is (small); for a full one only
@@ -397,6 +458,7 @@ impl SnapshotBuilder {
         .expect("applying an update does not panic")?;
         let snap = Arc::new(snap);
         if self.cell.publish(snap.clone()) {
+            *self.published_mark.lock().expect("not poisoned") = Some(marked);
             tracing::debug!(
                 version = snap.version,
                 full = shared.full,

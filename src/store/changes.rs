@@ -5,7 +5,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::contents::{EncryptedModelKeys, KeyRow, load_services};
+use super::contents::{EncryptedModelKeys, KeyRow, load_services, revision_mark};
 use super::rows::{CONSUMER_COLUMNS, KEY_ROW_COLUMNS, SqlCode, consumer_base, decode, key_row};
 use super::scopes::read_scope;
 use super::{Result, Store, StoreError};
@@ -17,6 +17,13 @@ use crate::domain::{Consumer, ModelService, ResourceKind};
 pub enum Changes {
     /// Nothing committed since.
     UpToDate {
+        revision: i64,
+    },
+    /// The store holds the revision asked from, in the same epoch, but not the history it
+    /// was published from: restored (epoch row included) and changed back up to or past it
+    /// between two reads. Like `WentBack`: a new epoch, then everything.
+    Diverged {
+        epoch: String,
         revision: i64,
     },
     /// Too much changed, the history is gone or the epoch is another: reload everything
@@ -37,6 +44,8 @@ pub struct Increment {
     pub store_id: String,
     pub epoch: String,
     pub revision: i64,
+    /// The history mark of `revision` (see `revision_mark`).
+    pub mark: i64,
     /// Changed consumer keys as they are now.
     pub consumer_keys: Vec<KeyRow>,
     /// HMACs to drop (deleted keys).
@@ -126,11 +135,13 @@ impl Store {
     /// What changed after revision `since` of epoch `since_epoch`, read in one consistent
     /// transaction. Another epoch, more than `max_changes` changed resources (or a bulk
     /// change) answers with everything instead; a revision below `since` in the same epoch
-    /// with `WentBack`.
+    /// with `WentBack`; a revision `since` whose history mark is not `since_mark` (when
+    /// given) with `Diverged`.
     pub async fn load_changes(
         &self,
         since_epoch: &str,
         since: i64,
+        since_mark: Option<i64>,
         max_changes: usize,
     ) -> Result<Changes> {
         let (mut tx, revision, epoch) = self.begin_read().await?;
@@ -138,14 +149,22 @@ impl Store {
             tx.commit().await?;
             return Ok(Changes::Full);
         }
-        if revision == since {
-            return Ok(Changes::UpToDate { revision });
-        }
         if revision < since {
             // A store restored from an older backup: a new epoch, then everything.
             tx.commit().await?;
             return Ok(Changes::WentBack { epoch, revision });
         }
+        if let Some(expected) = since_mark
+            && revision_mark(&mut tx, since).await? != expected
+        {
+            tx.commit().await?;
+            return Ok(Changes::Diverged { epoch, revision });
+        }
+        if revision == since {
+            tx.commit().await?;
+            return Ok(Changes::UpToDate { revision });
+        }
+        let mark = revision_mark(&mut tx, revision).await?;
         let rows = sqlx::query(
             "SELECT kind, resource_id, key_hash FROM changes WHERE revision > $1 AND revision <= $2 LIMIT $3",
         )
@@ -181,6 +200,7 @@ impl Store {
             store_id: self.store_id.clone(),
             epoch,
             revision,
+            mark,
             consumer_keys,
             removed_key_hashes: touched.removed_key_hashes,
             consumers,

@@ -25,6 +25,8 @@ pub struct StoreContents {
     /// The store's epoch at `revision` (see `epoch`).
     pub epoch: String,
     pub revision: i64,
+    /// The history mark of `revision` (see `Store::revision_mark`).
+    pub mark: i64,
     pub consumers: Vec<Consumer>,
     pub model_services: Vec<ModelService>,
     /// Model keys with their ciphertext (decrypted by the snapshot builder).
@@ -55,6 +57,19 @@ pub struct KeyRow {
 /// Model keys with their ciphertext.
 pub type EncryptedModelKeys = Vec<(ModelKey, Vec<u8>)>;
 
+/// The history mark of a revision: the commit time (µs) of the audit row every revision
+/// writes in its transaction, 0 for none (revision 0). Two histories of one store (a restore
+/// changed back up to a revision) have other rows at that revision, so other marks: what a
+/// control plane checks its published revision against (`Changes::Diverged`). Audit rows
+/// are never deleted: a retention that removed them would have to keep the marks.
+pub(super) async fn revision_mark(conn: &mut sqlx::AnyConnection, revision: i64) -> Result<i64> {
+    let time: Option<i64> = sqlx::query_scalar("SELECT time FROM audit_events WHERE revision = $1")
+        .bind(revision)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(time.unwrap_or(0))
+}
+
 impl Store {
     /// A read-only transaction that sees one revision throughout (on PostgreSQL, repeatable
     /// read; SQLite's single writer gives the same), that revision and the store's epoch.
@@ -79,6 +94,7 @@ impl Store {
         mut on_key: impl FnMut(KeyRow) -> std::result::Result<(), String>,
     ) -> Result<StoreContents> {
         let (mut tx, revision, epoch) = self.begin_read().await?;
+        let mark = revision_mark(&mut tx, revision).await?;
         let mut scopes = load_scope_lists(&mut tx).await?;
         let mut scope_of = |id: &str, mode: i64| {
             fixed_scope(mode).unwrap_or_else(|| {
@@ -110,6 +126,7 @@ impl Store {
             store_id: self.store_id.clone(),
             epoch,
             revision,
+            mark,
             consumers,
             model_services,
             model_keys,
