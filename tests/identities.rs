@@ -107,8 +107,20 @@ async fn roles_allow_what_they_name_and_refuse_the_rest_with_permission_denied()
         ),
         ("ListAuditEvents", json!({})),
         ("GetSnapshotStatus", json!({})),
+        ("GetUsage", json!({"group_by": ["consumer_key", "model"]})),
     ] {
         ok(&kg, &viewer, method, body);
+    }
+    // Rotating a key and changing its budget are the key lifecycle: OPERATOR's.
+    let budget = json!({"name": "k1", "consumer_key": {"limits": {"requests_per_minute": 5}},
+                        "update_mask": {"paths": ["limits"]}});
+    for (method, body) in [
+        ("RotateConsumerKey", json!({"name": "k1"})),
+        ("UpdateConsumerKey", budget.clone()),
+    ] {
+        let e = refused(&kg, &viewer, method, body.clone(), "PermissionDenied");
+        assert!(e.contains("needs role OPERATOR"), "{method}: {e}");
+        ok(&kg, &operator, method, body);
     }
     let e = refused(
         &kg,
