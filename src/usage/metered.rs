@@ -38,6 +38,36 @@ pub struct UsageKey {
     pub model: String,
 }
 
+/// A [`UsageKey`] with its model borrowed: what a response is recorded under, owned only the
+/// first time a tally sees it. Hashes exactly as the [`UsageKey`] it stands for.
+#[derive(Clone, Copy, Debug, Hash)]
+pub struct UsageKeyRef<'a> {
+    pub consumer_key: Uuid,
+    pub consumer: Option<Uuid>,
+    pub model_service: Uuid,
+    pub model: &'a str,
+}
+
+impl UsageKeyRef<'_> {
+    fn to_owned_key(self) -> UsageKey {
+        UsageKey {
+            consumer_key: self.consumer_key,
+            consumer: self.consumer,
+            model_service: self.model_service,
+            model: self.model.to_owned(),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<UsageKey> for UsageKeyRef<'_> {
+    fn equivalent(&self, key: &UsageKey) -> bool {
+        self.consumer_key == key.consumer_key
+            && self.consumer == key.consumer
+            && self.model_service == key.model_service
+            && self.model == key.model
+    }
+}
+
 /// Counts for one [`UsageKey`]. `input_tokens` includes `cached_input_tokens`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -88,15 +118,18 @@ const SHARDS: usize = 16;
 
 /// The data plane's running sums since the last drain.
 pub struct Tally {
-    hasher: std::collections::hash_map::RandomState,
-    shards: [Mutex<HashMap<UsageKey, Counts>>; SHARDS],
+    hasher: foldhash::fast::RandomState,
+    shards: [Mutex<TallyMap>; SHARDS],
 }
+
+/// One shard's sums (a fast seeded hash: the keys are keygate's ids and checked model names).
+type TallyMap = hashbrown::HashMap<UsageKey, Counts, foldhash::fast::RandomState>;
 
 impl Default for Tally {
     fn default() -> Self {
         Tally {
             hasher: Default::default(),
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(TallyMap::default())),
         }
     }
 }
@@ -110,11 +143,30 @@ impl std::fmt::Debug for Tally {
 impl Tally {
     /// Adds one response's counts.
     pub fn record(&self, key: UsageKey, counts: Counts) {
+        self.record_ref(
+            UsageKeyRef {
+                consumer_key: key.consumer_key,
+                consumer: key.consumer,
+                model_service: key.model_service,
+                model: &key.model,
+            },
+            counts,
+        );
+    }
+
+    /// Adds one response's counts under a borrowed key (its model copied only when the
+    /// shard has not seen it since its last drain).
+    pub fn record_ref(&self, key: UsageKeyRef<'_>, counts: Counts) {
         let shard = (self.hasher.hash_one(key.consumer_key) as usize) % SHARDS;
         let mut map = self.shards[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.entry(key).or_default().add(&counts);
+        match map.get_mut(&key) {
+            Some(sum) => sum.add(&counts),
+            None => {
+                map.insert(key.to_owned_key(), counts);
+            }
+        }
     }
 
     /// Takes every sum, adding them to `into`.

@@ -8,4 +8,4 @@ mod last_used;
 pub mod metered;
 
 pub use last_used::{UsageRecorder, UsageSink, start};
-pub use metered::{Counts, Report, ReportSink, Tally, UsageKey};
+pub use metered::{Counts, Report, ReportSink, Tally, UsageKey, UsageKeyRef};

@@ -5,7 +5,7 @@ use super::{Metered, Reading, ResponseMeter, Tokens};
 use std::sync::Arc;
 
 use crate::authz::ratelimit::RateLimiter;
-use crate::usage::{Counts, Tally, UsageKey};
+use crate::usage::{Counts, Tally, UsageKey, UsageKeyRef};
 
 /// The metering of one allowed request, from the decision to the end of its response: what
 /// both data planes hold per stream. Created on an allow, fed the response, and recorded into
@@ -100,13 +100,18 @@ impl StreamMetering {
                 crate::domain::Timestamp::now().0,
             );
         }
-        let mut key = self.key;
-        if key.model.is_empty()
-            && let Some(m) = &metered.model
-        {
-            key.model = m.as_str().to_owned();
-        }
-        tally.record(key, Counts::from(&metered));
+        // The request's model, else the response's.
+        let model = match &metered.model {
+            Some(m) if self.key.model.is_empty() => m.as_str(),
+            _ => &self.key.model,
+        };
+        let key = UsageKeyRef {
+            consumer_key: self.key.consumer_key,
+            consumer: self.key.consumer,
+            model_service: self.key.model_service,
+            model,
+        };
+        tally.record_ref(key, Counts::from(&metered));
     }
 }
 
