@@ -302,7 +302,8 @@ fn may_hold_target(path: &[Key]) -> bool {
     }
 }
 
-fn is_ws(b: u8) -> bool {
+#[inline]
+pub(super) fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
@@ -339,6 +340,73 @@ impl Json {
                 self.key_len += bytes.len();
             }
             _ => self.key_other = true,
+        }
+    }
+
+    /// Inside the model string being captured, no escape pending: its bytes up to the next `"`
+    /// or `\\` can be taken in one go ([`Json::model_bytes`]).
+    #[inline]
+    pub(super) fn in_model_string(&self) -> bool {
+        self.st == St::InString && !self.escape && self.target == Some(Target::Model)
+    }
+
+    /// The next `bytes` of the model string, none of them `"` or `\\` (what [`Json::byte`]
+    /// does with each, at once): a control byte breaks the document; a byte that is not
+    /// visible ASCII, or one past the longest model, makes the string no model.
+    pub(super) fn model_bytes(&mut self, bytes: &[u8]) {
+        debug_assert!(self.in_model_string());
+        if bytes.iter().any(|&b| b < 0x20) {
+            self.st = St::Broken;
+            return;
+        }
+        if self.str_bad {
+            return;
+        }
+        match self
+            .str_buf
+            .get_mut(self.str_len..self.str_len + bytes.len())
+        {
+            Some(room) if bytes.iter().all(|b| (b'!'..=b'~').contains(b)) => {
+                room.copy_from_slice(bytes);
+                self.str_len += bytes.len();
+            }
+            _ => self.str_bad = true,
+        }
+    }
+
+    /// Between tokens, where whitespace changes nothing ([`Json::byte`] leaves the state as
+    /// it is): a run of it can be passed over at once.
+    #[inline]
+    pub(super) fn between_tokens(&self) -> bool {
+        matches!(
+            self.st,
+            St::Start
+                | St::Value
+                | St::ValueOrClose
+                | St::KeyOrClose
+                | St::Key
+                | St::Colon
+                | St::After
+                | St::Done
+        )
+    }
+
+    /// Inside a number: its further digits can be taken in one go ([`Json::digits`]).
+    #[inline]
+    pub(super) fn in_number(&self) -> bool {
+        self.st == St::InNumber
+    }
+
+    /// The next `digits` (ASCII digits only) of the number being read, as [`Json::byte`] does
+    /// with each.
+    #[inline]
+    pub(super) fn digits(&mut self, digits: &[u8]) {
+        debug_assert!(self.in_number() && digits.iter().all(u8::is_ascii_digit));
+        for &d in digits {
+            self.num = self
+                .num
+                .and_then(|n| n.checked_mul(10))
+                .and_then(|n| n.checked_add(u64::from(d - b'0')));
         }
     }
 

@@ -184,6 +184,42 @@ impl ResponseMeter {
                                 break;
                             }
                         }
+                    } else if self.json.in_model_string() {
+                        // The model: captured whole up to its closing quote (or an escape).
+                        let rest = &chunk[i..];
+                        match memchr::memchr2(b'"', b'\\', rest) {
+                            Some(n) => {
+                                self.json.model_bytes(&rest[..n]);
+                                i += n;
+                            }
+                            None => {
+                                self.json.model_bytes(rest);
+                                break;
+                            }
+                        }
+                    } else if json::is_ws(chunk[i]) && self.json.between_tokens() {
+                        // Indentation (vendors pretty-print): the whole run at once.
+                        let rest = &chunk[i..];
+                        let n = rest
+                            .iter()
+                            .position(|&b| !json::is_ws(b))
+                            .unwrap_or(rest.len());
+                        i += n;
+                        if i == chunk.len() {
+                            break;
+                        }
+                    } else if self.json.in_number() {
+                        // A number's digits in a run; what ends it goes through `byte`.
+                        let rest = &chunk[i..];
+                        let n = rest
+                            .iter()
+                            .position(|b| !b.is_ascii_digit())
+                            .unwrap_or(rest.len());
+                        self.json.digits(&rest[..n]);
+                        i += n;
+                        if i == chunk.len() {
+                            break;
+                        }
                     }
                     self.json.byte(chunk[i], &mut self.raw, &mut self.model);
                     i += 1;
@@ -223,6 +259,27 @@ impl ResponseMeter {
                                     self.json.key_bytes(rest);
                                     break;
                                 }
+                            }
+                        } else if self.json.in_model_string() {
+                            match rest.iter().position(stop) {
+                                Some(n) => {
+                                    self.json.model_bytes(&rest[..n]);
+                                    i += n;
+                                }
+                                None => {
+                                    self.json.model_bytes(rest);
+                                    break;
+                                }
+                            }
+                        } else if self.json.in_number() {
+                            let n = rest
+                                .iter()
+                                .position(|b| !b.is_ascii_digit())
+                                .unwrap_or(rest.len());
+                            self.json.digits(&rest[..n]);
+                            i += n;
+                            if i == chunk.len() {
+                                break;
                             }
                         }
                     }

@@ -327,6 +327,50 @@ proptest! {
         prop_assert_eq!(got.tokens, tokens(p, c, cached.min(p)));
     }
 
+    /// Models and counts are taken in runs (a model up to its quote, a number's digits at
+    /// once): whatever the chunking, exactly what a byte-at-a-time reading gives: the model
+    /// when it follows the model rule, the counts exactly, in JSON and in an SSE event.
+    #[test]
+    fn models_and_counts_split_anywhere_are_read_exactly(
+        model in "[ -!#-\\[\\]-~é\t]{0,300}",
+        p in any::<u64>(),
+        c in any::<u64>(),
+        mut cuts in proptest::collection::vec(0usize..700, 0..12),
+        sse in any::<bool>(),
+        ws in "[ \t]{0,3}",
+        line in "[ \t\r\n]{0,4}",
+    ) {
+        cuts.sort_unstable();
+        // Pretty-printed JSON may break lines anywhere whitespace goes; an SSE data line not.
+        let nl = if sse { ws.as_str() } else { line.as_str() };
+        let json = format!(
+            "{nl}{{{nl}\"model\"{ws}:{nl}\"{model}\",{nl}\"created\":{ws}1741569952{nl},\"usage\":{ws}{{{nl}\"prompt_tokens\":{p}{ws},\"completion_tokens\"{nl}:{c}{nl}}}{ws}}}{nl}"
+        );
+        let (content_type, body) = if sse {
+            (SSE, format!("data: {json}\n\ndata: [DONE]\n\n"))
+        } else {
+            (JSON, json)
+        };
+        let whole = meter(200, content_type, body.as_bytes());
+        let got = chunked(content_type, body.as_bytes(), &cuts);
+        let mut one_by_one = ResponseMeter::new(200, content_type, None);
+        for b in body.as_bytes() {
+            one_by_one.feed(std::slice::from_ref(b));
+        }
+        let one_by_one = one_by_one.finish();
+        prop_assert_eq!(&got, &whole);
+        prop_assert_eq!(&one_by_one, &whole);
+        if model.bytes().any(|b| b < 0x20) {
+            // A raw control byte in a string breaks the document.
+            prop_assert_eq!(whole.reading, Reading::Unreadable);
+        } else {
+            prop_assert_eq!(whole.reading, Reading::Usage);
+            prop_assert_eq!(whole.tokens, tokens(p, c, 0));
+            let want = crate::authz::model::ModelName::new(&model).map(|m| m.as_str().to_owned());
+            prop_assert_eq!(whole.model.map(|m| m.as_str().to_owned()), want);
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(
         body in proptest::collection::vec(any::<u8>(), 0..2048),
