@@ -420,6 +420,11 @@ impl Json {
         if self.extra_depth > 0 {
             return None;
         }
+        // Every target is a value under a key of ours in an object: most values are not.
+        match self.frames[..self.depth].last() {
+            Some(top) if !top.array && top.key != Key::Other => {}
+            _ => return None,
+        }
         // The root array of a Gemini stream: its elements are documents.
         let frames = &self.frames[..self.depth];
         let frames = match frames {
@@ -491,6 +496,13 @@ impl Json {
     /// Whether an object (or array) starting now can hold a value [`target`] reads.
     fn container_relevant(&self, array: bool) -> bool {
         if self.extra_depth > 0 {
+            return false;
+        }
+        // Below the root, a usage path runs through keys of ours only.
+        if let Some(top) = self.frames[..self.depth].last()
+            && !top.array
+            && top.key == Key::Other
+        {
             return false;
         }
         let frames = &self.frames[..self.depth];
