@@ -159,7 +159,7 @@ pub struct StoreArgs {
 
     /// Store URL: sqlite://PATH (default: <data-dir>/keygate.db) or postgres://…
     #[arg(long, env = "KEYGATE_STORE")]
-    pub store: Option<String>,
+    pub store: Option<crate::crypto::SecretUrl>,
 
     /// Master key file (32 bytes raw, hex or base64). Default: <data-dir>/master.key, created on first start.
     #[arg(long, env = "KEYGATE_MASTER_KEY_FILE")]
@@ -400,7 +400,7 @@ pub struct DataPlaneArgs {
     /// its own requests and tokens. No request waits on Redis: counts are synchronised in
     /// batches, and while Redis cannot be reached each data plane enforces its own counts.
     #[arg(long, env = "KEYGATE_RATE_LIMIT_REDIS")]
-    pub rate_limit_redis: Option<String>,
+    pub rate_limit_redis: Option<crate::crypto::SecretUrl>,
 
     /// How often rate-limit counts are synchronised through --rate-limit-redis: the
     /// overshoot sharing allows is about one interval's traffic across the data planes.
@@ -454,5 +454,43 @@ impl ControlPlaneArgs {
             max_keys_per_consumer: self.max_keys_per_consumer,
             max_ip_allowlist: self.max_ip_allowlist,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Store and Redis URLs may carry passwords: the parsed configuration keeps them for
+    /// connecting and never shows them in `Debug` (what a log of the configuration prints).
+    #[test]
+    fn passwords_in_urls_never_show_in_debug() {
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "serve",
+            "--store",
+            "postgres://keygate:pg-s3cr3t@db.internal:5432/keygate",
+            "--rate-limit-redis",
+            "redis://:redis-s3cr3t@10.0.0.7:6379/1",
+        ])
+        .unwrap();
+        let Command::Serve(args) = &cli.command else {
+            panic!("serve parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            args.control_plane.store.store.as_ref().map(|u| u.expose()),
+            Some("postgres://keygate:pg-s3cr3t@db.internal:5432/keygate")
+        );
+        assert_eq!(
+            args.data_plane
+                .rate_limit_redis
+                .as_ref()
+                .map(|u| u.expose()),
+            Some("redis://:redis-s3cr3t@10.0.0.7:6379/1")
+        );
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("db.internal:5432/keygate"), "{shown}");
     }
 }

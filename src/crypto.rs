@@ -329,6 +329,64 @@ pub fn credentials_equal(a: &[u8], b: &[u8]) -> bool {
     da.ct_eq(&db).into()
 }
 
+/// A connection URL that may carry a password: in its user info (`postgres://user:pw@host/db`,
+/// `redis://:pw@host`) or its query (`?password=…`). Connecting uses the whole string
+/// ([`SecretUrl::expose`]); `Debug` and `Display` show it with the user info and the query
+/// replaced by `…`, so a configuration printed or logged never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The whole URL, to connect with.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its user info and query (`…` for a string that is no URL).
+    pub fn redacted(&self) -> String {
+        let url = self.0.as_str();
+        let (before_query, query) = match url.split_once('?') {
+            Some((b, _)) => (b, "?…"),
+            None => (url, ""),
+        };
+        let Some(scheme_end) = before_query.find("://") else {
+            // Not a URL: nothing in it can be told apart from a password.
+            return "…".to_string();
+        };
+        let (scheme, rest) = before_query.split_at(scheme_end + 3);
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rfind('@') {
+            Some(at) => format!("{scheme}…@{}{path}{query}", &authority[at + 1..]),
+            None => format!("{scheme}{authority}{path}{query}"),
+        }
+    }
+}
+
+impl std::str::FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretUrl::new(s))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({:?})", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +456,40 @@ mod tests {
         let bad = dir.path().join("bad.key");
         std::fs::write(&bad, "too short").unwrap();
         assert!(MasterKey::load(&bad).is_err());
+    }
+
+    #[test]
+    fn a_secret_url_prints_without_its_password() {
+        let cases = [
+            (
+                "postgres://kg:s3cr3t-pw@db.internal:5432/keygate",
+                "postgres://…@db.internal:5432/keygate",
+            ),
+            (
+                "redis://:s3cr3t-pw@10.0.0.7:6379/2",
+                "redis://…@10.0.0.7:6379/2",
+            ),
+            (
+                "postgres://db/keygate?user=kg&password=s3cr3t-pw",
+                "postgres://db/keygate?…",
+            ),
+            // An @ in the path is not user info.
+            (
+                "redis+unix:///run/redis@1.sock",
+                "redis+unix:///run/redis@1.sock",
+            ),
+            (
+                "sqlite:///var/lib/keygate/keygate.db",
+                "sqlite:///var/lib/keygate/keygate.db",
+            ),
+            ("host=db password=s3cr3t-pw", "…"),
+        ];
+        for (url, shown) in cases {
+            let u: SecretUrl = url.parse().unwrap();
+            assert_eq!(u.expose(), url);
+            assert_eq!(u.to_string(), shown);
+            assert_eq!(format!("{u:?}"), format!("SecretUrl({shown:?})"));
+            assert!(!format!("{u:?}{u}").contains("s3cr3t-pw"), "{url}");
+        }
     }
 }

@@ -35,7 +35,7 @@ struct FeedKey {
     tls: ClientTls,
     metrics_addr: Option<std::net::SocketAddr>,
     report_interval: Duration,
-    rate_limit_redis: Option<String>,
+    rate_limit_redis: Option<keygate::crypto::SecretUrl>,
     rate_limit_sync_interval: Duration,
 }
 
@@ -147,8 +147,8 @@ fn start(key: FeedKey) -> Result<Feed, String> {
     let limiter = Arc::new(RateLimiter::default());
     let sync = key
         .rate_limit_redis
-        .as_deref()
-        .map(|url| RedisSync::new(url, "keygate:"))
+        .as_ref()
+        .map(|url| RedisSync::new(url.expose(), "keygate:"))
         .transpose()
         .map_err(|e| format!("keygate filter_config: {e}"))?;
     if sync.is_some() {

@@ -8,8 +8,14 @@ use std::path::PathBuf;
 use keygate::authz::model::ModelName;
 use keygate::authz::outcome::{ALL_METADATA, METADATA_FIELDS, MetadataSelection};
 use keygate::authz::{ClientIpSource, DecisionConfig};
+use keygate::crypto::SecretUrl;
 use keygate::distribution::subscriber::ClientTls;
 use serde::Deserialize;
+
+/// A URL that may carry a password: shown without it by `Debug` (see [`SecretUrl`]).
+fn secret_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretUrl>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(SecretUrl::new))
+}
 
 /// The filter-level `filter_config`.
 #[derive(Debug, Deserialize)]
@@ -62,8 +68,8 @@ pub struct FilterSettings {
     /// Share rate-limit counts with the other data planes through this Redis
     /// (`redis://HOST:PORT[/DB]` or `redis+unix:///PATH`), as `keygate authz
     /// --rate-limit-redis`. Unset: this Envoy counts on its own.
-    #[serde(default)]
-    pub rate_limit_redis: Option<String>,
+    #[serde(default, deserialize_with = "secret_url")]
+    pub rate_limit_redis: Option<SecretUrl>,
     /// How often rate-limit counts are synchronised through `rate_limit_redis`, e.g.
     /// `"200ms"` (default); between 10 ms and 60 s.
     #[serde(default)]
@@ -83,7 +89,7 @@ impl FilterSettings {
         s.report_interval()?;
         s.rate_limit_sync_interval()?;
         if let Some(url) = &s.rate_limit_redis {
-            keygate::authz::ratelimit_redis::RedisSync::new(url, "")
+            keygate::authz::ratelimit_redis::RedisSync::new(url.expose(), "")
                 .map_err(|e| format!("keygate filter_config: {e}"))?;
         }
         Ok(s)
@@ -206,6 +212,20 @@ impl RouteSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `rate_limit_redis` may carry a password: kept for connecting, never in `Debug`.
+    #[test]
+    fn a_redis_password_never_shows_in_debug() {
+        let json = br#"{"control_plane":"http://127.0.0.1:9002","master_key_file":"/k","data_dir":"/d","rate_limit_redis":"redis://:redis-s3cr3t@10.0.0.7:6379/1"}"#;
+        let s = FilterSettings::parse(json).unwrap();
+        assert_eq!(
+            s.rate_limit_redis.as_ref().map(|u| u.expose()),
+            Some("redis://:redis-s3cr3t@10.0.0.7:6379/1")
+        );
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("10.0.0.7:6379/1"), "{shown}");
+    }
 
     #[test]
     fn settings_errors_name_the_key() {

@@ -34,16 +34,6 @@ pub fn counter_key(prefix: &str, subject: Subject, kind: LimitKind, window: i64)
 /// The most one synchronisation adds to a counter (Redis counters are signed 64-bit).
 const MAX_ADD: u64 = 1 << 60;
 
-/// `url` with any user and password replaced, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// The synchronisation task's state.
 pub struct RedisSync {
     client: redis::Client,
@@ -63,7 +53,7 @@ impl RedisSync {
         let client = redis::Client::open(url).map_err(|e| {
             format!(
                 "rate_limit_redis: {:?} is not a Redis URL ({e})",
-                redacted(url)
+                crate::crypto::SecretUrl::new(url).redacted()
             )
         })?;
         Ok(RedisSync {

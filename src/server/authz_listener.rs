@@ -102,8 +102,8 @@ pub(super) fn start_rate_limits(
     let limiter = std::sync::Arc::new(crate::authz::ratelimit::RateLimiter::default());
     let sync = args
         .rate_limit_redis
-        .as_deref()
-        .map(|url| RedisSync::new(url, "keygate:"))
+        .as_ref()
+        .map(|url| RedisSync::new(url.expose(), "keygate:"))
         .transpose()
         .map_err(|e| StartError::Config(format!("--{}", e.replace('_', "-"))))?;
     if sync.is_some() {

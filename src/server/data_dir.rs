@@ -21,7 +21,7 @@ pub async fn open_store(
     ensure_data_dir(&args.data_dir)?;
     let master = load_master_key(args)?;
     let url = match &args.store {
-        Some(u) => u.clone(),
+        Some(u) => u.expose().to_string(),
         None => {
             // Created owner-only before SQLite opens it (its -wal/-shm files follow its mode).
             let db = sqlite_path(&args.data_dir);
