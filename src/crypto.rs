@@ -346,23 +346,22 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL without its user info and query (`…` for a string that is no URL).
+    /// The URL without its user info and query (`…` for a string that is no URL). Everything
+    /// up to the last `@` counts as user info, so a password holding `/`, `?` or `@` unencoded
+    /// is hidden too (an `@` further on only hides more than needed).
     pub fn redacted(&self) -> String {
-        let url = self.0.as_str();
-        let (before_query, query) = match url.split_once('?') {
-            Some((b, _)) => (b, "?…"),
-            None => (url, ""),
-        };
-        let Some(scheme_end) = before_query.find("://") else {
+        let Some(scheme_end) = self.0.find("://") else {
             // Not a URL: nothing in it can be told apart from a password.
             return "…".to_string();
         };
-        let (scheme, rest) = before_query.split_at(scheme_end + 3);
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        match authority.rfind('@') {
-            Some(at) => format!("{scheme}…@{}{path}{query}", &authority[at + 1..]),
-            None => format!("{scheme}{authority}{path}{query}"),
+        let (scheme, rest) = self.0.split_at(scheme_end + 3);
+        let (user, rest) = match rest.rfind('@') {
+            Some(at) => ("…@", &rest[at + 1..]),
+            None => ("", rest),
+        };
+        match rest.split_once('?') {
+            Some((before, _)) => format!("{scheme}{user}{before}?…"),
+            None => format!("{scheme}{user}{rest}"),
         }
     }
 }
@@ -473,11 +472,21 @@ mod tests {
                 "postgres://db/keygate?user=kg&password=s3cr3t-pw",
                 "postgres://db/keygate?…",
             ),
-            // An @ in the path is not user info.
+            // Passwords with unencoded `/`, `?` or `@`: all up to the last `@` is hidden.
             (
-                "redis+unix:///run/redis@1.sock",
-                "redis+unix:///run/redis@1.sock",
+                "postgres://kg:pa/s3cr3t-pw@db/keygate",
+                "postgres://…@db/keygate",
             ),
+            (
+                "redis://:pa?s3cr3t-pw@10.0.0.7:6379",
+                "redis://…@10.0.0.7:6379",
+            ),
+            (
+                "rediss://u:a@s3cr3t-pw@cache:6380/0",
+                "rediss://…@cache:6380/0",
+            ),
+            // An @ in a socket path hides more than needed, never less.
+            ("redis+unix:///run/redis@1.sock", "redis+unix://…@1.sock"),
             (
                 "sqlite:///var/lib/keygate/keygate.db",
                 "sqlite:///var/lib/keygate/keygate.db",
