@@ -158,7 +158,7 @@ pub struct StoreArgs {
     pub data_dir: PathBuf,
 
     /// Store URL: sqlite://PATH (default: <data-dir>/keygate.db) or postgres://…
-    #[arg(long, env = "KEYGATE_STORE")]
+    #[arg(long, env = "KEYGATE_STORE", hide_env_values = true)]
     pub store: Option<crate::crypto::SecretUrl>,
 
     /// Master key file (32 bytes raw, hex or base64). Default: <data-dir>/master.key, created on first start.
@@ -399,7 +399,7 @@ pub struct DataPlaneArgs {
     /// (redis://HOST:PORT[/DB] or redis+unix:///PATH). Without it each data plane counts
     /// its own requests and tokens. No request waits on Redis: counts are synchronised in
     /// batches, and while Redis cannot be reached each data plane enforces its own counts.
-    #[arg(long, env = "KEYGATE_RATE_LIMIT_REDIS")]
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_REDIS", hide_env_values = true)]
     pub rate_limit_redis: Option<crate::crypto::SecretUrl>,
 
     /// How often rate-limit counts are synchronised through --rate-limit-redis: the
@@ -492,5 +492,14 @@ mod tests {
         let shown = format!("{cli:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("db.internal:5432/keygate"), "{shown}");
+        // `--help` names the environment variables without their values (found in review:
+        // it printed `[env: KEYGATE_STORE=<the URL>]` when the variable was set).
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        for id in ["store", "rate_limit_redis"] {
+            let arg = serve.get_arguments().find(|a| a.get_id() == id).unwrap();
+            assert!(arg.is_hide_env_values_set(), "{id}");
+        }
     }
 }

@@ -347,17 +347,19 @@ impl SecretUrl {
     }
 
     /// The URL without its user info and query (`…` for a string that is no URL). Everything
-    /// up to the last `@` counts as user info, so a password holding `/`, `?` or `@` unencoded
-    /// is hidden too (an `@` further on only hides more than needed).
+    /// up to the last `@` counts as user info, so a password holding `/` or `@` unencoded is
+    /// hidden too; when a `?` comes before that `@` (a `?` in the password, or an `@` in the
+    /// query) only the scheme is shown. Hiding more than needed is fine, less never.
     pub fn redacted(&self) -> String {
         let Some(scheme_end) = self.0.find("://") else {
             // Not a URL: nothing in it can be told apart from a password.
             return "…".to_string();
         };
         let (scheme, rest) = self.0.split_at(scheme_end + 3);
-        let (user, rest) = match rest.rfind('@') {
-            Some(at) => ("…@", &rest[at + 1..]),
-            None => ("", rest),
+        let (user, rest) = match (rest.find('?'), rest.rfind('@')) {
+            (Some(q), Some(at)) if q < at => return format!("{scheme}…"),
+            (_, Some(at)) => ("…@", &rest[at + 1..]),
+            (_, None) => ("", rest),
         };
         match rest.split_once('?') {
             Some((before, _)) => format!("{scheme}{user}{before}?…"),
@@ -477,9 +479,15 @@ mod tests {
                 "postgres://kg:pa/s3cr3t-pw@db/keygate",
                 "postgres://…@db/keygate",
             ),
+            ("redis://:pa?s3cr3t-pw@10.0.0.7:6379", "redis://…"),
+            // An unencoded @ in the query (from the review): only the scheme is shown.
             (
-                "redis://:pa?s3cr3t-pw@10.0.0.7:6379",
-                "redis://…@10.0.0.7:6379",
+                "postgres://db.internal/keygate?user=kg&password=ab@s3cr3t-pw",
+                "postgres://…",
+            ),
+            (
+                "redis+unix:///run/redis.sock?db=0&pass=ab@s3cr3t-pw",
+                "redis+unix://…",
             ),
             (
                 "rediss://u:a@s3cr3t-pw@cache:6380/0",
