@@ -64,6 +64,20 @@ async fn open(url: &str, master: &MasterKey) -> Store {
         .unwrap()
 }
 
+/// An AUTO key of `consumer`, nothing else set.
+fn auto_key(name: &str, consumer: &str) -> NewConsumerKey {
+    NewConsumerKey {
+        name: name.into(),
+        description: String::new(),
+        source: KeySource::Auto,
+        consumer: Some(consumer.into()),
+        scope: ScopeInput::Unset,
+        ip_allowlist: vec![],
+        expire_time: None,
+        limits: LimitsInput::default(),
+    }
+}
+
 fn actor() -> Actor {
     Actor("test".into())
 }
@@ -575,16 +589,7 @@ async fn upgrades_from_before_limits(backend: &str) {
         ..Default::default()
     };
     let consumer_id = store.create_consumer(&a, consumer).await.unwrap().id;
-    let key = NewConsumerKey {
-        name: "k".into(),
-        description: String::new(),
-        source: KeySource::Auto,
-        consumer: Some("app".into()),
-        scope: ScopeInput::Unset,
-        ip_allowlist: vec![],
-        expire_time: None,
-        limits: LimitsInput::default(),
-    };
+    let key = auto_key("k", "app");
     let created = store.create_consumer_key(&a, key).await.unwrap();
     store.close().await;
 
@@ -850,16 +855,7 @@ async fn restore_changed_back(backend: &str) {
         ..Default::default()
     };
     store.create_consumer(&a, consumer("app")).await.unwrap();
-    let key = NewConsumerKey {
-        name: "leaked".into(),
-        description: String::new(),
-        source: KeySource::Auto,
-        consumer: Some("app".into()),
-        scope: ScopeInput::Unset,
-        ip_allowlist: vec![],
-        expire_time: None,
-        limits: LimitsInput::default(),
-    };
+    let key = auto_key("leaked", "app");
     store.create_consumer_key(&a, key).await.unwrap();
     let (epoch0, backup) = store.epoch().await.unwrap();
     store

@@ -270,6 +270,15 @@ async fn increment_to_update(
     })
 }
 
+/// Why a control plane starts a new epoch (SPEC §5 "Versions").
+#[derive(Clone, Copy)]
+enum NewEpoch {
+    /// The store's revision is below a version published or held by a data plane.
+    WentBack,
+    /// The store holds another history at the published version.
+    Diverged,
+}
+
 /// Keeps a `SnapshotCell` in step with a `Store`.
 pub struct SnapshotBuilder {
     store: Store,
@@ -308,56 +317,38 @@ impl SnapshotBuilder {
         self
     }
 
-    /// Starts a new epoch after the store `epoch` was found at `revision`, below a version
-    /// already published (`seen`). Another replica may have started it already.
-    async fn start_epoch(&self, epoch: &str, revision: i64, seen: i64) -> Result<(), BuildError> {
-        let reason = format!(
-            "the store's revision {revision} is below version {seen}, published or held by a data plane"
-        );
-        match self.store.bump_epoch(epoch, &reason).await? {
-            Some(new) => {
-                crate::metrics::METRICS.epoch_changed();
-                tracing::warn!(
-                    revision,
-                    published_version = seen,
-                    epoch = %new,
-                    "the store's revision went back (restored from an older backup or failed over to a lagging replica): started a new epoch; every data plane takes the store's state in full"
-                )
-            }
-            None => tracing::info!(
-                revision,
-                "the store's revision went back; another replica started the new epoch"
-            ),
-        }
-        Ok(())
-    }
-
-    /// Starts a new epoch after the store `epoch` was found at `revision` with another
-    /// history at the published version `published` (restored, epoch row included, and
-    /// changed back up to or past it). Another replica may have started it already.
-    async fn start_epoch_diverged(
+    /// Starts a new epoch after the store `epoch` was found at `revision` with a history that
+    /// is not the one of `version` (published, or held by a data plane): `why`. Another
+    /// replica may have started it already.
+    async fn start_epoch(
         &self,
         epoch: &str,
         revision: i64,
-        published: i64,
+        version: i64,
+        why: NewEpoch,
     ) -> Result<(), BuildError> {
-        let reason = format!(
-            "the store's history at the published version {published} is another (restored and changed back up to it; now at revision {revision})"
-        );
+        let (reason, started, by_other) = match why {
+            NewEpoch::WentBack => (
+                format!(
+                    "the store's revision {revision} is below version {version}, published or held by a data plane"
+                ),
+                "the store's revision went back (restored from an older backup or failed over to a lagging replica): started a new epoch; every data plane takes the store's state in full",
+                "the store's revision went back; another replica started the new epoch",
+            ),
+            NewEpoch::Diverged => (
+                format!(
+                    "the store's history at the published version {version} is another (restored and changed back up to it; now at revision {revision})"
+                ),
+                "the store holds another history at the published version (restored from a backup and changed back up to it): started a new epoch; every data plane takes the store's state in full",
+                "the store holds another history at the published version; another replica started the new epoch",
+            ),
+        };
         match self.store.bump_epoch(epoch, &reason).await? {
             Some(new) => {
                 crate::metrics::METRICS.epoch_changed();
-                tracing::warn!(
-                    revision,
-                    published_version = published,
-                    epoch = %new,
-                    "the store holds another history at the published version (restored from a backup and changed back up to it): started a new epoch; every data plane takes the store's state in full"
-                )
+                tracing::warn!(revision, published_version = version, epoch = %new, "{started}")
             }
-            None => tracing::info!(
-                revision,
-                "the store holds another history at the published version; another replica started the new epoch"
-            ),
+            None => tracing::info!(revision, "{by_other}"),
         }
         Ok(())
     }
@@ -368,7 +359,8 @@ impl SnapshotBuilder {
         let (epoch, revision) = self.store.epoch().await?;
         if seen.store_id == self.store.store_id() && seen.epoch == epoch && seen.version > revision
         {
-            self.start_epoch(&epoch, revision, seen.version).await?;
+            self.start_epoch(&epoch, revision, seen.version, NewEpoch::WentBack)
+                .await?;
         }
         Ok(())
     }
@@ -418,12 +410,13 @@ impl SnapshotBuilder {
             Changes::Full => load_full_update_marked(&self.store, secrets).await?,
             Changes::WentBack { epoch, revision } => {
                 let seen = current.as_ref().map_or(0, |s| s.version);
-                self.start_epoch(&epoch, revision, seen).await?;
+                self.start_epoch(&epoch, revision, seen, NewEpoch::WentBack)
+                    .await?;
                 load_full_update_marked(&self.store, secrets).await?
             }
             Changes::Diverged { epoch, revision } => {
                 let published = current.as_ref().map_or(0, |s| s.version);
-                self.start_epoch_diverged(&epoch, revision, published)
+                self.start_epoch(&epoch, revision, published, NewEpoch::Diverged)
                     .await?;
                 load_full_update_marked(&self.store, secrets).await?
             }

@@ -2,197 +2,9 @@
 //! one byte at a time (string contents nobody reads are skipped by the caller), and picks out the
 //! values at the paths of [`target`]: the usage counts and the model. Fixed memory.
 
-use super::{MAX_DEPTH, MAX_EXTRA_DEPTH, Tokens};
+use super::vocab::{KEY_BUF, Key, Raw, Target, classify, may_hold_target, target};
+use super::{MAX_DEPTH, MAX_EXTRA_DEPTH};
 use crate::authz::model::{MAX_MODEL_LEN, ModelName};
-
-/// The keys the scanner recognises; every other key is `Other`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-enum Key {
-    #[default]
-    Other,
-    Usage,
-    UsageMetadata,
-    Message,
-    Response,
-    Model,
-    ModelVersion,
-    PromptTokens,
-    CompletionTokens,
-    PromptTokensDetails,
-    InputTokensDetails,
-    CachedTokens,
-    InputTokens,
-    OutputTokens,
-    CacheRead,
-    CacheCreation,
-    PromptTokenCount,
-    CandidatesTokenCount,
-    ThoughtsTokenCount,
-    CachedContentTokenCount,
-    ToolUsePromptTokenCount,
-}
-
-/// The longest key recognised (`cache_creation_input_tokens`).
-const KEY_BUF: usize = 32;
-
-fn classify(key: &[u8]) -> Key {
-    match key {
-        b"usage" => Key::Usage,
-        b"usageMetadata" => Key::UsageMetadata,
-        b"message" => Key::Message,
-        b"response" => Key::Response,
-        b"model" => Key::Model,
-        b"modelVersion" => Key::ModelVersion,
-        b"prompt_tokens" => Key::PromptTokens,
-        b"completion_tokens" => Key::CompletionTokens,
-        b"prompt_tokens_details" => Key::PromptTokensDetails,
-        b"input_tokens_details" => Key::InputTokensDetails,
-        b"cached_tokens" => Key::CachedTokens,
-        b"input_tokens" => Key::InputTokens,
-        b"output_tokens" => Key::OutputTokens,
-        b"cache_read_input_tokens" => Key::CacheRead,
-        b"cache_creation_input_tokens" => Key::CacheCreation,
-        b"promptTokenCount" => Key::PromptTokenCount,
-        b"candidatesTokenCount" => Key::CandidatesTokenCount,
-        b"thoughtsTokenCount" => Key::ThoughtsTokenCount,
-        b"cachedContentTokenCount" => Key::CachedContentTokenCount,
-        b"toolUsePromptTokenCount" => Key::ToolUsePromptTokenCount,
-        _ => Key::Other,
-    }
-}
-
-/// The raw counts, each the last value seen.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Raw {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    details_cached: Option<u64>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    cache_read: Option<u64>,
-    cache_creation: Option<u64>,
-    gemini_prompt: Option<u64>,
-    gemini_tool_prompt: Option<u64>,
-    gemini_candidates: Option<u64>,
-    gemini_thoughts: Option<u64>,
-    gemini_cached: Option<u64>,
-}
-
-impl Raw {
-    fn slot(&mut self, field: Field) -> &mut Option<u64> {
-        match field {
-            Field::PromptTokens => &mut self.prompt_tokens,
-            Field::CompletionTokens => &mut self.completion_tokens,
-            Field::DetailsCached => &mut self.details_cached,
-            Field::InputTokens => &mut self.input_tokens,
-            Field::OutputTokens => &mut self.output_tokens,
-            Field::CacheRead => &mut self.cache_read,
-            Field::CacheCreation => &mut self.cache_creation,
-            Field::GeminiPrompt => &mut self.gemini_prompt,
-            Field::GeminiToolPrompt => &mut self.gemini_tool_prompt,
-            Field::GeminiCandidates => &mut self.gemini_candidates,
-            Field::GeminiThoughts => &mut self.gemini_thoughts,
-            Field::GeminiCached => &mut self.gemini_cached,
-        }
-    }
-
-    /// The normalised counts, if the response reported any.
-    pub(super) fn tokens(&self) -> Option<Tokens> {
-        let n = |v: Option<u64>| v.unwrap_or(0);
-        let t = if self.prompt_tokens.is_some() || self.completion_tokens.is_some() {
-            // OpenAI chat / completions: prompt_tokens includes the cached tokens.
-            Tokens {
-                input: n(self.prompt_tokens),
-                output: n(self.completion_tokens),
-                cached_input: n(self.details_cached),
-            }
-        } else if self.gemini_prompt.is_some()
-            || self.gemini_candidates.is_some()
-            || self.gemini_thoughts.is_some()
-            || self.gemini_tool_prompt.is_some()
-        {
-            Tokens {
-                input: n(self.gemini_prompt).saturating_add(n(self.gemini_tool_prompt)),
-                output: n(self.gemini_candidates).saturating_add(n(self.gemini_thoughts)),
-                cached_input: n(self.gemini_cached),
-            }
-        } else if self.input_tokens.is_some()
-            || self.output_tokens.is_some()
-            || self.cache_read.is_some()
-            || self.cache_creation.is_some()
-        {
-            // Anthropic (cache fields apart from input_tokens) or OpenAI Responses (cached
-            // tokens part of input_tokens, detailed in input_tokens_details).
-            Tokens {
-                input: n(self.input_tokens)
-                    .saturating_add(n(self.cache_read))
-                    .saturating_add(n(self.cache_creation)),
-                output: n(self.output_tokens),
-                cached_input: n(self.cache_read).saturating_add(n(self.details_cached)),
-            }
-        } else {
-            return None;
-        };
-        // Cached input is part of input, whatever a vendor's numbers say.
-        Some(Tokens {
-            cached_input: t.cached_input.min(t.input),
-            ..t
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Field {
-    PromptTokens,
-    CompletionTokens,
-    DetailsCached,
-    InputTokens,
-    OutputTokens,
-    CacheRead,
-    CacheCreation,
-    GeminiPrompt,
-    GeminiToolPrompt,
-    GeminiCandidates,
-    GeminiThoughts,
-    GeminiCached,
-}
-
-/// What a value at `path` (object keys from a document's root) is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
-    Count(Field),
-    Model,
-}
-
-fn target(path: &[Key]) -> Option<Target> {
-    use Key::*;
-    // Anthropic's message_start nests the message; OpenAI's Responses stream the response.
-    let path = match path {
-        [Message | Response, rest @ ..] if !rest.is_empty() => rest,
-        _ => path,
-    };
-    let count = |f| Some(Target::Count(f));
-    match path {
-        [Model] | [ModelVersion] => Some(Target::Model),
-        [Usage, PromptTokens] => count(Field::PromptTokens),
-        [Usage, CompletionTokens] => count(Field::CompletionTokens),
-        [
-            Usage,
-            PromptTokensDetails | InputTokensDetails,
-            CachedTokens,
-        ] => count(Field::DetailsCached),
-        [Usage, InputTokens] => count(Field::InputTokens),
-        [Usage, OutputTokens] => count(Field::OutputTokens),
-        [Usage, CacheRead] => count(Field::CacheRead),
-        [Usage, CacheCreation] => count(Field::CacheCreation),
-        [UsageMetadata, PromptTokenCount] => count(Field::GeminiPrompt),
-        [UsageMetadata, ToolUsePromptTokenCount] => count(Field::GeminiToolPrompt),
-        [UsageMetadata, CandidatesTokenCount] => count(Field::GeminiCandidates),
-        [UsageMetadata, ThoughtsTokenCount] => count(Field::GeminiThoughts),
-        [UsageMetadata, CachedContentTokenCount] => count(Field::GeminiCached),
-        _ => None,
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 enum St {
@@ -285,48 +97,54 @@ impl Default for Json {
     }
 }
 
-/// Whether a container at `path` (the keys from the root, the root array of a Gemini stream
-/// left out) can hold a value [`target`] reads: the root, `usage`, `usageMetadata`, the
-/// details objects of `usage`, each also under `message` / `response`.
-fn may_hold_target(path: &[Key]) -> bool {
-    use Key::*;
-    fn prefix(p: &[Key]) -> bool {
-        matches!(
-            p,
-            [] | [Usage] | [UsageMetadata] | [Usage, PromptTokensDetails | InputTokensDetails]
-        )
-    }
-    match path {
-        [Message | Response, rest @ ..] => prefix(path) || prefix(rest),
-        _ => prefix(path),
-    }
-}
-
 #[inline]
-pub(super) fn is_ws(b: u8) -> bool {
+fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 impl Json {
-    /// Inside a string whose bytes matter to nobody (not a model being captured, no escape
-    /// pending): every byte up to the next `"` or `\` can be skipped unread. (Control bytes in
-    /// such a string are not checked: the scanner is not a validator.)
+    /// Takes at once what needs no state-machine step from `rest`, the rest of a chunk (of an
+    /// SSE data line when `sse_line`), answering how many bytes it used; the byte after them
+    /// (if any) goes through [`Json::byte`]. Runs: a string's contents up to its next `"` or
+    /// `\\` (and a line end in SSE) — unread in a string nobody reads (control bytes there are
+    /// not checked: the scanner is not a validator), copied in a key or the model; a number's
+    /// digits; whitespace between tokens (JSON only: in SSE a line end ends the data).
     #[inline]
-    pub(super) fn skippable(&self) -> bool {
-        self.st == St::InString && !self.escape && self.target != Some(Target::Model)
-    }
-
-    /// Inside a key with no escape pending: its bytes up to the next `"` or `\\` can be taken
-    /// in one go ([`Json::key_bytes`]).
-    #[inline]
-    pub(super) fn in_plain_key(&self) -> bool {
-        self.st == St::InKey && !self.escape
+    pub(super) fn take_run(&mut self, rest: &[u8], sse_line: bool) -> usize {
+        match self.st {
+            St::InString | St::InKey if !self.escape => {
+                let end = if sse_line {
+                    rest.iter()
+                        .position(|b| matches!(b, b'"' | b'\\' | b'\n' | b'\r'))
+                } else {
+                    memchr::memchr2(b'"', b'\\', rest)
+                }
+                .unwrap_or(rest.len());
+                if self.st == St::InKey {
+                    self.key_bytes(&rest[..end]);
+                } else if self.target == Some(Target::Model) {
+                    self.model_bytes(&rest[..end]);
+                }
+                end
+            }
+            St::InNumber => {
+                let n = rest
+                    .iter()
+                    .position(|b| !b.is_ascii_digit())
+                    .unwrap_or(rest.len());
+                self.digits(&rest[..n]);
+                n
+            }
+            _ if !sse_line && self.between_tokens() => {
+                rest.iter().position(|&b| !is_ws(b)).unwrap_or(rest.len())
+            }
+            _ => 0,
+        }
     }
 
     /// The next `bytes` of the key being read, none of them `"` or `\\` (what [`Json::byte`]
     /// does with each, at once).
-    pub(super) fn key_bytes(&mut self, bytes: &[u8]) {
-        debug_assert!(self.in_plain_key());
+    fn key_bytes(&mut self, bytes: &[u8]) {
         if bytes.iter().any(|&b| b < 0x20) {
             self.st = St::Broken;
             return;
@@ -343,18 +161,10 @@ impl Json {
         }
     }
 
-    /// Inside the model string being captured, no escape pending: its bytes up to the next `"`
-    /// or `\\` can be taken in one go ([`Json::model_bytes`]).
-    #[inline]
-    pub(super) fn in_model_string(&self) -> bool {
-        self.st == St::InString && !self.escape && self.target == Some(Target::Model)
-    }
-
     /// The next `bytes` of the model string, none of them `"` or `\\` (what [`Json::byte`]
     /// does with each, at once): a control byte breaks the document; a byte that is not
     /// visible ASCII, or one past the longest model, makes the string no model.
-    pub(super) fn model_bytes(&mut self, bytes: &[u8]) {
-        debug_assert!(self.in_model_string());
+    fn model_bytes(&mut self, bytes: &[u8]) {
         if bytes.iter().any(|&b| b < 0x20) {
             self.st = St::Broken;
             return;
@@ -375,9 +185,8 @@ impl Json {
     }
 
     /// Between tokens, where whitespace changes nothing ([`Json::byte`] leaves the state as
-    /// it is): a run of it can be passed over at once.
-    #[inline]
-    pub(super) fn between_tokens(&self) -> bool {
+    /// it is).
+    fn between_tokens(&self) -> bool {
         matches!(
             self.st,
             St::Start
@@ -391,17 +200,9 @@ impl Json {
         )
     }
 
-    /// Inside a number: its further digits can be taken in one go ([`Json::digits`]).
-    #[inline]
-    pub(super) fn in_number(&self) -> bool {
-        self.st == St::InNumber
-    }
-
     /// The next `digits` (ASCII digits only) of the number being read, as [`Json::byte`] does
     /// with each.
-    #[inline]
-    pub(super) fn digits(&mut self, digits: &[u8]) {
-        debug_assert!(self.in_number() && digits.iter().all(u8::is_ascii_digit));
+    fn digits(&mut self, digits: &[u8]) {
         for &d in digits {
             self.num = self
                 .num
@@ -417,28 +218,35 @@ impl Json {
 
     /// What a value starting now at the current position is.
     fn value_target(&self) -> Option<Target> {
-        if self.extra_depth > 0 {
-            return None;
-        }
         // Every target is a value under a key of ours in an object: most values are not.
         match self.frames[..self.depth].last() {
             Some(top) if !top.array && top.key != Key::Other => {}
             _ => return None,
         }
-        // The root array of a Gemini stream: its elements are documents.
+        let (path, len) = self.key_path::<4>()?;
+        target(&path[..len])
+    }
+
+    /// The keys from the root to the innermost open object (the root array of a Gemini
+    /// stream left out: its elements are documents), when they are at most `N`, with no array
+    /// among them and no level beyond [`MAX_DEPTH`].
+    fn key_path<const N: usize>(&self) -> Option<([Key; N], usize)> {
+        if self.extra_depth > 0 {
+            return None;
+        }
         let frames = &self.frames[..self.depth];
         let frames = match frames {
             [first, rest @ ..] if first.array => rest,
             _ => frames,
         };
-        if frames.len() > 4 || frames.iter().any(|f| f.array) {
+        if frames.len() > N || frames.iter().any(|f| f.array) {
             return None;
         }
-        let mut path = [Key::Other; 4];
+        let mut path = [Key::Other; N];
         for (p, f) in path.iter_mut().zip(frames) {
             *p = f.key;
         }
-        target(&path[..frames.len()])
+        Some((path, frames.len()))
     }
 
     fn push(&mut self, array: bool) -> St {
@@ -495,9 +303,6 @@ impl Json {
 
     /// Whether an object (or array) starting now can hold a value [`target`] reads.
     fn container_relevant(&self, array: bool) -> bool {
-        if self.extra_depth > 0 {
-            return false;
-        }
         // Below the root, a usage path runs through keys of ours only.
         if let Some(top) = self.frames[..self.depth].last()
             && !top.array
@@ -505,23 +310,11 @@ impl Json {
         {
             return false;
         }
-        let frames = &self.frames[..self.depth];
-        // The root array of a Gemini stream: its elements are documents.
-        let frames = match frames {
-            [first, rest @ ..] if first.array => rest,
-            _ => frames,
-        };
         if self.depth > 0 && array {
             return false; // values inside a nested array are never read
         }
-        if frames.len() > 3 || frames.iter().any(|f| f.array) {
-            return false;
-        }
-        let mut path = [Key::Other; 3];
-        for (p, f) in path.iter_mut().zip(frames) {
-            *p = f.key;
-        }
-        may_hold_target(&path[..frames.len()])
+        self.key_path::<3>()
+            .is_some_and(|(path, len)| may_hold_target(&path[..len]))
     }
 
     /// Enters a container no usage path can be in: followed by its brackets only.

@@ -31,9 +31,11 @@
 
 mod json;
 mod stream;
+mod vocab;
 
 use super::model::ModelName;
-use json::{Json, Raw};
+use json::Json;
+use vocab::Raw;
 
 pub use stream::{METERING_TAG_FIELD, StreamMetering, TOKEN_LIMITED_FIELD, metering_tag};
 
@@ -165,61 +167,9 @@ impl ResponseMeter {
                         i += self.json.skip_run(&chunk[i..]);
                         continue;
                     }
-                    if self.json.skippable() {
-                        // Inside a string nobody reads: straight to its next quote or escape.
-                        match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
-                            Some(n) => i += n,
-                            None => break,
-                        }
-                    } else if self.json.in_plain_key() {
-                        // A key: taken whole up to its closing quote (or an escape).
-                        let rest = &chunk[i..];
-                        match memchr::memchr2(b'"', b'\\', rest) {
-                            Some(n) => {
-                                self.json.key_bytes(&rest[..n]);
-                                i += n;
-                            }
-                            None => {
-                                self.json.key_bytes(rest);
-                                break;
-                            }
-                        }
-                    } else if self.json.in_model_string() {
-                        // The model: captured whole up to its closing quote (or an escape).
-                        let rest = &chunk[i..];
-                        match memchr::memchr2(b'"', b'\\', rest) {
-                            Some(n) => {
-                                self.json.model_bytes(&rest[..n]);
-                                i += n;
-                            }
-                            None => {
-                                self.json.model_bytes(rest);
-                                break;
-                            }
-                        }
-                    } else if json::is_ws(chunk[i]) && self.json.between_tokens() {
-                        // Indentation (vendors pretty-print): the whole run at once.
-                        let rest = &chunk[i..];
-                        let n = rest
-                            .iter()
-                            .position(|&b| !json::is_ws(b))
-                            .unwrap_or(rest.len());
-                        i += n;
-                        if i == chunk.len() {
-                            break;
-                        }
-                    } else if self.json.in_number() {
-                        // A number's digits in a run; what ends it goes through `byte`.
-                        let rest = &chunk[i..];
-                        let n = rest
-                            .iter()
-                            .position(|b| !b.is_ascii_digit())
-                            .unwrap_or(rest.len());
-                        self.json.digits(&rest[..n]);
-                        i += n;
-                        if i == chunk.len() {
-                            break;
-                        }
+                    i += self.json.take_run(&chunk[i..], false);
+                    if i == chunk.len() {
+                        break;
                     }
                     self.json.byte(chunk[i], &mut self.raw, &mut self.model);
                     i += 1;
@@ -242,45 +192,9 @@ impl ResponseMeter {
                     }
                     if self.sse.state == SseState::Data && !self.sse.after_cr {
                         // As for JSON, stopping at a line end too (it ends the data line).
-                        let stop = |b: &u8| matches!(b, b'"' | b'\\' | b'\n' | b'\r');
-                        let rest = &chunk[i..];
-                        if self.json.skippable() {
-                            match rest.iter().position(stop) {
-                                Some(n) => i += n,
-                                None => break,
-                            }
-                        } else if self.json.in_plain_key() {
-                            match rest.iter().position(stop) {
-                                Some(n) => {
-                                    self.json.key_bytes(&rest[..n]);
-                                    i += n;
-                                }
-                                None => {
-                                    self.json.key_bytes(rest);
-                                    break;
-                                }
-                            }
-                        } else if self.json.in_model_string() {
-                            match rest.iter().position(stop) {
-                                Some(n) => {
-                                    self.json.model_bytes(&rest[..n]);
-                                    i += n;
-                                }
-                                None => {
-                                    self.json.model_bytes(rest);
-                                    break;
-                                }
-                            }
-                        } else if self.json.in_number() {
-                            let n = rest
-                                .iter()
-                                .position(|b| !b.is_ascii_digit())
-                                .unwrap_or(rest.len());
-                            self.json.digits(&rest[..n]);
-                            i += n;
-                            if i == chunk.len() {
-                                break;
-                            }
+                        i += self.json.take_run(&chunk[i..], true);
+                        if i == chunk.len() {
+                            break;
                         }
                     }
                     self.sse_byte(chunk[i]);
