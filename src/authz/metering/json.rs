@@ -6,6 +6,8 @@ use super::vocab::{KEY_BUF, Key, Raw, Target, classify, may_hold_target, target}
 use super::{MAX_DEPTH, MAX_EXTRA_DEPTH};
 use crate::authz::model::{MAX_MODEL_LEN, ModelName};
 
+mod member;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 enum St {
     /// Before a document's value.
@@ -102,43 +104,91 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// How many whitespace bytes `bytes` starts with.
+#[inline]
+fn whitespace(bytes: &[u8]) -> usize {
+    bytes.iter().position(|&b| !is_ws(b)).unwrap_or(bytes.len())
+}
+
+/// Where the first `"` or `\\` of `bytes` is. Keys and most values are short, where `memchr`'s
+/// set-up costs more than the search: the first 32 bytes are searched eight at a time in a
+/// word (the bytes equal to either are the zero bytes of the word xor'ed with each), the rest
+/// with `memchr`.
+#[inline]
+pub(super) fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each zero byte of `v`, and possibly of bytes after the first zero byte
+    // (a borrow): the lowest is exact, which is all that is read.
+    let zero_bytes = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let mut i = 0;
+    loop {
+        let Some(word) = bytes.get(i..i + 8) else {
+            return bytes[i..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\')
+                .map(|p| i + p);
+        };
+        if i >= 32 {
+            return memchr::memchr2(b'"', b'\\', &bytes[i..]).map(|p| i + p);
+        }
+        let w = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let found =
+            zero_bytes(w ^ (ONES * u64::from(b'"'))) | zero_bytes(w ^ (ONES * u64::from(b'\\')));
+        if found != 0 {
+            return Some(i + (found.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+}
+
 impl Json {
-    /// Takes at once what needs no state-machine step from `rest`, the rest of a chunk (of an
-    /// SSE data line when `sse_line`), answering how many bytes it used; the byte after them
-    /// (if any) goes through [`Json::byte`]. Runs: a string's contents up to its next `"` or
-    /// `\\` (and a line end in SSE) — unread in a string nobody reads (control bytes there are
-    /// not checked: the scanner is not a validator), copied in a key or the model; a number's
-    /// digits; whitespace between tokens (JSON only: in SSE a line end ends the data).
-    #[inline]
-    pub(super) fn take_run(&mut self, rest: &[u8], sse_line: bool) -> usize {
-        match self.st {
-            St::InString | St::InKey if !self.escape => {
-                let end = if sse_line {
-                    rest.iter()
-                        .position(|b| matches!(b, b'"' | b'\\' | b'\n' | b'\r'))
-                } else {
-                    memchr::memchr2(b'"', b'\\', rest)
+    /// Reads `bytes`: a chunk of a JSON body, or of an SSE data line up to (not including) its
+    /// end. What needs no state-machine step is taken in runs: a string's contents up to its
+    /// next `"` or `\\` (unread in a string nobody reads — control bytes there are not checked:
+    /// the scanner is not a validator — copied in a key or the model), a number's digits,
+    /// whitespace between tokens, a skipped container, and a whole object member at a time
+    /// ([`Json::member`]); everything else goes through [`Json::byte`].
+    pub(super) fn scan(&mut self, bytes: &[u8], raw: &mut Raw, model: &mut Option<ModelName>) {
+        let mut i = 0;
+        while let Some(rest) = bytes.get(i..).filter(|r| !r.is_empty()) {
+            match self.st {
+                St::Broken => return,
+                St::Skipping => i += self.skip_run(rest),
+                St::InString | St::InKey if !self.escape => {
+                    let end = quote_or_backslash(rest).unwrap_or(rest.len());
+                    if self.st == St::InKey {
+                        self.key_bytes(&rest[..end]);
+                    } else if self.target == Some(Target::Model) {
+                        self.model_bytes(&rest[..end]);
+                    }
+                    i += end;
+                    if let Some(&b) = bytes.get(i) {
+                        self.byte(b, raw, model);
+                        i += 1;
+                    }
                 }
-                .unwrap_or(rest.len());
-                if self.st == St::InKey {
-                    self.key_bytes(&rest[..end]);
-                } else if self.target == Some(Target::Model) {
-                    self.model_bytes(&rest[..end]);
+                St::InNumber => {
+                    let n = rest
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .unwrap_or(rest.len());
+                    self.digits(&rest[..n]);
+                    i += n;
+                    if let Some(&b) = bytes.get(i) {
+                        self.byte(b, raw, model);
+                        i += 1;
+                    }
                 }
-                end
+                St::Key | St::KeyOrClose if rest[0] == b'"' && self.extra_depth == 0 => {
+                    i += self.member(rest, raw);
+                }
+                _ if is_ws(rest[0]) => i += whitespace(rest),
+                _ => {
+                    self.byte(rest[0], raw, model);
+                    i += 1;
+                }
             }
-            St::InNumber => {
-                let n = rest
-                    .iter()
-                    .position(|b| !b.is_ascii_digit())
-                    .unwrap_or(rest.len());
-                self.digits(&rest[..n]);
-                n
-            }
-            _ if !sse_line && self.between_tokens() => {
-                rest.iter().position(|&b| !is_ws(b)).unwrap_or(rest.len())
-            }
-            _ => 0,
         }
     }
 
@@ -182,22 +232,6 @@ impl Json {
             }
             _ => self.str_bad = true,
         }
-    }
-
-    /// Between tokens, where whitespace changes nothing ([`Json::byte`] leaves the state as
-    /// it is).
-    fn between_tokens(&self) -> bool {
-        matches!(
-            self.st,
-            St::Start
-                | St::Value
-                | St::ValueOrClose
-                | St::KeyOrClose
-                | St::Key
-                | St::Colon
-                | St::After
-                | St::Done
-        )
     }
 
     /// The next `digits` (ASCII digits only) of the number being read, as [`Json::byte`] does
@@ -343,7 +377,7 @@ impl Json {
                     i += 1;
                     continue;
                 }
-                match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
+                match quote_or_backslash(&chunk[i..]) {
                     Some(n) => {
                         i += n;
                         if chunk[i] == b'"' {
@@ -392,12 +426,6 @@ impl Json {
             }
         }
         i
-    }
-
-    /// Whether the scanner is inside a skipped container.
-    #[inline]
-    pub(super) fn skipping(&self) -> bool {
-        self.st == St::Skipping
     }
 
     fn start_value(&mut self, b: u8) -> St {

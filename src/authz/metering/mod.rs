@@ -159,40 +159,16 @@ impl ResponseMeter {
     pub fn feed(&mut self, chunk: &[u8]) {
         match self.format {
             Format::Opaque => {}
-            Format::Json => {
-                let mut i = 0;
-                while i < chunk.len() {
-                    if self.json.skipping() {
-                        // Inside an object no usage path can be in: to its end.
-                        i += self.json.skip_run(&chunk[i..]);
-                        continue;
-                    }
-                    i += self.json.take_run(&chunk[i..], false);
-                    if i == chunk.len() {
-                        break;
-                    }
-                    self.json.byte(chunk[i], &mut self.raw, &mut self.model);
-                    i += 1;
-                }
-            }
+            Format::Json => self.json.scan(chunk, &mut self.raw, &mut self.model),
             Format::Sse => {
                 let mut i = 0;
                 while i < chunk.len() {
-                    if self.sse.state == SseState::Data
-                        && !self.sse.after_cr
-                        && self.json.skipping()
-                    {
-                        // An object no usage path can be in, to its end or the line's.
+                    if self.sse.state == SseState::Data && !self.sse.after_cr {
+                        // The data line's value, up to its end, to the scanner.
                         let rest = &chunk[i..];
                         let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
-                        if end > 0 {
-                            i += self.json.skip_run(&rest[..end]);
-                            continue;
-                        }
-                    }
-                    if self.sse.state == SseState::Data && !self.sse.after_cr {
-                        // As for JSON, stopping at a line end too (it ends the data line).
-                        i += self.json.take_run(&chunk[i..], true);
+                        self.json.scan(&rest[..end], &mut self.raw, &mut self.model);
+                        i += end;
                         if i == chunk.len() {
                             break;
                         }

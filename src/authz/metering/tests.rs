@@ -394,3 +394,108 @@ proptest! {
         let _ = m.finish();
     }
 }
+
+/// A key of a generated member: ours, others, long, escaped, with a control byte.
+fn member_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("usage".to_owned()),
+        Just("prompt_tokens".to_owned()),
+        Just("completion_tokens".to_owned()),
+        Just("prompt_tokens_details".to_owned()),
+        Just("cached_tokens".to_owned()),
+        Just("input_tokens".to_owned()),
+        Just("model".to_owned()),
+        "[a-z_]{0,40}",
+        Just("us\\u0061ge".to_owned()),
+        Just("prompt\ttokens".to_owned()),
+    ]
+    .prop_map(|k| format!("\"{k}\""))
+}
+
+/// A value of a generated member: of every kind the member fast path takes whole or hands
+/// over (integers, other numbers, literals, strings with escapes or control bytes, containers).
+fn member_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        "-?[0-9]{1,22}(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,2})?",
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+        "[a-z]{1,6}",
+        "\"([ -!#-\\[\\]-~é]|\\\\[\"\\\\n]|[\t\u{1}]){0,48}\"",
+        Just("{}".to_owned()),
+        Just("[1,{\"prompt_tokens\":2},\"]\"]".to_owned()),
+        any::<u32>().prop_map(|n| format!("{{\"prompt_tokens\":{n},\"cached_tokens\":{n}}}")),
+    ]
+}
+
+proptest! {
+    /// The member fast path (a whole `"key": value,` at a time) reads what the byte-by-byte
+    /// state machine reads — the same bytes fed one at a time, where it never sees a whole
+    /// member — for objects of every kind of member, nested under `usage` or not, with
+    /// whitespace, cut short or with one byte changed, in JSON and in an SSE event.
+    #[test]
+    fn members_read_whole_read_as_byte_by_byte(
+        members in proptest::collection::vec(
+            (member_key(), member_value(), "[ \t]{0,2}", "[ \t]{0,2}"),
+            0..10,
+        ),
+        under_usage in any::<bool>(),
+        sse in any::<bool>(),
+        change in proptest::option::of((0usize..2048, proptest::sample::select(
+            b"{}[],:\" \\a1-".to_vec(),
+        ))),
+        cut in proptest::option::of(0usize..2048),
+        mut cuts in proptest::collection::vec(0usize..2048, 0..8),
+    ) {
+        let object = format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(k, v, w1, w2)| format!("{k}{w1}:{w2}{v}{w1}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let json = if under_usage {
+            format!("{{\"model\":\"m\",\"usage\":{object}}}")
+        } else {
+            object
+        };
+        let mut body = if sse {
+            format!("data: {json}\n\n").into_bytes()
+        } else {
+            json.into_bytes()
+        };
+        if let Some((at, b)) = change {
+            let at = at % body.len();
+            body[at] = b;
+        }
+        if let Some(cut) = cut {
+            body.truncate(cut % (body.len() + 1));
+        }
+        let content_type = if sse { SSE } else { JSON };
+        let whole = meter(200, content_type, &body);
+        let mut one_by_one = ResponseMeter::new(200, content_type, None);
+        for b in &body {
+            one_by_one.feed(std::slice::from_ref(b));
+        }
+        prop_assert_eq!(one_by_one.finish(), whole);
+        cuts.sort_unstable();
+        prop_assert_eq!(chunked(content_type, &body, &cuts), whole);
+    }
+
+    /// The word-at-a-time search finds the first `"` or `\` exactly.
+    #[test]
+    fn quote_or_backslash_finds_the_first(
+        bytes in proptest::collection::vec(
+            prop_oneof![any::<u8>(), Just(b'"'), Just(b'\\'), Just(0u8), Just(1u8)],
+            0..80,
+        ),
+        plain in 0usize..80,
+    ) {
+        // Often a plain stretch first, so a hit falls in every word position.
+        let mut bytes = bytes;
+        bytes.splice(0..0, std::iter::repeat_n(b'a', plain));
+        let want = bytes.iter().position(|&b| b == b'"' || b == b'\\');
+        prop_assert_eq!(json::quote_or_backslash(&bytes), want);
+    }
+}
