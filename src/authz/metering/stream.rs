@@ -14,7 +14,10 @@ use crate::usage::{Counts, Tally, UsageKey, UsageKeyRef};
 #[derive(Debug)]
 pub struct StreamMetering {
     key: UsageKey,
-    meter: Option<ResponseMeter>,
+    /// Boxed: the metering is moved from the decision into the stream's state while the meter
+    /// (most of a kilobyte) is made only when the response starts; moving it inline cost
+    /// more than the allocation.
+    meter: Option<Box<ResponseMeter>>,
     /// The rate limiter its tokens are charged to at the end (SPEC §8.3).
     charge: Option<Arc<RateLimiter>>,
 }
@@ -64,7 +67,11 @@ impl StreamMetering {
         content_type: Option<&[u8]>,
         content_encoding: Option<&[u8]>,
     ) {
-        self.meter = Some(ResponseMeter::new(status, content_type, content_encoding));
+        self.meter = Some(Box::new(ResponseMeter::new(
+            status,
+            content_type,
+            content_encoding,
+        )));
     }
 
     /// The next chunk of the response body.
