@@ -183,7 +183,20 @@ impl Json {
                 St::Key | St::KeyOrClose if rest[0] == b'"' && self.extra_depth == 0 => {
                     i += self.member(rest, raw);
                 }
-                _ if is_ws(rest[0]) => i += whitespace(rest),
+                // Whitespace between tokens changes nothing (in a literal it ends it, after a
+                // backslash it is the one escaped byte: `byte` takes those).
+                St::Start
+                | St::Value
+                | St::ValueOrClose
+                | St::KeyOrClose
+                | St::Key
+                | St::Colon
+                | St::After
+                | St::Done
+                    if is_ws(rest[0]) =>
+                {
+                    i += whitespace(rest)
+                }
                 _ => {
                     self.byte(rest[0], raw, model);
                     i += 1;

@@ -421,7 +421,11 @@ fn member_value() -> impl Strategy<Value = String> {
         Just("null".to_owned()),
         Just("true".to_owned()),
         "[a-z]{1,6}",
+        // Whitespace ends a literal: letters after it break the document.
+        "[a-z]{1,6}[ \t]{1,2}[a-z]{1,3}",
         "\"([ -!#-\\[\\]-~é]|\\\\[\"\\\\n]|[\t\u{1}]){0,48}\"",
+        // A backslash escapes exactly one byte, whitespace included.
+        "\"[a-z]{0,3}(\\\\[ \t]{1,3}[a-z\"]{0,2}){1,3}\"",
         Just("{}".to_owned()),
         Just("[1,{\"prompt_tokens\":2},\"]\"]".to_owned()),
         any::<u32>().prop_map(|n| format!("{{\"prompt_tokens\":{n},\"cached_tokens\":{n}}}")),
@@ -429,6 +433,10 @@ fn member_value() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    // Many cases: a divergence needs a rare shape (a literal or an escape followed by
+    // whitespace and more), which 256 cases missed.
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
     /// The member fast path (a whole `"key": value,` at a time) reads what the byte-by-byte
     /// state machine reads — the same bytes fed one at a time, where it never sees a whole
     /// member — for objects of every kind of member, nested under `usage` or not, with
@@ -497,5 +505,33 @@ proptest! {
         bytes.splice(0..0, std::iter::repeat_n(b'a', plain));
         let want = bytes.iter().position(|&b| b == b'"' || b == b'\\');
         prop_assert_eq!(json::quote_or_backslash(&bytes), want);
+    }
+}
+
+/// Found by the fuzzer (`usage_meter`, eighth session): whitespace inside a literal or after a
+/// backslash was skipped as if between tokens, so `nul<tab>x` read as one literal and an
+/// escaped space as no escape; a body read whole (where the member step ends the literal) and
+/// in pieces then disagreed. Both documents are broken, however they arrive.
+#[test]
+fn whitespace_ends_a_literal_and_is_escaped_after_a_backslash() {
+    let bodies: [&[u8]; 3] = [
+        b"{\"a\":nul\tx}",
+        b"{\"a\":\"b\\ \"x\"}",
+        b"\revent: message_start\ndata: {\"type\":\"mesrage_start\",\"message\":{\"model\":\t\tn\t\t\tpromptetens}}\ne\nput_tokens\":15}}\n\n",
+    ];
+    for body in bodies {
+        let content_type = if body.starts_with(b"\r") { SSE } else { JSON };
+        for step in [1, 4, body.len()] {
+            let mut m = ResponseMeter::new(200, content_type, None);
+            for chunk in body.chunks(step) {
+                m.feed(chunk);
+            }
+            assert_eq!(
+                m.finish().reading,
+                Reading::Unreadable,
+                "{} in pieces of {step}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }
