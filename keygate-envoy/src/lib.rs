@@ -96,9 +96,8 @@ impl Drop for Metering {
     }
 }
 
-/// What a check did with the request. (Large only on the stack of one hook: the metering
-/// moves into the stream's own allocation, so no request pays a separate one.)
-#[allow(clippy::large_enum_variant)]
+/// What a check did with the request. (The metering is small: its response meter is boxed
+/// only once the response starts.)
 enum Checked {
     /// Allowed (headers edited): let it go on, metered when metering is on.
     Continue(Option<StreamMetering>),
