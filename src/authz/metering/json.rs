@@ -1,6 +1,7 @@
-//! The JSON scanner of the response meter: validates a document's structure as it streams by,
-//! one byte at a time (string contents nobody reads are skipped by the caller), and picks out the
-//! values at the paths of [`target`]: the usage counts and the model. Fixed memory.
+//! The JSON scanner of the response meter: validates a document's structure as it streams by
+//! and picks out the values at the paths of [`target`]: the usage counts and the model. Fixed
+//! memory. A byte state machine ([`Json::byte`]) is the reference; [`Json::scan`] takes what
+//! it can in runs and whole object members (`member.rs`), leaving the same state.
 
 use super::vocab::{KEY_BUF, Key, Raw, Target, classify, may_hold_target, target};
 use super::{MAX_DEPTH, MAX_EXTRA_DEPTH};
