@@ -194,19 +194,25 @@ struct Scanner<'a> {
 }
 
 /// Eight copies of a byte.
-const fn splat(byte: u8) -> u64 {
+pub(crate) const fn splat(byte: u8) -> u64 {
     0x0101_0101_0101_0101 * byte as u64
+}
+
+/// The high bit of every byte of `word` equal to `byte` (the zero bytes of `word ^ splat(byte)`).
+/// Only the lowest set bit is exact (borrows may set higher ones): search with
+/// `trailing_zeros` of little-endian words. Shared with the response meter.
+#[inline(always)]
+pub(crate) const fn bytes_equal(word: u64, byte: u8) -> u64 {
+    let x = word ^ splat(byte);
+    x.wrapping_sub(splat(1)) & !x & splat(0x80)
 }
 
 /// The high bit of every byte of `word` that is `"`, `\` or a control character (< 0x20).
 /// Only the lowest set bit is exact (borrows may set higher ones), which is all we use.
 #[inline(always)]
 fn string_stops(word: u64) -> u64 {
-    let quote = word ^ splat(b'"');
-    let backslash = word ^ splat(b'\\');
-    let zero_in = |x: u64| x.wrapping_sub(splat(1)) & !x;
-    let control = word.wrapping_sub(splat(0x20)) & !word;
-    (zero_in(quote) | zero_in(backslash) | control) & splat(0x80)
+    let control = word.wrapping_sub(splat(0x20)) & !word & splat(0x80);
+    bytes_equal(word, b'"') | bytes_equal(word, b'\\') | control
 }
 
 impl<'a> Scanner<'a> {

@@ -5,7 +5,7 @@
 
 use super::vocab::{KEY_BUF, Key, Raw, Target, classify, may_hold_target, target};
 use super::{MAX_DEPTH, MAX_EXTRA_DEPTH};
-use crate::authz::model::{MAX_MODEL_LEN, ModelName};
+use crate::authz::model::{MAX_MODEL_LEN, ModelName, bytes_equal};
 
 mod member;
 
@@ -113,15 +113,9 @@ fn whitespace(bytes: &[u8]) -> usize {
 
 /// Where the first `"` or `\\` of `bytes` is. Keys and most values are short, where `memchr`'s
 /// set-up costs more than the search: the first 32 bytes are searched eight at a time in a
-/// word (the bytes equal to either are the zero bytes of the word xor'ed with each), the rest
-/// with `memchr`.
+/// word (as the request's model scan does), the rest with `memchr`.
 #[inline]
 pub(super) fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // The high bit of each zero byte of `v`, and possibly of bytes after the first zero byte
-    // (a borrow): the lowest is exact, which is all that is read.
-    let zero_bytes = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
     let mut i = 0;
     loop {
         let Some(word) = bytes.get(i..i + 8) else {
@@ -134,8 +128,7 @@ pub(super) fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
             return memchr::memchr2(b'"', b'\\', &bytes[i..]).map(|p| i + p);
         }
         let w = u64::from_le_bytes(word.try_into().expect("eight bytes"));
-        let found =
-            zero_bytes(w ^ (ONES * u64::from(b'"'))) | zero_bytes(w ^ (ONES * u64::from(b'\\')));
+        let found = bytes_equal(w, b'"') | bytes_equal(w, b'\\');
         if found != 0 {
             return Some(i + (found.trailing_zeros() / 8) as usize);
         }

@@ -7,7 +7,7 @@
 //! meter's tests and fuzz target compare a whole body with the same bytes fed one at a time
 //! (where this path never sees a whole member).
 
-use super::{Json, St, Target, classify, quote_or_backslash, whitespace};
+use super::{Json, St, classify, quote_or_backslash, whitespace};
 use crate::authz::metering::vocab::Raw;
 
 impl Json {
@@ -63,14 +63,11 @@ impl Json {
                 if matches!(value[len], b'.' | b'e' | b'E' | b'+' | b'-') {
                     return j; // not a count: `byte` reads it to its end
                 }
-                if let Some(Target::Count(field)) = self.value_target() {
-                    let n = value[..len].iter().try_fold(0u64, |n, &d| {
-                        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-                    });
-                    if let Some(n) = n {
-                        *raw.slot(field) = Some(n);
-                    }
-                }
+                // As `byte` reads it: its target, its digits, its end.
+                self.target = self.value_target();
+                self.num = Some(0);
+                self.digits(&value[..len]);
+                self.end_number(raw);
                 len
             }
             b't' | b'f' | b'n' => match value.iter().position(|b| !b.is_ascii_lowercase()) {
