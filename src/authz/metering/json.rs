@@ -244,12 +244,12 @@ impl Json {
     /// The next `digits` (ASCII digits only) of the number being read, as [`Json::byte`] does
     /// with each.
     fn digits(&mut self, digits: &[u8]) {
-        for &d in digits {
-            self.num = self
-                .num
-                .and_then(|n| n.checked_mul(10))
-                .and_then(|n| n.checked_add(u64::from(d - b'0')));
-        }
+        // (Stops at the first overflow: the number is no count.)
+        self.num = self.num.and_then(|n| {
+            digits.iter().try_fold(n, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+        });
     }
 
     /// The document was read to its end without error.
@@ -462,6 +462,7 @@ impl Json {
         }
     }
 
+    #[inline]
     fn end_number(&mut self, raw: &mut Raw) {
         if let (Some(Target::Count(field)), Some(n)) = (self.target, self.num) {
             *raw.slot(field) = Some(n);
