@@ -15,7 +15,7 @@ use std::time::Duration;
 use keygate::proto::admin::v1 as pb;
 
 use common::admin::{bearer, create_consumer_key, create_priced_vendor_services};
-use common::envoy::{MODEL_RATE_LIMITED, Recorded, VendorUsage};
+use common::envoy::{MODEL_COMPRESSED, MODEL_RATE_LIMITED, Recorded, VendorUsage};
 use common::gateway::{Gateway, Plane};
 use common::sdk::{Sdk, SdkCall, sdk_run};
 use common::{Admin, poll_until};
@@ -265,6 +265,31 @@ async fn errors_unreadable_answers_and_refusals_are_counted_as_documented(plane:
     )
     .await;
     assert_eq!(refused[0].0["status"], 403, "{}", refused[0].0);
+    // A client asking for gzip: the vendor is asked for an uncompressed answer, and when it
+    // compresses anyway (content-encoding: gzip) the answer is not read: unparsed, no tokens,
+    // though its bytes here are the plain JSON with usage in it.
+    let r = gw
+        .post(
+            "/openai/v1/chat/completions",
+            &[
+                ("authorization", &bearer(&key)),
+                ("content-type", "application/json"),
+                ("accept-encoding", "gzip, br"),
+            ],
+            format!(r#"{{"model":"{MODEL_COMPRESSED}","messages":[]}}"#).as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let compressed = gw.upstream.last();
+    assert_eq!(
+        compressed
+            .headers
+            .get("accept-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"identity"[..]),
+        "the vendor is asked for an answer the meter can read"
+    );
+    assert!(compressed.usage.is_some(), "the body did carry usage");
     // One more allowed call after the refusals: once it is counted, anything the refusals
     // had added would be too (a data plane reports in order).
     let last = sdk_run(
@@ -277,15 +302,16 @@ async fn errors_unreadable_answers_and_refusals_are_counted_as_documented(plane:
     .await;
     assert!(last[0].ok(), "{}", last[0].0);
 
-    let rows = usage_reaching(&mut gw.admin, 3).await;
+    let rows = usage_reaching(&mut gw.admin, 4).await;
     assert!(
         rows.iter().all(|r| r.consumer_key == "k"),
         "refusals are not metered: {rows:?}"
     );
     let by_model: BTreeMap<&str, &pb::UsageRow> =
         rows.iter().map(|r| (r.model.as_str(), r)).collect();
-    // The 429 names no model and the request's was not read (the key is not model-scoped):
-    // its usage has no model.
+    // The 429 and the compressed answer name no model the meter read, and the request's was
+    // not read (the key is not model-scoped): their usage has no model. One error response,
+    // one unparsed.
     let limited = *by_model
         .get("")
         .unwrap_or_else(|| panic!("no row without a model: {rows:?}"));
@@ -295,7 +321,7 @@ async fn errors_unreadable_answers_and_refusals_are_counted_as_documented(plane:
             limited.error_responses,
             limited.unparsed_responses
         ),
-        (1, 1, 0),
+        (2, 1, 1),
         "{limited:?}"
     );
     assert_eq!((limited.input_tokens, limited.output_tokens), (0, 0));

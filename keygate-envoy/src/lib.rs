@@ -228,15 +228,12 @@ impl FilterModule for Module {
     ) -> HeadersStatus {
         if let Some(m) = &mut stream.metering {
             if let Some(s) = &mut m.stream {
-                let status = req
-                    .response_header(":status")
+                let [status, content_type, content_encoding] =
+                    req.response_headers([":status", "content-type", "content-encoding"]);
+                let status = status
                     .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u16>().ok())
                     .unwrap_or(0);
-                s.response_headers(
-                    status,
-                    req.response_header("content-type"),
-                    req.response_header("content-encoding"),
-                );
+                s.response_headers(status, content_type, content_encoding);
             }
             if end_of_stream {
                 m.finish();

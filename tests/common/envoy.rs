@@ -142,12 +142,19 @@ pub struct VendorUsage {
 pub struct VendorReply {
     pub status: u16,
     pub content_type: &'static str,
+    /// A `content-encoding` the answer claims (its bytes are sent as they are).
+    pub content_encoding: Option<&'static str>,
     pub chunks: Vec<String>,
     pub usage: Option<VendorUsage>,
 }
 
 /// A request model that makes the vendor answer 429 `rate_limit_exceeded` (an error response).
 pub const MODEL_RATE_LIMITED: &str = "vendor-says-429";
+
+/// A request model that makes the vendor answer its usual `chat.completion`, usage included,
+/// labelled `content-encoding: gzip` (as a vendor that ignored `accept-encoding` would): a
+/// meter that read the bytes anyway would count tokens it must not trust.
+pub const MODEL_COMPRESSED: &str = "vendor-says-gzip";
 
 /// What the upstream answers, like the vendor whose endpoint was called where a client parses
 /// the answer: `POST …/chat/completions`, an OpenAI `chat.completion`, or with `"stream": true`
@@ -170,12 +177,14 @@ pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
     let json = |v: serde_json::Value, usage| VendorReply {
         status: 200,
         content_type: "application/json",
+        content_encoding: None,
         chunks: vec![v.to_string()],
         usage,
     };
     let sse = |events: Vec<String>, usage| VendorReply {
         status: 200,
         content_type: "text/event-stream; charset=utf-8",
+        content_encoding: None,
         chunks: events,
         usage,
     };
@@ -186,6 +195,7 @@ pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
         return VendorReply {
             status: 429,
             content_type: "application/json",
+            content_encoding: None,
             chunks: vec![serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string()],
             usage: None,
         };
@@ -227,7 +237,7 @@ pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
         events.push("data: [DONE]\n\n".into());
         sse(events, include.then_some(usage))
     } else if is_chat {
-        json(
+        let mut reply = json(
             serde_json::json!({
                 "id": "chatcmpl-e2e",
                 "object": "chat.completion",
@@ -245,7 +255,11 @@ pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
                           "prompt_tokens_details": {"cached_tokens": usage.cached_input}}
             }),
             Some(usage),
-        )
+        );
+        if model == MODEL_COMPRESSED {
+            reply.content_encoding = Some("gzip");
+        }
+        reply
     } else if is_messages && stream {
         let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
         let mut events = vec![ev(
@@ -293,6 +307,7 @@ pub fn vendor_reply(method: &str, target: &str, body: &[u8]) -> VendorReply {
         VendorReply {
             status: 200,
             content_type: "application/json",
+            content_encoding: None,
             chunks: vec![UPSTREAM_BODY.to_string()],
             usage: None,
         }
@@ -382,13 +397,13 @@ impl Upstream {
                                     }
                                     Ok::<_, Infallible>(Frame::data(Bytes::from(c)))
                                 });
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(reply.status)
-                                    .header("content-type", reply.content_type)
-                                    .body(StreamBody::new(frames))
-                                    .unwrap(),
-                            )
+                            let mut answer = Response::builder()
+                                .status(reply.status)
+                                .header("content-type", reply.content_type);
+                            if let Some(e) = reply.content_encoding {
+                                answer = answer.header("content-encoding", e);
+                            }
+                            Ok::<_, Infallible>(answer.body(StreamBody::new(frames)).unwrap())
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()

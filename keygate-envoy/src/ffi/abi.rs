@@ -46,7 +46,8 @@ pub struct ModuleHttpHeader {
     pub value_length: usize,
 }
 
-/// `envoy_dynamic_module_type_envoy_http_header` (only appears in hooks this module ignores).
+/// `envoy_dynamic_module_type_envoy_http_header`: one header of a map, both halves owned by
+/// Envoy (filled by `get_headers`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EnvoyHttpHeader {
@@ -186,6 +187,30 @@ unsafe extern "C" {
         result_buffer: *mut EnvoyBuffer,
         index: usize,
         optional_size: *mut usize,
+    ) -> bool;
+
+    // size_t envoy_dynamic_module_callback_http_get_headers_size(
+    //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr,
+    //     envoy_dynamic_module_type_http_header_type header_type);
+    // How many entries the map holds (a header with two values counts twice); 0 when the
+    // stream has no such map yet. (Checked against the 1.40.0 binary: the count is returned,
+    // not written through a pointer as in earlier ABIs.)
+    pub fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter_envoy_ptr: *mut c_void,
+        header_type: u32,
+    ) -> usize;
+
+    // bool envoy_dynamic_module_callback_http_get_headers(
+    //     envoy_dynamic_module_type_http_filter_envoy_ptr filter_envoy_ptr,
+    //     envoy_dynamic_module_type_http_header_type header_type,
+    //     envoy_dynamic_module_type_envoy_http_header* result_headers);
+    // Writes every entry, in the map's order, into a caller-allocated array of at least
+    // get_headers_size entries; false when the map is absent. The bytes stay valid until the
+    // hook returns unless a header setter runs.
+    pub fn envoy_dynamic_module_callback_http_get_headers(
+        filter_envoy_ptr: *mut c_void,
+        header_type: u32,
+        result_headers: *mut EnvoyHttpHeader,
     ) -> bool;
 
     // bool envoy_dynamic_module_callback_http_set_header(

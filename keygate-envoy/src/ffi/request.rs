@@ -4,10 +4,13 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::ptr;
 
-use super::abi::{self, EnvoyBuffer, ModuleBuffer, ModuleHttpHeader, envoy_bytes, module_buffer};
+use super::abi::{
+    self, EnvoyBuffer, EnvoyHttpHeader, ModuleBuffer, ModuleHttpHeader, envoy_bytes, module_buffer,
+};
 use super::{CounterId, GaugeId, LogLevel, log};
 
 /// Most metadata entries one batch call carries (kept on the stack).
@@ -72,10 +75,73 @@ impl<'a, P> Request<'a, P> {
         self.header_of(abi::HEADER_TYPE_REQUEST_HEADER, name)
     }
 
-    /// First value of a response header (`name` in lower case), in a response hook; borrowed
-    /// as in [`Self::header`].
-    pub fn response_header(&self, name: &str) -> Option<&[u8]> {
-        self.header_of(abi::HEADER_TYPE_RESPONSE_HEADER, name)
+    /// The first value of each of `names` (lower case) among the response headers, in a
+    /// response hook; borrowed as in [`Self::header`]. One pass over the map: for the few
+    /// names the meter reads this costs less than a `get_header` lookup each (measured in
+    /// docs/BENCHMARKS.md), since Envoy builds a lower-case key and searches the map for each
+    /// lookup, while this only copies pointers out.
+    pub fn response_headers<const N: usize>(&self, names: [&str; N]) -> [Option<&[u8]>; N] {
+        /// Entries read on the stack; a larger map goes to the heap.
+        const ON_STACK: usize = 32;
+        let mut found = [None; N];
+        // SAFETY: `self.raw` is the filter_envoy_ptr of the running hook.
+        let n = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_headers_size(
+                self.raw,
+                abi::HEADER_TYPE_RESPONSE_HEADER,
+            )
+        };
+        if n == 0 {
+            return found;
+        }
+        // Left uninitialised: Envoy writes every one of the `n` entries before they are read.
+        let mut stack = [const { MaybeUninit::<EnvoyHttpHeader>::uninit() }; ON_STACK];
+        let mut heap = Vec::new();
+        let room: &mut [MaybeUninit<EnvoyHttpHeader>] = if n <= ON_STACK {
+            &mut stack[..n]
+        } else {
+            heap.resize_with(n, MaybeUninit::uninit);
+            &mut heap
+        };
+        // SAFETY: `room` has space for the `n` entries Envoy reported, and nothing edits the
+        // map between the two calls (this hook holds `&self`).
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_headers(
+                self.raw,
+                abi::HEADER_TYPE_RESPONSE_HEADER,
+                room.as_mut_ptr().cast(),
+            )
+        };
+        if !ok {
+            return found;
+        }
+        // SAFETY: on success Envoy wrote all `n` entries of the map (abi.h: the array is filled
+        // with every header, and `n` is the map's size).
+        let entries: &[EnvoyHttpHeader] =
+            unsafe { std::slice::from_raw_parts(room.as_ptr().cast(), n) };
+        for h in entries.iter() {
+            // SAFETY: Envoy filled every entry with bytes of the response header map, valid
+            // until the hook returns unless a setter runs; the results borrow `&self`, and every
+            // setter takes `&mut self` (as in `header_of`).
+            let key = unsafe {
+                envoy_bytes(EnvoyBuffer {
+                    ptr: h.key_ptr,
+                    length: h.key_length,
+                })
+            };
+            for (name, slot) in names.iter().zip(found.iter_mut()) {
+                if slot.is_none() && key == name.as_bytes() {
+                    // SAFETY: as for the key.
+                    *slot = Some(unsafe {
+                        envoy_bytes(EnvoyBuffer {
+                            ptr: h.value_ptr,
+                            length: h.value_length,
+                        })
+                    });
+                }
+            }
+        }
+        found
     }
 
     fn header_of(&self, header_type: u32, name: &str) -> Option<&[u8]> {

@@ -4,7 +4,9 @@
 //! `log` prints to stderr, the rest report "not available" without touching their pointers.
 //! Depends on `abi`.
 
-use super::abi::{EnvoyBuffer, ModuleBuffer, ModuleHttpHeader, ModuleKeyValuePair};
+use super::abi::{
+    EnvoyBuffer, EnvoyHttpHeader, ModuleBuffer, ModuleHttpHeader, ModuleKeyValuePair,
+};
 use std::ffi::c_void;
 
 #[unsafe(no_mangle)]
@@ -76,6 +78,23 @@ extern "C" fn envoy_dynamic_module_callback_http_get_header(
     _result: *mut EnvoyBuffer,
     _index: usize,
     _optional_size: *mut usize,
+) -> bool {
+    false
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers_size(
+    _filter: *mut c_void,
+    _header_type: u32,
+) -> usize {
+    0
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_callback_http_get_headers(
+    _filter: *mut c_void,
+    _header_type: u32,
+    _result: *mut EnvoyHttpHeader,
 ) -> bool {
     false
 }
