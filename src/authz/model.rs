@@ -208,9 +208,10 @@ pub(crate) const fn bytes_equal(word: u64, byte: u8) -> u64 {
 }
 
 /// The high bit of every byte of `word` that is `"`, `\` or a control character (< 0x20).
-/// Only the lowest set bit is exact (borrows may set higher ones), which is all we use.
+/// Only the lowest set bit is exact (borrows may set higher ones), which is all we use. Shared
+/// with the response meter.
 #[inline(always)]
-fn string_stops(word: u64) -> u64 {
+pub(crate) fn string_stops(word: u64) -> u64 {
     let control = word.wrapping_sub(splat(0x20)) & !word & splat(0x80);
     bytes_equal(word, b'"') | bytes_equal(word, b'\\') | control
 }

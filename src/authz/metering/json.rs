@@ -5,7 +5,7 @@
 
 use super::vocab::{KEY_BUF, Key, Raw, Target, classify, may_hold_target, target};
 use super::{MAX_DEPTH, MAX_EXTRA_DEPTH};
-use crate::authz::model::{MAX_MODEL_LEN, ModelName, bytes_equal};
+use crate::authz::model::{MAX_MODEL_LEN, ModelName, bytes_equal, string_stops};
 
 mod member;
 
@@ -100,9 +100,11 @@ impl Default for Json {
     }
 }
 
+/// JSON whitespace: space, tab, newline, carriage return (one shift and mask).
 #[inline]
 fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+    const WS: u64 = 1 << b' ' | 1 << b'\t' | 1 << b'\n' | 1 << b'\r';
+    b <= b' ' && (WS >> b) & 1 == 1
 }
 
 /// How many whitespace bytes `bytes` starts with.
@@ -134,6 +136,23 @@ pub(super) fn quote_or_backslash(bytes: &[u8]) -> Option<usize> {
         }
         i += 8;
     }
+}
+
+/// Where the first `"`, `\\` or control byte (< 0x20) of `bytes` is: the end of a key, which
+/// is read whole only when none of the latter two come first. Eight bytes at a time in a word.
+#[inline]
+pub(super) fn string_stop(bytes: &[u8]) -> Option<usize> {
+    let mut words = bytes.chunks_exact(8);
+    for (n, word) in words.by_ref().enumerate() {
+        let found = string_stops(u64::from_le_bytes(word.try_into().expect("eight bytes")));
+        if found != 0 {
+            return Some(n * 8 + (found.trailing_zeros() / 8) as usize);
+        }
+    }
+    let tail = words.remainder();
+    tail.iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|p| bytes.len() - tail.len() + p)
 }
 
 impl Json {
@@ -175,7 +194,17 @@ impl Json {
                     }
                 }
                 St::Key | St::KeyOrClose if rest[0] == b'"' && self.extra_depth == 0 => {
-                    i += self.member(rest, raw);
+                    i += self.member(rest, raw, model);
+                }
+                // The end of a value in an object or array (as `byte` reads it, without the call).
+                St::After if matches!(rest[0], b',' | b'}' | b']') => {
+                    self.st = match rest[0] {
+                        b',' if self.top_is_array() => St::Value,
+                        b',' => St::Key,
+                        b'}' => self.pop(false),
+                        _ => self.pop(true),
+                    };
+                    i += 1;
                 }
                 // Whitespace between tokens changes nothing (in a literal it ends it, after a
                 // backslash it is the one escaped byte: `byte` takes those).

@@ -491,7 +491,7 @@ proptest! {
         prop_assert_eq!(chunked(content_type, &body, &cuts), whole);
     }
 
-    /// The word-at-a-time search finds the first `"` or `\` exactly.
+    /// The word-at-a-time searches find the first `"` or `\` (and control byte) exactly.
     #[test]
     fn quote_or_backslash_finds_the_first(
         bytes in proptest::collection::vec(
@@ -505,6 +505,8 @@ proptest! {
         bytes.splice(0..0, std::iter::repeat_n(b'a', plain));
         let want = bytes.iter().position(|&b| b == b'"' || b == b'\\');
         prop_assert_eq!(json::quote_or_backslash(&bytes), want);
+        let want = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        prop_assert_eq!(json::string_stop(&bytes), want, "with control bytes");
     }
 }
 

@@ -7,14 +7,20 @@
 //! meter's tests and fuzz target compare a whole body with the same bytes fed one at a time
 //! (where this path never sees a whole member).
 
-use super::{Json, St, classify, quote_or_backslash, whitespace};
-use crate::authz::metering::vocab::Raw;
+use super::{Json, St, classify, is_ws, quote_or_backslash, string_stop, whitespace};
+use crate::authz::metering::vocab::{Raw, Target};
+use crate::authz::model::ModelName;
 
 impl Json {
     /// Reads the member starting at `rest[0]` (a `"`, in state `Key` or `KeyOrClose`, at a
     /// level with frames) as far as it is in `rest`, answering how many bytes it used (at
     /// least the opening quote).
-    pub(super) fn member(&mut self, rest: &[u8], raw: &mut Raw) -> usize {
+    pub(super) fn member(
+        &mut self,
+        rest: &[u8],
+        raw: &mut Raw,
+        model: &mut Option<ModelName>,
+    ) -> usize {
         debug_assert!(rest[0] == b'"' && matches!(self.st, St::Key | St::KeyOrClose));
         debug_assert!(self.extra_depth == 0 && self.depth > 0);
         // The opening quote, as `byte` takes it.
@@ -23,38 +29,52 @@ impl Json {
         self.escape = false;
         self.st = St::InKey;
         let key_and_after = &rest[1..];
-        let key = match quote_or_backslash(key_and_after) {
+        let key = match string_stop(key_and_after) {
             Some(end) if key_and_after[end] == b'"' => &key_and_after[..end],
+            Some(end) if key_and_after[end] < 0x20 => {
+                self.st = St::Broken;
+                return rest.len();
+            }
             _ => return 1, // escaped or cut: the key is read byte by byte
         };
-        if key.iter().any(|&b| b < 0x20) {
-            self.st = St::Broken;
-            return rest.len();
-        }
         // (A key longer than any of ours classifies as `Other`, as when read byte by byte.)
         self.frames[self.depth - 1].key = classify(key);
         self.st = St::Colon;
         let mut j = 1 + key.len() + 1;
-        j += whitespace(&rest[j..]);
+        j += skip_ws(&rest[j..]);
         if rest.get(j) != Some(&b':') {
             return j;
         }
         self.st = St::Value;
         j += 1;
-        j += whitespace(&rest[j..]);
+        j += skip_ws(&rest[j..]);
         let Some(value) = rest.get(j..).filter(|v| !v.is_empty()) else {
             return j;
         };
         // The value, taken whole or left to `byte` from its first byte (state `Value`).
         let used = match value[0] {
             b'"' => {
-                if self.value_target().is_some() {
-                    return j;
-                }
-                match quote_or_backslash(&value[1..]) {
-                    Some(end) if value[1 + end] == b'"' => 1 + end + 1,
+                let end = match quote_or_backslash(&value[1..]) {
+                    Some(end) if value[1 + end] == b'"' => end,
                     _ => return j,
+                };
+                // As `byte` reads a string: the model's bytes are checked and copied.
+                self.target = self.value_target();
+                if self.target == Some(Target::Model) {
+                    self.str_len = 0;
+                    self.str_bad = false;
+                    self.model_bytes(&value[1..1 + end]);
+                    if self.st == St::Broken {
+                        return rest.len();
+                    }
+                    self.end_string(model);
                 }
+                1 + end + 1
+            }
+            // A container: entered (or skipped) as `byte` does, then read on by the scanner.
+            b'{' | b'[' => {
+                self.st = self.start_value(value[0]);
+                return j + 1;
             }
             b'0'..=b'9' => {
                 let Some(len) = value.iter().position(|b| !b.is_ascii_digit()) else {
@@ -81,7 +101,7 @@ impl Json {
         // After the value, inside an object (frames, depth > 0): `,` or `}`.
         self.st = St::After;
         j += used;
-        j += whitespace(&rest[j..]);
+        j += skip_ws(&rest[j..]);
         match rest.get(j) {
             Some(b',') => {
                 self.st = St::Key;
@@ -93,5 +113,14 @@ impl Json {
             }
             _ => j,
         }
+    }
+}
+
+/// How many whitespace bytes `bytes` starts with; most often none, answered at once.
+#[inline]
+fn skip_ws(bytes: &[u8]) -> usize {
+    match bytes.first() {
+        Some(&b) if is_ws(b) => whitespace(bytes),
+        _ => 0,
     }
 }
