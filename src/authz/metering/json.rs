@@ -155,6 +155,30 @@ pub(super) fn string_stop(bytes: &[u8]) -> Option<usize> {
         .map(|p| bytes.len() - tail.len() + p)
 }
 
+/// The rest of a string whose opening quote was read (`escape`: right after a backslash):
+/// `Ok` with the bytes used, its closing quote included, or `Err` when it goes on past
+/// `bytes`, telling whether they end right after a backslash.
+#[inline]
+fn string_rest(bytes: &[u8], mut escape: bool) -> Result<usize, bool> {
+    let mut i = 0;
+    loop {
+        if escape {
+            if i >= bytes.len() {
+                return Err(true);
+            }
+            i += 1; // the escaped byte, whatever it is
+        }
+        let Some(n) = quote_or_backslash(&bytes[i..]) else {
+            return Err(false);
+        };
+        i += n + 1;
+        if bytes[i - 1] == b'"' {
+            return Ok(i);
+        }
+        escape = true;
+    }
+}
+
 impl Json {
     /// Reads `bytes`: a chunk of a JSON body, or of an SSE data line up to (not including) its
     /// end. What needs no state-machine step is taken in runs: a string's contents up to its
@@ -405,55 +429,57 @@ impl Json {
     /// mismatched or too deeply nested brackets break the document.
     pub(super) fn skip_run(&mut self, chunk: &[u8]) -> usize {
         debug_assert_eq!(self.st, St::Skipping);
+        // The open brackets in locals (kept in registers), written back if the chunk ends first.
+        let room = (MAX_DEPTH as u32 + MAX_EXTRA_DEPTH)
+            .saturating_sub(self.depth as u32 + self.extra_depth);
+        let (mut depth, mut stack) = (self.skip_depth, self.skip_stack);
         let mut i = 0;
-        while i < chunk.len() {
-            if self.skip_in_string {
-                if self.skip_escape {
+        if self.skip_in_string {
+            match string_rest(chunk, self.skip_escape) {
+                Ok(used) => {
+                    i = used;
+                    self.skip_in_string = false;
                     self.skip_escape = false;
-                    i += 1;
-                    continue;
                 }
-                match quote_or_backslash(&chunk[i..]) {
-                    Some(n) => {
-                        i += n;
-                        if chunk[i] == b'"' {
-                            self.skip_in_string = false;
-                        } else {
-                            self.skip_escape = true;
-                        }
-                        i += 1;
-                    }
-                    None => return chunk.len(),
+                Err(escape) => {
+                    self.skip_escape = escape;
+                    return chunk.len();
                 }
-                continue;
             }
-            let b = chunk[i];
+        }
+        while let Some(&b) = chunk.get(i) {
             i += 1;
             match b {
-                b'"' => self.skip_in_string = true,
+                b'"' => match string_rest(&chunk[i..], false) {
+                    Ok(used) => i += used,
+                    Err(escape) => {
+                        self.skip_in_string = true;
+                        self.skip_escape = escape;
+                        break;
+                    }
+                },
                 b'{' | b'[' => {
-                    let total = self.depth as u32 + self.extra_depth + self.skip_depth;
-                    if total >= MAX_DEPTH as u32 + MAX_EXTRA_DEPTH {
+                    if depth >= room {
                         self.st = St::Broken;
                         return chunk.len();
                     }
-                    let (word, bit) = ((self.skip_depth / 64) as usize, self.skip_depth % 64);
+                    let (word, bit) = ((depth / 64) as usize, depth % 64);
                     if b == b'[' {
-                        self.skip_stack[word] |= 1 << bit;
+                        stack[word] |= 1 << bit;
                     } else {
-                        self.skip_stack[word] &= !(1 << bit);
+                        stack[word] &= !(1 << bit);
                     }
-                    self.skip_depth += 1;
+                    depth += 1;
                 }
                 b'}' | b']' => {
-                    self.skip_depth -= 1;
-                    let (word, bit) = ((self.skip_depth / 64) as usize, self.skip_depth % 64);
-                    let array = (self.skip_stack[word] >> bit) & 1 == 1;
-                    if array != (b == b']') {
+                    depth -= 1;
+                    let (word, bit) = ((depth / 64) as usize, depth % 64);
+                    if ((stack[word] >> bit) & 1 == 1) != (b == b']') {
                         self.st = St::Broken;
                         return chunk.len();
                     }
-                    if self.skip_depth == 0 {
+                    if depth == 0 {
+                        self.skip_depth = 0;
                         self.st = self.after_value();
                         return i;
                     }
@@ -461,7 +487,8 @@ impl Json {
                 _ => {}
             }
         }
-        i
+        (self.skip_depth, self.skip_stack) = (depth, stack);
+        chunk.len()
     }
 
     fn start_value(&mut self, b: u8) -> St {

@@ -428,6 +428,8 @@ fn member_value() -> impl Strategy<Value = String> {
         "\"[a-z]{0,3}(\\\\[ \t]{1,3}[a-z\"]{0,2}){1,3}\"",
         Just("{}".to_owned()),
         Just("[1,{\"prompt_tokens\":2},\"]\"]".to_owned()),
+        // Skipped whole: escaped quotes and backslashes, brackets inside strings, nesting.
+        Just(r#"["a\"]",{"k":"\\","l":[[],{}]},"\\",["}"]]"#.to_owned()),
         any::<u32>().prop_map(|n| format!("{{\"prompt_tokens\":{n},\"cached_tokens\":{n}}}")),
     ]
 }
