@@ -150,6 +150,33 @@ impl ModelName {
         })
     }
 
+    /// Puts `bytes` in `slot` if they follow the rule, answering whether they did. A model
+    /// already in the slot is overwritten in place: only the new bytes are copied (the
+    /// response meter keeps the last model it reads).
+    pub fn store(slot: &mut Option<Self>, bytes: &[u8]) -> bool {
+        let valid = !bytes.is_empty()
+            && bytes.len() <= MAX_MODEL_LEN
+            && bytes.iter().all(|&b| is_visible_ascii(b));
+        if !valid {
+            return false;
+        }
+        match slot {
+            Some(m) => {
+                m.bytes[..bytes.len()].copy_from_slice(bytes);
+                m.len = bytes.len() as u16;
+            }
+            None => {
+                let mut m = ModelName {
+                    len: bytes.len() as u16,
+                    bytes: [0; MAX_MODEL_LEN],
+                };
+                m.bytes[..bytes.len()].copy_from_slice(bytes);
+                *slot = Some(m);
+            }
+        }
+        true
+    }
+
     pub fn as_str(&self) -> &str {
         // Checked visible ASCII in `new`, so always UTF-8.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()

@@ -369,3 +369,27 @@ proptest! {
         prop_assert_eq!(model(&body), Err(ModelError::Duplicate));
     }
 }
+
+/// The meter's slot keeps the last valid model: a shorter one overwrites a longer one in place
+/// and reads back alone; an invalid one leaves the slot as it was.
+#[test]
+fn a_stored_model_replaces_the_one_before_and_only_by_a_valid_one() {
+    let mut slot = None;
+    assert!(ModelName::store(&mut slot, b"gpt-4o-mini-2024-07-18"));
+    assert!(ModelName::store(&mut slot, b"gpt-4o"));
+    assert_eq!(
+        slot.map(|m| m.as_str().to_owned()).as_deref(),
+        Some("gpt-4o")
+    );
+    for bad in [
+        &b""[..],
+        b"has space",
+        b"caf\xc3\xa9",
+        &[b'a'; MAX_MODEL_LEN + 1],
+    ] {
+        assert!(!ModelName::store(&mut slot, bad));
+    }
+    assert_eq!(slot, ModelName::new("gpt-4o"));
+    assert!(ModelName::store(&mut slot, &[b'm'; MAX_MODEL_LEN]));
+    assert_eq!(slot.map(|m| m.as_str().len()), Some(MAX_MODEL_LEN));
+}

@@ -529,10 +529,7 @@ impl Json {
 
     fn end_string(&mut self, model: &mut Option<ModelName>) {
         if self.target == Some(Target::Model) && !self.str_bad {
-            let s = std::str::from_utf8(&self.str_buf[..self.str_len]).unwrap_or("");
-            if let Some(m) = ModelName::new(s) {
-                *model = Some(m);
-            }
+            ModelName::store(model, &self.str_buf[..self.str_len]);
         }
         self.target = None;
     }

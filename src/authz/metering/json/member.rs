@@ -8,7 +8,7 @@
 //! (where this path never sees a whole member).
 
 use super::{Json, St, classify, is_ws, quote_or_backslash, string_stop, whitespace};
-use crate::authz::metering::vocab::{Raw, Target};
+use crate::authz::metering::vocab::{Key, Raw, Target};
 use crate::authz::model::ModelName;
 
 impl Json {
@@ -38,9 +38,10 @@ impl Json {
             _ => return 1, // escaped or cut: the key is read byte by byte
         };
         // (A key longer than any of ours classifies as `Other`, as when read byte by byte.)
-        self.frames[self.depth - 1].key = classify(key);
-        self.st = St::Colon;
         let mut j = 1 + key.len() + 1;
+        let key = classify(key);
+        self.frames[self.depth - 1].key = key;
+        self.st = St::Colon;
         j += skip_ws(&rest[j..]);
         if rest.get(j) != Some(&b':') {
             return j;
@@ -58,16 +59,18 @@ impl Json {
                     Some(end) if value[1 + end] == b'"' => end,
                     _ => return j,
                 };
-                // As `byte` reads a string: the model's bytes are checked and copied.
-                self.target = self.value_target();
-                if self.target == Some(Target::Model) {
-                    self.str_len = 0;
-                    self.str_bad = false;
-                    self.model_bytes(&value[1..1 + end]);
-                    if self.st == St::Broken {
+                // As `byte` reads a string: the model's bytes are checked (a control byte
+                // breaks the document) and kept when they make a model.
+                // (Only a model key can lead to one: the path is looked at for those alone.)
+                if matches!(key, Key::Model | Key::ModelVersion)
+                    && self.value_target() == Some(Target::Model)
+                {
+                    let s = &value[1..1 + end];
+                    if s.iter().any(|&b| b < 0x20) {
+                        self.st = St::Broken;
                         return rest.len();
                     }
-                    self.end_string(model);
+                    ModelName::store(model, s);
                 }
                 1 + end + 1
             }
@@ -84,7 +87,10 @@ impl Json {
                     return j; // not a count: `byte` reads it to its end
                 }
                 // As `byte` reads it: its target, its digits, its end.
-                self.target = self.value_target();
+                self.target = match key {
+                    Key::Other => None, // what `value_target` answers at once
+                    _ => self.value_target(),
+                };
                 self.num = Some(0);
                 self.digits(&value[..len]);
                 self.end_number(raw);
