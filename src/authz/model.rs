@@ -136,27 +136,19 @@ pub struct ModelName {
 impl ModelName {
     /// `model` if it follows the rule.
     pub fn new(model: &str) -> Option<Self> {
-        let valid = !model.is_empty()
-            && model.len() <= MAX_MODEL_LEN
-            && model.bytes().all(is_visible_ascii);
-        if !valid {
-            return None;
-        }
-        let mut bytes = [0; MAX_MODEL_LEN];
-        bytes[..model.len()].copy_from_slice(model.as_bytes());
-        Some(ModelName {
-            len: model.len() as u16,
-            bytes,
-        })
+        let mut slot = None;
+        Self::store(&mut slot, model.as_bytes());
+        slot
     }
 
-    /// Puts `bytes` in `slot` if they follow the rule, answering whether they did. A model
+    /// Puts `bytes` in `slot` if they follow the rule (the one place it is checked), answering
+    /// whether they did. A model
     /// already in the slot is overwritten in place: only the new bytes are copied (the
     /// response meter keeps the last model it reads).
     pub fn store(slot: &mut Option<Self>, bytes: &[u8]) -> bool {
         let valid = !bytes.is_empty()
             && bytes.len() <= MAX_MODEL_LEN
-            && bytes.iter().all(|&b| is_visible_ascii(b));
+            && bytes.iter().copied().all(is_visible_ascii);
         if !valid {
             return false;
         }

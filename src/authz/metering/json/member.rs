@@ -2,8 +2,9 @@
 //! in one step when it is all in the bytes at hand — most of a vendor's answer, whose members
 //! are short keys with strings, numbers and literals. It leaves the scanner in exactly the state
 //! [`Json::byte`] would have reached over the same bytes, and hands over to it at the first
-//! thing it does not take whole: a container value, a string that is captured (the model) or
-//! escaped, a number that is not a plain integer, a member cut by the end of the bytes. The
+//! thing it does not take whole: an escaped string, a number that is not a plain integer, a
+//! member cut by the end of the bytes. A container value is entered (or skipped) as `byte`
+//! would, and the scanner reads on inside it; the model string is checked and kept here. The
 //! meter's tests and fuzz target compare a whole body with the same bytes fed one at a time
 //! (where this path never sees a whole member).
 
