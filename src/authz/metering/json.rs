@@ -64,7 +64,8 @@ pub(super) struct Json {
     num: Option<u64>,
     str_buf: [u8; MAX_MODEL_LEN],
     str_len: usize,
-    /// The string being captured cannot be a model (escaped, too long, not visible ASCII).
+    /// The string being captured cannot be a model (escaped or too long; the rest of the rule
+    /// is checked at its end).
     str_bad: bool,
     /// While `Skipping`: the open brackets of the skipped subtree, one bit each (1: array), and
     /// how many (the nesting limit is the scanner's: [`MAX_DEPTH`] + [`MAX_EXTRA_DEPTH`] in
@@ -222,12 +223,7 @@ impl Json {
                 }
                 // The end of a value in an object or array (as `byte` reads it, without the call).
                 St::After if matches!(rest[0], b',' | b'}' | b']') => {
-                    self.st = match rest[0] {
-                        b',' if self.top_is_array() => St::Value,
-                        b',' => St::Key,
-                        b'}' => self.pop(false),
-                        _ => self.pop(true),
-                    };
+                    self.st = self.after(rest[0]);
                     i += 1;
                 }
                 // Whitespace between tokens changes nothing (in a literal it ends it, after a
@@ -271,9 +267,9 @@ impl Json {
         }
     }
 
-    /// The next `bytes` of the model string, none of them `"` or `\\` (what [`Json::byte`]
-    /// does with each, at once): a control byte breaks the document; a byte that is not
-    /// visible ASCII, or one past the longest model, makes the string no model.
+    /// The next `bytes` of the model string, none of them `"` or `\\`: a control byte breaks
+    /// the document; bytes past the longest model make the string no model. (Whether the
+    /// rest makes a model is [`ModelName::store`]'s rule, applied at the string's end.)
     fn model_bytes(&mut self, bytes: &[u8]) {
         if bytes.iter().any(|&b| b < 0x20) {
             self.st = St::Broken;
@@ -286,7 +282,7 @@ impl Json {
             .str_buf
             .get_mut(self.str_len..self.str_len + bytes.len())
         {
-            Some(room) if bytes.iter().all(|b| (b'!'..=b'~').contains(b)) => {
+            Some(room) => {
                 room.copy_from_slice(bytes);
                 self.str_len += bytes.len();
             }
@@ -527,6 +523,18 @@ impl Json {
         self.num = None;
     }
 
+    /// The state after `b`, the first byte (not whitespace) after a value in a container.
+    #[inline]
+    fn after(&mut self, b: u8) -> St {
+        match b {
+            b',' if self.top_is_array() => St::Value,
+            b',' => St::Key,
+            b'}' => self.pop(false),
+            b']' => self.pop(true),
+            _ => St::Broken,
+        }
+    }
+
     fn end_string(&mut self, model: &mut Option<ModelName>) {
         if self.target == Some(Target::Model) && !self.str_bad {
             ModelName::store(model, &self.str_buf[..self.str_len]);
@@ -599,13 +607,8 @@ impl Json {
                 } else if b < 0x20 {
                     St::Broken
                 } else {
-                    if self.target == Some(Target::Model) && !self.str_bad {
-                        if self.str_len < MAX_MODEL_LEN && (b'!'..=b'~').contains(&b) {
-                            self.str_buf[self.str_len] = b;
-                            self.str_len += 1;
-                        } else {
-                            self.str_bad = true;
-                        }
+                    if self.target == Some(Target::Model) {
+                        self.model_bytes(&[b]);
                     }
                     St::InString
                 }
@@ -639,13 +642,7 @@ impl Json {
                 }
             }
             St::After if is_ws(b) => St::After,
-            St::After => match b {
-                b',' if self.top_is_array() => St::Value,
-                b',' => St::Key,
-                b'}' => self.pop(false),
-                b']' => self.pop(true),
-                _ => St::Broken,
-            },
+            St::After => self.after(b),
             St::Done if is_ws(b) => St::Done,
             St::Done => St::Broken,
             St::Skipping => {
